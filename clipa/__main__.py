@@ -1,0 +1,3 @@
+from clipa.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""Step checkpoints that survive a kill at any instant, and finding weights to start from.
+
+A checkpoint is a directory `checkpoints/step_000500/` holding `model.safetensors`, `state.pt`
+(optimizer, scheduler, step, samples seen, data position), `rng_rank{R}.pt` for every process
+and `config.toml`. It is written under a temporary name, fsynced, then renamed: a directory with
+a final `step_*` name is always complete. `LATEST` names the newest and is replaced last.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipa.errors import ClipaError
+from clipa.model import EXPORT_CONFIG, EXPORT_WEIGHTS, _fsync_dir, write_safetensors
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.toml"
+LATEST_FILE = "LATEST"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def is_complete(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name)) and all((path / f).is_file() for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE))
+
+
+class CheckpointManager:
+    """Owns `RUN/checkpoints/`: atomic save, keep-last-N pruning, finding the newest."""
+
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, barrier=lambda: None):
+        self.directory = Path(directory)
+        self.keep_last, self.rank, self.barrier = keep_last, rank, barrier
+
+    def complete(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and is_complete(p)]
+        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        pointer = self.directory / LATEST_FILE
+        if pointer.is_file():
+            named = self.directory / pointer.read_text().strip()
+            if is_complete(named):
+                return named
+        complete = self.complete()
+        return complete[-1] if complete else None
+
+    def save(self, step: int, model_state: dict | None, state: dict | None, config_text: str) -> Path:
+        """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames."""
+        final = self.directory / f"step_{step:06d}"
+        tmp = self.directory / f".tmp-step_{step:06d}"
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.barrier()
+        _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        self.barrier()
+        if self.rank == 0:
+            write_safetensors(model_state, tmp / MODEL_FILE)
+            _save_fsync(state, tmp / STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            _fsync_file(tmp / CONFIG_FILE)
+            _fsync_dir(tmp)
+            if final.exists():  # re-saving the same step (e.g. a resumed run ending where it stopped)
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(self.directory)
+            pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            _fsync_file(pointer_tmp)
+            os.replace(pointer_tmp, self.directory / LATEST_FILE)
+            _fsync_dir(self.directory)
+            self.prune()
+        self.barrier()
+        return final
+
+    def prune(self) -> None:
+        complete = self.complete()
+        newest = self.latest()
+        for path in complete[: max(0, len(complete) - self.keep_last)]:
+            if path != newest:
+                shutil.rmtree(path, ignore_errors=True)
+        for stale in self.directory.glob(".tmp-step_*"):  # left behind by a killed writer
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _save_fsync(obj, path: Path) -> None:
+    torch.save(obj, path)
+    _fsync_file(path)
+
+
+def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None]:
+    """(model state dict, training state, this rank's RNG state or None)."""
+    from safetensors.torch import load_file
+
+    model_state = load_file(str(checkpoint / MODEL_FILE))
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    rng_path = checkpoint / f"rng_rank{rank}.pt"
+    rng = torch.load(rng_path, map_location="cpu", weights_only=False) if rng_path.is_file() else None
+    return model_state, state, rng
+
+
+# --------------------------------------------------------------------------- weights to start from
+
+
+def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, str]:
+    """Locate weights in a run directory, a step checkpoint, an exported model or a file.
+
+    Returns (path, kind) with kind "export" (open_clip local dir), "checkpoint" (clipa step
+    checkpoint directory) or "file" (a state-dict file). A run directory resolves to its
+    exported `final/` if present, else its newest complete checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ClipaError(f"{key}: {path} does not exist; give a clipa run directory, a checkpoint or an exported model")
+    if path.is_file():
+        return path, "file"
+    if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
+        return path, "export"
+    if is_complete(path):
+        return path, "checkpoint"
+    if (path / "final" / EXPORT_CONFIG).is_file():
+        return path / "final", "export"
+    latest = CheckpointManager(path / "checkpoints").latest()
+    if latest is not None:
+        return latest, "checkpoint"
+    raise ClipaError(
+        f"{key}: {path} holds no model (no final/, no complete checkpoints/step_*, no {EXPORT_CONFIG}); "
+        "point it at a finished clipa run or an exported model"
+    )
+
+
+def read_state_dict(path: Path, kind: str) -> dict:
+    from open_clip.factory import load_state_dict
+    from safetensors.torch import load_file
+
+    if kind == "export":
+        return load_file(str(path / EXPORT_WEIGHTS))
+    if kind == "checkpoint":
+        return load_file(str(path / MODEL_FILE))
+    try:
+        return load_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None

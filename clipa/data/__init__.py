@@ -1,0 +1,1 @@
+"""Training data sources, transforms and the training stream."""

@@ -1,0 +1,199 @@
+"""Building open_clip models for a stage, moving weights between stages, and export.
+
+open_clip owns the architectures (JSON configs and their registry), the position-embedding
+resizing (`resize_pos_embed`: 2-D bicubic keeping the class token; `resize_text_pos_embed`:
+linear, as CLIPA does) and the `local-dir:` export format. This module only decides the
+*geometry* of a stage (input resolution and text length) and wires those pieces together.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+from clipa.errors import ClipaError
+
+BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(BUNDLED_CONFIGS)
+
+EXPORT_CONFIG = "open_clip_config.json"
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a stage feeds the model: input resolution and tokens per caption."""
+
+    image_size: int
+    context_length: int
+
+
+def arch_config(arch: str) -> dict:
+    """The open_clip model config for an architecture name or a config JSON path."""
+    if arch.endswith(".json"):
+        path = Path(arch)
+        if not path.is_file():
+            raise ClipaError(f"model.arch: config file {arch} not found; give an existing JSON path or an open_clip name")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ClipaError(f"model.arch: {arch} is not valid JSON ({err})") from None
+        cfg = cfg.get("model_cfg", cfg)
+        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ClipaError(f"model.arch: {arch} lacks embed_dim/vision_cfg/text_cfg of an open_clip model config")
+        return cfg
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        names = open_clip.list_models()
+        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -c 'import open_clip; print(open_clip.list_models())'`"
+        raise ClipaError(f"model.arch: unknown architecture \"{arch}\"{hint}")
+    return copy.deepcopy(cfg)
+
+
+def native_geometry(cfg: dict) -> Geometry:
+    image_size = cfg["vision_cfg"].get("image_size", 224)
+    if isinstance(image_size, (list, tuple)):
+        image_size = image_size[0]
+    return Geometry(int(image_size), int(cfg["text_cfg"].get("context_length", 77)))
+
+
+def patch_size(cfg: dict) -> int | None:
+    return cfg["vision_cfg"].get("patch_size")
+
+
+def stage_geometry(recipe) -> Geometry:
+    """The stage's geometry from `[reduction]`, checked against the architecture."""
+    cfg = arch_config(recipe.model.arch)
+    native = native_geometry(cfg)
+    red = recipe.reduction
+    if red.image == "none":
+        if red.image_size not in (0, native.image_size):
+            raise ClipaError(
+                f"reduction.image_size: {red.image_size} conflicts with reduction.image=\"none\" (native "
+                f"{native.image_size}); use reduction.image=\"resize\" to train at another resolution"
+            )
+        image_size = native.image_size
+    else:
+        image_size = red.image_size or native.image_size
+    patch = patch_size(cfg)
+    if patch and image_size % patch:
+        lower, upper = image_size - image_size % patch, image_size - image_size % patch + patch
+        raise ClipaError(
+            f"reduction.image_size: {image_size} is not divisible by the patch size {patch} of {recipe.model.arch}; "
+            f"use {lower or upper} or {upper}"
+        )
+    context_length = red.text_length or native.context_length
+    if context_length > native.context_length:
+        raise ClipaError(
+            f"reduction.text_length: {context_length} exceeds the context length {native.context_length} of "
+            f"{recipe.model.arch}; use at most {native.context_length}"
+        )
+    return Geometry(image_size, context_length)
+
+
+def stage_config(arch: str, geometry: Geometry) -> dict:
+    cfg = arch_config(arch)
+    cfg["vision_cfg"]["image_size"] = geometry.image_size
+    cfg["text_cfg"]["context_length"] = geometry.context_length
+    return cfg
+
+
+def create_model(model_cfg: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An open_clip model (random init, no downloads) from a full model config dict."""
+    cfg = copy.deepcopy(model_cfg)
+    custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg["text_cfg"]
+    if "timm_model_name" in cfg["vision_cfg"]:
+        cfg["vision_cfg"]["timm_model_pretrained"] = False  # weights come from the user, never a hub
+    if "hf_model_name" in cfg["text_cfg"]:
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+    model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    model = model_cls(**cfg)
+    model.output_dict = True
+    return model.to(device)
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.checkpoint") -> None:
+    """Load weights from another stage, resizing image (bicubic) and text (linear) position embeddings."""
+    state_dict = dict(state_dict)
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ClipaError(
+            f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); check model.arch against the run that produced them"
+        )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(state_dict: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
+    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    image_size = model_cfg["vision_cfg"]["image_size"]
+    preprocess_cfg = {
+        "size": image_size,
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
+    _fsync_dir(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    _fsync_dir(out_dir.parent)
+    return out_dir
+
+
+def build_tokenizer(arch: str, context_length: int):
+    """open_clip's tokenizer for the architecture, truncating to the stage's text length.
+
+    The default (OpenAI BPE) tokenizer ships inside open_clip, so nothing is downloaded; the
+    "truncate" reduction is exactly its behaviour: keep the first tokens, end with EOT.
+    """
+    if arch.endswith(".json"):
+        text_cfg = arch_config(arch)["text_cfg"]
+        if text_cfg.get("hf_tokenizer_name"):
+            return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                                         **text_cfg.get("tokenizer_kwargs", {}))
+        return open_clip.SimpleTokenizer(context_length=context_length)
+    return open_clip.get_tokenizer(arch, context_length=context_length)

@@ -1,0 +1,44 @@
+"""AdamW with CLIP's weight-decay exclusions and a per-step warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Gains, biases, the logit scale (and any 0-/1-D tensor) take no weight decay, as in CLIP."""
+    return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
+    decay, other = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (other if no_decay(name, param) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": optim_cfg.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
+    # foreach kernels: one launch per group instead of one per tensor (fused needs a GPU).
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
+                             fused=fused, foreach=None if fused else True)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Linear warmup from 0, then cosine to 0 (or constant). `step` counts from 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, optim_cfg, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, optim_cfg.warmup_steps, total_steps, optim_cfg.schedule)
+    )

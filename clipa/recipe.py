@@ -1,0 +1,381 @@
+"""Recipes: one dataclass per TOML table, loaded, overridden and validated before any work.
+
+Precedence: command-line `key=value` overrides > recipe file > dataclass defaults.
+Every error names the full key path (`optim.lr: expected float, got "fast"`) and, for unknown
+keys, the closest valid key. Checks that need the model architecture (patch size, context
+length) live in `clipa.model.validate_geometry`, so this module stays free of torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+import tomli_w
+
+from clipa.errors import ClipaError
+
+IMAGE_STRATEGIES = ("resize", "none")
+TEXT_STRATEGIES = ("truncate",)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "constant")
+LOSS_KINDS = ("infonce",)
+
+
+@dataclass
+class ModelConfig:
+    # open_clip architecture name (`open_clip.list_models()`), a clipa-bundled config such as
+    # "clipa-tiny", or the path of an open_clip-style model config JSON.
+    arch: str = "ViT-B-16"
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (built-in, endless) for now; webdataset and CSV sources come with the data issue.
+    train: str = "synthetic"
+    num_workers: int = 1
+    # Random-resized-crop area range applied at every stage (CLIPA uses 0.4-1.0).
+    crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    # Resolution the synthetic images are drawn at before the crop.
+    synthetic_image_size: int = 64
+
+
+@dataclass
+class ReductionConfig:
+    image: str = "resize"  # resize | none
+    image_size: int = 0  # stage's input resolution; 0 = the architecture's native size
+    mask_ratio: float = 0.0  # fraction of patches dropped (masking strategies: token-reduction issue)
+    text: str = "truncate"  # truncate
+    text_length: int = 0  # tokens per caption incl. start/end; 0 = the architecture's context length
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-6
+    schedule: str = "cosine"  # cosine (to 0 after warmup) | constant (after warmup)
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    global_batch_size: int = 256
+    micro_batch_size: int = 0  # per process; 0 = global_batch_size / processes
+    total_samples: int = 100_000
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    grad_checkpointing: bool = False
+    log_every_steps: int = 10
+    logit_scale_max: float = 100.0  # CLIP clamps the learned temperature at 100
+
+
+@dataclass
+class LossConfig:
+    kind: str = "infonce"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 = only at the end of the stage (if `zeroshot` lists datasets)
+    zeroshot: list[str] = field(default_factory=list)
+    data_root: str = ""
+
+
+@dataclass
+class InitConfig:
+    # Weights to start from: a clipa run directory, a step checkpoint, or an exported model.
+    checkpoint: str = ""
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reduction: ReductionConfig = field(default_factory=ReductionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    # Where the recipe came from (not part of the TOML schema).
+    source: str = field(default="", metadata={"internal": True})
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is list:
+        return f"list of {typing.get_args(tp)[0].__name__}"
+    return tp.__name__
+
+
+def _show(value) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def _coerce(path: str, tp, value):
+    """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ClipaError(f"{path}: expected {_type_name(tp)}, got {_show(value)}")
+        return [_coerce(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ClipaError(f"{path}: expected {tp.__name__}, got {_show(value)}")
+
+
+def _unknown_key(path: str, key: str, valid: list[str]) -> ClipaError:
+    full = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+    return ClipaError(f"{full}: unknown key{hint} (valid: {', '.join(valid)})")
+
+
+def _build(cls, table: dict, path: str = ""):
+    fields, hints = _fields(cls), _hints(cls)
+    kwargs = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields))
+        full = f"{path}.{key}" if path else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ClipaError(f"{full}: expected a [{full}] table, got {_show(value)}")
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(full, tp, value)
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ClipaError(f"{path}: recipe file not found (list shipped recipes with `clipa ls`)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        # tomllib's message already carries "(at line N, column M)".
+        raise ClipaError(f"{path}: TOML syntax error: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], str]:
+    if "=" not in text:
+        raise ClipaError(f"override '{text}': expected key=value, for example optim.lr=1e-3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ClipaError(f"override '{text}': empty key, expected key=value")
+    return key.split("."), raw.strip()
+
+
+def _parse_value(raw: str, tp):
+    """Parse an override value by the field's type; TOML syntax works for every type."""
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    else:
+        # On the command line `train.total_samples=1e6` means the integer a user would expect.
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+    if tp is str:
+        return raw  # bare words need no quotes: model.arch=ViT-B-16
+    if tp is float or tp is int:
+        try:
+            number = float(raw.replace("_", ""))
+        except ValueError:
+            return raw
+        return int(number) if tp is int and number.is_integer() else number
+    if typing.get_origin(tp) is list:
+        items = [s.strip() for s in raw.strip("[]").split(",") if s.strip()]
+        (item_tp,) = typing.get_args(tp)
+        return [_parse_value(s, item_tp) for s in items]
+    if tp is bool and raw.lower() in ("yes", "no", "on", "off", "1", "0"):
+        return raw.lower() in ("yes", "on", "1")
+    return raw
+
+
+def apply_override(table: dict, override: str) -> None:
+    """Apply one `key=value` override to a raw recipe table, typed by the field it names."""
+    keys, raw = parse_override(override)
+    cls, node, path = Recipe, table, ""
+    for i, key in enumerate(keys):
+        fields = _fields(cls)
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields))
+        path = f"{path}.{key}" if path else key
+        tp = _hints(cls)[key]
+        last = i == len(keys) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                raise ClipaError(f"{path}: is a table; override one of its keys, e.g. {path}.{next(iter(_fields(tp)))}=...")
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ClipaError(f"{path}: expected a table in the recipe file")
+            cls = tp
+        elif not last:
+            raise ClipaError(f"{path}: is not a table, cannot set {'.'.join(keys)}")
+        else:
+            node[key] = _parse_value(raw, tp)
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file (or the defaults, if `path` is None), apply overrides, validate."""
+    table = read_toml(path) if path is not None else {}
+    for override in overrides:
+        apply_override(table, override)
+    recipe = _build(Recipe, table)
+    if path is not None:
+        recipe.source = str(path)
+        if not recipe.name:
+            recipe.name = Path(path).stem
+    validate(recipe)
+    return recipe
+
+
+def recipe_from_dict(table: dict) -> Recipe:
+    recipe = _build(Recipe, table)
+    validate(recipe)
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict:
+    out = {}
+    for name in _fields(Recipe):
+        value = getattr(recipe, name)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def dumps(recipe: Recipe) -> str:
+    return tomli_w.dumps(to_dict(recipe))
+
+
+def save(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(dumps(recipe), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f"; did you mean \"{close[0]}\"?" if close else ""
+        raise ClipaError(f"{path}: unknown value {_show(value)}{hint} (allowed: {', '.join(allowed)})")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ClipaError(message)
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that need nothing but the recipe itself."""
+    r = recipe
+    _check(bool(r.model.arch), "model.arch: empty; set an open_clip architecture such as \"ViT-B-16\" or \"clipa-tiny\"")
+    _check(r.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {r.data.num_workers}")
+    _check(
+        len(r.data.crop_scale) == 2 and 0 < r.data.crop_scale[0] <= r.data.crop_scale[1] <= 1,
+        f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {r.data.crop_scale}",
+    )
+    _check(r.data.synthetic_image_size >= 8, f"data.synthetic_image_size: must be >= 8, got {r.data.synthetic_image_size}")
+    _one_of("reduction.image", r.reduction.image, IMAGE_STRATEGIES)
+    _one_of("reduction.text", r.reduction.text, TEXT_STRATEGIES)
+    _check(r.reduction.image_size >= 0, f"reduction.image_size: must be >= 0 (0 = native), got {r.reduction.image_size}")
+    _check(r.reduction.text_length >= 0, f"reduction.text_length: must be >= 0 (0 = native), got {r.reduction.text_length}")
+    _check(r.reduction.text_length != 1, "reduction.text_length: must be >= 2 (start and end tokens) or 0 for native")
+    _check(
+        0.0 <= r.reduction.mask_ratio < 1.0,
+        f"reduction.mask_ratio: must be in [0, 1), got {r.reduction.mask_ratio}",
+    )
+    _check(
+        r.reduction.mask_ratio == 0.0,
+        "reduction.mask_ratio: patch masking is not available in this version; set reduction.mask_ratio=0",
+    )
+    _check(r.optim.lr > 0, f"optim.lr: must be > 0, got {r.optim.lr}")
+    _check(r.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {r.optim.warmup_steps}")
+    _check(r.optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {r.optim.weight_decay}")
+    _check(
+        len(r.optim.betas) == 2 and all(0 <= b < 1 for b in r.optim.betas),
+        f"optim.betas: expected two numbers in [0, 1), got {r.optim.betas}",
+    )
+    _check(r.optim.eps > 0, f"optim.eps: must be > 0, got {r.optim.eps}")
+    _check(r.optim.grad_clip >= 0, f"optim.grad_clip: must be >= 0 (0 = off), got {r.optim.grad_clip}")
+    _one_of("optim.schedule", r.optim.schedule, SCHEDULES)
+    t = r.train
+    _check(t.global_batch_size >= 2, f"train.global_batch_size: must be >= 2 for a contrastive loss, got {t.global_batch_size}")
+    _check(t.micro_batch_size >= 0, f"train.micro_batch_size: must be >= 0 (0 = whole batch), got {t.micro_batch_size}")
+    _check(t.total_samples >= t.global_batch_size,
+           f"train.total_samples: {t.total_samples} is less than one batch (train.global_batch_size = {t.global_batch_size})")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
+    _check(t.logit_scale_max > 1, f"train.logit_scale_max: must be > 1, got {t.logit_scale_max}")
+    _one_of("loss.kind", r.loss.kind, LOSS_KINDS)
+    _check(r.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {r.checkpoint.every_steps}")
+    _check(r.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {r.checkpoint.keep_last}")
+    _check(r.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {r.eval.every_steps}")
+
+
+def micro_batch_size(recipe: Recipe, num_processes: int) -> int:
+    """Per-process batch; this version trains without accumulation, so micro x processes = global."""
+    t = recipe.train
+    per_process, remainder = divmod(t.global_batch_size, num_processes)
+    if remainder:
+        raise ClipaError(
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by the {num_processes} processes; "
+            f"use a multiple of {num_processes}"
+        )
+    micro = t.micro_batch_size or per_process
+    if micro != per_process:
+        raise ClipaError(
+            f"train.micro_batch_size: {micro} x {num_processes} processes must equal train.global_batch_size "
+            f"({t.global_batch_size}) in this version (gradient accumulation comes later); set train.micro_batch_size=0"
+        )
+    return micro

@@ -1,0 +1,77 @@
+"""The recipes shipped inside the package (`recipes/` in the repository, `clipa.recipes` installed)."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from clipa.errors import ClipaError
+
+
+def _root():
+    return resources.files("clipa.recipes")
+
+
+def shipped() -> dict[str, object]:
+    """Recipe name (path under recipes/ without .toml, e.g. "tiny/pretrain") -> resource."""
+    found = {}
+
+    def walk(node, prefix: str) -> None:
+        for child in node.iterdir():
+            if child.is_dir() and not child.name.startswith(("_", ".")):
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".toml"):
+                found[prefix + child.name[: -len(".toml")]] = child
+
+    walk(_root(), "")
+    return dict(sorted(found.items()))
+
+
+def summary(resource) -> str:
+    """The recipe's first comment line that is not its launch command."""
+    for line in resource.read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("# ").strip()
+        if line.startswith("#") and text and not text.startswith(("clipa ", "accelerate ")):
+            return text
+    return ""
+
+
+def find(name: str):
+    recipes = shipped()
+    key = name[: -len(".toml")] if name.endswith(".toml") else name
+    key = key[len("recipes/"):] if key.startswith("recipes/") else key
+    if key not in recipes:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(recipes), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ClipaError(f"{name}: no shipped recipe of that name{hint} (see `clipa ls`)")
+    return recipes[key]
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A recipe path as given, or else the shipped recipe of that name (`clipa pretrain tiny/pretrain`)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    try:
+        resource = find(str(name))
+    except ClipaError:
+        raise ClipaError(f"{name}: recipe file not found (list shipped recipes with `clipa ls`)") from None
+    with resources.as_file(resource) as real:
+        return Path(real)
+
+
+def copy(name: str, dest: str | Path) -> Path:
+    resource = find(name)
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / resource.name
+    if dest.exists():
+        raise ClipaError(f"{dest}: already exists; choose another destination or remove it first")
+    if not dest.parent.is_dir():
+        raise ClipaError(f"{dest.parent}: directory does not exist")
+    with resources.as_file(resource) as real:
+        shutil.copyfile(real, dest)
+    return dest

@@ -1,0 +1,1 @@
+"""Shipped recipes. This folder installs as the package `clipa.recipes` (see pyproject.toml)."""

@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+
+# Two cores here: keep torch from oversubscribing when pytest and a child process both run.
+torch.set_num_threads(2)
+
+
+def run_cli(*args, cwd=None, timeout=900):
+    """Run the installed `clipa` entry point in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    return subprocess.run([sys.executable, "-m", "clipa", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def tiny_overrides(**extra):
+    """A few-second training run of the tiny model."""
+    base = {"train.global_batch_size": 32, "train.total_samples": 32 * 6, "train.log_every_steps": 2,
+            "optim.warmup_steps": 1, "data.num_workers": 0, "checkpoint.every_steps": 0}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

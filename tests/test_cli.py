@@ -1,0 +1,106 @@
+import json
+import tarfile
+
+import pytest
+
+from conftest import RECIPES, tiny_overrides
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error:"), message
+    for fragment in fragments:
+        assert fragment in " ".join(message.split()), message
+
+
+def test_version_and_help(cli):
+    result = cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("clipa ")
+    assert cli("pretrain", "--help").returncode == 0
+
+
+@pytest.mark.parametrize("content, overrides, fragments", [
+    (None, [], ["recipe file not found"]),
+    ("[optim]\nlr = \n", [], ["TOML syntax error", "line 2"]),
+    ("[optim]\nlrr = 1e-3\n", [], ["optim.lrr: unknown key", "did you mean 'optim.lr'"]),
+    ("[optim]\nlr = 'fast'\n", [], ['optim.lr: expected float, got "fast"']),
+    ("[model]\narch = 'ViT-B-61'\n", [], ['model.arch: unknown architecture "ViT-B-61"']),
+    ("", ["model.arch=clipa-tiny", "reduction.image_size=30"], ["reduction.image_size: 30 is not divisible"]),
+])
+def test_bad_recipes_exit_2_with_one_line(cli, tmp_path, content, overrides, fragments):
+    path = tmp_path / "r.toml"
+    if content is not None:
+        path.write_text(content)
+    for command in ("validate", "pretrain"):
+        assert_user_error(cli(command, path, *overrides), *fragments)
+
+
+def test_finetune_requires_an_existing_init_checkpoint(cli, tmp_path):
+    path = tmp_path / "ft.toml"
+    path.write_text("[model]\narch = 'clipa-tiny'\n")
+    assert_user_error(cli("finetune", path), "init.checkpoint: finetune needs weights")
+    assert_user_error(cli("finetune", path, f"init.checkpoint={tmp_path / 'missing'}"), "init.checkpoint:", "does not exist")
+
+
+def test_unknown_dataset_and_model_exit_2(cli, tmp_path):
+    assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "imagenet-z"), '--dataset: unknown dataset "imagenet-z"')
+    assert_user_error(cli("zeroshot", "--model", "ViT-B-61", "--dataset", "synthetic"), "unknown architecture")
+    assert_user_error(cli("zeroshot", "--model", "ViT-B-16", "--dataset", "synthetic"), "--pretrained")
+    assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "synthetic"), "holds no model")
+    assert_user_error(cli("zeroshot", "--model", tmp_path / "nope", "--dataset", "synthetic"), "does not exist")
+
+
+def test_ls_cp_validate_shipped_recipes(cli, tmp_path):
+    listing = cli("ls")
+    assert listing.returncode == 0
+    shipped = sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*.toml"))
+    assert shipped, "no recipes found"
+    for name in shipped:
+        assert name in listing.stdout
+        assert cli("validate", RECIPES / f"{name}.toml").returncode == 0
+    copied = cli("cp", "tiny/pretrain", tmp_path)
+    assert copied.returncode == 0
+    assert (tmp_path / "pretrain.toml").read_text() == (RECIPES / "tiny" / "pretrain.toml").read_text()
+    assert_user_error(cli("cp", "tiny/pretrain", tmp_path), "already exists")
+    assert_user_error(cli("cp", "tiny/pretrian", tmp_path), "did you mean tiny/pretrain")
+
+
+def test_dry_run_prints_resolved_recipe_and_trains_nothing(cli, tmp_path):
+    result = cli("pretrain", "tiny/pretrain", "optim.lr=0.001", "--dry-run", "--out", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    assert "lr = 0.001" in result.stdout
+    assert "dry run" in result.stdout and "32px" in result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
+    result = cli("data", "synth", tmp_path / "synth", "--num-samples", 25, "--shard-size", 10, "--eval-per-class", 2)
+    assert result.returncode == 0, result.stderr
+    shards = sorted((tmp_path / "synth" / "train").glob("*.tar"))
+    assert [s.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]
+    with tarfile.open(shards[0]) as tar:
+        names = tar.getnames()
+    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+    import webdataset as wds
+
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False).decode("pil").to_tuple("jpg", "txt"))
+    assert len(samples) == 25 and samples[0][0].size == (64, 64)
+    classes = [p for p in (tmp_path / "synth" / "eval").iterdir() if p.is_dir()]
+    assert len(classes) == 24 and all(len(list(c.glob("*.png"))) == 2 for c in classes)
+
+    run = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    out_json = tmp_path / "zs.json"
+    zs = cli("zeroshot", "--model", tmp_path / "run", "--dataset", "imagefolder", "--dataset", "synthetic",
+             "--data-root", tmp_path / "synth" / "eval", "--output", out_json)
+    assert zs.returncode == 0, zs.stderr
+    results = json.loads(out_json.read_text())
+    assert [r["dataset"] for r in results] == ["imagefolder", "synthetic"]
+    for r in results:
+        assert r["task"] == "zeroshot_classification" and r["language"] == "en"
+        assert set(r["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+        assert 0 <= r["metrics"]["acc1"] <= r["metrics"]["acc5"] <= 1
+    assert results[0]["metrics"]["num_samples"] == 48
+    assert "zero-shot classification" in zs.stdout

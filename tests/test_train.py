@@ -1,0 +1,96 @@
+import shutil
+
+import open_clip
+import torch
+from safetensors.torch import load_file
+
+from clipa.checkpoint import CheckpointManager
+from clipa.data.loader import TrainStream
+from clipa.data.synthetic import SyntheticSource
+from clipa.data.transforms import train_transform
+from clipa.evaluate.models import load_model
+from clipa.loss import infonce_loss
+from clipa.model import Geometry, build_tokenizer, create_model, load_weights, stage_config
+from clipa.recipe import load_recipe
+from clipa.train import train
+from conftest import RECIPES, tiny_overrides
+
+
+def pretrain_recipe(**extra):
+    return load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**extra))
+
+
+def heldout_loss(model, geometry):
+    """Contrastive loss on a fixed batch far outside the training stream's range."""
+    stream = TrainStream(SyntheticSource(seed=0), train_transform(geometry.image_size, (1.0, 1.0)),
+                         build_tokenizer("clipa-tiny", geometry.context_length), micro_batch=64, global_batch=64)
+    images, texts = stream.batch(10_000_000)
+    model.eval()
+    with torch.no_grad():
+        out = model(images, texts)
+        return infonce_loss(out["image_features"], out["text_features"], out["logit_scale"]).item()
+
+
+def test_short_run_lowers_the_loss(tmp_path):
+    recipe = pretrain_recipe(**{"train.total_samples": 32 * 30, "optim.lr": 2e-3, "optim.warmup_steps": 3})
+    geometry = Geometry(32, 8)
+    torch.manual_seed(recipe.train.seed)
+    initial = create_model(stage_config("clipa-tiny", geometry))
+    before = heldout_loss(initial, geometry)
+    result = train(recipe, "pretrain", tmp_path / "run")
+    after = heldout_loss(load_model(str(result.run_dir)).model, geometry)
+    assert after < before - 0.3, (before, after)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 15  # a line every 2 steps
+    assert (tmp_path / "run" / "config.toml").is_file()
+
+
+def test_final_loads_with_plain_open_clip_and_matches_clipa(tmp_path):
+    result = train(pretrain_recipe(), "pretrain", tmp_path / "run")
+    final = result.run_dir / "final"
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{final}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{final}")
+    ours = load_model(str(result.run_dir))
+    images = torch.randn(3, 3, 32, 32)
+    texts = ["a large red circle", "a small blue square at the top", "a cyan cross"]
+    model.eval(), ours.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), ours.model.encode_image(images))
+        assert torch.equal(tokenizer(texts), ours.tokenizer(texts))
+        torch.testing.assert_close(model.encode_text(tokenizer(texts)), ours.model.encode_text(ours.tokenizer(texts)))
+    # the exported model is the pretrain geometry: 32 px, 8 tokens
+    assert model.visual.positional_embedding.shape[0] == 17
+    assert tokenizer(["x"]).shape == (1, 8)
+
+
+def test_finetune_starts_from_interpolated_pretrain_weights(tmp_path):
+    pre = train(pretrain_recipe(), "pretrain", tmp_path / "pre")
+    recipe = load_recipe(RECIPES / "tiny" / "finetune.toml",
+                         tiny_overrides(**{"init.checkpoint": pre.run_dir, "optim.lr": 1e-12,
+                                           "train.total_samples": 64}))
+    fine = train(recipe, "finetune", tmp_path / "fine")
+    finetuned = load_file(str(fine.run_dir / "final" / "open_clip_model.safetensors"))
+    expected = create_model(stage_config("clipa-tiny", Geometry(64, 32)))
+    load_weights(expected, load_file(str(pre.run_dir / "final" / "open_clip_model.safetensors")))
+    assert finetuned["visual.positional_embedding"].shape == (65, 192)
+    assert finetuned["positional_embedding"].shape == (32, 128)
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(finetuned[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
+    extra = {"train.total_samples": 32 * 6, "checkpoint.every_steps": 2, "checkpoint.keep_last": 5}
+    straight = train(pretrain_recipe(**extra), "pretrain", tmp_path / "a")
+    train(pretrain_recipe(**extra), "pretrain", tmp_path / "b")
+    # Pretend run b was killed right after its step-2 checkpoint.
+    ckpts = tmp_path / "b" / "checkpoints"
+    for name in ("step_000004", "step_000006", "LATEST"):
+        target = ckpts / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(tmp_path / "b" / "final")
+    assert CheckpointManager(ckpts).latest().name == "step_000002"
+    resumed = train(pretrain_recipe(**extra), "pretrain", tmp_path / "b")
+    a = load_file(str(straight.run_dir / "final" / "open_clip_model.safetensors"))
+    b = load_file(str(resumed.run_dir / "final" / "open_clip_model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
