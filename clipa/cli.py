@@ -22,8 +22,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Affordable CLIP training: low-token pretraining, short full-length finetuning, zero-shot eval.")
 data_app = typer.Typer(no_args_is_help=True, help="Write and inspect datasets.")
 app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True)
+# Off a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; results tables are wider.
+out = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 def user_errors(fn):
@@ -71,7 +72,8 @@ def _describe(recipe, geometry, stage: str, out_dir: Path) -> Table:
 
     cfg = stage_config(recipe.model.arch, geometry)
     native = native_geometry(arch_config(recipe.model.arch))
-    flops = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length)
+    keep_ratio = 1.0 - recipe.reduction.mask_ratio
+    flops = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length, keep_ratio)
     full = train_flops_per_sample(arch_config(recipe.model.arch), native.image_size, native.context_length)
     steps = recipe.train.total_samples // recipe.train.global_batch_size
     latest = CheckpointManager(out_dir / "checkpoints").latest()
@@ -81,7 +83,9 @@ def _describe(recipe, geometry, stage: str, out_dir: Path) -> Table:
     rows = [
         ("model", f"{recipe.model.arch} at {geometry.image_size}px (native {native.image_size}), "
                   f"{geometry.context_length} text tokens (native {native.context_length})"),
-        ("image tokens", f"{image_tokens(cfg, geometry.image_size)} per sample ({recipe.reduction.image})"),
+        ("image tokens", f"{image_tokens(cfg, geometry.image_size, keep_ratio)} per sample ({recipe.reduction.image}"
+                         f"{f', mask ratio {recipe.reduction.mask_ratio:g}' if recipe.reduction.mask_ratio else ''})"),
+        ("text", f"{geometry.context_length} tokens per caption ({recipe.reduction.text})"),
         ("train FLOPs", f"{flops:.3g} per sample, {flops / full:.2f}x of full length; {flops * steps * recipe.train.global_batch_size:.3g} in total"),
         ("data", recipe.data.train),
         ("steps", f"{steps} x {recipe.train.global_batch_size} samples = {steps * recipe.train.global_batch_size:,}"),

@@ -14,17 +14,20 @@ def _transformer_forward(tokens: int, width: int, layers: int, mlp_width: int) -
 
 
 def image_tokens(model_cfg: dict, image_size: int, keep_ratio: float = 1.0) -> int:
+    """Tokens the vision transformer runs on: kept patches (as the masker keeps them) + class token."""
+    from clipa.reduction import keep_count
+
     v = model_cfg["vision_cfg"]
     patches = (image_size // v["patch_size"]) ** 2
-    return int(patches * keep_ratio) + 1  # + class token
+    return keep_count(patches, 1.0 - keep_ratio) + 1
 
 
 def forward_flops(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:
     v, t, embed = model_cfg["vision_cfg"], model_cfg["text_cfg"], model_cfg["embed_dim"]
     n_img = image_tokens(model_cfg, image_size, keep_ratio)
     vw = v["width"]
-    patches = n_img - 1
-    vision = 2 * patches * 3 * v["patch_size"] ** 2 * vw
+    all_patches = (image_size // v["patch_size"]) ** 2  # the patch embedding runs before masking
+    vision = 2 * all_patches * 3 * v["patch_size"] ** 2 * vw
     vision += _transformer_forward(n_img, vw, v["layers"], int(vw * v.get("mlp_ratio", 4.0)))
     vision += 2 * vw * embed
     tw = t.get("width", 512)

@@ -23,7 +23,8 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(gathered, dim=0), dist.get_rank() * features.shape[0]
 
 
-def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP over the global batch; features are L2-normalised.
 
     Computed in fp32 whatever the autocast dtype: the softmax over tens of thousands of
@@ -37,3 +38,25 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     logits_per_text = scale * text_features @ all_images.T
     labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+
+
+def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid loss of SigLIP: every (image, text) pair is an independent binary decision.
+
+    Local images against the texts of the whole global batch, summed over pairs and divided by
+    the local batch size: the mean over processes is then the single-process loss over the
+    global batch, -sum_ij log sigmoid(y_ij (t x_i.y_j + b)) / B.
+    """
+    if logit_bias is None:
+        raise ValueError("siglip_loss needs the model's logit_bias (build the model with loss.kind = 'siglip')")
+    image_features, text_features = image_features.float(), text_features.float()
+    all_texts, offset = gather_features(text_features)
+    logits = logit_scale.float() * image_features @ all_texts.T + logit_bias.float()
+    n = image_features.shape[0]
+    labels = -torch.ones_like(logits)
+    labels[torch.arange(n, device=logits.device), torch.arange(n, device=logits.device) + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+LOSSES = {"infonce": infonce_loss, "siglip": siglip_loss}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -101,11 +102,22 @@ def stage_geometry(recipe) -> Geometry:
     return Geometry(image_size, context_length)
 
 
-def stage_config(arch: str, geometry: Geometry) -> dict:
+def stage_config(arch: str, geometry: Geometry, loss_kind: str = "infonce") -> dict:
     cfg = arch_config(arch)
     cfg["vision_cfg"]["image_size"] = geometry.image_size
     cfg["text_cfg"]["context_length"] = geometry.context_length
+    if loss_kind == "siglip" and "init_logit_bias" not in cfg:
+        # SigLIP's initialisation: temperature 10 and bias -10, so that early on almost every pair
+        # is (correctly) a negative.
+        cfg["init_logit_scale"] = math.log(10.0)
+        cfg["init_logit_bias"] = -10.0
     return cfg
+
+
+def recipe_model_config(recipe) -> tuple[Geometry, dict]:
+    """The stage's geometry and the full open_clip model config a recipe trains."""
+    geometry = stage_geometry(recipe)
+    return geometry, stage_config(recipe.model.arch, geometry, recipe.loss.kind)
 
 
 def create_model(model_cfg: dict, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -25,11 +25,11 @@ import tomli_w
 
 from clipa.errors import ClipaError
 
-IMAGE_STRATEGIES = ("resize", "none")
-TEXT_STRATEGIES = ("truncate",)
+IMAGE_STRATEGIES = ("resize", "random", "grid", "block", "none")
+TEXT_STRATEGIES = ("truncate", "random", "block", "syntax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
-LOSS_KINDS = ("infonce",)
+LOSS_KINDS = ("infonce", "siglip")
 
 
 @dataclass
@@ -52,10 +52,10 @@ class DataConfig:
 
 @dataclass
 class ReductionConfig:
-    image: str = "resize"  # resize | none
-    image_size: int = 0  # stage's input resolution; 0 = the architecture's native size
-    mask_ratio: float = 0.0  # fraction of patches dropped (masking strategies: token-reduction issue)
-    text: str = "truncate"  # truncate
+    image: str = "resize"  # resize | random | grid | block | none
+    image_size: int = 0  # stage's input resolution (any strategy but none); 0 = the architecture's native size
+    mask_ratio: float = 0.0  # fraction of patches dropped by random | grid | block
+    text: str = "truncate"  # truncate | random | block | syntax
     text_length: int = 0  # tokens per caption incl. start/end; 0 = the architecture's context length
 
 
@@ -74,7 +74,7 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     global_batch_size: int = 256
-    micro_batch_size: int = 0  # per process; 0 = global_batch_size / processes
+    micro_batch_size: int = 0  # per process; 0 = global / processes; accumulation = global / (micro x processes)
     total_samples: int = 100_000
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False
@@ -84,7 +84,7 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "infonce"
+    kind: str = "infonce"  # infonce (CLIP's softmax) | siglip (sigmoid, with a learnable bias)
 
 
 @dataclass
@@ -336,8 +336,9 @@ def validate(recipe: Recipe) -> None:
         f"reduction.mask_ratio: must be in [0, 1), got {r.reduction.mask_ratio}",
     )
     _check(
-        r.reduction.mask_ratio == 0.0,
-        "reduction.mask_ratio: patch masking is not available in this version; set reduction.mask_ratio=0",
+        r.reduction.mask_ratio == 0.0 or r.reduction.image in ("random", "grid", "block"),
+        f"reduction.mask_ratio: {r.reduction.mask_ratio} needs a masking strategy; set reduction.image to "
+        f"random, grid or block (it is \"{r.reduction.image}\")",
     )
     _check(r.optim.lr > 0, f"optim.lr: must be > 0, got {r.optim.lr}")
     _check(r.optim.warmup_steps >= 0, f"optim.warmup_steps: must be >= 0, got {r.optim.warmup_steps}")
@@ -363,8 +364,8 @@ def validate(recipe: Recipe) -> None:
     _check(r.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {r.eval.every_steps}")
 
 
-def micro_batch_size(recipe: Recipe, num_processes: int) -> int:
-    """Per-process batch; this version trains without accumulation, so micro x processes = global."""
+def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps): global = micro x accumulation x processes."""
     t = recipe.train
     per_process, remainder = divmod(t.global_batch_size, num_processes)
     if remainder:
@@ -373,9 +374,13 @@ def micro_batch_size(recipe: Recipe, num_processes: int) -> int:
             f"use a multiple of {num_processes}"
         )
     micro = t.micro_batch_size or per_process
-    if micro != per_process:
+    accumulation, remainder = divmod(per_process, micro)
+    if remainder or accumulation == 0:
         raise ClipaError(
-            f"train.micro_batch_size: {micro} x {num_processes} processes must equal train.global_batch_size "
-            f"({t.global_batch_size}) in this version (gradient accumulation comes later); set train.micro_batch_size=0"
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size ({micro}) x "
+            f"{num_processes} processes; choose a micro-batch that divides {per_process}"
         )
-    return micro
+    if micro == 1 and recipe.loss.kind == "infonce":
+        raise ClipaError("train.micro_batch_size: 1 with loss.kind = \"infonce\" is not supported (one-sample "
+                         "forwards starve the device, and without accumulation leave no negatives); use at least 2")
+    return micro, accumulation

@@ -26,15 +26,17 @@ from clipa.data.loader import build_train_loader
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops, image_tokens, train_flops_per_sample
-from clipa.loss import infonce_loss
-from clipa.model import build_tokenizer, create_model, export_open_clip, load_weights, stage_config, stage_geometry
+from clipa.loss import LOSSES
+from clipa.model import build_tokenizer, create_model, export_open_clip, load_weights, recipe_model_config
 from clipa.optim import build_optimizer, build_scheduler
 from clipa.progress import RunLog
+from clipa.reduction import TextReducer, install_patch_masker
+from clipa.step import ContrastiveStep
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
-_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.text", "reduction.text_length",
-                    "train.global_batch_size", "train.seed", "data.train")
+_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
+                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind")
 
 
 @dataclass
@@ -53,6 +55,13 @@ def _accelerator(precision: str) -> Accelerator:
         precision = "bf16" if on_gpu else "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+
+
+def _to_device(batch, device):
+    images, texts, keep = batch
+    images = normalize(images.to(device, non_blocking=True))
+    keep = keep.to(device, non_blocking=True) if keep is not None else None
+    return images, texts.to(device, non_blocking=True), keep
 
 
 def precision_name(accelerator: Accelerator) -> str:
@@ -91,13 +100,12 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
     """Train one stage; returns where the run lives and how fast it went. Safe to call again to resume."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}")
-    geometry = stage_geometry(recipe)
-    model_cfg = stage_config(recipe.model.arch, geometry)
+    geometry, model_cfg = recipe_model_config(recipe)
     run_dir = Path(out_dir or Path("runs") / recipe.name)
 
     accelerator = _accelerator(recipe.train.precision)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    micro = recipe_mod.micro_batch_size(recipe, world)
+    micro, accumulation = recipe_mod.batch_layout(recipe, world)
     total_steps = recipe.train.total_samples // recipe.train.global_batch_size
 
     checkpoints = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last, rank,
@@ -113,10 +121,14 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
         _prepare_run_dir(run_dir)
     accelerator.wait_for_everyone()
 
+    if accelerator.device.type == "cpu":
+        # Weights and activations drifting into denormal range make CPU matmuls many times slower.
+        torch.set_flush_denormal(True)
     set_seed(recipe.train.seed)
     model = create_model(model_cfg)
     if init_weights is not None:
         load_weights(model, init_weights)
+    masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
     if recipe.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, recipe.optim)
@@ -139,18 +151,24 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
     if main:
         (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
 
-    tokenizer = build_tokenizer(recipe.model.arch, geometry.context_length)
-    loader = build_train_loader(recipe, geometry, tokenizer, micro_batch=micro, rank=rank, start_batch=step,
-                                num_batches=total_steps - step)
-    flops_per_sample = train_flops_per_sample(model_cfg, geometry.image_size, geometry.context_length)
-    tokens_per_sample = image_tokens(model_cfg, geometry.image_size) + geometry.context_length
+    text_reducer = TextReducer(build_tokenizer(recipe.model.arch, geometry.context_length), recipe.reduction.text,
+                               geometry.context_length)
+    mask = (masker.strategy, masker.grid, masker.mask_ratio) if masker else None
+    loader = build_train_loader(recipe, geometry, text_reducer, micro_batch=micro, processes=world, rank=rank,
+                                start_batch=step * accumulation, num_batches=(total_steps - step) * accumulation,
+                                mask=mask)
+    contrastive_step = ContrastiveStep(model, unwrapped, LOSSES[recipe.loss.kind], accelerator, masker)
+    keep_ratio = 1.0 - recipe.reduction.mask_ratio
+    flops_per_sample = train_flops_per_sample(model_cfg, geometry.image_size, geometry.context_length, keep_ratio)
+    tokens_per_sample = image_tokens(model_cfg, geometry.image_size, keep_ratio) + geometry.context_length
     peak = device_peak_flops()
     log = RunLog(run_dir / "metrics.jsonl", total_steps, f"{stage} {recipe.name}", start=step, enabled=main)
     if start_from is not None:
         log.message(f"resuming from {start_from} at step {step}/{total_steps}"
                     + (f" (changed since: {', '.join(notes)})" if notes else ""))
     log.message(f"{stage}: {recipe.model.arch} at {geometry.image_size}px / {geometry.context_length} tokens, "
-                f"{total_steps} steps of {recipe.train.global_batch_size} on {world} process(es), "
+                f"{total_steps} steps of {recipe.train.global_batch_size} = {micro} x {accumulation} accumulation x "
+                f"{world} process(es), "
                 f"{accelerator.device}, precision {precision_name(accelerator)}")
 
     def save_checkpoint() -> None:
@@ -164,15 +182,12 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
     t_start = t_window = time.perf_counter()
     window_steps, data_wait = 0, 0.0
     model.train()
-    t_fetch = time.perf_counter()
-    for images, texts in loader:
+    batches = iter(loader)
+    while step < total_steps:
+        t_fetch = time.perf_counter()
+        micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accumulation)]
         data_wait += time.perf_counter() - t_fetch
-        images = normalize(images.to(accelerator.device, non_blocking=True))
-        texts = texts.to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
-            out = model(images, texts)
-        loss = infonce_loss(out["image_features"], out["text_features"], out["logit_scale"])
-        accelerator.backward(loss)
+        loss = contrastive_step(micro_batches)
         if recipe.optim.grad_clip > 0:
             accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
         optimizer.step()
@@ -204,7 +219,6 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
             loss_count, window_steps, data_wait, t_window = 0, 0, 0.0, time.perf_counter()
         if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < total_steps:
             save_checkpoint()
-        t_fetch = time.perf_counter()
 
     wall = time.perf_counter() - t_start
     save_checkpoint()

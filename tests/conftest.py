@@ -20,9 +20,26 @@ def run_cli(*args, cwd=None, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_in_process(*args):
+    """Invoke the Typer app in this process (fast); same exit codes and streams as the command."""
+    from typer.testing import CliRunner
+
+    from clipa.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.stdout, result.stderr)
+
+
 @pytest.fixture
 def cli():
-    return run_cli
+    return run_in_process
 
 
 def tiny_overrides(**extra):

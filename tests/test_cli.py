@@ -3,7 +3,7 @@ import tarfile
 
 import pytest
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, run_cli, tiny_overrides
 
 
 def assert_user_error(result, *fragments):
@@ -15,10 +15,12 @@ def assert_user_error(result, *fragments):
         assert fragment in " ".join(message.split()), message
 
 
-def test_version_and_help(cli):
-    result = cli("--version")
+def test_installed_entry_point_version_help_and_user_error():
+    """The real console entry point, in a subprocess, as a user runs it."""
+    result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("clipa ")
-    assert cli("pretrain", "--help").returncode == 0
+    assert run_cli("pretrain", "--help").returncode == 0
+    assert_user_error(run_cli("validate", "no/such/recipe.toml"), "recipe file not found")
 
 
 @pytest.mark.parametrize("content, overrides, fragments", [
@@ -82,7 +84,7 @@ def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
     assert [s.name for s in shards] == ["00000.tar", "00001.tar", "00002.tar"]
     with tarfile.open(shards[0]) as tar:
         names = tar.getnames()
-    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"]
+    assert sorted(names[:3]) == ["000000000.jpg", "000000000.json", "000000000.txt"]
     import webdataset as wds
 
     samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False).decode("pil").to_tuple("jpg", "txt"))

@@ -83,10 +83,20 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert R.to_dict(again) == R.to_dict(recipe)
 
 
-def test_micro_batch_checks():
+def test_batch_layout_derives_accumulation():
     recipe = R.Recipe()
     recipe.train.global_batch_size = 64
-    assert R.micro_batch_size(recipe, 2) == 32
+    assert R.batch_layout(recipe, 2) == (32, 1)
+    recipe.train.micro_batch_size = 8
+    assert R.batch_layout(recipe, 2) == (8, 4)
+    assert R.batch_layout(recipe, 1) == (8, 8)
+    recipe.train.micro_batch_size = 12
+    with pytest.raises(ClipaError, match="not divisible by train.micro_batch_size"):
+        R.batch_layout(recipe, 2)
+    recipe.train.micro_batch_size = 1
+    with pytest.raises(ClipaError, match="train.micro_batch_size: 1 with loss.kind"):
+        R.batch_layout(recipe, 2)
+    recipe.train.micro_batch_size = 0
     recipe.train.global_batch_size = 63
     with pytest.raises(ClipaError, match="not divisible by the 2 processes"):
-        R.micro_batch_size(recipe, 2)
+        R.batch_layout(recipe, 2)

@@ -37,10 +37,10 @@ def test_eval_set_is_balanced_and_held_out():
     assert all(pixels(eval_sample(0, i)[0]).tobytes() not in train_pixels for i in range(len(data)))
 
 
-def _stream(**kw):
-    tokenize = lambda caps: torch.tensor([[len(c)] for c in caps])  # noqa: E731 - tiny stand-in tokenizer
+def _stream(micro=4, processes=2, **kw):
+    tokenize = lambda caps, rngs=None: torch.tensor([[len(c)] for c in caps])  # noqa: E731 - stand-in tokenizer
     return TrainStream(SyntheticSource(seed=0, image_size=32), train_transform(16), tokenize,
-                       micro_batch=4, global_batch=8, **kw)
+                       micro_batch=micro, processes=processes, **kw)
 
 
 def test_stream_is_independent_of_workers_and_resumes_exactly():
@@ -49,18 +49,22 @@ def test_stream_is_independent_of_workers_and_resumes_exactly():
     serial = [b for b in DataLoader(_stream(num_batches=6), batch_size=None, num_workers=0)]
     parallel = [b for b in DataLoader(_stream(num_batches=6), batch_size=None, num_workers=2)]
     resumed = [b for b in DataLoader(_stream(start_batch=3, num_batches=3), batch_size=None, num_workers=2)]
-    for (xa, ta), (xb, tb) in zip(serial, parallel):
+    for (xa, ta, _), (xb, tb, _) in zip(serial, parallel):
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
-    for (xa, ta), (xb, tb) in zip(serial[3:], resumed):
+    for (xa, ta, _), (xb, tb, _) in zip(serial[3:], resumed):
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
-    # different batches differ
     assert not torch.equal(serial[0][0], serial[1][0])
 
 
-def test_ranks_see_disjoint_samples():
-    a, b = _stream(rank=0), _stream(rank=1)
-    assert not torch.equal(a.batch(0)[0], b.batch(0)[0])
-    # rank 1's first batch is samples 4..7 of the source: same captions as an 8-wide rank-0 view
-    whole = TrainStream(SyntheticSource(seed=0, image_size=32), train_transform(16),
-                        lambda caps: torch.tensor([[len(c)] for c in caps]), micro_batch=8, global_batch=8)
-    assert torch.equal(whole.batch(0)[1][4:], b.batch(0)[1])
+def test_samples_and_augmentations_do_not_depend_on_the_batch_layout():
+    """2 processes x micro 4 see exactly the 8 samples (same crops, same masks) of 1 process x micro 8."""
+    mask = ("random", (2, 2), 0.5)
+    whole = _stream(micro=8, processes=1, mask=mask).batch(1)
+    rank0 = _stream(micro=4, processes=2, rank=0, mask=mask).batch(1)
+    rank1 = _stream(micro=4, processes=2, rank=1, mask=mask).batch(1)
+    for part in range(3):
+        assert torch.equal(whole[part], torch.cat([rank0[part], rank1[part]]))
+    # and 4 micro-batches of 2 on one process (accumulation) cover the same samples in order
+    acc = [_stream(micro=2, processes=1, mask=mask).batch(b) for b in range(4, 8)]
+    assert torch.equal(whole[0], torch.cat([a[0] for a in acc]))
+    assert not torch.equal(rank0[0], rank1[0])

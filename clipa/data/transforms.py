@@ -10,7 +10,6 @@ import numpy as np
 import open_clip
 import torch
 from PIL import Image
-from torchvision import transforms as T
 
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
@@ -20,17 +19,33 @@ class RandomResizedCrop:
     """CLIPA's "resize" reduction: crop a random area (scale) and resize straight to `size`.
 
     One PIL resize with a crop box (bicubic) replaces torchvision's crop + resize + ToTensor, which
-    matters when a 2-core machine must feed hundreds of samples per second. Randomness comes from
-    torch's global RNG, like torchvision's, so seeding it makes the crops reproducible.
+    matters when a 2-core machine must feed hundreds of samples per second. The crop is drawn
+    from the sample's own generator (torchvision's algorithm: ten tries at a random area and
+    aspect ratio, then a center crop), so it does not depend on which worker makes the batch.
     """
 
     def __init__(self, size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+        area = width * height
+        log_ratio = (np.log(self.ratio[0]), np.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = np.exp(rng.uniform(*log_ratio))
+            w = int(round(np.sqrt(target * aspect)))
+            h = int(round(np.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+                return left, top, left + w, top + h
+        side = min(width, height)  # fallback: the largest centered square
+        left, top = (width - side) // 2, (height - side) // 2
+        return left, top, left + side, top + side
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         image = image.convert("RGB")
-        top, left, h, w = T.RandomResizedCrop.get_params(image, self.scale, self.ratio)
-        image = image.resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
+        box = self.box(*image.size, rng if rng is not None else np.random.default_rng())
+        image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 

@@ -20,7 +20,7 @@ from clipa import recipe as recipe_mod
 from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
 from clipa.errors import ClipaError
 from clipa.model import (EXPORT_CONFIG, arch_config, build_tokenizer, create_model, load_weights, native_geometry,
-                         stage_config, stage_geometry)
+                         recipe_model_config, stage_config)
 
 
 @dataclass
@@ -49,8 +49,8 @@ def _from_export(path: Path) -> LoadedModel:
 
 def _from_checkpoint(path: Path) -> LoadedModel:
     recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-    geometry = stage_geometry(recipe)
-    model = create_model(stage_config(recipe.model.arch, geometry))
+    geometry, model_cfg = recipe_model_config(recipe)
+    model = create_model(model_cfg)
     model.load_state_dict(read_state_dict(path, "checkpoint"))
     return LoadedModel(model, build_tokenizer(recipe.model.arch, geometry.context_length), geometry.image_size,
                        open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path))
