@@ -142,6 +142,7 @@ def main(argv=None) -> int:
     print()
     # Throughput as the reducer uses it: whitespace words of every caption.
     words = [c.split() for c in captions]
+    word_priority.cache_clear()
     _priority_normalized.cache_clear()
     t0 = time.perf_counter()
     for ws in words:

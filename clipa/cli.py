@@ -118,8 +118,9 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     from clipa.train import train
 
     result = train(recipe, stage, run_dir, resume=resume)
-    out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
-              f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
+    if result.is_main:
+            out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
+                  f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
 
 
 _OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. optim.lr=1e-3 train.total_samples=1e6")

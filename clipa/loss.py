@@ -17,10 +17,15 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All features of the global batch (with gradient) and this process's row offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features, 0
-    import torch.distributed.nn.functional as dist_nn
+    try:  # torch >= 2.3: the supported differentiable all-gather
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    gathered = dist_nn.all_gather(features)
-    return torch.cat(gathered, dim=0), dist.get_rank() * features.shape[0]
+        gathered = all_gather_tensor_autograd(features.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    except ImportError:  # pragma: no cover - older torch
+        import torch.distributed.nn.functional as dist_nn
+
+        gathered = torch.cat(dist_nn.all_gather(features), dim=0)
+    return gathered, dist.get_rank() * features.shape[0]
 
 
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,

@@ -26,7 +26,6 @@ mode downloads NLTK data at run time; clipa's draw from a per-sample seed and ta
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import torch
@@ -182,7 +181,7 @@ class TextReducer:
     def _syntax(self, text: str, budget: int) -> list[int]:
         tok = self.tokenizer
         cleaned = tok.clean_fn(text)
-        words = re.findall(tok.pat, cleaned)
+        words = tok.pat.findall(cleaned)
         pieces = []
         for word in words:
             token = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))

@@ -47,6 +47,7 @@ class StageResult:
     wall_time_s: float
     samples_per_s: float
     final_loss: float
+    is_main: bool = True  # the process that reports (rank 0)
 
 
 def _accelerator(precision: str) -> Accelerator:
@@ -203,7 +204,9 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
 
         if step % recipe.train.log_every_steps == 0 or step == total_steps:
             elapsed = time.perf_counter() - t_window
-            last_loss = (loss_sum / loss_count).item()  # the only host sync, once per log step
+            # The only host sync, once per log step; each process's loss covers its own rows, so
+            # the mean over processes is the loss of the global batch.
+            last_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
             samples_per_s = window_steps * recipe.train.global_batch_size / elapsed
             metrics = {
                 "step": step, "samples": step * recipe.train.global_batch_size, "stage": stage,
@@ -229,4 +232,4 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
     log.close()
     samples = total_steps * recipe.train.global_batch_size
     return StageResult(run_dir, total_steps, samples, wall_before + wall,
-                       samples / (wall_before + wall) if wall_before + wall > 0 else 0.0, last_loss)
+                       samples / (wall_before + wall) if wall_before + wall > 0 else 0.0, last_loss, main)

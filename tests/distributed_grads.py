@@ -1,0 +1,44 @@
+"""Run under torchrun: one exact-accumulation step in a real process group; rank 0 saves the gradients.
+
+usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_grads.py OUT.pt MICRO [LOSS] [MASKED]
+"""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from test_accumulation import GEOMETRY, global_batch  # noqa: E402
+
+from clipa.loss import LOSSES  # noqa: E402
+from clipa.model import create_model, stage_config  # noqa: E402
+from clipa.reduction import install_patch_masker  # noqa: E402
+from clipa.step import ContrastiveStep  # noqa: E402
+
+
+def main(out: str, micro: int, loss_kind: str = "infonce", masked: str = "0") -> None:
+    masked = masked == "1"
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(0)
+    model = create_model(stage_config("clipa-tiny", GEOMETRY, loss_kind))
+    masker = install_patch_masker(model, "random", 0.5) if masked else None
+    ddp = accelerator.prepare(model)
+    ddp.train()
+    images, texts, keep = global_batch(64, masked)
+    per_rank = 64 // world
+    rows = slice(rank * per_rank, (rank + 1) * per_rank)
+    images, texts = images[rows], texts[rows]
+    keep = keep[rows] if keep is not None else None
+    micro_batches = [(images[i:i + micro], texts[i:i + micro], None if keep is None else keep[i:i + micro])
+                     for i in range(0, per_rank, micro)]
+    loss = ContrastiveStep(ddp, model, LOSSES[loss_kind], accelerator, masker)(micro_batches)
+    mean_loss = accelerator.reduce(loss, reduction="mean")
+    if rank == 0:
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        torch.save({"loss": mean_loss.item(), "grads": grads, "world": world}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
