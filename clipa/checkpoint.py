@@ -12,6 +12,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,41 +61,64 @@ class CheckpointManager:
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
     def latest(self) -> Path | None:
-        pointer = self.directory / LATEST_FILE
-        if pointer.is_file():
-            named = self.directory / pointer.read_text().strip()
-            if is_complete(named):
-                return named
-        complete = self.complete()
-        return complete[-1] if complete else None
+        """The newest checkpoint that loads.
+
+        A directory with a final `step_*` name is complete by construction (it is renamed into
+        place after its files are fsynced), so it is trusted even when a kill came before LATEST
+        was updated; LATEST is the pointer for people and tools. A disk can still corrupt a file
+        after the fact: such a checkpoint is skipped with a warning, never chosen.
+        """
+        for path in reversed(self.complete()):
+            problem = verify(path)
+            if problem is None:
+                return path
+            import warnings
+
+            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
+        return None
+
+    def check_free_space(self, checkpoint_bytes: int) -> None:
+        """Refuse to start when the disk cannot hold even one more checkpoint."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if free < 1.1 * checkpoint_bytes:
+            raise ClipaError(f"--out: {self.directory} has {free / 2**30:.2f} GiB free, a checkpoint needs about "
+                             f"{checkpoint_bytes / 2**30:.2f} GiB; free some space or choose another --out")
 
     def save(self, step: int, model_state: dict | None, state: dict | None, config_text: str) -> Path:
         """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames."""
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.rank == 0:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            self.barrier()
+            _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt")
+            self.barrier()
+            if self.rank == 0:
+                write_safetensors(model_state, tmp / MODEL_FILE)
+                _crash_point("checkpoint-write", step)
+                _save_fsync(state, tmp / STATE_FILE)
+                (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+                _fsync_file(tmp / CONFIG_FILE)
+                _fsync_dir(tmp)
+                if final.exists():  # re-saving the same step (e.g. a resumed run ending where it stopped)
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                _fsync_dir(self.directory)
+                _crash_point("before-latest", step)
+                pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
+                pointer_tmp.write_text(final.name + "\n")
+                _fsync_file(pointer_tmp)
+                os.replace(pointer_tmp, self.directory / LATEST_FILE)
+                _fsync_dir(self.directory)
+                self.prune()
+        except OSError as err:  # e.g. a full disk: the previous checkpoints are untouched
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        self.barrier()
-        _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt")
-        self.barrier()
-        if self.rank == 0:
-            write_safetensors(model_state, tmp / MODEL_FILE)
-            _save_fsync(state, tmp / STATE_FILE)
-            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-            _fsync_file(tmp / CONFIG_FILE)
-            _fsync_dir(tmp)
-            if final.exists():  # re-saving the same step (e.g. a resumed run ending where it stopped)
-                shutil.rmtree(final)
-            tmp.rename(final)
-            _fsync_dir(self.directory)
-            pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
-            pointer_tmp.write_text(final.name + "\n")
-            _fsync_file(pointer_tmp)
-            os.replace(pointer_tmp, self.directory / LATEST_FILE)
-            _fsync_dir(self.directory)
-            self.prune()
+            raise ClipaError(f"checkpoint: could not write {final} ({err.strerror or err}); the earlier checkpoints "
+                             f"in {self.directory} are intact. Free space and rerun the same command to resume") from None
         self.barrier()
         return final
 
@@ -106,6 +130,32 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
         for stale in self.directory.glob(".tmp-step_*"):  # left behind by a killed writer
             shutil.rmtree(stale, ignore_errors=True)
+
+
+def _crash_point(where: str, step: int) -> None:
+    """Crash-consistency tests kill the process here: CLIPA_CRASH_AT=checkpoint-write:4 (SIGKILL)."""
+    target = os.environ.get("CLIPA_CRASH_AT")
+    if target and target == f"{where}:{step}":
+        os.kill(os.getpid(), 9)
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint's files load, else what is wrong with them."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                f.get_slice(key)
+        # torch.save writes a zip archive: checking every member's CRC reads the file once without
+        # unpickling gigabytes of optimizer state twice.
+        with zipfile.ZipFile(path / STATE_FILE) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"{STATE_FILE}: member {bad} is corrupt"
+    except Exception as err:  # noqa: BLE001 - any failure to read means: do not resume from it
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _fsync_file(path: Path) -> None:
@@ -171,3 +221,26 @@ def read_state_dict(path: Path, kind: str) -> dict:
         return load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory."""
+    from clipa import recipe as recipe_mod
+    from clipa.model import create_model, export_open_clip, recipe_model_config
+
+    path, kind = find_weights(checkpoint, key="CHECKPOINT")
+    if kind != "checkpoint":
+        raise ClipaError(f"CHECKPOINT: {checkpoint} resolves to {path}, which is not a step checkpoint; give "
+                         "runs/NAME/checkpoints/step_N (an exported model is already an open_clip directory)")
+    problem = verify(path)
+    if problem:
+        raise ClipaError(f"CHECKPOINT: {path} is damaged ({problem}); export an earlier one")
+    recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+    _, model_cfg = recipe_model_config(recipe)
+    model = create_model(model_cfg)
+    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return export_open_clip(model, model_cfg, out_dir)

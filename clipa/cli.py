@@ -118,7 +118,7 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     from clipa.train import train
 
     result = train(recipe, stage, run_dir, resume=resume)
-    if result.is_main:
+    if result.is_main and not result.stopped_by:
             out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
                   f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
 
@@ -181,6 +181,17 @@ def copy_recipe(name: str = typer.Argument(..., help="Shipped recipe name, e.g. 
     out.print(f"wrote {copy(name, dest)}", highlight=False)
 
 
+@app.command("export")
+@user_errors
+def export(checkpoint: Path = typer.Argument(..., help="A step checkpoint (runs/NAME/checkpoints/step_N) or a run directory."),
+           out_dir: Path = typer.Argument(..., metavar="OUT", help="New directory for the open_clip model.")) -> None:
+    """Write an open_clip local directory (config + safetensors) from any step checkpoint."""
+    from clipa.checkpoint import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out_dir)
+    out.print(f"wrote {path}; load it with open_clip.create_model_and_transforms(\"local-dir:{path}\")", highlight=False)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -220,6 +231,40 @@ def zeroshot(model: str = typer.Option(..., "--model", help="Run dir, exported m
     if output:
         write_result(results[0] if len(results) == 1 else results, output)
         out.print(f"wrote {output}", highlight=False)
+
+
+# --------------------------------------------------------------------------- benchmarks
+
+
+@app.command()
+@user_errors
+def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", help="Architectures to measure."),
+          batch: int = typer.Option(0, "--batch", help="Samples per step; 0 = 64 for small models, 8 for ViT-B and up."),
+          steps: int = typer.Option(3, "--steps", help="Measured steps per setting (after one warm-up step)."),
+          output: Optional[Path] = typer.Option(None, "--output", help="Also write the rows as JSON.")) -> None:
+    """Measured training throughput of token-reduction settings vs the analytic FLOP ratio."""
+    import json
+
+    from clipa.bench import run_bench
+    from clipa.model import arch_config
+
+    if steps < 1:
+        raise ClipaError(f"--steps: must be >= 1, got {steps}")
+    rows = []
+    for name in arch:
+        width = arch_config(name)["vision_cfg"].get("width", 768)
+        size = batch or (64 if width < 512 else 8)
+        rows += run_bench([name], size, steps,
+                          progress=lambda r: print(f"{r['arch']} {r['setting']}: {r['samples_per_s']:.1f} samples/s", flush=True))
+    table = Table("arch", "setting", "img tok", "txt tok", "GFLOPs/sample", "samples/s", "speedup", "FLOP ratio",
+                  "efficiency", "text select", title="clipa bench: training step forward + backward, fp32")
+    for r in rows:
+        table.add_row(r["arch"], r["setting"], str(r["image_tokens"]), str(r["text_tokens"]),
+                      f"{r['flops_per_sample'] / 1e9:.2f}", f"{r['samples_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{r['flop_ratio']:.2f}x", f"{r['efficiency']:.2f}", f"{100 * r['text_select_frac']:.1f}%")
+    out.print(table)
+    if output:
+        output.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- data and quickstart

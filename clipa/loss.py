@@ -28,6 +28,31 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     return gathered, dist.get_rank() * features.shape[0]
 
 
+# Rows of the logit matrix computed at once. Above this the loss runs in row chunks, each
+# recomputed in the backward pass (activation checkpointing), so memory grows with
+# CHUNK x global batch instead of local batch x global batch: at a 65,536 global batch the full
+# matrices would take tens of GB per process.
+CHUNK_ROWS = 256
+
+
+def _chunked_sum(fn, rows: torch.Tensor, *args) -> torch.Tensor:
+    """sum_k fn(rows[k:k+CHUNK], k, *args), keeping at most one chunk's logits alive."""
+    if rows.shape[0] <= CHUNK_ROWS:
+        return fn(rows, 0, *args)
+    from torch.utils.checkpoint import checkpoint
+
+    total = rows.new_zeros(())
+    for start in range(0, rows.shape[0], CHUNK_ROWS):
+        total = total + checkpoint(fn, rows[start:start + CHUNK_ROWS], start, *args, use_reentrant=False)
+    return total
+
+
+def _ce_sum(queries: torch.Tensor, start: int, keys: torch.Tensor, scale: torch.Tensor, offset: int) -> torch.Tensor:
+    logits = scale * queries @ keys.T
+    labels = torch.arange(start, start + queries.shape[0], device=queries.device) + offset
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
 def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of CLIP over the global batch; features are L2-normalised.
@@ -39,10 +64,19 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     all_images, offset = gather_features(image_features)
     all_texts, _ = gather_features(text_features)
     scale = logit_scale.float()
-    logits_per_image = scale * image_features @ all_texts.T
-    logits_per_text = scale * text_features @ all_images.T
-    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
-    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    n = image_features.shape[0]
+    image_to_text = _chunked_sum(_ce_sum, image_features, all_texts, scale, offset)
+    text_to_image = _chunked_sum(_ce_sum, text_features, all_images, scale, offset)
+    return 0.5 * (image_to_text + text_to_image) / n
+
+
+def _sigmoid_sum(queries: torch.Tensor, start: int, keys: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                 offset: int) -> torch.Tensor:
+    logits = scale * queries @ keys.T + bias
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    labels = -torch.ones_like(logits)
+    labels[rows, rows + start + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum()
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -57,11 +91,8 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         raise ValueError("siglip_loss needs the model's logit_bias (build the model with loss.kind = 'siglip')")
     image_features, text_features = image_features.float(), text_features.float()
     all_texts, offset = gather_features(text_features)
-    logits = logit_scale.float() * image_features @ all_texts.T + logit_bias.float()
-    n = image_features.shape[0]
-    labels = -torch.ones_like(logits)
-    labels[torch.arange(n, device=logits.device), torch.arange(n, device=logits.device) + offset] = 1.0
-    return -F.logsigmoid(labels * logits).sum() / n
+    total = _chunked_sum(_sigmoid_sum, image_features, all_texts, logit_scale.float(), logit_bias.float(), offset)
+    return total / image_features.shape[0]
 
 
 LOSSES = {"infonce": infonce_loss, "siglip": siglip_loss}

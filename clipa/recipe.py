@@ -41,13 +41,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "synthetic" (built-in, endless) for now; webdataset and CSV sources come with the data issue.
+    # "synthetic" (built-in, endless); webdataset shards ("/data/{00000..00099}.tar", a folder of tars,
+    # "pipe:CMD", http(s) URLs); a .csv/.tsv of image paths and captions; or a weighted mixture
+    # "/data/a/{0..9}.tar@0.7::/data/b.csv@0.3" (`::` separates sources as in open_clip). docs/data.md.
     train: str = "synthetic"
-    num_workers: int = 1
+    # Loader processes per training process; -1 = auto (this process's share of the cores, minus one).
+    num_workers: int = -1
     # Random-resized-crop area range applied at every stage (CLIPA uses 0.4-1.0).
     crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     # Resolution the synthetic images are drawn at before the crop.
     synthetic_image_size: int = 64
+    # Shards/rows drawn with replacement, endlessly, instead of epochs that see each sample once.
+    resampled: bool = False
+    # Samples each loader worker mixes across its shards; 0 = shard order (shards are still shuffled).
+    shuffle_buffer: int = 2000
+    # Where a shard sample's caption is: a member extension ("txt") or a JSON field ("json:caption").
+    caption_key: str = "txt"
+    # CSV/TSV columns (open_clip's names by default); relative image paths are relative to the CSV.
+    csv_image_key: str = "filepath"
+    csv_caption_key: str = "title"
+    csv_separator: str = ""  # "" = tab for .tsv, comma otherwise
+    # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the crop is that much larger than the target size.
+    fast_decode: bool = True
 
 
 @dataclass
@@ -80,6 +95,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     log_every_steps: int = 10
     logit_scale_max: float = 100.0  # CLIP clamps the learned temperature at 100
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
 
 
 @dataclass
@@ -320,7 +336,20 @@ def validate(recipe: Recipe) -> None:
     """Checks that need nothing but the recipe itself."""
     r = recipe
     _check(bool(r.model.arch), "model.arch: empty; set an open_clip architecture such as \"ViT-B-16\" or \"clipa-tiny\"")
-    _check(r.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {r.data.num_workers}")
+    _check(r.data.num_workers >= -1, f"data.num_workers: must be >= 0 (0 = in the training process) or -1 for "
+           f"auto, got {r.data.num_workers}")
+    from clipa.data.spec import parse_train  # torch-free: checks the syntax only, paths are read later
+
+    parse_train(r.data.train)
+    _check(r.data.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0 (0 = off), got {r.data.shuffle_buffer}")
+    _check(bool(r.data.caption_key.strip()) and r.data.caption_key.strip() != "json:",
+           f"data.caption_key: {_show(r.data.caption_key)} names no caption; use \"txt\" or \"json:FIELD\"")
+    _check(bool(r.data.csv_image_key), "data.csv_image_key: empty; set the CSV column holding image paths, "
+           "e.g. \"filepath\"")
+    _check(bool(r.data.csv_caption_key), "data.csv_caption_key: empty; set the CSV column holding captions, "
+           "e.g. \"title\"")
+    _check(len(r.data.csv_separator) <= 1, f"data.csv_separator: expected one character or \"\" (by extension), "
+           f"got {_show(r.data.csv_separator)}; write a tab as \"\\t\"")
     _check(
         len(r.data.crop_scale) == 2 and 0 < r.data.crop_scale[0] <= r.data.crop_scale[1] <= 1,
         f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {r.data.crop_scale}",
@@ -358,6 +387,7 @@ def validate(recipe: Recipe) -> None:
     _one_of("train.precision", t.precision, PRECISIONS)
     _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
     _check(t.logit_scale_max > 1, f"train.logit_scale_max: must be > 1, got {t.logit_scale_max}")
+    _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     _one_of("loss.kind", r.loss.kind, LOSS_KINDS)
     _check(r.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {r.checkpoint.every_steps}")
     _check(r.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {r.checkpoint.keep_last}")

@@ -72,6 +72,7 @@ class ContrastiveStep:
         # Loss over the whole batch on leaf copies of the features and of the temperature.
         images_leaf = torch.cat(image_features).detach().float().requires_grad_()
         texts_leaf = torch.cat(text_features).detach().float().requires_grad_()
+        del image_features, text_features  # one copy of the global batch's features is enough
         scale_leaf = self.unwrapped.logit_scale.detach().float().exp().requires_grad_()
         leaves = [images_leaf, texts_leaf, scale_leaf]
         bias_leaf = None
@@ -82,6 +83,7 @@ class ContrastiveStep:
         grads = torch.autograd.grad(loss, leaves)
         grad_images, grad_texts, grad_scale = grads[:3]
         grad_bias = grads[3] if bias_leaf is not None else None
+        del leaves, images_leaf, texts_leaf, grads
 
         offset = 0
         last = len(micro_batches) - 1

@@ -1,17 +1,25 @@
 """One trainer for every stage: low-token pretraining and full-length finetuning alike.
 
-The loop reads top to bottom: get batch, forward, contrastive loss, backward, clip, step,
-clamp the temperature, log, checkpoint. A stage differs from another only by its recipe:
-the geometry (image size, text length) and where its weights start.
+The loop reads top to bottom: get the micro-batches of one step, forward + contrastive loss +
+backward (exact over the global batch, clipa.step), check for non-finite values, clip, step,
+clamp the temperature, log, checkpoint. A stage differs from another only by its recipe: the
+geometry (image size, text length, masks) and where its weights start.
 
 Resume order, written down once (as big_vision does): the run's own newest checkpoint, else an
 explicit `resume` checkpoint, else `init.checkpoint` (weights only, position embeddings
 resized), else random initialisation.
+
+A run never loses finished work: checkpoints are atomic (clipa.checkpoint); SIGTERM/SIGINT
+finish the current step, save and return (a second signal exits at once); non-finite losses or
+gradients skip the update and, after `train.max_nonfinite_steps` in a row, stop the run with the
+last good checkpoint intact.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +47,10 @@ _FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "re
                     "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind")
 
 
+class NonFiniteError(ClipaError):
+    """Too many non-finite steps in a row; the last good checkpoint is intact."""
+
+
 @dataclass
 class StageResult:
     run_dir: Path
@@ -48,6 +60,8 @@ class StageResult:
     samples_per_s: float
     final_loss: float
     is_main: bool = True  # the process that reports (rank 0)
+    stopped_by: str | None = None  # signal name when the run was asked to stop early
+    skipped_steps: int = 0  # updates skipped for non-finite loss or gradients
 
 
 def _accelerator(precision: str) -> Accelerator:
@@ -83,7 +97,9 @@ def _check_resume_compatible(recipe, saved_config: str, where: Path) -> list[str
                 f"{key}: the checkpoint {where} was made with {_get(saved, key)!r}, the recipe now says "
                 f"{_get(recipe, key)!r}; this cannot change on resume. Use a new --out directory for a new run"
             )
-    return [k for k, v in recipe_mod.to_dict(recipe).items() if recipe_mod.to_dict(saved).get(k) != v]
+    old, new = recipe_mod.to_dict(saved), recipe_mod.to_dict(recipe)
+    return [f"{table}.{key}" for table, values in new.items() if isinstance(values, dict)
+            for key, value in values.items() if old.get(table, {}).get(key) != value]
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
@@ -96,140 +112,246 @@ def _prepare_run_dir(run_dir: Path) -> None:
         raise ClipaError(f"--out: cannot write to {run_dir} ({err.strerror}); choose a writable directory") from None
 
 
-def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Path | None = None,
-          resume: str | Path | None = None) -> StageResult:
-    """Train one stage; returns where the run lives and how fast it went. Safe to call again to resume."""
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}")
-    geometry, model_cfg = recipe_model_config(recipe)
-    run_dir = Path(out_dir or Path("runs") / recipe.name)
+class StopSignals:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second one exits at once."""
 
-    accelerator = _accelerator(recipe.train.precision)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    micro, accumulation = recipe_mod.batch_layout(recipe, world)
-    total_steps = recipe.train.total_samples // recipe.train.global_batch_size
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
 
-    checkpoints = CheckpointManager(run_dir / "checkpoints", recipe.checkpoint.keep_last, rank,
-                                    accelerator.wait_for_everyone)
-    start_from = checkpoints.latest() or (Path(resume) if resume else None)
-    if start_from is None and stage == "finetune" and not recipe.init.checkpoint:
-        raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
-                         "(a pretrain run directory, a checkpoint or an exported model)")
-    init_weights = None
-    if start_from is None and recipe.init.checkpoint:
-        init_weights = read_state_dict(*find_weights(recipe.init.checkpoint))
-    if main:
-        _prepare_run_dir(run_dir)
-    accelerator.wait_for_everyone()
+    def __enter__(self):
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    if accelerator.device.type == "cpu":
-        # Weights and activations drifting into denormal range make CPU matmuls many times slower.
-        torch.set_flush_denormal(True)
-    set_seed(recipe.train.seed)
-    model = create_model(model_cfg)
-    if init_weights is not None:
-        load_weights(model, init_weights)
-    masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
-    if recipe.train.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim, total_steps)
+    def _handle(self, signum, frame):
+        if self.received:  # second signal: the user means it
+            os._exit(128 + signum)
+        self.received = signal.Signals(signum).name
 
-    step, wall_before = 0, 0.0
-    notes = []
-    if start_from is not None:
-        model_state, state, rng = load_state(start_from, rank)
-        notes = _check_resume_compatible(recipe, (start_from / "config.toml").read_text(), start_from)
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Trainer:
+    """Assembles model, optimizer, data and checkpoints for one stage, then runs the loop."""
+
+    def __init__(self, recipe: recipe_mod.Recipe, stage: str, out_dir: str | Path | None = None,
+                 resume: str | Path | None = None):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}")
+        self.recipe, self.stage = recipe, stage
+        self.geometry, self.model_cfg = recipe_model_config(recipe)
+        self.run_dir = Path(out_dir or Path("runs") / recipe.name)
+        self.accelerator = accelerator = _accelerator(recipe.train.precision)
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        self.main = accelerator.is_main_process
+        self.micro, self.accumulation = recipe_mod.batch_layout(recipe, self.world)
+        self.total_steps = recipe.train.total_samples // recipe.train.global_batch_size
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", recipe.checkpoint.keep_last, self.rank,
+                                             accelerator.wait_for_everyone)
+
+        start_from = self.checkpoints.latest() or (Path(resume) if resume else None)
+        if start_from is None and stage == "finetune" and not recipe.init.checkpoint:
+            raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
+                             "(a pretrain run directory, a checkpoint or an exported model)")
+        init_weights = None
+        if start_from is None and recipe.init.checkpoint:
+            init_weights = read_state_dict(*find_weights(recipe.init.checkpoint))
+        if self.main:
+            _prepare_run_dir(self.run_dir)
+        accelerator.wait_for_everyone()
+
+        if accelerator.device.type == "cpu":
+            # Weights and activations drifting into denormal range make CPU matmuls many times slower.
+            torch.set_flush_denormal(True)
+        set_seed(recipe.train.seed)
+        model = create_model(self.model_cfg)
+        if init_weights is not None:
+            load_weights(model, init_weights)
+        self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
+        if recipe.train.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if self.main:  # a checkpoint holds the weights and AdamW's two moments, all fp32
+            self.checkpoints.check_free_space(3 * 4 * sum(p.numel() for p in model.parameters()))
+        optimizer = build_optimizer(model, recipe.optim)
+        self.scheduler = build_scheduler(optimizer, recipe.optim, self.total_steps)
+
+        self.step, self.wall_before, self.skipped_total, self.notes = 0, 0.0, 0, []
+        self.start_from = start_from
+        if start_from is not None:
+            self._restore(model, optimizer, start_from)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        self.config_text = recipe_mod.dumps(recipe)
+        if self.main:
+            (self.run_dir / "config.toml").write_text(self.config_text, encoding="utf-8")
+        self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
+                                                self.masker)
+
+    def _restore(self, model, optimizer, checkpoint: Path) -> None:
+        model_state, state, rng = load_state(checkpoint, self.rank)
+        self.notes = _check_resume_compatible(self.recipe, (checkpoint / "config.toml").read_text(), checkpoint)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, wall_before = state["step"], state.get("wall_time_s", 0.0)
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler") is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
+        self.skipped_total = state.get("skipped_steps", 0)
         if rng is not None:
             set_rng_state(rng)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    config_text = recipe_mod.dumps(recipe)
-    if main:
-        (run_dir / "config.toml").write_text(config_text, encoding="utf-8")
 
-    text_reducer = TextReducer(build_tokenizer(recipe.model.arch, geometry.context_length), recipe.reduction.text,
-                               geometry.context_length)
-    mask = (masker.strategy, masker.grid, masker.mask_ratio) if masker else None
-    loader = build_train_loader(recipe, geometry, text_reducer, micro_batch=micro, processes=world, rank=rank,
-                                start_batch=step * accumulation, num_batches=(total_steps - step) * accumulation,
-                                mask=mask)
-    contrastive_step = ContrastiveStep(model, unwrapped, LOSSES[recipe.loss.kind], accelerator, masker)
-    keep_ratio = 1.0 - recipe.reduction.mask_ratio
-    flops_per_sample = train_flops_per_sample(model_cfg, geometry.image_size, geometry.context_length, keep_ratio)
-    tokens_per_sample = image_tokens(model_cfg, geometry.image_size, keep_ratio) + geometry.context_length
-    peak = device_peak_flops()
-    log = RunLog(run_dir / "metrics.jsonl", total_steps, f"{stage} {recipe.name}", start=step, enabled=main)
-    if start_from is not None:
-        log.message(f"resuming from {start_from} at step {step}/{total_steps}"
-                    + (f" (changed since: {', '.join(notes)})" if notes else ""))
-    log.message(f"{stage}: {recipe.model.arch} at {geometry.image_size}px / {geometry.context_length} tokens, "
-                f"{total_steps} steps of {recipe.train.global_batch_size} = {micro} x {accumulation} accumulation x "
-                f"{world} process(es), "
-                f"{accelerator.device}, precision {precision_name(accelerator)}")
+    def save_checkpoint(self, elapsed: float) -> Path:
+        scaler = self.accelerator.scaler
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None, "step": self.step,
+                 "samples": self.step * self.recipe.train.global_batch_size,
+                 "data_position": {"micro_batch": self.step * self.accumulation},
+                 "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_total}
+        return self.checkpoints.save(self.step, self.unwrapped.state_dict() if self.main else None,
+                                     state if self.main else None, self.config_text)
 
-    def save_checkpoint() -> None:
-        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                 "samples": step * recipe.train.global_batch_size, "data_position": {"batch": step},
-                 "wall_time_s": wall_before + time.perf_counter() - t_start}
-        checkpoints.save(step, unwrapped.state_dict() if main else None, state if main else None, config_text)
+    def _loader(self):
+        recipe, geometry = self.recipe, self.geometry
+        text_reducer = TextReducer(build_tokenizer(recipe.model.arch, geometry.context_length), recipe.reduction.text,
+                                   geometry.context_length)
+        mask = (self.masker.strategy, self.masker.grid, self.masker.mask_ratio) if self.masker else None
+        return build_train_loader(recipe, geometry, text_reducer, micro_batch=self.micro, processes=self.world,
+                                  rank=self.rank, start_batch=self.step * self.accumulation,
+                                  num_batches=(self.total_steps - self.step) * self.accumulation, mask=mask)
 
-    max_log_scale = math.log(recipe.train.logit_scale_max)
-    loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
-    t_start = t_window = time.perf_counter()
-    window_steps, data_wait = 0, 0.0
-    model.train()
-    batches = iter(loader)
-    while step < total_steps:
-        t_fetch = time.perf_counter()
-        micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(accumulation)]
-        data_wait += time.perf_counter() - t_fetch
-        loss = contrastive_step(micro_batches)
-        if recipe.optim.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # CLIP's temperature clamp
-            unwrapped.logit_scale.clamp_(0, max_log_scale)
-        step += 1
-        window_steps += 1
-        loss_sum += loss.detach()
-        loss_count += 1
-        log.advance()
+    def _finite_update(self, loss: torch.Tensor) -> bool:
+        """Clip (if asked) and report whether loss and gradients are finite, agreed by all processes."""
+        max_norm = self.recipe.optim.grad_clip or float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        finite = torch.isfinite(loss.detach().float()) & torch.isfinite(torch.as_tensor(grad_norm).float())
+        finite = self.accelerator.reduce(finite.float().to(self.accelerator.device), reduction="sum")
+        return bool(finite.item() == self.world)  # one host sync per step: the price of never stepping on NaN
 
-        if step % recipe.train.log_every_steps == 0 or step == total_steps:
-            elapsed = time.perf_counter() - t_window
-            # The only host sync, once per log step; each process's loss covers its own rows, so
-            # the mean over processes is the loss of the global batch.
-            last_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
-            samples_per_s = window_steps * recipe.train.global_batch_size / elapsed
-            metrics = {
-                "step": step, "samples": step * recipe.train.global_batch_size, "stage": stage,
-                "lr": scheduler.get_last_lr()[0], "loss": last_loss,
-                "logit_scale": unwrapped.logit_scale.exp().item(),
-                "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
-                "tflops": samples_per_s * flops_per_sample / 1e12,
-                "mfu": samples_per_s * flops_per_sample / (peak * world) if peak else None,
-                "data_wait_frac": data_wait / elapsed, "skipped_samples": 0,
-            }
-            log.write(metrics, f"step {step}/{total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
-            loss_sum.zero_()
-            loss_count, window_steps, data_wait, t_window = 0, 0, 0.0, time.perf_counter()
-        if recipe.checkpoint.every_steps and step % recipe.checkpoint.every_steps == 0 and step < total_steps:
-            save_checkpoint()
+    def run(self) -> StageResult:
+        recipe, accelerator = self.recipe, self.accelerator
+        keep_ratio = 1.0 - recipe.reduction.mask_ratio
+        flops_per_sample = train_flops_per_sample(self.model_cfg, self.geometry.image_size,
+                                                  self.geometry.context_length, keep_ratio)
+        tokens_per_sample = image_tokens(self.model_cfg, self.geometry.image_size, keep_ratio) \
+            + self.geometry.context_length
+        peak = device_peak_flops()
+        batch = recipe.train.global_batch_size
+        log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {recipe.name}",
+                     start=self.step, enabled=self.main)
+        if self.start_from is not None:
+            log.message(f"resuming from {self.start_from} at step {self.step}/{self.total_steps}"
+                        + (f" (changed since: {', '.join(self.notes)})" if self.notes else ""))
+        log.message(f"{self.stage}: {recipe.model.arch} at {self.geometry.image_size}px / "
+                    f"{self.geometry.context_length} tokens, {self.total_steps} steps of {batch} = {self.micro} x "
+                    f"{self.accumulation} accumulation x {self.world} process(es), {accelerator.device}, "
+                    f"precision {precision_name(accelerator)}")
 
-    wall = time.perf_counter() - t_start
-    save_checkpoint()
-    if main:
-        export_open_clip(unwrapped, model_cfg, run_dir / "final")
-    accelerator.wait_for_everyone()
-    log.message(f"{stage} done: {run_dir / 'final'}")
-    log.close()
-    samples = total_steps * recipe.train.global_batch_size
-    return StageResult(run_dir, total_steps, samples, wall_before + wall,
-                       samples / (wall_before + wall) if wall_before + wall > 0 else 0.0, last_loss, main)
+        max_log_scale = math.log(recipe.train.logit_scale_max)
+        loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
+        window_steps, window_skipped, nonfinite_in_row, data_wait = 0, 0, 0, 0.0
+        t_start = t_window = time.perf_counter()
+        self.model.train()
+        batches = iter(self._loader())
+        with StopSignals() as signals:
+            while self.step < self.total_steps:
+                t_fetch = time.perf_counter()
+                micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(self.accumulation)]
+                data_wait += time.perf_counter() - t_fetch
+                loss = self.contrastive_step(micro_batches)
+                if self._finite_update(loss):
+                    self.optimizer.step()
+                    nonfinite_in_row = 0
+                    loss_sum += loss.detach()
+                    loss_count += 1
+                else:  # skip the update; the step still counts, so the data and schedule move on
+                    nonfinite_in_row += 1
+                    window_skipped += 1
+                    self.skipped_total += 1
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():  # CLIP's temperature clamp
+                    self.unwrapped.logit_scale.clamp_(0, max_log_scale)
+                self.step += 1
+                window_steps += 1
+                log.advance()
+                if nonfinite_in_row >= recipe.train.max_nonfinite_steps:
+                    log.close()
+                    last_good = self.checkpoints.latest()
+                    raise NonFiniteError(
+                        f"train.max_nonfinite_steps: {nonfinite_in_row} steps in a row had a non-finite loss or "
+                        f"gradient (steps {self.step - nonfinite_in_row + 1}-{self.step}); stopped without saving. "
+                        f"Last good checkpoint: {last_good or 'none'}. Lower optim.lr, raise optim.warmup_steps or "
+                        "set optim.grad_clip, then rerun the same command to resume")
+
+                if self.step % recipe.train.log_every_steps == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - t_window
+                    # The host sync happens here, once per log step; each process's loss covers its
+                    # own rows, so the mean over processes is the loss of the global batch.
+                    mean = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
+                    last_loss = mean if loss_count else float("nan")
+                    samples_per_s = window_steps * batch / elapsed
+                    log.write({
+                        "step": self.step, "samples": self.step * batch, "stage": self.stage,
+                        "lr": self.scheduler.get_last_lr()[0], "loss": last_loss,
+                        "logit_scale": self.unwrapped.logit_scale.exp().item(),
+                        "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+                        "tflops": samples_per_s * flops_per_sample / 1e12,
+                        "mfu": samples_per_s * flops_per_sample / (peak * self.world) if peak else None,
+                        "data_wait_frac": data_wait / elapsed, "skipped_samples": 0,
+                        "skipped_steps": window_skipped,
+                    }, f"step {self.step}/{self.total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
+                    loss_sum.zero_()
+                    loss_count, window_steps, window_skipped, data_wait = 0, 0, 0, 0.0
+                    t_window = time.perf_counter()
+                stop = self._agreed_stop(signals)
+                every = recipe.checkpoint.every_steps
+                # No periodic checkpoint inside a non-finite streak: "the last good checkpoint" then
+                # predates the trouble, whatever caused it.
+                periodic = every and self.step % every == 0 and self.step < self.total_steps and not nonfinite_in_row
+                if stop or periodic:
+                    saved = self.save_checkpoint(time.perf_counter() - t_start)
+                if stop:
+                    log.message(f"stopped by {stop} after step {self.step}/{self.total_steps}; checkpoint {saved}. "
+                                f"Resume by running the same command again (same --out {self.run_dir}).")
+                    log.close()
+                    return self._result(time.perf_counter() - t_start, last_loss, stopped_by=stop)
+
+        wall = time.perf_counter() - t_start
+        self.save_checkpoint(wall)
+        if self.main:
+            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final")
+        accelerator.wait_for_everyone()
+        log.message(f"{self.stage} done: {self.run_dir / 'final'}")
+        log.close()
+        return self._result(wall, last_loss)
+
+    def _agreed_stop(self, signals: StopSignals) -> str | None:
+        """All processes stop at the same step if any of them was signalled."""
+        if self.world == 1:
+            return signals.received
+        flag = torch.tensor(1.0 if signals.received else 0.0, device=self.accelerator.device)
+        if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+            return signals.received or "SIGTERM"
+        return None
+
+    def _result(self, wall: float, last_loss: float, stopped_by: str | None = None) -> StageResult:
+        total = self.wall_before + wall
+        samples = self.step * self.recipe.train.global_batch_size
+        return StageResult(self.run_dir, self.step, samples, total, samples / total if total > 0 else 0.0,
+                           last_loss, self.main, stopped_by, self.skipped_total)
+
+
+def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Path | None = None,
+          resume: str | Path | None = None) -> StageResult:
+    """Train one stage; returns where the run lives and how fast it went. Call again to resume."""
+    return Trainer(recipe, stage, out_dir, resume).run()

@@ -93,3 +93,44 @@ def test_infonce_matches_a_direct_computation():
     expected = sum(-(logits[i, i] - logits[i].logsumexp(0)) - (logits[i, i] - logits[:, i].logsumexp(0))
                    for i in range(10)) / 20
     torch.testing.assert_close(infonce_loss(images, texts, torch.tensor(20.0)), expected)
+
+
+@pytest.mark.parametrize("loss_fn", [infonce_loss, siglip_loss])
+def test_chunked_loss_equals_unchunked(monkeypatch, loss_fn):
+    import clipa.loss
+
+    torch.manual_seed(2)
+    images = torch.nn.functional.normalize(torch.randn(40, 8), dim=-1).requires_grad_()
+    texts = torch.nn.functional.normalize(torch.randn(40, 8), dim=-1).requires_grad_()
+    scale, bias = torch.tensor(12.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
+    whole = loss_fn(images, texts, scale, bias)
+    whole_grads = torch.autograd.grad(whole, [images, texts, scale, bias], allow_unused=True)
+    monkeypatch.setattr(clipa.loss, "CHUNK_ROWS", 7)  # 40 rows in 6 uneven chunks
+    chunked = loss_fn(images, texts, scale, bias)
+    chunked_grads = torch.autograd.grad(chunked, [images, texts, scale, bias], allow_unused=True)
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(chunked_grads, whole_grads):
+        if b is not None:
+            torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_step_matches_fp32_closely():
+    batch = split(global_batch(32), 32)
+    loss32, grads32 = gradients(batch)
+    from accelerate.state import AcceleratorState
+
+    torch.manual_seed(0)
+    model = create_model(stage_config("clipa-tiny", GEOMETRY))
+    model.train()
+    AcceleratorState._reset_state(reset_partial_state=True)  # the precision is process-wide in accelerate
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        loss16 = ContrastiveStep(model, model, infonce_loss, accelerator)(batch).item()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert loss16 == pytest.approx(loss32, rel=2e-2)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32  # master weights stay fp32
+        if p.grad is not None and grads32[name].norm() > 0:
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), grads32[name].flatten(), dim=0)
+            assert cos > 0.95, (name, cos.item())

@@ -41,7 +41,7 @@ def write_synthetic(out: str | Path, num_samples: int = 10_000, shard_size: int 
                         "json": json.dumps({"key": key, "caption": caption, "width": image_size,
                                             "height": image_size}).encode()})
             progress(1)
-        shards = sink.shard + 1 if sink.count else sink.shard
+        shards = sink.shard  # ShardWriter counts shards as it opens them: this is how many exist
     eval_dir = out / "eval"
     for name in CLASSNAMES:
         (eval_dir / name.replace(" ", "_")).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,194 @@
+"""Streaming sources (shards, CSV rows) as deterministic, splittable, resumable micro-batch streams.
+
+Lanes. Every training process runs W loader workers (W = max(1, data.num_workers)); rank-local
+micro-batch b is built by lane b mod W of that rank, as its (b div W)-th micro-batch. Lane l of
+rank r is stream slot `r * W + l` of `processes * W` slots. Each slot reads its own sample stream:
+
+  epochs    every epoch, each source's units (shards, CSV rows) are permuted by (seed, source,
+            epoch) and dealt round-robin to the slots: within an epoch no unit, hence no sample,
+            reaches two slots. The next epoch reshuffles.
+  resampled (data.resampled) each slot draws units with replacement from its own generator,
+            endlessly: no epochs, no need for more shards than slots.
+  shuffle   a per-slot buffer of data.shuffle_buffer samples mixes samples across the slot's
+            shards (generator seeded by seed, source, epoch, slot); it drains at the end of an epoch.
+  mixture   several sources: each sample of the slot picks its source with probability
+            proportional to the source's weight, from the slot's own generator.
+
+Everything is a function of (seed, slots, slot), never of timing, so a run is reproducible.
+Augmentations still come from the sample's global index (seed, index) as for the synthetic
+source, so they do not depend on the worker count.
+
+Resume. A worker that starts at micro-batch b fast-forwards its slot's stream by
+(b div W) * micro samples: it re-reads (without decoding images; for local tars without even
+reading image bytes) what the slot consumed before and replays the same shuffle and mixture
+draws, so the stream continues exactly where the uninterrupted run was. Exact when the number of
+processes, data.num_workers and the micro-batch are unchanged; the one exception is an image that
+passed the cheap checks but failed to decode before the resume point: each shifts that slot by
+one sample (see docs/data.md). The cost is reading the headers and captions of every sample the
+slot consumed since the run began (whole samples for pipe:/remote/compressed shards).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from clipa.data.sources import Record, SkipStats, decode_crop
+from clipa.errors import ClipaError
+from clipa.reduction import patch_keep_indices
+
+log = logging.getLogger("clipa.data")
+
+# Stream identifiers mixed into the generator seeds, so the draws of one purpose never repeat
+# another's. _AUGMENT_STREAM is the loader's (per-sample augmentations).
+_AUGMENT_STREAM = 0xA06
+_ORDER_STREAM = 0x0DE5
+_BUFFER_STREAM = 0xB0F
+_RESAMPLE_STREAM = 0x5A3
+_MIX_STREAM = 0x313
+
+
+class _Mode:
+    """Shared with the readers: `light` while fast-forwarding (image bodies not needed)."""
+
+    def __init__(self):
+        self.light = False
+
+    def __call__(self) -> bool:
+        return self.light
+
+
+def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> Iterator[Record]:
+    """A shuffle buffer: fill to `size`, then emit a random buffered sample for each one read."""
+    if size <= 1:
+        yield from records
+        return
+    buffer: list[Record] = []
+    for record in records:
+        if len(buffer) < size:
+            buffer.append(record)
+            continue
+        i = int(rng.integers(size))
+        yield buffer[i]
+        buffer[i] = record
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+def _read_units(source, units, stats: SkipStats, mode: _Mode) -> Iterator[Record]:
+    for unit in units:
+        yield from source.read(int(unit), stats, mode)
+
+
+def slot_units(n: int, seed: int, source_index: int, epoch: int, slot: int, slots: int) -> np.ndarray:
+    """The units (shards or rows) slot `slot` reads in `epoch`: a disjoint share of a permutation."""
+    return np.random.default_rng([seed, source_index, epoch, _ORDER_STREAM]).permutation(n)[slot::slots]
+
+
+def source_stream(source, source_index: int, *, seed: int, slot: int, slots: int, resampled: bool,
+                  buffer: int, stats: SkipStats, mode: _Mode) -> Iterator[Record]:
+    """One slot's endless stream of checked records from one source."""
+    n = len(source)
+    if resampled:
+        draws = np.random.default_rng([seed, source_index, slot, _RESAMPLE_STREAM])
+        units = (int(draws.integers(n)) for _ in itertools.count())
+        rng = np.random.default_rng([seed, source_index, slot, _BUFFER_STREAM])
+        yield from shuffled(_read_units(source, units, stats, mode), buffer, rng)
+        return
+    for epoch in itertools.count():
+        units = slot_units(n, seed, source_index, epoch, slot, slots)
+        rng = np.random.default_rng([seed, source_index, epoch, slot, _BUFFER_STREAM])
+        yield from shuffled(_read_units(source, units, stats, mode), buffer, rng)
+
+
+def mixed(streams: list[Iterator[Record]], weights: list[float], rng: np.random.Generator) -> Iterator[Record]:
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64) / sum(weights))
+    last = len(streams) - 1
+    while True:
+        yield next(streams[min(int(np.searchsorted(cumulative, rng.random(), side="right")), last)])
+
+
+class StreamingTrainStream(IterableDataset):
+    """Yields (uint8 images, token ids, kept-patch indices or None, new skip counts) micro-batches."""
+
+    def __init__(self, sources: list, transform, tokenizer, *, micro_batch: int, processes: int = 1, rank: int = 0,
+                 seed: int = 0, start_batch: int = 0, num_batches: int | None = None, mask=None, workers: int = 1,
+                 resampled: bool = False, shuffle_buffer: int = 0, fast_decode: bool = True):
+        self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.micro_batch, self.processes, self.rank = micro_batch, processes, rank
+        self.seed, self.start_batch, self.num_batches, self.mask = seed, start_batch, num_batches, mask
+        self.workers, self.resampled, self.shuffle_buffer, self.fast = max(1, workers), resampled, shuffle_buffer, fast_decode
+        slots = self.processes * self.workers
+        if not resampled:
+            for source in sources:
+                if len(source) < slots:
+                    what = "shards" if source.kind == "shards" else "rows"
+                    raise ClipaError(
+                        f"data.train: {source.name} has {len(source)} {what} but {slots} loader streams read it "
+                        f"({processes} process(es) x {self.workers} worker(s)), so some would get none; give it at "
+                        f"least {slots} {what}, lower data.num_workers, or set data.resampled=true")
+
+    def slot(self, lane: int) -> int:
+        return self.rank * self.workers + lane
+
+    def records(self, lane: int, stats: SkipStats, mode: _Mode) -> Iterator[Record]:
+        """The endless record stream of this rank's lane `lane`."""
+        slot, slots = self.slot(lane), self.processes * self.workers
+        streams = [source_stream(s, i, seed=self.seed, slot=slot, slots=slots, resampled=self.resampled,
+                                 buffer=self.shuffle_buffer, stats=stats, mode=mode)
+                   for i, s in enumerate(self.sources)]
+        return mixed(streams, [s.weight for s in self.sources], np.random.default_rng([self.seed, slot, _MIX_STREAM]))
+
+    def batch(self, b: int, records: Iterator[Record], stats: SkipStats):
+        first = b * self.micro_batch * self.processes + self.rank * self.micro_batch
+        images, captions, rngs = [], [], []
+        for index in range(first, first + self.micro_batch):
+            while True:
+                record = next(records)
+                rng = np.random.default_rng([self.seed, index, _AUGMENT_STREAM])
+                try:
+                    images.append(decode_crop(record, self.transform, rng, self.fast))
+                    break
+                except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+                    # The next sample of the stream takes this place, with a fresh generator for this index.
+                    stats.skip("corrupt_image", record.where, record.key, f"{type(err).__name__}: {err}")
+            captions.append(record.caption)
+            rngs.append(rng)
+        texts = self.tokenizer(captions, rngs=rngs)
+        keep = None
+        if self.mask is not None:
+            strategy, grid, ratio = self.mask
+            keep = torch.from_numpy(np.stack([patch_keep_indices(strategy, grid, ratio, rng) for rng in rngs]))
+        return torch.stack(images), texts, keep, stats.take()
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if workers != self.workers:
+            raise RuntimeError(f"StreamingTrainStream built for {self.workers} workers runs in {workers}")
+        b = self.start_batch + worker
+        lane = b % workers
+        stats, mode = SkipStats(), _Mode()
+        records = self.records(lane, stats, mode)
+        skip = (b // workers) * self.micro_batch
+        if skip:
+            t0 = time.perf_counter()
+            stats.quiet, mode.light = True, True
+            for _ in range(skip):
+                next(records)
+            stats.quiet, mode.light = False, False
+            stats.take()  # already counted and reported before the checkpoint
+            log.info("data: stream slot %d fast-forwarded %d samples in %.1f s", self.slot(lane), skip,
+                     time.perf_counter() - t0)
+        while self.num_batches is None or b < self.start_batch + self.num_batches:
+            yield self.batch(b, records, stats)
+            b += workers
