@@ -30,6 +30,8 @@ TEXT_STRATEGIES = ("truncate", "random", "block", "syntax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 LOSS_KINDS = ("infonce", "siglip")
+ZEROSHOT_DATASETS = ("synthetic", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r",
+                     "imagenet-a", "wds")
 
 
 @dataclass
@@ -63,6 +65,9 @@ class DataConfig:
     csv_separator: str = ""  # "" = tab for .tsv, comma otherwise
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the crop is that much larger than the target size.
     fast_decode: bool = True
+    # Resume shard/CSV streams exactly, by re-reading (not decoding) what each worker consumed; false =
+    # start a fresh shuffled stream at once (for remote shards, where re-reading means re-downloading).
+    exact_resume: bool = True
 
 
 @dataclass
@@ -111,9 +116,9 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # 0 = only at the end of the stage (if `zeroshot` lists datasets)
-    zeroshot: list[str] = field(default_factory=list)
-    data_root: str = ""
+    every_steps: int = 0  # also every N steps; at the end of the stage whenever `zeroshot` lists datasets
+    zeroshot: list[str] = field(default_factory=list)  # dataset names as for `clipa zeroshot --dataset`
+    data_root: str = ""  # --data-root for the datasets that need files
 
 
 @dataclass
@@ -392,6 +397,10 @@ def validate(recipe: Recipe) -> None:
     _check(r.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {r.checkpoint.every_steps}")
     _check(r.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {r.checkpoint.keep_last}")
     _check(r.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {r.eval.every_steps}")
+    for i, name in enumerate(r.eval.zeroshot):
+        _one_of(f"eval.zeroshot[{i}]", name, ZEROSHOT_DATASETS)
+        if name != "synthetic" and not r.eval.data_root:
+            raise ClipaError(f"eval.data_root: needed by eval.zeroshot[{i}] = \"{name}\"; set the dataset folder")
 
 
 def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:

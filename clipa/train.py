@@ -313,6 +313,9 @@ class Trainer:
                     loss_sum.zero_()
                     loss_count, window_steps, window_skipped, data_wait = 0, 0, 0, 0.0
                     t_window = time.perf_counter()
+                if recipe.eval.zeroshot and recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0 \
+                        and self.step < self.total_steps:
+                    self.evaluate(log)
                 stop = self._agreed_stop(signals)
                 every = recipe.checkpoint.every_steps
                 # No periodic checkpoint inside a non-finite streak: "the last good checkpoint" then
@@ -330,10 +333,36 @@ class Trainer:
         self.save_checkpoint(wall)
         if self.main:
             export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final")
+        if recipe.eval.zeroshot:
+            self.evaluate(log)
         accelerator.wait_for_everyone()
         log.message(f"{self.stage} done: {self.run_dir / 'final'}")
         log.close()
         return self._result(wall, last_loss)
+
+    def evaluate(self, log: RunLog) -> dict:
+        """The recipe's `[eval]` zero-shot datasets on the current weights, on every process."""
+        from clipa.evaluate.models import LoadedModel
+        from clipa.evaluate.zeroshot import zeroshot
+
+        import open_clip
+
+        loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
+                             self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
+                             self.recipe.model.arch, str(self.run_dir))
+        row = {"step": self.step, "samples": self.step * self.recipe.train.global_batch_size, "stage": self.stage}
+        masker_was = self.masker.keep if self.masker else None
+        for name in self.recipe.eval.zeroshot:
+            result = zeroshot(loaded, name, self.recipe.eval.data_root or None)
+            for metric in ("acc1", "acc5", "mean_per_class_recall"):
+                row[f"zeroshot/{name}/{metric}"] = result["metrics"][metric]
+            log.message(f"step {self.step}: zero-shot {name} acc1 {result['metrics']['acc1']:.4f} "
+                        f"acc5 {result['metrics']['acc5']:.4f}")
+        log.write(row)
+        self.model.train()
+        if self.masker:
+            self.masker.use(masker_was)
+        return row
 
     def _agreed_stop(self, signals: StopSignals) -> str | None:
         """All processes stop at the same step if any of them was signalled."""

@@ -1,29 +1,46 @@
 """Zero-shot classification datasets: images, labels, class names and prompt templates.
 
+Layouts under `--data-root` (a sub-folder with the usual name is found too):
+  imagenet         ImageFolder of the validation set: val/n01440764/*.JPEG (1,000 WordNet ids)
+  imagenet-v2      ImageNetV2's folders named by class index: 0/ .. 999/
+  imagenet-sketch  sketch/n01440764/*.JPEG (1,000 WordNet ids)
+  imagenet-r, -a   imagenet-r/n01443537/*.jpg: 200-class subsets, evaluated over their 200 classes
+  imagefolder      one folder per class; names from the folders (`_` read as a space) or classnames.txt
+  wds              CLIP_benchmark's webdataset layout: classnames.txt,
+                   zeroshot_classification_templates.txt, test/*.tar with `cls` + `jpg|png|webp`
+  synthetic        the built-in held-out set (24 classes)
+
+Class names and the 80 OpenAI templates come from open_clip; the WordNet ids of ImageNet and of the
+-R/-A subsets from timm's bundled metadata (both are dependencies), so nothing is downloaded.
 Template files follow CLIP_benchmark: one prompt per line, `{c}` standing for the class name.
 open_clip's `build_zero_shot_classifier` formats *strings* positionally (`t.format(c)`), which
-breaks on `{c}`, so every template becomes a callable here.
+breaks on `{c}`, so every template becomes a callable here. Unreadable images are skipped and
+counted, never fatal.
 """
 
 from __future__ import annotations
 
+import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
-from torchvision.datasets import ImageFolder
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+from PIL import Image
+from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.errors import ClipaError
+from clipa.recipe import ZEROSHOT_DATASETS
 
-DATASETS = ("synthetic", "imagefolder")
+DATASETS = ZEROSHOT_DATASETS
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
 class ZeroShotData:
     name: str
-    dataset: object  # map-style: dataset[i] -> (transformed image, label)
+    dataset: object  # dataset[i] -> (transformed image, label), or None for an unreadable image
     classnames: list[str]
     templates: list[Callable[[str], str]]
 
@@ -50,22 +67,145 @@ def load_templates(spec: str | None, default) -> list[Callable[[str], str]]:
     return [template_callable(line) for line in lines]
 
 
-def _imagefolder(root: Path, transform) -> tuple[ImageFolder, list[str]]:
+class LabeledImages(Dataset):
+    """(path, label) pairs; an image that fails to decode yields None (skipped and counted)."""
+
+    def __init__(self, items: list[tuple[Path, int]], transform):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, label = self.items[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return None
+        return self.transform(image), label
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _root(data_root: str | None, dataset: str, sub: tuple[str, ...] = ()) -> Path:
+    if not data_root:
+        raise ClipaError(f"--data-root: required for --dataset {dataset}; point it at the dataset folder")
+    root = Path(data_root)
     if not root.is_dir():
-        raise ClipaError(f"--data-root: {root} is not a directory; point it at a folder with one sub-folder per class")
-    try:
-        dataset = ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise ClipaError(f"--data-root: {root} is not an image folder ({err}); expected {root}/CLASS/IMAGE.jpg") from None
-    classnames = [c.replace("_", " ") for c in dataset.classes]
+        raise ClipaError(f"--data-root: {root} is not a directory")
+    for name in sub:  # accept the parent folder too: imagenet/val, imagenet-r/imagenet-r, ...
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+def _timm_synsets(filename: str) -> list[str]:
+    data = pkgutil.get_data("timm.data", f"_info/{filename}")
+    if data is None:  # pragma: no cover - timm moved its metadata
+        raise ClipaError(f"timm no longer ships _info/{filename}; install timm>=1.0,<2")
+    return data.decode().split()
+
+
+def _wordnet_folders(root: Path, dataset: str, synsets: list[str], transform) -> LabeledImages:
+    """Folders named by WordNet id, labelled by their position in `synsets`; all must be present."""
+    index = {wnid: i for i, wnid in enumerate(synsets)}
+    folders = {p.name: p for p in _class_folders(root)}
+    missing = [w for w in synsets if w not in folders]
+    if len(missing) == len(synsets):
+        raise ClipaError(f"--data-root: {root} has no class folders named by WordNet id (e.g. {synsets[0]}/); "
+                         f"--dataset {dataset} expects {root}/{synsets[0]}/*.JPEG")
+    if missing:
+        raise ClipaError(f"--data-root: {root} lacks {len(missing)} of the {len(synsets)} class folders of "
+                         f"{dataset} (first missing: {missing[0]}/); the split must be complete")
+    items = [(path, index[w]) for w in synsets for path in _images_in(folders[w])]
+    return LabeledImages(items, transform)
+
+
+def _imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
+    folders = _class_folders(root)
+    if not folders:
+        raise ClipaError(f"--data-root: {root} has no class folders; expected {root}/CLASS/IMAGE.jpg")
+    classnames = [p.name.replace("_", " ") for p in folders]
     names_file = root / "classnames.txt"
     if names_file.is_file():
         names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if len(names) != len(dataset.classes):
-            raise ClipaError(f"{names_file}: lists {len(names)} class names but {root} has {len(dataset.classes)} "
+        if len(names) != len(folders):
+            raise ClipaError(f"{names_file}: lists {len(names)} class names but {root} has {len(folders)} "
                              "class folders; give one name per folder, in sorted folder order")
         classnames = names
-    return dataset, classnames
+    items = [(path, label) for label, folder in enumerate(folders) for path in _images_in(folder)]
+    if not items:
+        raise ClipaError(f"--data-root: {root} has class folders but no images ({', '.join(IMAGE_SUFFIXES)})")
+    return LabeledImages(items, transform), classnames
+
+
+class WdsClassification(Dataset):
+    """CLIP_benchmark's webdataset classification split with random access.
+
+    The tar headers are indexed once (member offsets and sizes); a sample is then two seeks and
+    reads, so the split can be sharded across processes like any map-style dataset.
+    """
+
+    def __init__(self, shards: list[Path], transform):
+        import tarfile
+
+        self.transform, self.items = transform, []
+        for shard in shards:
+            members: dict[str, dict[str, tuple[int, int]]] = {}
+            try:
+                with tarfile.open(shard) as tar:
+                    for member in tar.getmembers():
+                        if member.isfile() and "." in Path(member.name).name:
+                            key, ext = member.name.split(".", 1)
+                            members.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+            except (OSError, tarfile.TarError) as err:
+                raise ClipaError(f"--data-root: cannot read shard {shard} ({err})") from None
+            for parts in members.values():
+                image = next((parts[e] for e in ("webp", "jpg", "jpeg", "png") if e in parts), None)
+                if image is not None and "cls" in parts:
+                    self.items.append((shard, image, parts["cls"]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @staticmethod
+    def _read(f, where: tuple[int, int]) -> bytes:
+        f.seek(where[0])
+        return f.read(where[1])
+
+    def __getitem__(self, index: int):
+        import io
+
+        shard, image_at, cls_at = self.items[index]
+        try:
+            with open(shard, "rb") as f:
+                label = int(self._read(f, cls_at).decode().strip())
+                with Image.open(io.BytesIO(self._read(f, image_at))) as image:
+                    image = image.convert("RGB")
+        except (OSError, ValueError):
+            return None
+        return self.transform(image), label
+
+
+def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
+    names_file = root / "classnames.txt"
+    if not names_file.is_file():
+        raise ClipaError(f"--data-root: {names_file} is missing (CLIP_benchmark webdataset layout)")
+    classnames = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    shards = sorted((root / "test").glob("*.tar")) or sorted(root.glob("*.tar"))
+    if not shards:
+        raise ClipaError(f"--data-root: no shards in {root / 'test'} (expected test/0.tar, ...)")
+    template_file = root / "zeroshot_classification_templates.txt"
+    default = [t for t in template_file.read_text(encoding="utf-8").splitlines() if t.strip()] \
+        if template_file.is_file() else ["a photo of a {c}."]
+    return ZeroShotData("wds", WdsClassification(shards, transform), classnames, load_templates(templates, default))
 
 
 def load_zeroshot_data(name: str, transform, data_root: str | None = None, templates: str | None = None,
@@ -74,11 +214,25 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
         dataset = SyntheticEvalSet(per_class=synthetic_per_class, transform=transform)
         return ZeroShotData(name, dataset, list(dataset.classnames), load_templates(templates, dataset.templates))
     if name == "imagefolder":
-        if not data_root:
-            raise ClipaError("--data-root: required for --dataset imagefolder (a folder with one sub-folder per class)")
-        root = Path(data_root)
+        root = _root(data_root, name)
         dataset, classnames = _imagefolder(root, transform)
         default = [line for line in (root / "templates.txt").read_text().splitlines() if line.strip()] \
             if (root / "templates.txt").is_file() else ["a photo of a {c}."]
         return ZeroShotData(name, dataset, classnames, load_templates(templates, default))
+    if name == "wds":
+        return _wds(_root(data_root, name), transform, templates)
+    openai = load_templates(templates, OPENAI_IMAGENET_TEMPLATES)
+    synsets = _timm_synsets("imagenet_synsets.txt")
+    if name in ("imagenet", "imagenet-sketch"):
+        root = _root(data_root, name, ("val",) if name == "imagenet" else ("sketch",))
+        return ZeroShotData(name, _wordnet_folders(root, name, synsets, transform), list(IMAGENET_CLASSNAMES), openai)
+    if name == "imagenet-v2":
+        root = _root(data_root, name, ("imagenetv2-matched-frequency-format-val",))
+        return ZeroShotData(name, _wordnet_folders(root, name, [str(i) for i in range(1000)], transform),
+                            list(IMAGENET_CLASSNAMES), openai)
+    if name in ("imagenet-r", "imagenet-a"):
+        subset = _timm_synsets(f"imagenet_{name[-1]}_synsets.txt")
+        root = _root(data_root, name, (name,))
+        names = [IMAGENET_CLASSNAMES[synsets.index(w)] for w in subset]
+        return ZeroShotData(name, _wordnet_folders(root, name, subset, transform), names, openai)
     raise ClipaError(f"--dataset: unknown dataset \"{name}\" (available: {', '.join(DATASETS)})")
