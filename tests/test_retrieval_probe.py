@@ -1,0 +1,77 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipa.errors import ClipaError
+from clipa.evaluate.linear_probe import choose_l2, fit_logistic, accuracy, linear_probe
+from clipa.evaluate.models import load_model
+from clipa.evaluate.retrieval import load_pairs, recall_at_k, retrieval
+from clipa.recipe import load_recipe
+from clipa.train import train
+from conftest import RECIPES, tiny_overrides
+
+
+def test_recall_on_a_constructed_case_with_known_ranks():
+    # 3 images on the axes; 4 captions: caption 3 is a second caption of image 0.
+    images = torch.eye(3)
+    texts = torch.nn.functional.normalize(torch.tensor([
+        [1.0, 0.5, 0.0],   # image 0 first  -> right at rank 1
+        [0.0, 0.2, 1.0],   # image 1 is rank 2 (image 2 first)
+        [0.9, 0.0, 0.1],   # image 2 is rank 2 (image 0 first)
+        [0.1, 0.3, 0.2],   # of image 0: image 1 first, then 2, then 0 -> rank 3
+    ]), dim=-1)
+    owners = torch.tensor([0, 1, 2, 0])
+    m = recall_at_k(images, texts, owners, ks=(1, 2, 3))
+    assert m["image_retrieval_recall@1"] == pytest.approx(1 / 4)
+    assert m["image_retrieval_recall@2"] == pytest.approx(3 / 4)
+    assert m["image_retrieval_recall@3"] == pytest.approx(1.0)
+    # image -> text: image 0's nearest captions: 0 (1.0/|.|) ...; computed by brute force below
+    scores = (texts @ images.T).T
+    for k in (1, 2, 3):
+        expected = np.mean([any(owners[t] == i for t in scores[i].topk(k).indices) for i in range(3)])
+        assert m[f"text_retrieval_recall@{k}"] == pytest.approx(expected)
+
+
+def test_csv_pairs_group_captions_and_resolve_relative_paths(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / name)
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title"])
+        writer.writerows([["img/a.png", "first of a"], ["img/b.png", "only b"], ["img/a.png", "second of a"]])
+    loaders, captions = load_pairs("csv", str(tmp_path / "pairs.csv"))
+    assert captions == [["first of a", "second of a"], ["only b"]]
+    assert loaders[0]().size == (8, 8)
+    with pytest.raises(ClipaError, match="has no column 'caption'"):
+        load_pairs("csv", str(tmp_path / "pairs.csv"), caption_column="caption")
+
+
+def test_retrieval_and_probe_on_a_trained_model(tmp_path):
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{"train.total_samples": 32 * 10}))
+    loaded = load_model(str(train(recipe, "pretrain", tmp_path / "run").run_dir))
+    result = retrieval(loaded, "synthetic")
+    m = result["metrics"]
+    assert result["task"] == "zeroshot_retrieval" and m["num_images"] == m["num_texts"] == 500
+    assert 1 / 500 < m["image_retrieval_recall@10"] <= 1 and m["image_retrieval_recall@1"] <= m["image_retrieval_recall@5"]
+    probe = linear_probe(loaded, "synthetic", cache_dir=tmp_path / "cache")
+    assert probe["metrics"]["acc1"] > 3 / 24  # far above chance (1/24) after 10 steps
+    cached = list((tmp_path / "cache").glob("*.pt"))
+    assert len(cached) == 2
+    again = linear_probe(loaded, "synthetic", cache_dir=tmp_path / "cache")  # served from the cache
+    assert again["metrics"]["acc1"] == probe["metrics"]["acc1"]
+
+
+def test_probe_separates_linearly_separable_features():
+    torch.manual_seed(0)
+    centers = torch.randn(4, 16) * 3
+    labels = torch.arange(4).repeat_interleave(50)
+    features = centers[labels] + torch.randn(200, 16) * 0.5
+    l2, scores = choose_l2(features, labels, 4)
+    probe = fit_logistic(features, labels, 4, l2)
+    test_labels = torch.arange(4).repeat_interleave(20)
+    assert accuracy(probe, centers[test_labels] + torch.randn(80, 16) * 0.5, test_labels) == 1.0
+    assert max(scores.values()) == 1.0
