@@ -146,3 +146,19 @@ def test_eval_during_training_appends_results(tmp_path):
     assert all(0 <= r["zeroshot/synthetic/acc1"] <= r["zeroshot/synthetic/acc5"] <= 1 for r in evals)
     with pytest.raises(ClipaError, match="eval.data_root: needed by eval.zeroshot"):
         load_recipe(None, ['eval.zeroshot=["imagenet"]'])
+
+
+def test_report_plots_every_series_and_summarises(tmp_path, cli):
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml",
+                         tiny_overrides(**{"eval.every_steps": 3, "eval.zeroshot": '["synthetic"]'}))
+    train(recipe, "pretrain", tmp_path / "run")
+    result = cli("report", tmp_path / "run")
+    assert result.returncode == 0, result.stderr
+    pngs = sorted(p.name for p in (tmp_path / "run" / "report").glob("*.png"))
+    assert {"loss.png", "lr.png", "logit_scale.png", "zeroshot_synthetic_acc1.png"} <= set(pngs)
+    with Image.open(tmp_path / "run" / "report" / "loss.png") as image:
+        pixels = np.asarray(image)
+    assert (pixels[:, :, 2] > 150).sum() > 50 and (pixels[:, :, 0] < 60).sum() > 50  # a drawn blue line
+    assert "zeroshot/synthetic/acc1: last" in result.stdout and "loss " in result.stdout
+    bad = cli("report", tmp_path)
+    assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr

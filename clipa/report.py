@@ -1,0 +1,116 @@
+"""`clipa report RUN_DIR`: PNG plots and a text summary of a run, from its metrics.jsonl.
+
+Plots are drawn with PIL (already a dependency) rather than matplotlib, so a report works on
+any machine clipa runs on: one small line chart per series (loss, learning rate, logit scale,
+throughput and every evaluation metric) against samples seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from clipa.errors import ClipaError
+
+TRAIN_SERIES = ("loss", "lr", "logit_scale", "samples_per_s")
+_W, _H, _PAD = 640, 360, 56
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ClipaError(f"RUN_DIR: {path} not found; give a clipa run directory")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ClipaError(f"{path}: line {number} is not JSON (a partially written line?)") from None
+    if not rows:
+        raise ClipaError(f"{path}: no metrics yet")
+    return rows
+
+
+def series(rows: list[dict], key: str) -> list[tuple[float, float]]:
+    """(samples, value) points of one metric; a resumed run's re-logged steps keep their last value."""
+    by_step = {}
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            by_step[(row.get("stage"), row["step"])] = (float(row.get("samples", row["step"])), float(value))
+    return sorted(by_step.values())
+
+
+def _ticks(low: float, high: float, n: int = 5) -> list[float]:
+    if high <= low:
+        return [low]
+    return [low + (high - low) * i / (n - 1) for i in range(n)]
+
+
+def line_chart(points: list[tuple[float, float]], title: str, path: Path) -> None:
+    image = Image.new("RGB", (_W, _H), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((_PAD, 12), title, fill="black", font=font)
+    x0, y0, x1, y1 = _PAD, _PAD - 16, _W - 20, _H - _PAD + 8
+    draw.rectangle([x0, y0, x1, y1], outline="#888888")
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    ymin, ymax = min(ys), max(ys)
+    if ymax - ymin < 1e-12:
+        ymin, ymax = ymin - 0.5, ymax + 0.5
+    to_px = lambda x, y: (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0),  # noqa: E731
+                          y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
+    for tick in _ticks(ymin, ymax):
+        _, py = to_px(xmin, tick)
+        draw.line([x0, py, x1, py], fill="#eeeeee")
+        draw.text((4, py - 6), f"{tick:.4g}", fill="black", font=font)
+    for tick in _ticks(xmin, xmax):
+        px, _ = to_px(tick, ymin)
+        draw.text((px - 16, y1 + 6), f"{tick:.3g}", fill="black", font=font)
+    draw.text(((x0 + x1) // 2 - 40, _H - 18), "samples seen", fill="black", font=font)
+    pixels = [to_px(x, y) for x, y in points]
+    if len(pixels) > 1:
+        draw.line(pixels, fill="#1f77b4", width=2)
+    for px, py in pixels if len(pixels) <= 60 else pixels[-1:]:
+        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill="#1f77b4")
+    image.save(path)
+
+
+def report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    eval_keys = sorted({k for row in rows for k in row if k.startswith("zeroshot/")})
+    written = []
+    for key in (*TRAIN_SERIES, *eval_keys):
+        points = series(rows, key)
+        if points:
+            path = out / f"{key.replace('/', '_')}.png"
+            line_chart(points, f"{run_dir.name}: {key}", path)
+            written.append(path)
+    train_rows = [r for r in rows if "loss" in r]
+    last = train_rows[-1] if train_rows else rows[-1]
+    lines = [f"run {run_dir}", f"steps {last['step']}, samples {last.get('samples', '?'):,}"
+             if isinstance(last.get("samples"), int) else f"steps {last['step']}"]
+    if train_rows:
+        first_loss = next((r["loss"] for r in train_rows if r.get("loss") is not None), None)
+        if first_loss is not None and last.get("loss") is not None:
+            lines.append(f"loss {first_loss:.4f} -> {last['loss']:.4f}")
+        speeds = [r["samples_per_s"] for r in train_rows if r.get("samples_per_s")]
+        if speeds:
+            lines.append(f"throughput median {sorted(speeds)[len(speeds) // 2]:.1f} samples/s")
+        skipped = sum(r.get("skipped_steps", 0) or 0 for r in train_rows)
+        lines.append(f"skipped steps (non-finite) {skipped}")
+    for key in eval_keys:
+        points = series(rows, key)
+        best = max(points, key=lambda p: p[1])
+        lines.append(f"{key}: last {points[-1][1]:.4f}, best {best[1]:.4f} at {best[0]:,.0f} samples")
+    summary = "\n".join(lines)
+    (out / "summary.txt").write_text(summary + "\n", encoding="utf-8")
+    return summary, written
