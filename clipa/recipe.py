@@ -30,6 +30,7 @@ TEXT_STRATEGIES = ("truncate", "random", "block", "syntax")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 LOSS_KINDS = ("infonce", "siglip")
+QUEUE_KINDS = ("none", "memory_bank", "momentum")
 ZEROSHOT_DATASETS = ("synthetic", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r",
                      "imagenet-a", "wds")
 
@@ -104,8 +105,20 @@ class TrainConfig:
 
 
 @dataclass
+class QueueConfig:
+    # More negatives without bigger batches: FIFO queues of past image and text features.
+    kind: str = "none"  # none | memory_bank (past online features) | momentum (keys of an EMA encoder)
+    size: int = 0  # features per modality; a multiple of train.global_batch_size
+    momentum: float = 0.995  # EMA decay of the momentum encoder (ALBEF)
+    # The queue joins the loss once it is full; with warmup_steps > 0 its filled part joins from
+    # that step on even before it is full.
+    warmup_steps: int = 0
+
+
+@dataclass
 class LossConfig:
     kind: str = "infonce"  # infonce (CLIP's softmax) | siglip (sigmoid, with a learnable bias)
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
 
 @dataclass
@@ -394,6 +407,15 @@ def validate(recipe: Recipe) -> None:
     _check(t.logit_scale_max > 1, f"train.logit_scale_max: must be > 1, got {t.logit_scale_max}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
     _one_of("loss.kind", r.loss.kind, LOSS_KINDS)
+    q = r.loss.queue
+    _one_of("loss.queue.kind", q.kind, QUEUE_KINDS)
+    if q.kind != "none":
+        _check(r.loss.kind == "infonce", f"loss.queue.kind: \"{q.kind}\" queues work with loss.kind = \"infonce\"")
+        _check(q.size > 0 and q.size % t.global_batch_size == 0,
+               f"loss.queue.size: {q.size} is not a positive multiple of train.global_batch_size ({t.global_batch_size}); "
+               f"use e.g. {max(1, round(q.size / t.global_batch_size)) * t.global_batch_size}")
+        _check(0.0 <= q.momentum < 1.0, f"loss.queue.momentum: must be in [0, 1), got {q.momentum}")
+        _check(q.warmup_steps >= 0, f"loss.queue.warmup_steps: must be >= 0, got {q.warmup_steps}")
     _check(r.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {r.checkpoint.every_steps}")
     _check(r.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {r.checkpoint.keep_last}")
     _check(r.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {r.eval.every_steps}")

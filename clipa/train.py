@@ -38,13 +38,14 @@ from clipa.loss import LOSSES
 from clipa.model import build_tokenizer, create_model, export_open_clip, load_weights, recipe_model_config
 from clipa.optim import build_optimizer, build_scheduler
 from clipa.progress import RunLog
+from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.reduction import TextReducer, install_patch_masker
 from clipa.step import ContrastiveStep
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
 _FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
-                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind")
+                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
 
 
 class NonFiniteError(ClipaError):
@@ -189,6 +190,9 @@ class Trainer:
         self.start_from = start_from
         if start_from is not None:
             self._restore(model, optimizer, start_from)
+        self.queues, self.momentum = self._build_queues(model)
+        if start_from is not None and self.queues is not None:
+            self._restore_queues(start_from)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.config_text = recipe_mod.dumps(recipe)
@@ -210,13 +214,37 @@ class Trainer:
         if rng is not None:
             set_rng_state(rng)
 
+    def _build_queues(self, model):
+        cfg = self.recipe.loss.queue
+        if cfg.kind == "none":
+            return None, None
+        queues = FeatureQueues(cfg.size, self.model_cfg["embed_dim"], self.accelerator.device)
+        momentum = None
+        if cfg.kind == "momentum":  # starts as a copy of the (initialised or restored) online weights
+            momentum = MomentumEncoder(model, cfg.momentum)
+            momentum.model.to(self.accelerator.device)
+        return queues, momentum
+
+    def _restore_queues(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)["queue"]
+        self.queues.load_state_dict(state["queues"])
+        if self.momentum is not None:
+            self.momentum.model.load_state_dict(state["momentum"])
+
+    def _queue_state(self) -> dict | None:
+        if self.queues is None:
+            return None
+        return {"queues": self.queues.state_dict(),
+                "momentum": self.momentum.model.state_dict() if self.momentum is not None else None}
+
     def save_checkpoint(self, elapsed: float) -> Path:
         scaler = self.accelerator.scaler
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": self.step,
                  "samples": self.step * self.recipe.train.global_batch_size,
                  "data_position": {"micro_batch": self.step * self.accumulation},
-                 "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_total}
+                 "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_total,
+                 "queue": self._queue_state()}
         return self.checkpoints.save(self.step, self.unwrapped.state_dict() if self.main else None,
                                      state if self.main else None, self.config_text)
 
@@ -228,6 +256,27 @@ class Trainer:
         return build_train_loader(recipe, geometry, text_reducer, micro_batch=self.micro, processes=self.world,
                                   rank=self.rank, start_batch=self.step * self.accumulation,
                                   num_batches=(self.total_steps - self.step) * self.accumulation, mask=mask)
+
+    def _prepare_queue_loss(self, micro_batches):
+        """Momentum keys (computed before the online forward) and the queue's negatives for this step."""
+        if self.queues is None:
+            return None, None
+        keys = self.momentum.keys(micro_batches, self.accelerator.autocast) if self.momentum else None
+        negatives = self.queues.negatives(self.step, self.recipe.loss.queue.warmup_steps)
+        captured: list = []
+        self.contrastive_step.loss_fn = lambda images, texts, scale, bias=None: queue_infonce_loss(
+            images, texts, scale, keys, negatives, captured)
+        return keys, captured
+
+    def _advance_queues(self, keys, captured) -> None:
+        """After an optimizer step: EMA update, then enqueue the step's keys (or online features)."""
+        if self.queues is None:
+            return
+        if self.momentum is not None:
+            self.momentum.update(self.unwrapped)
+            self.queues.enqueue(*keys)
+        else:
+            self.queues.enqueue(*captured)
 
     def _finite_update(self, loss: torch.Tensor) -> bool:
         """Clip (if asked) and report whether loss and gradients are finite, agreed by all processes."""
@@ -267,9 +316,11 @@ class Trainer:
                 t_fetch = time.perf_counter()
                 micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(self.accumulation)]
                 data_wait += time.perf_counter() - t_fetch
+                keys, captured = self._prepare_queue_loss(micro_batches)
                 loss = self.contrastive_step(micro_batches)
                 if self._finite_update(loss):
                     self.optimizer.step()
+                    self._advance_queues(keys, captured)
                     nonfinite_in_row = 0
                     loss_sum += loss.detach()
                     loss_count += 1
