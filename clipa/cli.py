@@ -22,6 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Affordable CLIP training: low-token pretraining, short full-length finetuning, zero-shot eval.")
 data_app = typer.Typer(no_args_is_help=True, help="Write and inspect datasets.")
 app.add_typer(data_app, name="data")
+scaling_app = typer.Typer(no_args_is_help=True, help="Scaling laws: fit error against training compute.")
+app.add_typer(scaling_app, name="scaling")
 # Off a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; results tables are wider.
 out = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -192,6 +194,69 @@ def export(checkpoint: Path = typer.Argument(..., help="A step checkpoint (runs/
     out.print(f"wrote {path}; load it with open_clip.create_model_and_transforms(\"local-dir:{path}\")", highlight=False)
 
 
+@app.command()
+@user_errors
+def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe paths or shipped names, in pipeline order."),
+         as_json: bool = typer.Option(False, "--json", help="Print {\"stages\": [...], \"total\": {...}} as JSON."),
+         gpu: str = typer.Option("A100", "--gpu", help="Accelerator name (A100, H100, H200, L4, L40S, TPU v5e, ...; "
+                                 "see clipa.flops.PEAK_TFLOPS_BF16)."),
+         gpus: int = typer.Option(8, "--gpus", help="Accelerators working in parallel (wall hours = GPU-hours / N)."),
+         mfu: float = typer.Option(0.27, "--mfu", help="Expected model-FLOPs utilisation; 0.27 is what CLIPA-v2's "
+                                   "published H/14 A100-hours imply (docs/plan.md)."),
+         price: float = typer.Option(1.576, "--price", help="Dollars per accelerator-hour (1.576: the A100 price "
+                                     "implied by the CLIPA-v2 README)."),
+         peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", help="Dense bf16 peak TFLOP/s of an "
+                                                     "accelerator not in the table.")) -> None:
+    """FLOPs, accelerator-hours and dollars of each stage and of the pipeline, before you spend them."""
+    import json
+
+    from clipa.plan import plan as make_plan, table
+
+    result = make_plan(recipes, gpu=gpu, gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        out.print(table(result))
+
+
+@scaling_app.command("fit")
+@user_errors
+def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON...",
+                                                    help="clipa run directories and/or JSON files of points."),
+                offset: bool = typer.Option(False, "--offset", help="Fit an irreducible error too: beta * C^alpha + e."),
+                target_compute: Optional[float] = typer.Option(None, "--target-compute", help="Extrapolate to this "
+                                                               "many training FLOPs (default: 10x the largest)."),
+                plot: Path = typer.Option(Path("scaling_fit.png"), "--plot", help="PNG plot to write."),
+                metric: str = typer.Option("acc1", "--metric", help="Zero-shot metric; error = 1 - metric."),
+                dataset: Optional[str] = typer.Option(None, "--dataset", help="Which zeroshot_*.json result to use "
+                                                      "when a run directory holds several.")) -> None:
+    """Power-law fit of zero-shot error against training compute, with 95% intervals and a plot."""
+    from clipa.scaling import fit_power_law, load_points, plot_fit
+
+    if target_compute is not None and target_compute <= 0:
+        raise ClipaError(f"--target-compute: must be > 0 FLOPs, got {target_compute:g}")
+    points = load_points(inputs, metric, dataset)
+    fit = fit_power_law([p.compute for p in points], [p.error for p in points], offset=offset)
+    target = target_compute or 10 * max(p.compute for p in points)
+    table = Table("point", "compute (FLOPs)", f"error (1 - {metric})", "fitted", title="scaling fit")
+    for p in points:
+        table.add_row(p.label, f"{p.compute:.3g}", f"{p.error:.4f}", f"{fit.predict(p.compute)[0]:.4f}")
+    out.print(table)
+    for p in points:
+        for note in p.notes:
+            out.print(f"  {p.label}: {note}", highlight=False)
+    lines = [fit.formula() + f"   (n = {fit.n}, residual sd of log error {fit.rmse_log:.3g})",
+             f"alpha = {fit.alpha:.4g}  95% CI [{fit.alpha_ci[0]:.4g}, {fit.alpha_ci[1]:.4g}]",
+             f"beta  = {fit.beta:.4g}  95% CI [{fit.beta_ci[0]:.4g}, {fit.beta_ci[1]:.4g}]"]
+    if fit.e is not None:
+        lines.append(f"e     = {fit.e:.4g}  95% CI [{fit.e_ci[0]:.4g}, {fit.e_ci[1]:.4g}]")
+    mean, low, high = fit.predict(target)
+    lines.append(f"at C = {target:.3g} FLOPs ({target / max(p.compute for p in points):.3g}x the largest point): "
+                 f"error {mean:.4f} [{low:.4f}, {high:.4f}], {metric} {1 - mean:.4f} [{1 - high:.4f}, {1 - low:.4f}]")
+    out.print("\n".join(lines), highlight=False)
+    out.print(f"wrote {plot_fit(points, fit, plot, target, metric)}", highlight=False)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -231,6 +296,69 @@ def zeroshot(model: str = typer.Option(..., "--model", help="Run dir, exported m
     if output:
         write_result(results[0] if len(results) == 1 else results, output)
         out.print(f"wrote {output}", highlight=False)
+
+
+@app.command()
+@user_errors
+def retrieval(model: str = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained."),
+              dataset: str = typer.Option(..., "--dataset", help="csv | wds | synthetic."),
+              data_root: Optional[str] = typer.Option(None, "--data-root", help="CSV/TSV file (csv) or dataset folder (wds)."),
+              pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights file for an architecture name."),
+              image_size: Optional[int] = typer.Option(None, "--image-size", help="Evaluate at this resolution."),
+              batch_size: int = typer.Option(256, "--batch-size"),
+              output: Optional[Path] = typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape)."),
+              ) -> None:
+    """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
+    from clipa.evaluate.models import load_model
+    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
+    from clipa.evaluate.zeroshot import write_result
+
+    if dataset not in RETRIEVAL_DATASETS:
+        raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\" (available: {', '.join(RETRIEVAL_DATASETS)})")
+    result = run_retrieval(load_model(model, pretrained), dataset, data_root, image_size, batch_size)
+    m = result["metrics"]
+    table = Table("direction", "R@1", "R@5", "R@10", title=f"retrieval on {dataset}: {m['num_images']} images, "
+                                                           f"{m['num_texts']} captions")
+    for direction, key in (("text -> image", "image_retrieval"), ("image -> text", "text_retrieval")):
+        table.add_row(direction, *(f"{m[f'{key}_recall@{k}']:.4f}" for k in (1, 5, 10)))
+    out.print(table)
+    if output:
+        write_result(result, output)
+        out.print(f"wrote {output}", highlight=False)
+
+
+@app.command("linear-probe")
+@user_errors
+def linear_probe_command(model: str = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained."),
+                         dataset: str = typer.Option(..., "--dataset", help="imagefolder (train/ and test/ folders) | synthetic."),
+                         data_root: Optional[str] = typer.Option(None, "--data-root"),
+                         pretrained: Optional[str] = typer.Option(None, "--pretrained"),
+                         cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder (default .clipa-cache/features)."),
+                         output: Optional[Path] = typer.Option(None, "--output", help="Write results as JSON."),
+                         ) -> None:
+    """Logistic-regression probe on frozen image features; L2 chosen on a validation split."""
+    from clipa.evaluate.linear_probe import linear_probe
+    from clipa.evaluate.models import load_model
+    from clipa.evaluate.zeroshot import write_result
+
+    result = linear_probe(load_model(model, pretrained), dataset, data_root, cache)
+    m = result["metrics"]
+    out.print(f"linear probe on {dataset}: top-1 {m['acc1']:.4f} (L2 {m['l2']:g} chosen on validation; "
+              f"{m['num_train']} train / {m['num_test']} test images)", highlight=False)
+    if output:
+        write_result(result, output)
+
+
+@app.command("report")
+@user_errors
+def report_command(run_dir: Path = typer.Argument(..., help="A clipa run directory."),
+                   out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/report).")) -> None:
+    """PNG plots (loss, lr, logit scale, throughput, evaluations vs samples seen) and a text summary."""
+    from clipa.report import report
+
+    summary, written = report(run_dir, out_dir)
+    out.print(summary, highlight=False)
+    out.print(f"wrote {len(written)} plots to {written[0].parent if written else out_dir}", highlight=False)
 
 
 # --------------------------------------------------------------------------- benchmarks
@@ -289,6 +417,34 @@ def data_synth(out_dir: Path = typer.Argument(..., metavar="OUT", help="Output f
     out.print(f"wrote {info['samples']} training pairs in {info['shards']} shards: data.train = \"{info['train']}\"\n"
               f"wrote {info['eval_images']} zero-shot images: --dataset imagefolder --data-root {info['eval']}",
               highlight=False)
+
+
+@data_app.command("inspect")
+@user_errors
+def data_inspect(path: str = typer.Argument(..., metavar="PATH",
+                                            help='Shards ("/data/{00000..00099}.tar"), a .csv/.tsv, "synthetic", '
+                                                 'or any data.train string.'),
+                 max_samples: int = typer.Option(0, "--max-samples", help="Stop each source after this many good "
+                                                 "samples (0 = read everything; synthetic: 256)."),
+                 sheet: Path = typer.Option(Path("contact_sheet.png"), "--sheet", help="PNG contact sheet to write."),
+                 sheet_count: int = typer.Option(16, "--sheet-count", help="Images on the sheet (0 = no sheet)."),
+                 caption_key: str = typer.Option("txt", "--caption-key", help='Shard caption: "txt" or "json:FIELD".'),
+                 csv_image_key: str = typer.Option("filepath", "--csv-image-key"),
+                 csv_caption_key: str = typer.Option("title", "--csv-caption-key"),
+                 csv_separator: str = typer.Option("", "--csv-separator", help='"" = tab for .tsv, comma otherwise.'),
+                 ) -> None:
+    """Sample count, caption lengths, corrupt samples and a contact sheet of a dataset."""
+    from clipa.data.inspect import inspect_dataset, summary_rows
+    from clipa.data.sources import ReadOptions
+
+    if max_samples < 0 or sheet_count < 0:
+        raise ClipaError("--max-samples and --sheet-count: must be >= 0")
+    options = ReadOptions(caption_key, csv_image_key, csv_caption_key, csv_separator)
+    summary = inspect_dataset(path, options, max_samples, sheet if sheet_count else None, sheet_count)
+    table = Table(show_header=False, title=f"clipa data inspect {path}")
+    for label, value in summary_rows(summary):
+        table.add_row(label, value)
+    out.print(table)
 
 
 @app.command()

@@ -1,11 +1,28 @@
-"""Analytic training FLOPs of an open_clip ViT + text transformer, per sample.
+"""Analytic training FLOPs of an open_clip ViT + text transformer, per sample, and accelerator peaks.
 
-Counts matmuls only (2 FLOPs per multiply-add): patch embedding, attention projections,
-attention scores and values, MLP, output projections; training = 3 x forward (the backward pass
-costs two forwards). Layer norms, softmax and the loss are a rounding error at these sizes.
+Counts matmuls only, 2 FLOPs per multiply-add, as `torch.utils.flop_counter.FlopCounterMode`
+counts them (tests/test_plan.py checks the forward and the training step of the tiny model
+against it, exactly):
+
+    image  patch embedding (every patch, before masking), per layer: q/k/v + output projections
+           (4 w^2 per token), attention scores and values (2 n^2 w each), MLP (2 w mlp per token);
+           the projection of the pooled feature to the joint space.
+    text   the same per layer at the stage's text length; the token embedding is a lookup (0 FLOPs).
+
+Training = forward + backward, and the backward costs two forwards (input and weight gradients),
+except for the patch embedding, whose input is the image and needs no gradient (weight gradient
+only). That is *model* FLOPs, the numerator of MFU: activation recomputation (gradient
+checkpointing) and clipa's exact-accumulation re-forward are extra hardware work, not counted.
+Layer norms, softmax, GELU and the contrastive logits (2 x batch x embed per sample, < 0.3 %
+at CLIPA's sizes) are left out.
+
+A timm image tower (`model.image_tower`) has no analytic formula here: its forward is counted once
+by FlopCounterMode on the meta device (shapes only: no memory, no weights), at full tokens.
 """
 
 from __future__ import annotations
+
+import functools
 
 
 def _transformer_forward(tokens: int, width: int, layers: int, mlp_width: int) -> float:
@@ -18,31 +35,111 @@ def image_tokens(model_cfg: dict, image_size: int, keep_ratio: float = 1.0) -> i
     from clipa.reduction import keep_count
 
     v = model_cfg["vision_cfg"]
+    if "timm_model_name" in v:  # a timm ViT: its patch grid + prefix tokens; a CNN: 0 (no tokens)
+        return _timm_count(v["timm_model_name"], image_size)[1]
     patches = (image_size // v["patch_size"]) ** 2
     return keep_count(patches, 1.0 - keep_ratio) + 1
 
 
-def forward_flops(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:
+@functools.lru_cache(maxsize=32)
+def _timm_count(name: str, image_size: int) -> tuple[float, int, int]:
+    """(forward FLOPs, tokens, feature width) of a timm trunk as open_clip builds it (num_classes=0)."""
+    import timm
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        trunk = timm.create_model(name, pretrained=False, num_classes=0)
+        default = trunk.default_cfg.get("input_size", (3, image_size, image_size))[-1]
+        if image_size != default and hasattr(trunk, "set_input_size"):
+            trunk.set_input_size(img_size=(image_size, image_size))
+        with FlopCounterMode(display=False) as counter:
+            trunk(torch.empty(1, 3, image_size, image_size))
+    grid = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
+    tokens = grid[0] * grid[1] + getattr(trunk, "num_prefix_tokens", 0) if grid else 0
+    return float(counter.get_total_flops()), int(tokens), int(trunk.num_features)
+
+
+def _mlp_width(cfg: dict) -> int:
+    return int(cfg.get("width", 512) * cfg.get("mlp_ratio", 4.0))  # open_clip's rounding (bigG: 4.9231)
+
+
+def forward_breakdown(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:
+    """Forward matmul FLOPs per sample by tower and part (all floats)."""
     v, t, embed = model_cfg["vision_cfg"], model_cfg["text_cfg"], model_cfg["embed_dim"]
-    n_img = image_tokens(model_cfg, image_size, keep_ratio)
-    vw = v["width"]
-    all_patches = (image_size // v["patch_size"]) ** 2  # the patch embedding runs before masking
-    vision = 2 * all_patches * 3 * v["patch_size"] ** 2 * vw
-    vision += _transformer_forward(n_img, vw, v["layers"], int(vw * v.get("mlp_ratio", 4.0)))
-    vision += 2 * vw * embed
-    tw = t.get("width", 512)
-    text = _transformer_forward(context_length, tw, t.get("layers", 12), int(tw * t.get("mlp_ratio", 4.0)))
-    text += 2 * tw * embed
+    if "timm_model_name" in v:
+        trunk, _, features = _timm_count(v["timm_model_name"], image_size)
+        parts = {"image_trunk": trunk, "image_head": 2.0 * features * embed}
+    else:
+        vw, vl = v["width"], v["layers"]
+        n_img = image_tokens(model_cfg, image_size, keep_ratio)
+        all_patches = (image_size // v["patch_size"]) ** 2  # the patch embedding runs before masking
+        parts = {
+            "image_patch_embed": 2.0 * all_patches * 3 * v["patch_size"] ** 2 * vw,
+            "image_attention_proj": 2.0 * vl * n_img * 4 * vw * vw,
+            "image_attention_scores": 2.0 * vl * 2 * n_img * n_img * vw,
+            "image_mlp": 2.0 * vl * n_img * 2 * vw * _mlp_width(v),
+            "image_head": 2.0 * vw * embed,
+        }
+    tw, tl, n_txt = t.get("width", 512), t.get("layers", 12), context_length
+    parts.update({
+        "text_attention_proj": 2.0 * tl * n_txt * 4 * tw * tw,
+        "text_attention_scores": 2.0 * tl * 2 * n_txt * n_txt * tw,
+        "text_mlp": 2.0 * tl * n_txt * 2 * tw * _mlp_width(t),
+        "text_head": 2.0 * tw * embed,
+    })
+    return parts
+
+
+def forward_flops(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:
+    parts = forward_breakdown(model_cfg, image_size, context_length, keep_ratio)
+    vision = sum(v for k, v in parts.items() if k.startswith("image_"))
+    text = sum(v for k, v in parts.items() if k.startswith("text_"))
+    return {"image": vision, "text": text, "total": vision + text}
+
+
+def train_flops(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:
+    """Training (forward + backward) model FLOPs per sample: {"image", "text", "total"}."""
+    parts = forward_breakdown(model_cfg, image_size, context_length, keep_ratio)
+    # Backward = input gradient + weight gradient, one forward each; the patch embedding's input
+    # (the pixels) needs no gradient.
+    factor = {k: (2.0 if k == "image_patch_embed" else 3.0) for k in parts}
+    vision = sum(factor[k] * v for k, v in parts.items() if k.startswith("image_"))
+    text = sum(factor[k] * v for k, v in parts.items() if k.startswith("text_"))
     return {"image": vision, "text": text, "total": vision + text}
 
 
 def train_flops_per_sample(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> float:
-    return 3.0 * forward_flops(model_cfg, image_size, context_length, keep_ratio)["total"]
+    return train_flops(model_cfg, image_size, context_length, keep_ratio)["total"]
 
 
-# Dense bf16 peak TFLOP/s, for MFU on GPUs; on a CPU clipa reports achieved TFLOP/s only.
-PEAK_TFLOPS_BF16 = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "A10": 125.0, "L40S": 362.0,
-                    "V100": 125.0, "4090": 165.0, "3090": 71.0}
+# Dense (no sparsity) bf16 tensor-core peak TFLOP/s per accelerator (per chip for TPUs), from the
+# vendors' data sheets. MFU on GPUs uses it; on a CPU clipa reports achieved TFLOP/s only.
+# V100 and T4 have no bf16: their fp16 tensor peak is given. Consumer cards: fp32 accumulation.
+PEAK_TFLOPS_BF16 = {
+    "A100": 312.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "GH200": 989.0,
+    "B200": 2250.0, "B100": 1750.0, "L4": 121.0, "A10": 125.0, "A30": 165.0, "A40": 150.0,
+    "L40": 181.0, "L40S": 362.0, "V100": 125.0, "T4": 65.0, "A6000": 155.0, "RTX 6000 Ada": 364.0,
+    "4090": 165.0, "3090": 71.0, "MI250X": 383.0, "MI300X": 1307.0,
+    "TPU v3": 123.0, "TPU v4": 275.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6e": 918.0,
+}
+
+
+def _normal(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def match_accelerator(name: str) -> str | None:
+    """The table key for a device or accelerator name: exact (ignoring case, spaces, dashes), else
+    the longest key contained in the name ("NVIDIA A100-SXM4-80GB" -> A100, "NVIDIA L40S" -> L40S)."""
+    wanted = _normal(name)
+    if not wanted:
+        return None
+    for key in PEAK_TFLOPS_BF16:
+        if _normal(key) == wanted or _normal(key) == "tpu" + wanted:  # "v4" -> TPU v4
+            return key
+    contained = [key for key in PEAK_TFLOPS_BF16 if _normal(key) in wanted]
+    return max(contained, key=lambda k: len(_normal(k))) if contained else None
 
 
 def device_peak_flops() -> float | None:
@@ -50,8 +147,5 @@ def device_peak_flops() -> float | None:
 
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    for key, tflops in PEAK_TFLOPS_BF16.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    key = match_accelerator(torch.cuda.get_device_name())
+    return PEAK_TFLOPS_BF16[key] * 1e12 if key else None

@@ -114,10 +114,27 @@ def stage_config(arch: str, geometry: Geometry, loss_kind: str = "infonce") -> d
     return cfg
 
 
+def with_timm_image_tower(cfg: dict, timm_name: str) -> dict:
+    """Replace the config's image tower by a timm model (open_clip's TimmModel adapter)."""
+    import timm
+
+    if not timm.is_model(timm_name):
+        close = difflib.get_close_matches(timm_name, timm.list_models(), n=3, cutoff=0.6)
+        raise ClipaError(f"model.image_tower: unknown timm model \"{timm_name}\""
+                         + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"))
+    cfg = copy.deepcopy(cfg)
+    cfg["vision_cfg"] = {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "",
+                         "timm_proj": "linear", "image_size": cfg["vision_cfg"].get("image_size", 224)}
+    return cfg
+
+
 def recipe_model_config(recipe) -> tuple[Geometry, dict]:
     """The stage's geometry and the full open_clip model config a recipe trains."""
     geometry = stage_geometry(recipe)
-    return geometry, stage_config(recipe.model.arch, geometry, recipe.loss.kind)
+    cfg = stage_config(recipe.model.arch, geometry, recipe.loss.kind)
+    if recipe.model.image_tower:
+        cfg = with_timm_image_tower(cfg, recipe.model.image_tower)
+    return geometry, cfg
 
 
 def create_model(model_cfg: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -131,7 +148,22 @@ def create_model(model_cfg: dict, device: str | torch.device = "cpu") -> torch.n
     model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     model = model_cls(**cfg)
     model.output_dict = True
+    if "timm_model_name" in cfg["vision_cfg"]:
+        _set_timm_input_size(model.visual, cfg["vision_cfg"].get("image_size", 224))
     return model.to(device)
+
+
+def _set_timm_input_size(tower, image_size: int) -> None:
+    """open_clip builds timm trunks at their default input size; CLIPA's resize needs another.
+
+    timm ViTs resample their position embedding in `set_input_size`; convolutional trunks take
+    any size as they are.
+    """
+    trunk = tower.trunk
+    default = getattr(trunk, "default_cfg", {}).get("input_size", (3, image_size, image_size))[-1]
+    if image_size != default and hasattr(trunk, "set_input_size"):
+        trunk.set_input_size(img_size=(image_size, image_size))
+    tower.image_size = (image_size, image_size)
 
 
 def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.checkpoint") -> None:

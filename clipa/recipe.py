@@ -40,6 +40,17 @@ class ModelConfig:
     # open_clip architecture name (`open_clip.list_models()`), a clipa-bundled config such as
     # "clipa-tiny", or the path of an open_clip-style model config JSON.
     arch: str = "ViT-B-16"
+    # Image tower from timm instead of the architecture's own (BASIC/LiT style), e.g.
+    # "vit_small_patch16_224" or "resnet50"; built without weights, which come from image_init.
+    image_tower: str = ""
+    # Initial image-tower weights: a timm checkpoint, a safetensors/pt state dict, or another
+    # clipa/open_clip model (run directory, export, checkpoint) whose image tower is taken.
+    image_init: str = ""
+    lock_image: bool = False  # freeze the image tower (LiT)
+    lock_image_unlocked_groups: int = 0  # ...except its last N groups: projection, last block + final LN, earlier blocks
+    lock_image_freeze_norm: bool = False  # also freeze normalisation statistics (BatchNorm towers)
+    lock_text: bool = False  # freeze the text tower
+    lock_text_unlocked_groups: int = 0  # ...except its last N groups: projection, last block + final LN, earlier blocks
 
 
 @dataclass
@@ -354,6 +365,11 @@ def validate(recipe: Recipe) -> None:
     """Checks that need nothing but the recipe itself."""
     r = recipe
     _check(bool(r.model.arch), "model.arch: empty; set an open_clip architecture such as \"ViT-B-16\" or \"clipa-tiny\"")
+    _check(r.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups: must be >= 0")
+    _check(r.model.lock_text_unlocked_groups >= 0, "model.lock_text_unlocked_groups: must be >= 0")
+    _check(not (r.model.lock_image and r.model.lock_text and not r.model.lock_image_unlocked_groups
+                and not r.model.lock_text_unlocked_groups),
+           "model.lock_image, model.lock_text: both towers fully locked leaves nothing to train; unlock one")
     _check(r.data.num_workers >= -1, f"data.num_workers: must be >= 0 (0 = in the training process) or -1 for "
            f"auto, got {r.data.num_workers}")
     from clipa.data.spec import parse_train  # torch-free: checks the syntax only, paths are read later

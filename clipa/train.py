@@ -41,6 +41,7 @@ from clipa.progress import RunLog
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.reduction import TextReducer, install_patch_masker
 from clipa.step import ContrastiveStep
+from clipa.towers import apply_locks, load_image_tower
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
@@ -178,6 +179,9 @@ class Trainer:
         model = create_model(self.model_cfg)
         if init_weights is not None:
             load_weights(model, init_weights)
+        if start_from is None and recipe.model.image_init:
+            load_image_tower(model, recipe.model.image_init)
+        apply_locks(model, recipe.model)
         self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
         if recipe.train.grad_checkpointing:
             model.set_grad_checkpointing(True)

@@ -1,0 +1,193 @@
+"""`clipa plan`, the analytic FLOP counter behind it, and the shipped paper recipes."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import RECIPES
+from clipa import flops, plan as plan_mod
+from clipa.recipe import load_recipe
+
+# A config small enough to count by hand.
+SMALL = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 2, "width": 16, "patch_size": 8},
+         "text_cfg": {"context_length": 4, "width": 8, "layers": 1, "heads": 2}}
+
+
+def test_flops_match_a_hand_count():
+    # image: 32 px / patch 8 = 16 patches + CLS = 17 tokens, width 16, MLP 64, 2 layers
+    patch_embed = 2 * 16 * (3 * 8 * 8) * 16  # 98,304: every patch, before masking
+    per_layer = 2 * 17 * 4 * 16 * 16 + 2 * 2 * 17 * 17 * 16 + 2 * 17 * 2 * 16 * 64  # proj + scores/values + MLP
+    image = patch_embed + 2 * per_layer + 2 * 16 * 8  # + head to embed 8
+    # text: 4 tokens, width 8, MLP 32, 1 layer
+    text = 2 * 4 * 4 * 8 * 8 + 2 * 2 * 4 * 4 * 8 + 2 * 4 * 2 * 8 * 32 + 2 * 8 * 8
+    assert (image, text) == (344_448, 6_784)
+    assert flops.forward_flops(SMALL, 32, 4) == {"image": image, "text": text, "total": image + text}
+    # training: backward = 2 forwards, except the patch embedding (no gradient for the pixels)
+    assert flops.train_flops_per_sample(SMALL, 32, 4) == 3 * (image - patch_embed) + 2 * patch_embed + 3 * text == 955_392
+    # masking half the patches: int(16 x 0.5) = 8 kept + CLS; the patch embedding still sees all 16
+    assert flops.image_tokens(SMALL, 32, keep_ratio=0.5) == 9
+    per_layer_masked = 2 * 9 * 4 * 256 + 2 * 2 * 81 * 16 + 2 * 9 * 2 * 16 * 64
+    assert flops.forward_flops(SMALL, 32, 4, keep_ratio=0.5)["image"] == patch_embed + 2 * per_layer_masked + 256
+
+
+def test_flops_match_torch_flop_counter_on_the_tiny_model():
+    """FlopCounterMode counts every matmul the real open_clip model runs (math attention so the
+    attention matmuls show up as bmm); the analytic count must agree, forward and training step."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipa.model import Geometry, create_model, stage_config
+
+    cfg = stage_config("clipa-tiny", Geometry(32, 8))
+    model = create_model(cfg)
+    images, texts = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2, 8))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as forward:
+        with torch.no_grad():
+            model(images, texts)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
+        out = model(images, texts)
+        (out["image_features"].sum() + out["text_features"].sum()).backward()
+    assert forward.get_total_flops() / 2 == pytest.approx(flops.forward_flops(cfg, 32, 8)["total"], rel=0.01)
+    assert step.get_total_flops() / 2 == pytest.approx(flops.train_flops_per_sample(cfg, 32, 8), rel=0.01)
+
+
+def test_timm_image_tower_is_counted_on_the_meta_device():
+    """A timm tower (model.image_tower) is counted by FlopCounterMode without weights; for a timm ViT
+    that equals the analytic count of the same transformer."""
+    timm_cfg = {"embed_dim": 128, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "image_size": 112},
+                "text_cfg": SMALL["text_cfg"]}
+    same_vit = {"embed_dim": 128, "vision_cfg": {"image_size": 112, "layers": 12, "width": 192, "patch_size": 16},
+                "text_cfg": SMALL["text_cfg"]}
+    assert flops.image_tokens(timm_cfg, 112) == flops.image_tokens(same_vit, 112) == 50
+    timm_parts, vit = flops.forward_breakdown(timm_cfg, 112, 4), flops.forward_flops(same_vit, 112, 4)
+    assert timm_parts["image_trunk"] + timm_parts["image_head"] == pytest.approx(vit["image"], rel=1e-6)
+    assert flops.train_flops_per_sample(timm_cfg, 112, 4) > 0
+
+
+def test_accelerator_names():
+    assert flops.match_accelerator("NVIDIA A100-SXM4-80GB") == "A100"
+    assert flops.match_accelerator("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert flops.match_accelerator("NVIDIA L40S") == "L40S"
+    assert flops.match_accelerator("tpu-v5e") == flops.match_accelerator("v5e") == "TPU v5e"
+    assert flops.match_accelerator("abacus") is None
+    assert all(v > 0 for v in flops.PEAK_TFLOPS_BF16.values())
+
+
+def test_json_shape_and_costs_add_up(cli):
+    names = ["vit_h14/pretrain_84", "vit_h14/finetune_224", "vit_h14/finetune_336"]
+    result = cli("plan", *names, "--json", "--gpu", "H100", "--gpus", "16", "--mfu", "0.4", "--price", "2.5")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert set(data) == {"stages", "total"}
+    assert set(data["total"]) == {"total_flops", "gpu_hours", "cost"}
+    assert [s["recipe"] for s in data["stages"]] == names
+    for s in data["stages"]:
+        assert {"recipe", "total_flops", "gpu_hours", "cost"} <= set(s)
+        assert s["total_flops"] == pytest.approx(s["flops_per_sample"] * s["samples"])
+        assert s["flops_per_sample"] == pytest.approx(s["image_flops_per_sample"] + s["text_flops_per_sample"])
+        assert s["gpu_hours"] == pytest.approx(s["total_flops"] / (989e12 * 0.4) / 3600)
+        assert s["cost"] == pytest.approx(s["gpu_hours"] * 2.5)
+        assert s["wall_hours"] == pytest.approx(s["gpu_hours"] / 16)
+    for key in ("total_flops", "gpu_hours", "cost"):
+        assert data["total"][key] == pytest.approx(sum(s[key] for s in data["stages"]))
+    pre, ft224, ft336 = data["stages"]
+    assert (pre["image_tokens"], pre["text_tokens"], pre["steps"]) == (37, 8, 195_490)
+    assert (ft224["image_tokens"], ft336["image_tokens"]) == (180, 346)  # 179 of 256 and 345 of 576 patches + CLS
+    # the table form prints the same totals
+    table = cli("plan", *names, "--gpu", "H100", "--gpus", "16", "--mfu", "0.4", "--price", "2.5")
+    assert table.returncode == 0 and f"${data['total']['cost']:,.0f}" in table.stdout
+
+
+def test_defaults_reproduce_the_published_h14_cost(cli):
+    """CLIPA-v2 H/14, 12.8B@84 + 512M@224 on A100s: 7,776 GPU-hours, $12,247 (docs/plan.md)."""
+    data = json.loads(cli("plan", "vit_h14/pretrain_84", "vit_h14/finetune_224", "--json").stdout)
+    assert data["total"]["gpu_hours"] == pytest.approx(7776, rel=0.03)
+    assert data["total"]["cost"] == pytest.approx(12247, rel=0.03)
+    assert plan_mod.implied_mfu(data["total"]["total_flops"], 7776, 312) == pytest.approx(plan_mod.DEFAULT_MFU, abs=0.01)
+    direct = plan_mod.plan(["vit_h14/pretrain_84", "vit_h14/finetune_224"])  # the CLI's defaults are the module's
+    assert direct["total"] == pytest.approx(data["total"])
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["tiny/pretrain", "--gpu", "abacus"], '--gpu: unknown accelerator "abacus"'),
+    (["tiny/pretrain", "--mfu", "0"], "--mfu: must be in (0, 1]"),
+    (["tiny/pretrain", "--gpus", "0"], "--gpus: must be >= 1"),
+    (["tiny/pretrain", "--price", "-1"], "--price: must be >= 0"),
+    (["no/such/recipe.toml"], "recipe file not found"),
+])
+def test_bad_plan_input_exits_2(cli, args, fragment):
+    result = cli("plan", *args)
+    assert result.returncode == 2, result.stdout
+    assert result.stderr.startswith("error:") and fragment in result.stderr and "Traceback" not in result.stderr
+
+
+def test_custom_peak():
+    a = plan_mod.plan(["tiny/pretrain"], gpu="my-chip", peak_tflops=100.0, mfu=0.5, gpus=1)
+    assert a["stages"][0]["gpu"] == "my-chip"
+    assert a["total"]["gpu_hours"] == pytest.approx(a["total"]["total_flops"] / 50e12 / 3600)
+
+
+# --------------------------------------------------------------------------- shipped paper recipes
+
+# Published settings (docs: /work/shared/CLIPA_RECIPES.md): arch, px, mask, text, text length,
+# global batch, base lr per 256 samples, warmup steps, samples, init stage.
+V2_PRE = dict(px=84, mask=0.0, text="syntax", length=8, batch=65_536, warmup=3_200, samples=12_811_670_000, init=None)
+PAPER = {
+    "vit_b16/pretrain_112": dict(arch="ViT-B-16", px=112, mask=0.0, text="truncate", length=16, batch=65_536, base=8e-6,
+                                 warmup=782, samples=2_562_334_000, init=None),
+    "vit_b16/finetune_224": dict(arch="ViT-B-16", px=224, mask=0.0, text="truncate", length=16, batch=8_192, base=8e-7,
+                                 warmup=3_072, samples=131_072_000, init="vit_b16/pretrain_112"),
+    "vit_l14/pretrain_84": dict(V2_PRE, arch="ViT-L-14-CLIPA", base=8e-6),
+    "vit_h14/pretrain_84": dict(V2_PRE, arch="ViT-H-14-CLIPA", base=8e-6),
+    "vit_h14/pretrain_70": dict(V2_PRE, arch="ViT-H-14-CLIPA", base=8e-6, px=70),
+    "vit_bigg14/pretrain_84": dict(V2_PRE, arch="ViT-bigG-14-CLIPA", base=4e-6),
+    "vit_bigg14/finetune_224": dict(arch="ViT-bigG-14-CLIPA", px=224, mask=0.4, text="truncate", length=32, batch=16_384,
+                                    base=4e-7, warmup=0, samples=524_288_000, init="vit_bigg14/pretrain_84"),
+}
+for _m, _arch in (("l14", "ViT-L-14-CLIPA"), ("h14", "ViT-H-14-CLIPA"), ("bigg14", "ViT-bigG-14-CLIPA")):
+    if _m != "bigg14":
+        PAPER[f"vit_{_m}/finetune_224"] = dict(arch=_arch, px=224, mask=0.3, text="truncate", length=32, batch=32_768,
+                                               base=4e-7, warmup=800, samples=524_288_000, init=f"vit_{_m}/pretrain_84")
+    PAPER[f"vit_{_m}/finetune_336"] = dict(arch=_arch, px=336, mask=0.4, text="truncate", length=32, batch=16_384,
+                                           base=1e-7, warmup=1_600, samples=131_072_000, init=f"vit_{_m}/finetune_224")
+
+
+def test_every_paper_recipe_is_checked():
+    shipped = {p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.glob("vit_*/*.toml")}
+    assert shipped == set(PAPER)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_recipe_has_the_published_settings(name):
+    from clipa.model import stage_geometry
+
+    want = PAPER[name]
+    path = RECIPES / f"{name}.toml"
+    recipe = load_recipe(path)
+    geometry = stage_geometry(recipe)  # what `clipa validate` checks
+    r = recipe
+    assert r.model.arch == want["arch"]
+    assert geometry.image_size == want["px"] and geometry.context_length == want["length"]
+    assert r.reduction.mask_ratio == want["mask"]
+    assert r.reduction.image == ("random" if want["mask"] else "resize")
+    assert r.reduction.text == want["text"]
+    assert r.train.global_batch_size == want["batch"]
+    # trap 1: LR = base x (batch // 256), integer division
+    assert r.optim.lr == pytest.approx(want["base"] * (want["batch"] // 256), rel=1e-9)
+    assert r.optim.warmup_steps == want["warmup"]
+    assert r.train.total_samples == want["samples"]
+    assert r.optim.betas == [0.9, 0.95] and r.optim.weight_decay == 0.2 and r.optim.schedule == "cosine"
+    assert r.optim.eps == (1e-6 if name.startswith("vit_b16") else 1e-8)  # torch v1 vs JAX v2 (trap 8)
+    assert r.train.precision == "bf16" and r.data.train != "synthetic"
+    per_process = r.train.global_batch_size // 8
+    assert per_process % r.train.micro_batch_size == 0  # 8 GPUs as launched
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# accelerate launch --multi_gpu --num_processes 8 -m clipa ")
+    assert lines[0].endswith(f" recipes/{name}.toml")
+    assert (" pretrain " if "pretrain" in name else " finetune ") in lines[0]
+    if want["init"]:
+        previous = load_recipe(RECIPES / f"{want['init']}.toml")
+        assert r.init.checkpoint == f"runs/{previous.name}"
+    else:
+        assert r.init.checkpoint == ""
