@@ -59,12 +59,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _load(recipe_path: str, overrides: Optional[List[str]]):
-    from clipa.model import stage_geometry
+    from clipa.model import recipe_model_config
     from clipa.recipe import load_recipe
     from clipa.recipes_index import resolve_path
 
     recipe = load_recipe(resolve_path(recipe_path), overrides or [])
-    return recipe, stage_geometry(recipe)
+    return recipe, recipe_model_config(recipe)[0]  # checks the architecture, geometry and towers
 
 
 def _describe(recipe, geometry, stage: str, out_dir: Path) -> Table:
@@ -157,8 +157,9 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     recipe_obj, geometry = _load(recipe, overrides)
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens", highlight=False)
-    if recipe_obj.init.checkpoint and not Path(recipe_obj.init.checkpoint).exists():
-        out.print(f"note: init.checkpoint {recipe_obj.init.checkpoint} does not exist yet", highlight=False)
+    for key, value in (("init.checkpoint", recipe_obj.init.checkpoint), ("model.image_init", recipe_obj.model.image_init)):
+        if value and not Path(value).exists():
+            out.print(f"note: {key} {value} does not exist yet", highlight=False)
 
 
 @app.command("ls")

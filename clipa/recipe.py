@@ -376,7 +376,7 @@ def validate(recipe: Recipe) -> None:
 
     parse_train(r.data.train)
     _check(r.data.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0 (0 = off), got {r.data.shuffle_buffer}")
-    _check(bool(r.data.caption_key.strip()) and r.data.caption_key.strip() != "json:",
+    _check(r.data.caption_key.strip() not in ("", "json", "json:"),
            f"data.caption_key: {_show(r.data.caption_key)} names no caption; use \"txt\" or \"json:FIELD\"")
     _check(bool(r.data.csv_image_key), "data.csv_image_key: empty; set the CSV column holding image paths, "
            "e.g. \"filepath\"")

@@ -314,7 +314,8 @@ class Trainer:
         window_steps, window_skipped, nonfinite_in_row, data_wait = 0, 0, 0, 0.0
         t_start = t_window = time.perf_counter()
         self.model.train()
-        batches = iter(self._loader())
+        loader = self._loader()
+        batches = iter(loader)
         with StopSignals() as signals:
             while self.step < self.total_steps:
                 t_fetch = time.perf_counter()
@@ -362,7 +363,7 @@ class Trainer:
                         "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
                         "tflops": samples_per_s * flops_per_sample / 1e12,
                         "mfu": samples_per_s * flops_per_sample / (peak * self.world) if peak else None,
-                        "data_wait_frac": data_wait / elapsed, "skipped_samples": 0,
+                        "data_wait_frac": data_wait / elapsed, "skipped_samples": loader.take_skipped(),
                         "skipped_steps": window_skipped,
                     }, f"step {self.step}/{self.total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
                     loss_sum.zero_()

@@ -33,6 +33,17 @@ def run(out, steps=8, env=None, *extra):
     return subprocess.run(command(out, steps, *extra), env=full_env, capture_output=True, text=True, timeout=600)
 
 
+def wait_for_logged_steps(run_dir, n, timeout=300):
+    """Until the running training has logged n steps (a signal then lands mid-run)."""
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{metrics}: fewer than {n} steps after {timeout} s")
+
+
 def trajectory(run_dir):
     """step -> loss, the last value logged for each step (a resumed run re-logs the steps it redoes)."""
     losses = {}
@@ -68,12 +79,7 @@ def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path, straight):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=dict(os.environ, OMP_NUM_THREADS="2"))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
+    wait_for_logged_steps(out, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert run(out).returncode == 0
@@ -84,12 +90,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(out, 8, "checkpoint.every_steps=0"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        metrics = out / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_logged_steps(out, 2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr

@@ -147,7 +147,8 @@ def build_train_loader(recipe, geometry, text_reducer, *, micro_batch: int, proc
         stream = TrainStream(source, transform, text_reducer, **common)
     else:
         stream = StreamingTrainStream(source, transform, text_reducer, workers=workers, resampled=data.resampled,
-                                      shuffle_buffer=data.shuffle_buffer, fast_decode=data.fast_decode, **common)
+                                      shuffle_buffer=data.shuffle_buffer, fast_decode=data.fast_decode,
+                                      exact_resume=data.exact_resume, **common)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                         prefetch_factor=4 if workers else None, persistent_workers=False,
                         worker_init_fn=_one_thread_per_worker)

@@ -47,7 +47,8 @@ def source_kind(pattern: str) -> str:
 def parse_train(value: str, key: str = "data.train") -> list[SourceSpec]:
     """Split `data.train` into sources; errors name the key and show the syntax."""
     if not value.strip():
-        raise ClipaError(f"{key}: empty; set \"synthetic\", a shard pattern, a .csv/.tsv path, or a mixture like {_EXAMPLE}")
+        raise ClipaError(f"{key}: empty; set \"synthetic\", a shard pattern, a .csv/.tsv path, or a mixture "
+                         f"like {_EXAMPLE}")
     specs = []
     for part in value.split(SEPARATOR):
         part = part.strip()

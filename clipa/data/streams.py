@@ -25,7 +25,9 @@ draws, so the stream continues exactly where the uninterrupted run was. Exact wh
 processes, data.num_workers and the micro-batch are unchanged; the one exception is an image that
 passed the cheap checks but failed to decode before the resume point: each shifts that slot by
 one sample (see docs/data.md). The cost is reading the headers and captions of every sample the
-slot consumed since the run began (whole samples for pipe:/remote/compressed shards).
+slot consumed since the run began (whole samples for pipe:/remote/compressed shards). With
+data.exact_resume=false a resumed worker skips nothing and starts a fresh deterministic stream
+(seeded by the resume position) instead: instant, but samples of the interrupted epoch may repeat.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ _ORDER_STREAM = 0x0DE5
 _BUFFER_STREAM = 0xB0F
 _RESAMPLE_STREAM = 0x5A3
 _MIX_STREAM = 0x313
+_SESSION_STREAM = 0x5E55
 
 
 class _Mode:
@@ -86,24 +89,30 @@ def _read_units(source, units, stats: SkipStats, mode: _Mode) -> Iterator[Record
         yield from source.read(int(unit), stats, mode)
 
 
-def slot_units(n: int, seed: int, source_index: int, epoch: int, slot: int, slots: int) -> np.ndarray:
+def _key(seed: int, session: int) -> list[int]:
+    # Session 0 is the run's own stream; a non-exact resume (data.exact_resume=false) at micro-batch
+    # b starts session b: another deterministic stream, nothing to fast-forward.
+    return [seed] if session == 0 else [seed, _SESSION_STREAM, session]
+
+
+def slot_units(n: int, seed: int, source_index: int, epoch: int, slot: int, slots: int, session: int = 0) -> np.ndarray:
     """The units (shards or rows) slot `slot` reads in `epoch`: a disjoint share of a permutation."""
-    return np.random.default_rng([seed, source_index, epoch, _ORDER_STREAM]).permutation(n)[slot::slots]
+    return np.random.default_rng([*_key(seed, session), source_index, epoch, _ORDER_STREAM]).permutation(n)[slot::slots]
 
 
 def source_stream(source, source_index: int, *, seed: int, slot: int, slots: int, resampled: bool,
-                  buffer: int, stats: SkipStats, mode: _Mode) -> Iterator[Record]:
+                  buffer: int, stats: SkipStats, mode: _Mode, session: int = 0) -> Iterator[Record]:
     """One slot's endless stream of checked records from one source."""
-    n = len(source)
+    n, key = len(source), _key(seed, session)
     if resampled:
-        draws = np.random.default_rng([seed, source_index, slot, _RESAMPLE_STREAM])
+        draws = np.random.default_rng([*key, source_index, slot, _RESAMPLE_STREAM])
         units = (int(draws.integers(n)) for _ in itertools.count())
-        rng = np.random.default_rng([seed, source_index, slot, _BUFFER_STREAM])
+        rng = np.random.default_rng([*key, source_index, slot, _BUFFER_STREAM])
         yield from shuffled(_read_units(source, units, stats, mode), buffer, rng)
         return
     for epoch in itertools.count():
-        units = slot_units(n, seed, source_index, epoch, slot, slots)
-        rng = np.random.default_rng([seed, source_index, epoch, slot, _BUFFER_STREAM])
+        units = slot_units(n, seed, source_index, epoch, slot, slots, session)
+        rng = np.random.default_rng([*key, source_index, epoch, slot, _BUFFER_STREAM])
         yield from shuffled(_read_units(source, units, stats, mode), buffer, rng)
 
 
@@ -122,11 +131,12 @@ class StreamingTrainStream(IterableDataset):
 
     def __init__(self, sources: list, transform, tokenizer, *, micro_batch: int, processes: int = 1, rank: int = 0,
                  seed: int = 0, start_batch: int = 0, num_batches: int | None = None, mask=None, workers: int = 1,
-                 resampled: bool = False, shuffle_buffer: int = 0, fast_decode: bool = True):
+                 resampled: bool = False, shuffle_buffer: int = 0, fast_decode: bool = True, exact_resume: bool = True):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
         self.micro_batch, self.processes, self.rank = micro_batch, processes, rank
         self.seed, self.start_batch, self.num_batches, self.mask = seed, start_batch, num_batches, mask
-        self.workers, self.resampled, self.shuffle_buffer, self.fast = max(1, workers), resampled, shuffle_buffer, fast_decode
+        self.workers, self.resampled, self.shuffle_buffer = max(1, workers), resampled, shuffle_buffer
+        self.fast, self.exact_resume = fast_decode, exact_resume
         slots = self.processes * self.workers
         if not resampled:
             for source in sources:
@@ -140,13 +150,14 @@ class StreamingTrainStream(IterableDataset):
     def slot(self, lane: int) -> int:
         return self.rank * self.workers + lane
 
-    def records(self, lane: int, stats: SkipStats, mode: _Mode) -> Iterator[Record]:
+    def records(self, lane: int, stats: SkipStats, mode: _Mode, session: int = 0) -> Iterator[Record]:
         """The endless record stream of this rank's lane `lane`."""
         slot, slots = self.slot(lane), self.processes * self.workers
         streams = [source_stream(s, i, seed=self.seed, slot=slot, slots=slots, resampled=self.resampled,
-                                 buffer=self.shuffle_buffer, stats=stats, mode=mode)
+                                 buffer=self.shuffle_buffer, stats=stats, mode=mode, session=session)
                    for i, s in enumerate(self.sources)]
-        return mixed(streams, [s.weight for s in self.sources], np.random.default_rng([self.seed, slot, _MIX_STREAM]))
+        rng = np.random.default_rng([*_key(self.seed, session), slot, _MIX_STREAM])
+        return mixed(streams, [s.weight for s in self.sources], rng)
 
     def batch(self, b: int, records: Iterator[Record], stats: SkipStats):
         first = b * self.micro_batch * self.processes + self.rank * self.micro_batch
@@ -160,7 +171,8 @@ class StreamingTrainStream(IterableDataset):
                     break
                 except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                     # The next sample of the stream takes this place, with a fresh generator for this index.
-                    stats.skip("corrupt_image", record.where, record.key, f"{type(err).__name__}: {err}")
+                    detail = str(err).split(" <_io.")[0]  # PIL names the in-memory buffer object: noise
+                    stats.skip("corrupt_image", record.where, record.key, f"{type(err).__name__}: {detail}")
             captions.append(record.caption)
             rngs.append(rng)
         texts = self.tokenizer(captions, rngs=rngs)
@@ -178,8 +190,12 @@ class StreamingTrainStream(IterableDataset):
         b = self.start_batch + worker
         lane = b % workers
         stats, mode = SkipStats(), _Mode()
-        records = self.records(lane, stats, mode)
         skip = (b // workers) * self.micro_batch
+        if skip and not self.exact_resume:
+            skip = 0
+            records = self.records(lane, stats, mode, session=self.start_batch)
+        else:
+            records = self.records(lane, stats, mode)
         if skip:
             t0 = time.perf_counter()
             stats.quiet, mode.light = True, True

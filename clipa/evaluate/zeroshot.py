@@ -42,7 +42,7 @@ def classify(model, tokenizer, data: ZeroShotData, batch_size: int = 256, num_wo
     times faster (open_clip_train evaluates on rank 0 only).
     """
     model.eval()
-    device = device or next(model.parameters()).device
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     weights = build_zero_shot_classifier(model, tokenizer, data.classnames, data.templates,
                                          num_classes_per_batch=10, device=device)
     num_classes = len(data.classnames)

@@ -1,0 +1,330 @@
+"""Streaming data: real tar shards (with broken members and a missing shard), CSV files, mixtures.
+
+Every sample's caption is "sample N", and the stand-in tokenizer turns it back into N, so a batch
+says exactly which samples it holds.
+"""
+
+import gzip
+import io
+import json
+import logging
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from clipa.data.loader import build_train_loader
+from clipa.data.sources import ReadOptions, Record, ShardSource, SkipStats, decode_crop, draft_factor, looks_like_image
+from clipa.data.spec import expand, parse_train
+from clipa.data.streams import _Mode
+from clipa.data.transforms import RandomResizedCrop
+from clipa.errors import ClipaError
+from clipa.model import Geometry
+from clipa.recipe import load_recipe
+
+
+def ids(captions, rngs=None):
+    """Stand-in tokenizer: "sample 17" -> [[17]]."""
+    return torch.tensor([[int(c.split()[-1])] for c in captions])
+
+
+def jpeg(i: int, size: int = 24) -> bytes:
+    rng = np.random.default_rng(i)
+    pixels = (rng.integers(0, 255, size=(size, size, 3))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_shard(path, first: int, count: int, broken: dict | None = None) -> None:
+    """Samples first..first+count-1 written with the installed webdataset's TarWriter.
+
+    `broken` maps a sample number to how it is broken: truncated (JPEG cut in half), garbage (not
+    an image), no_caption, empty_caption, no_image.
+    """
+    broken = broken or {}
+    with wds.TarWriter(str(path)) as sink:
+        for n in range(first, first + count):
+            sample = {"__key__": f"{n:06d}", "jpg": jpeg(n), "txt": f"sample {n}",
+                      "json": json.dumps({"caption": f"sample {n}", "n": n}).encode()}
+            how = broken.get(n)
+            if how == "truncated":
+                sample["jpg"] = sample["jpg"][: len(sample["jpg"]) // 2]
+            elif how == "garbage":
+                sample["jpg"] = b"this is not an image at all"
+            elif how == "no_caption":
+                del sample["txt"]
+            elif how == "empty_caption":
+                sample["txt"] = "   "
+            elif how == "no_image":
+                del sample["jpg"]
+            sink.write(sample)
+
+
+def recipe(train: str, **extra):
+    overrides = {"data.train": f'"{train}"', "data.num_workers": 0, "data.shuffle_buffer": 0}
+    overrides.update(extra)
+    return load_recipe(None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+def batches(r, *, micro=4, processes=1, rank=0, start=0, count=6):
+    loader = build_train_loader(r, Geometry(16, 8), ids, micro_batch=micro, processes=processes, rank=rank,
+                                start_batch=start, num_batches=count)
+    return list(loader), loader
+
+
+def sample_ids(got) -> list[int]:
+    return [int(t) for _, texts, _ in got for t in texts[:, 0]]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """8 clean shards of 6 samples (0..47)."""
+    root = tmp_path_factory.mktemp("shards")
+    for s in range(8):
+        write_shard(root / f"{s:05d}.tar", s * 6, 6)
+    return root
+
+
+def test_spec_syntax_and_brace_expansion(tmp_path):
+    specs = parse_train("/d/a/{000..002}.tar@0.7 :: /d/b.csv@0.3::pipe:cat /d/c.tar")
+    assert [(s.pattern, s.weight, s.kind) for s in specs] == [
+        ("/d/a/{000..002}.tar", 0.7, "shards"), ("/d/b.csv", 0.3, "csv"), ("pipe:cat /d/c.tar", 1.0, "shards")]
+    assert expand("/d/{00008..00011}.tar") == ["/d/00008.tar", "/d/00009.tar", "/d/00010.tar", "/d/00011.tar"]
+    for bad, words in [("a.tar::", "empty source"), ("a.tar@0", "must be > 0"), ("synthetic::a.tar", "cannot be mixed")]:
+        with pytest.raises(ClipaError, match=words) as err:
+            load_recipe(None, [f'data.train="{bad}"'])
+        assert str(err.value).startswith("data.train:")
+    with pytest.raises(ClipaError, match="data.csv_separator"):
+        load_recipe(None, ['data.csv_separator=";;"'])
+    # a folder of shards expands to its tars, in order
+    for s in (1, 0):
+        write_shard(tmp_path / f"{s}.tar", s, 1)
+    source = ShardSource(parse_train(str(tmp_path))[0], ReadOptions())
+    assert [os.path.basename(u) for u in source.urls] == ["0.tar", "1.tar"]
+    # captions from a JSON field instead of KEY.txt; a missing field skips the sample as "no caption"
+    def captions(key):
+        stats = SkipStats()
+        shard = ShardSource(parse_train(str(tmp_path / "1.tar"))[0], ReadOptions(caption_key=key))
+        return [r.caption for r in shard.read(0, stats)], dict(stats.counts)
+    assert captions("json:caption") == (["sample 1"], {})
+    assert captions("json:n") == (["1"], {})
+    assert captions("json:missing") == ([], {"no_caption": 1})
+
+
+def test_tar_grouping_matches_the_installed_webdataset(tmp_path):
+    """The pin (webdataset <0.3) exists because 1.x broke open_clip-style grouping; check ours and theirs agree."""
+    path = tmp_path / "g.tar"
+    with wds.TarWriter(str(path)) as sink:
+        for key in ("a/000", "a/001", "x.1"):  # a folder in the key, and a dot (webdataset keys end at the first dot)
+            sink.write({"__key__": key, "jpg": jpeg(3), "txt": f"sample {len(key)}", "json": b"{}"})
+    ours = [(r.key, r.caption, r.image) for r in ShardSource(parse_train(str(path))[0], ReadOptions()).read(0, SkipStats())]
+    theirs = list(wds.tariterators.tarfile_samples([{"url": str(path)}]))
+    assert [s["__key__"] for s in theirs] == ["a/000", "a/001", "x"]
+    assert [k for k, _, _ in ours] == ["a/000", "a/001"]  # "x" has "1.jpg", not "jpg": no image, skipped
+    for (key, caption, image), sample in zip(ours, theirs):
+        assert (key, caption, image) == (sample["__key__"], sample["txt"].decode(), sample["jpg"])
+    assert int(wds.__version__.split(".")[0]) == 0
+
+
+def test_an_epoch_reaches_every_sample_once_over_2_ranks_x_2_workers(shards):
+    r = recipe(str(shards / "{00000..00007}.tar"), **{"data.num_workers": 2, "data.shuffle_buffer": 4})
+    # 4 slots x 2 shards x 6 samples: one epoch is 3 micro-batches of 4 per slot, 6 per rank.
+    ranks = [batches(r, processes=2, rank=rank, count=12)[0] for rank in (0, 1)]
+    epoch0 = sample_ids(ranks[0][:6]) + sample_ids(ranks[1][:6])
+    epoch1 = sample_ids(ranks[0][6:]) + sample_ids(ranks[1][6:])
+    assert sorted(epoch0) == list(range(48)) and sorted(epoch1) == list(range(48))
+    assert epoch0 != epoch1  # reshuffled per epoch
+    again = batches(r, processes=2, rank=1, count=12)[0]
+    assert sample_ids(again) == sample_ids(ranks[1])  # deterministic
+
+
+def test_resume_continues_with_the_same_samples(tmp_path, shards):
+    """Mixture of local shards (seek reader), a pipe: source (stream reader) and a CSV; shuffle buffer, 2 workers."""
+    csv_dir = tmp_path / "csv"
+    (csv_dir / "img").mkdir(parents=True)
+    lines = ["filepath,title"]
+    for n in range(100, 106):  # 3 rows per slot and epoch: the fast-forward crosses epochs of this source
+        (csv_dir / "img" / f"{n}.jpg").write_bytes(jpeg(n))
+        lines.append(f"img/{n}.jpg,sample {n}")
+    (csv_dir / "train.csv").write_text("\n".join(lines) + "\n")
+    piped = tmp_path / "piped"
+    piped.mkdir()
+    for s in range(4):
+        write_shard(piped / f"{s}.tar", 200 + s * 5, 5, broken={201: "no_caption", 212: "garbage"})
+    train = (f"{shards}/{{00000..00007}}.tar@2::pipe:cat {piped}/{{0..3}}.tar@1::{csv_dir}/train.csv@1")
+    r = recipe(train, **{"data.num_workers": 2, "data.shuffle_buffer": 5})
+    full, _ = batches(r, micro=3, count=16)
+    resumed, _ = batches(r, micro=3, start=9, count=7)
+    assert len(resumed) == 7
+    for a, b in zip(full[9:], resumed):
+        assert torch.equal(a[1], b[1]) and torch.equal(a[0], b[0])
+    seen = sample_ids(full)
+    assert set(seen) & set(range(48)) and set(seen) & set(range(200, 220)) and not set(seen) & {201, 212}
+    assert sum(n in range(100, 106) for n in sample_ids(full[:9])) > 6  # some CSV rows came twice: epoch 2
+    # data.exact_resume=false: no fast-forward, a fresh (still deterministic) stream from the resume point
+    fresh = [batches(recipe(train, **{"data.num_workers": 2, "data.shuffle_buffer": 5, "data.exact_resume": "false"}),
+                     micro=3, start=9, count=4)[0] for _ in range(2)]
+    assert sample_ids(fresh[0]) == sample_ids(fresh[1]) != sample_ids(full[9:13])
+
+
+def test_broken_samples_and_shards_are_skipped_counted_and_logged(tmp_path, caplog):
+    broken = {1: "truncated", 2: "garbage", 3: "no_caption", 4: "empty_caption", 5: "no_image"}
+    write_shard(tmp_path / "00000.tar", 0, 8, broken)
+    write_shard(tmp_path / "00002.tar", 8, 8)
+    cut = tmp_path / "00003.tar"  # a shard cut off in the middle of sample 20's image
+    write_shard(cut, 16, 8)
+    data = cut.read_bytes()
+    cut.write_bytes(data[: data.index(b"000020.jpg") + 700])
+    r = recipe(str(tmp_path / "{00000..00003}.tar"))  # 00001.tar does not exist
+    with caplog.at_level(logging.WARNING, logger="clipa.data"):
+        got, loader = batches(r, micro=5, count=3)  # exactly the first epoch: 15 good samples
+    first_epoch = sample_ids(got)
+    # 0..23 minus the 5 broken ones, minus 20..23 lost with the truncated tail
+    assert sorted(first_epoch) == sorted(set(range(20)) - set(broken))
+    assert loader.skips["corrupt_image"] == 1 and loader.skips["not_image"] == 1
+    assert loader.skips["no_caption"] == 1 and loader.skips["empty_caption"] == 1 and loader.skips["no_image"] == 1
+    assert loader.skips["missing_shard"] == 1 and loader.skips["truncated_shard"] == 1
+    assert loader.skipped_samples == 5 and loader.skipped_shards == 2
+    assert loader.take_skipped() == 5 and loader.take_skipped() == 0
+    text = caplog.text
+    assert f"000001 in {tmp_path / '00000.tar'}: corrupt image" in text
+    assert f"000003 in {tmp_path / '00000.tar'}: no caption" in text
+    assert f"shard {tmp_path / '00001.tar'}: missing shard" in text
+    assert f"shard {cut}: truncated shard" in text
+
+
+def test_fast_forward_reads_what_the_full_reader_reads(tmp_path):
+    """Light mode (no image bodies) and full mode yield the same records, truncated shards included."""
+    write_shard(tmp_path / "a.tar", 0, 6, {2: "garbage", 3: "truncated"})
+    data = (tmp_path / "a.tar").read_bytes()
+    for cut in (data.index(b"000004.jpg") + 600, data.index(b"000005.txt") + 100, len(data) - 1500):
+        (tmp_path / "b.tar").write_bytes(data[:cut])
+        for name in ("a.tar", "b.tar"):
+            source = ShardSource(parse_train(str(tmp_path / name))[0], ReadOptions())
+            light, full = _Mode(), _Mode()
+            light.light = True
+            a, b = list(source.read(0, SkipStats(), light)), list(source.read(0, SkipStats(), full))
+            assert [(r.key, r.caption) for r in a] == [(r.key, r.caption) for r in b]
+            assert isinstance(a[0].image, tuple) and isinstance(b[0].image, bytes)
+            crop = RandomResizedCrop(8)
+            for x, y in zip(a, b):
+                if x.key != "000003":
+                    assert torch.equal(decode_crop(x, crop, np.random.default_rng(0)),
+                                       decode_crop(y, crop, np.random.default_rng(0)))
+
+
+def test_csv_paths_are_relative_to_the_csv(tmp_path, monkeypatch):
+    data = tmp_path / "dataset"
+    (data / "images").mkdir(parents=True)
+    for n in range(3):
+        (data / "images" / f"{n}.jpg").write_bytes(jpeg(n))
+    absolute = tmp_path / "elsewhere.jpg"
+    absolute.write_bytes(jpeg(3))
+    (data / "train.tsv").write_text("path\tcaption\n" + "".join(f"images/{n}.jpg\tsample {n}\n" for n in range(3))
+                                    + f"{absolute}\tsample 3\nimages/missing.jpg\tsample 4\n")
+    monkeypatch.chdir(tmp_path / "dataset" / "images")  # relative to the CSV, not the working directory
+    r = recipe(str(data / "train.tsv"), **{"data.csv_image_key": "path", "data.csv_caption_key": "caption"})
+    got, loader = batches(r, micro=2, count=2)
+    assert sorted(sample_ids(got)) == [0, 1, 2, 3]
+    assert loader.skips["missing_file"] == 1
+    with pytest.raises(ClipaError, match=r'data.csv_image_key: column "filepath" is not in .*train.tsv \(columns: path, caption\)'):
+        batches(recipe(str(data / "train.tsv")), count=1)
+
+
+def test_a_source_without_usable_samples_stops_the_run(tmp_path):
+    with pytest.raises(ClipaError, match=r"data.train: .*nothing/\{0\.\.3\}.tar yields no usable sample \(4 shards read; missing shard: 4\)"):
+        batches(recipe(str(tmp_path / "nothing/{0..3}.tar")), count=1)
+    write_shard(tmp_path / "00000.tar", 0, 2)
+    write_shard(tmp_path / "00001.tar", 2, 2)
+    write_shard(tmp_path / "bad.tar", 0, 3, {0: "garbage", 1: "truncated", 2: "no_caption"})
+    with pytest.raises(ClipaError, match="bad.tar yields no usable sample .*corrupt image: 1; no caption: 1; not image: 1"):
+        batches(recipe(f"{tmp_path}/{{00000..00001}}.tar::{tmp_path}/bad.tar"), count=1)
+    (tmp_path / "empty.csv").write_text("filepath,title\n")
+    with pytest.raises(ClipaError, match="empty.csv has no rows"):
+        batches(recipe(str(tmp_path / "empty.csv")), count=1)
+    with pytest.raises(ClipaError, match=r"has 2 shards but 4 loader streams .*data.resampled=true"):
+        batches(recipe(f"{tmp_path}/{{00000..00001}}.tar"), processes=4, count=1)
+
+
+def test_resampled_streams_are_endless_and_deterministic(tmp_path):
+    write_shard(tmp_path / "0.tar", 0, 3)
+    write_shard(tmp_path / "1.tar", 3, 3)
+    r = recipe(str(tmp_path / "{0..1}.tar"), **{"data.resampled": "true", "data.shuffle_buffer": 4})
+    a = [sample_ids(batches(r, micro=3, processes=4, rank=k, count=5)[0]) for k in range(4)]
+    b = [sample_ids(batches(r, micro=3, processes=4, rank=k, count=5)[0]) for k in range(4)]
+    assert a == b and all(len(x) == 15 and set(x) <= set(range(6)) for x in a)
+    assert len({tuple(x) for x in a}) == 4  # each slot draws its own shards
+
+
+def test_fast_decode_keeps_the_crop_and_decodes_smaller():
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3)).astype(np.uint8)).resize(
+        (256, 256)).save(big, format="JPEG")
+    record = Record("k", "mem", big.getvalue(), "sample 1")
+    crop = RandomResizedCrop(32, (0.5, 1.0))
+    slow_rng, fast_rng = np.random.default_rng(1), np.random.default_rng(1)
+    slow = decode_crop(record, crop, slow_rng, fast=False)
+    fast = decode_crop(record, crop, fast_rng, fast=True)
+    assert slow.shape == fast.shape == (3, 32, 32) and slow.dtype == torch.uint8
+    assert slow_rng.random() == fast_rng.random()  # same draws: same crop box
+    assert (slow.float() - fast.float()).abs().mean() < 12
+    assert draft_factor(181, 256, 32) == 4 and draft_factor(60, 60, 32) == 1 and draft_factor(256, 256, 32) == 8
+    assert looks_like_image(big.getvalue()[:16]) and not looks_like_image(b"<html>")
+
+
+def test_train_and_inspect_on_shards(tmp_path, cli):
+    from clipa.data.shards import write_synthetic
+    from clipa.train import train
+    from conftest import RECIPES, tiny_overrides
+
+    info = write_synthetic(tmp_path / "synth", num_samples=96, shard_size=24, eval_per_class=0)
+    assert expand(info["train"]) == [str(tmp_path / "synth" / "train" / f"{s:05d}.tar") for s in range(4)]
+    r = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{
+        "data.train": f'"{info["train"]}"', "train.total_samples": 64, "data.shuffle_buffer": 16}))
+    result = train(r, "pretrain", tmp_path / "run")
+    assert result.steps == 2 and (tmp_path / "run" / "final").is_dir()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    write_shard(broken / "0.tar", 0, 6, {1: "truncated", 2: "no_caption"})
+    sheet = tmp_path / "sheet.png"
+    res = cli("data", "inspect", f"{broken}/{{0..1}}.tar", "--sheet", sheet)
+    assert res.returncode == 0, res.stderr
+    assert "samples" in res.stdout and "│ 4 " in res.stdout and "corrupt image: 1, no caption: 1" in res.stdout
+    assert "missing shard: 1" in res.stdout
+    assert Image.open(sheet).size[0] > 100
+    res = cli("data", "inspect", "synthetic", "--max-samples", "8", "--sheet-count", "0")
+    assert res.returncode == 0 and "synthetic" in res.stdout
+    res = cli("data", "inspect", str(tmp_path / "none.csv"))
+    assert res.returncode == 2 and "none.csv not found" in res.stderr
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
+    """Long names (ustar prefix, GNU longname, pax path), other member types, and gzip, against tarfile."""
+    from clipa.data.sources import _TarStream, tar_members
+
+    path = tmp_path / "t.tar"
+    names = ["d/" + "x" * 120 + "/000001.jpg", "d/" + "x" * 120 + "/000001.txt", "short.txt", "é/ü.jpg"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("d"))  # a non-file member between the files
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            data = bytes([i]) * (700 * i + 3)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    expected = [(m.name, m.offset_data, m.size) for m in tarfile.open(path) if m.isreg()]
+    with open(path, "rb") as f:
+        assert list(tar_members(_TarStream(f, os.path.getsize(path)))) == expected
+    with open(path, "rb") as f:  # as a pipe would deliver it
+        assert list(tar_members(_TarStream(io.BytesIO(f.read())))) == expected
+    write_shard(tmp_path / "s.tar", 0, 3)
+    (tmp_path / "s.tgz").write_bytes(gzip.compress((tmp_path / "s.tar").read_bytes()))
+    plain = [r.caption for r in ShardSource(parse_train(str(tmp_path / "s.tar"))[0], ReadOptions()).read(0, SkipStats())]
+    packed = [r.caption for r in ShardSource(parse_train(str(tmp_path / "s.tgz"))[0], ReadOptions()).read(0, SkipStats())]
+    assert plain == packed == ["sample 0", "sample 1", "sample 2"]
