@@ -234,10 +234,14 @@ def build_tokenizer(arch: str, context_length: int):
     The default (OpenAI BPE) tokenizer ships inside open_clip, so nothing is downloaded; the
     "truncate" reduction is exactly its behaviour: keep the first tokens, end with EOT.
     """
-    if arch.endswith(".json"):
-        text_cfg = arch_config(arch)["text_cfg"]
-        if text_cfg.get("hf_tokenizer_name"):
-            return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
-                                         **text_cfg.get("tokenizer_kwargs", {}))
-        return open_clip.SimpleTokenizer(context_length=context_length)
-    return open_clip.get_tokenizer(arch, context_length=context_length)
+    text_cfg = arch_config(arch)["text_cfg"]
+    try:
+        if arch.endswith(".json"):
+            if text_cfg.get("hf_tokenizer_name"):
+                return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                                             **text_cfg.get("tokenizer_kwargs", {}))
+            return open_clip.SimpleTokenizer(context_length=context_length)
+        return open_clip.get_tokenizer(arch, context_length=context_length)
+    except ImportError as err:  # CLIPA-v2 configs use a BERT tokenizer through Hugging Face transformers
+        raise ClipaError(f"model.arch: {arch} uses the Hugging Face tokenizer {text_cfg.get('hf_tokenizer_name')!r}, "
+                         f"which needs `pip install transformers` and its tokenizer files ({err})") from None

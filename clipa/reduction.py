@@ -205,3 +205,13 @@ class TextReducer:
             ids = [tok.sot_token_id] + self.body(text, rngs[row] if rngs is not None else None) + [tok.eot_token_id]
             out[row, : len(ids)] = torch.tensor(ids)
         return out
+
+
+def reduce_batch(captions: list[str], rngs: list, text_reducer, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch's token reduction: caption tokens and kept-patch indices, from per-sample generators."""
+    texts = text_reducer(captions, rngs=rngs)
+    keep = None
+    if mask is not None:
+        strategy, grid, ratio = mask
+        keep = torch.from_numpy(np.stack([patch_keep_indices(strategy, grid, ratio, rng) for rng in rngs]))
+    return texts, keep

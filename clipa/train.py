@@ -152,6 +152,10 @@ class Trainer:
             raise ValueError(f"stage must be one of {STAGES}")
         self.recipe, self.stage = recipe, stage
         self.geometry, self.model_cfg = recipe_model_config(recipe)
+        # Before anything slow: a tokenizer that cannot load (e.g. Hugging Face without transformers)
+        # or a text strategy it cannot do is a recipe error, reported in a second, not after the model.
+        self.text_reducer = TextReducer(build_tokenizer(recipe.model.arch, self.geometry.context_length),
+                                        recipe.reduction.text, self.geometry.context_length)
         self.run_dir = Path(out_dir or Path("runs") / recipe.name)
         self.accelerator = accelerator = _accelerator(recipe.train.precision)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
@@ -254,8 +258,7 @@ class Trainer:
 
     def _loader(self):
         recipe, geometry = self.recipe, self.geometry
-        text_reducer = TextReducer(build_tokenizer(recipe.model.arch, geometry.context_length), recipe.reduction.text,
-                                   geometry.context_length)
+        text_reducer = self.text_reducer
         mask = (self.masker.strategy, self.masker.grid, self.masker.mask_ratio) if self.masker else None
         return build_train_loader(recipe, geometry, text_reducer, micro_batch=self.micro, processes=self.world,
                                   rank=self.rank, start_batch=self.step * self.accumulation,

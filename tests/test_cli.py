@@ -106,3 +106,14 @@ def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
         assert 0 <= r["metrics"]["acc1"] <= r["metrics"]["acc5"] <= 1
     assert results[0]["metrics"]["num_samples"] == 48
     assert "zero-shot classification" in zs.stdout
+
+
+def test_v2_recipe_without_transformers_is_a_clear_error(cli, tmp_path):
+    try:
+        import transformers  # noqa: F401
+        pytest.skip("transformers installed: the tokenizer would load (or download) instead")
+    except ImportError:
+        pass
+    result = cli("pretrain", "vit_h14/pretrain_84", "--out", tmp_path / "run")
+    assert_user_error(result, "model.arch: ViT-H-14-CLIPA uses the Hugging Face tokenizer", "pip install transformers")
+    assert not (tmp_path / "run").exists()

@@ -11,9 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipa.checkpoint import CheckpointManager
 from clipa.errors import ClipaError
-from clipa.model import Geometry, create_model, stage_config
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.recipe import load_recipe
 from clipa.train import Trainer

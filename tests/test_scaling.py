@@ -102,7 +102,7 @@ def test_run_directories_count_every_stage(tmp_path):
                   overrides=[f"init.checkpoint={pre}/checkpoints/step_000100"])
     (point,) = load_points([ft])
     pre_flops = train_flops_per_sample(stage_config("clipa-tiny", Geometry(32, 8)), 32, 8) * 100 * 256  # up to step 100
-    ft_flops = train_flops_per_sample(stage_config("clipa-tiny", Geometry(64, 32)), 64, 32) * 12_800
+    ft_flops = train_flops_per_sample(stage_config("clipa-tiny", Geometry(64, 32)), 64, 32, 0.7) * 12_800  # 30% masked
     assert point.compute == pytest.approx(pre_flops + ft_flops)
     assert point.error == pytest.approx(0.25) and point.label == "ft"
     # an evaluation row in metrics.jsonl serves when there is no zeroshot_*.json

@@ -28,7 +28,7 @@ from clipa.data.spec import parse_train
 from clipa.data.streams import StreamingTrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
-from clipa.reduction import patch_keep_indices
+from clipa.reduction import reduce_batch
 
 _AUGMENT_STREAM = 0xA06
 
@@ -55,11 +55,7 @@ class TrainStream(IterableDataset):
             images.append(self.transform(image, rng))
             captions.append(caption)
             rngs.append(rng)
-        texts = self.tokenizer(captions, rngs=rngs)
-        keep = None
-        if self.mask is not None:
-            strategy, grid, ratio = self.mask
-            keep = torch.from_numpy(np.stack([patch_keep_indices(strategy, grid, ratio, rng) for rng in rngs]))
+        texts, keep = reduce_batch(captions, rngs, self.tokenizer, self.mask)
         return torch.stack(images), texts, keep
 
     def __iter__(self):

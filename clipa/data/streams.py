@@ -43,7 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipa.data.sources import Record, SkipStats, decode_crop
 from clipa.errors import ClipaError
-from clipa.reduction import patch_keep_indices
+from clipa.reduction import reduce_batch
 
 log = logging.getLogger("clipa.data")
 
@@ -175,11 +175,7 @@ class StreamingTrainStream(IterableDataset):
                     stats.skip("corrupt_image", record.where, record.key, f"{type(err).__name__}: {detail}")
             captions.append(record.caption)
             rngs.append(rng)
-        texts = self.tokenizer(captions, rngs=rngs)
-        keep = None
-        if self.mask is not None:
-            strategy, grid, ratio = self.mask
-            keep = torch.from_numpy(np.stack([patch_keep_indices(strategy, grid, ratio, rng) for rng in rngs]))
+        texts, keep = reduce_batch(captions, rngs, self.tokenizer, self.mask)
         return torch.stack(images), texts, keep, stats.take()
 
     def __iter__(self):
