@@ -196,11 +196,8 @@ class Trainer:
 
         self.step, self.wall_before, self.skipped_total, self.notes = 0, 0.0, 0, []
         self.start_from = start_from
-        if start_from is not None:
-            self._restore(model, optimizer, start_from)
-        self.queues, self.momentum = self._build_queues(model)
-        if start_from is not None and self.queues is not None:
-            self._restore_queues(start_from)
+        queue_state = self._restore(model, optimizer, start_from) if start_from is not None else None
+        self.queues, self.momentum = self._build_queues(model, queue_state)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
         self.config_text = recipe_mod.dumps(recipe)
@@ -209,7 +206,8 @@ class Trainer:
         self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
                                                 self.masker)
 
-    def _restore(self, model, optimizer, checkpoint: Path) -> None:
+    def _restore(self, model, optimizer, checkpoint: Path) -> dict | None:
+        """Load the training state; returns the queue state, applied once the queues exist."""
         model_state, state, rng = load_state(checkpoint, self.rank)
         self.notes = _check_resume_compatible(self.recipe, (checkpoint / "config.toml").read_text(), checkpoint)
         model.load_state_dict(model_state)
@@ -221,8 +219,9 @@ class Trainer:
         self.skipped_total = state.get("skipped_steps", 0)
         if rng is not None:
             set_rng_state(rng)
+        return state.get("queue")
 
-    def _build_queues(self, model):
+    def _build_queues(self, model, restored: dict | None = None):
         cfg = self.recipe.loss.queue
         if cfg.kind == "none":
             return None, None
@@ -231,13 +230,11 @@ class Trainer:
         if cfg.kind == "momentum":  # starts as a copy of the (initialised or restored) online weights
             momentum = MomentumEncoder(model, cfg.momentum)
             momentum.model.to(self.accelerator.device)
+        if restored is not None:
+            queues.load_state_dict(restored["queues"])
+            if momentum is not None:
+                momentum.model.load_state_dict(restored["momentum"])
         return queues, momentum
-
-    def _restore_queues(self, checkpoint: Path) -> None:
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)["queue"]
-        self.queues.load_state_dict(state["queues"])
-        if self.momentum is not None:
-            self.momentum.model.load_state_dict(state["momentum"])
 
     def _queue_state(self) -> dict | None:
         if self.queues is None:
