@@ -261,6 +261,14 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
 # --------------------------------------------------------------------------- evaluation
 
 
+# Options shared by the evaluation commands (zeroshot, retrieval, linear-probe).
+_MODEL = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained.")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Weights file for an architecture name.")
+_IMAGE_SIZE = typer.Option(None, "--image-size", help="Evaluate at this resolution.")
+_BATCH_SIZE = typer.Option(256, "--batch-size")
+_OUTPUT = typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape).")
+
+
 def _results_table(results: list[dict]) -> Table:
     table = Table("dataset", "model", "acc1", "acc5", "mean per-class recall", "chance", "images", "images/s",
                   title="zero-shot classification")
@@ -274,14 +282,14 @@ def _results_table(results: list[dict]) -> Table:
 
 @app.command()
 @user_errors
-def zeroshot(model: str = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained."),
-             dataset: List[str] = typer.Option(..., "--dataset", help="synthetic | imagefolder (repeat for several)."),
-             data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder (imagefolder)."),
-             pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights file for an architecture name."),
+def zeroshot(model: str = _MODEL,
+             dataset: List[str] = typer.Option(..., "--dataset", help="imagenet | imagenet-v2 | imagenet-sketch | imagenet-r | imagenet-a | imagefolder | wds | synthetic (repeat for several)."),
+             data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder (all but synthetic)."),
+             pretrained: Optional[str] = _PRETRAINED,
              templates: Optional[str] = typer.Option(None, "--templates", help="openai | simple | FILE (one {c} template per line)."),
-             image_size: Optional[int] = typer.Option(None, "--image-size", help="Evaluate at this resolution."),
-             batch_size: int = typer.Option(256, "--batch-size"),
-             output: Optional[Path] = typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape)."),
+             image_size: Optional[int] = _IMAGE_SIZE,
+             batch_size: int = _BATCH_SIZE,
+             output: Optional[Path] = _OUTPUT,
              ) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall."""
     from clipa.evaluate.datasets import DATASETS
@@ -301,13 +309,13 @@ def zeroshot(model: str = typer.Option(..., "--model", help="Run dir, exported m
 
 @app.command()
 @user_errors
-def retrieval(model: str = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained."),
+def retrieval(model: str = _MODEL,
               dataset: str = typer.Option(..., "--dataset", help="csv | wds | synthetic."),
               data_root: Optional[str] = typer.Option(None, "--data-root", help="CSV/TSV file (csv) or dataset folder (wds)."),
-              pretrained: Optional[str] = typer.Option(None, "--pretrained", help="Weights file for an architecture name."),
-              image_size: Optional[int] = typer.Option(None, "--image-size", help="Evaluate at this resolution."),
-              batch_size: int = typer.Option(256, "--batch-size"),
-              output: Optional[Path] = typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape)."),
+              pretrained: Optional[str] = _PRETRAINED,
+              image_size: Optional[int] = _IMAGE_SIZE,
+              batch_size: int = _BATCH_SIZE,
+              output: Optional[Path] = _OUTPUT,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
     from clipa.evaluate.models import load_model
@@ -330,12 +338,12 @@ def retrieval(model: str = typer.Option(..., "--model", help="Run dir, exported 
 
 @app.command("linear-probe")
 @user_errors
-def linear_probe_command(model: str = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained."),
+def linear_probe_command(model: str = _MODEL,
                          dataset: str = typer.Option(..., "--dataset", help="imagefolder (train/ and test/ folders) | synthetic."),
                          data_root: Optional[str] = typer.Option(None, "--data-root"),
-                         pretrained: Optional[str] = typer.Option(None, "--pretrained"),
+                         pretrained: Optional[str] = _PRETRAINED,
                          cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder (default .clipa-cache/features)."),
-                         output: Optional[Path] = typer.Option(None, "--output", help="Write results as JSON."),
+                         output: Optional[Path] = _OUTPUT,
                          ) -> None:
     """Logistic-regression probe on frozen image features; L2 chosen on a validation split."""
     from clipa.evaluate.linear_probe import linear_probe
