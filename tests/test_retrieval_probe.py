@@ -75,3 +75,23 @@ def test_probe_separates_linearly_separable_features():
     test_labels = torch.arange(4).repeat_interleave(20)
     assert accuracy(probe, centers[test_labels] + torch.randn(80, 16) * 0.5, test_labels) == 1.0
     assert max(scores.values()) == 1.0
+
+
+def test_wds_pairs_read_several_captions_per_image(tmp_path):
+    import io
+    import tarfile
+
+    (tmp_path / "test").mkdir()
+    with tarfile.open(tmp_path / "test" / "0.tar", "w") as tar:
+        for i in range(3):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 50 * i, dtype=np.uint8)).save(buffer, format="PNG")
+            for name, data in ((f"{i:03d}.png", buffer.getvalue()), (f"{i:03d}.txt", f"cap {i} a\ncap {i} b\n".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    loaders, captions = load_pairs("wds", str(tmp_path))
+    assert captions == [[f"cap {i} a", f"cap {i} b"] for i in range(3)]
+    assert np.asarray(loaders[2]().convert("RGB"))[0, 0].tolist() == [100, 100, 100]
+    with pytest.raises(ClipaError, match="no shards in"):
+        load_pairs("wds", str(tmp_path / "test" / "nothing"))

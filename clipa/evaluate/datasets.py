@@ -146,39 +146,47 @@ def _imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
     return LabeledImages(items, transform), classnames
 
 
+def wds_index(root: Path) -> list[tuple[Path, dict[str, tuple[int, int]]]]:
+    """CLIP_benchmark's webdataset split under `root` (test/*.tar, else *.tar), indexed once:
+    (shard, {extension: (byte offset, size)}) per sample, so a sample is read with two seeks."""
+    import tarfile
+
+    shards = sorted((root / "test").glob("*.tar")) or sorted(root.glob("*.tar"))
+    if not shards:
+        raise ClipaError(f"--data-root: no shards in {root / 'test'} (expected test/0.tar, ...)")
+    samples = []
+    for shard in shards:
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and "." in Path(member.name).name:
+                        key, ext = member.name.split(".", 1)
+                        members.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
+        except (OSError, tarfile.TarError) as err:
+            raise ClipaError(f"--data-root: cannot read shard {shard} ({err})") from None
+        samples += [(shard, parts) for parts in members.values()]
+    return samples
+
+
+def read_member(f, where: tuple[int, int]) -> bytes:
+    f.seek(where[0])
+    return f.read(where[1])
+
+
 class WdsClassification(Dataset):
-    """CLIP_benchmark's webdataset classification split with random access.
+    """CLIP_benchmark's webdataset classification split with random access (see `wds_index`),
+    so the split can be sharded across processes like any map-style dataset."""
 
-    The tar headers are indexed once (member offsets and sizes); a sample is then two seeks and
-    reads, so the split can be sharded across processes like any map-style dataset.
-    """
-
-    def __init__(self, shards: list[Path], transform):
-        import tarfile
-
+    def __init__(self, root: Path, transform):
         self.transform, self.items = transform, []
-        for shard in shards:
-            members: dict[str, dict[str, tuple[int, int]]] = {}
-            try:
-                with tarfile.open(shard) as tar:
-                    for member in tar.getmembers():
-                        if member.isfile() and "." in Path(member.name).name:
-                            key, ext = member.name.split(".", 1)
-                            members.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
-            except (OSError, tarfile.TarError) as err:
-                raise ClipaError(f"--data-root: cannot read shard {shard} ({err})") from None
-            for parts in members.values():
-                image = next((parts[e] for e in ("webp", "jpg", "jpeg", "png") if e in parts), None)
-                if image is not None and "cls" in parts:
-                    self.items.append((shard, image, parts["cls"]))
+        for shard, parts in wds_index(root):
+            image = next((parts[e] for e in ("webp", "jpg", "jpeg", "png") if e in parts), None)
+            if image is not None and "cls" in parts:
+                self.items.append((shard, image, parts["cls"]))
 
     def __len__(self) -> int:
         return len(self.items)
-
-    @staticmethod
-    def _read(f, where: tuple[int, int]) -> bytes:
-        f.seek(where[0])
-        return f.read(where[1])
 
     def __getitem__(self, index: int):
         import io
@@ -186,8 +194,8 @@ class WdsClassification(Dataset):
         shard, image_at, cls_at = self.items[index]
         try:
             with open(shard, "rb") as f:
-                label = int(self._read(f, cls_at).decode().strip())
-                with Image.open(io.BytesIO(self._read(f, image_at))) as image:
+                label = int(read_member(f, cls_at).decode().strip())
+                with Image.open(io.BytesIO(read_member(f, image_at))) as image:
                     image = image.convert("RGB")
         except (OSError, ValueError):
             return None
@@ -199,13 +207,10 @@ def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
     if not names_file.is_file():
         raise ClipaError(f"--data-root: {names_file} is missing (CLIP_benchmark webdataset layout)")
     classnames = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    shards = sorted((root / "test").glob("*.tar")) or sorted(root.glob("*.tar"))
-    if not shards:
-        raise ClipaError(f"--data-root: no shards in {root / 'test'} (expected test/0.tar, ...)")
     template_file = root / "zeroshot_classification_templates.txt"
     default = [t for t in template_file.read_text(encoding="utf-8").splitlines() if t.strip()] \
         if template_file.is_file() else ["a photo of a {c}."]
-    return ZeroShotData("wds", WdsClassification(shards, transform), classnames, load_templates(templates, default))
+    return ZeroShotData("wds", WdsClassification(root, transform), classnames, load_templates(templates, default))
 
 
 def load_zeroshot_data(name: str, transform, data_root: str | None = None, templates: str | None = None,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import tarfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from clipa.data.synthetic import draw_scene, _rng
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
+from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel
 
 RETRIEVAL_DATASETS = ("csv", "wds", "synthetic")
@@ -77,24 +77,20 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
                 captions.setdefault(path if path.is_absolute() else root.parent / path, []).append(row[caption_column])
         return [_from_file(p) for p in captions], list(captions.values())
     if dataset == "wds":
-        shards = sorted((root / "test").glob("*.tar")) or sorted(root.glob("*.tar"))
-        if not shards:
-            raise ClipaError(f"--data-root: no shards in {root / 'test'} (expected test/0.tar, ...)")
         loaders, captions = [], []
-        for shard in shards:
-            samples: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(shard) as tar:
-                for member in tar.getmembers():
-                    if member.isfile() and "." in member.name:
-                        key, ext = member.name.split(".", 1)
-                        samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-            for parts in samples.values():
-                data = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-                if data is not None and "txt" in parts:
-                    loaders.append(lambda d=data: Image.open(io.BytesIO(d)))
-                    captions.append([c for c in parts["txt"].decode().splitlines() if c.strip()])
+        for shard, parts in wds_index(root):
+            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            if image is not None and "txt" in parts:
+                text = _read_at(shard, parts["txt"]).decode()
+                loaders.append(lambda shard=shard, at=image: Image.open(io.BytesIO(_read_at(shard, at))))
+                captions.append([c for c in text.splitlines() if c.strip()])
         return loaders, captions
     raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\" (available: {', '.join(RETRIEVAL_DATASETS)})")
+
+
+def _read_at(shard: Path, where: tuple[int, int]) -> bytes:
+    with open(shard, "rb") as f:
+        return read_member(f, where)
 
 
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
