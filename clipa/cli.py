@@ -70,13 +70,13 @@ def _load(recipe_path: str, overrides: Optional[List[str]]):
 def _describe(recipe, geometry, stage: str, out_dir: Path) -> Table:
     from clipa.checkpoint import CheckpointManager
     from clipa.flops import image_tokens, train_flops_per_sample
-    from clipa.model import native_geometry, stage_config, arch_config
+    from clipa.model import arch_config, native_geometry, recipe_model_config
 
-    cfg = stage_config(recipe.model.arch, geometry)
+    _, cfg = recipe_model_config(recipe)  # the model the trainer builds: timm tower, SigLIP bias included
     native = native_geometry(arch_config(recipe.model.arch))
     keep_ratio = 1.0 - recipe.reduction.mask_ratio
     flops = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length, keep_ratio)
-    full = train_flops_per_sample(arch_config(recipe.model.arch), native.image_size, native.context_length)
+    full = train_flops_per_sample(cfg, native.image_size, native.context_length)
     steps = recipe.train.total_samples // recipe.train.global_batch_size
     latest = CheckpointManager(out_dir / "checkpoints").latest()
     start = (f"resume from {latest}" if latest else
