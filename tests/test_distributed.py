@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_torchrun
+
 HELPER = str(__import__("pathlib").Path(__file__).with_name("distributed_grads.py"))
 
 COMMON = ["train.global_batch_size=64", "train.total_samples=192", "train.log_every_steps=1", "data.num_workers=0",
@@ -28,8 +30,8 @@ def losses(run_dir):
 
 def test_two_processes_with_accumulation_match_one_process(tmp_path):
     # 2 processes x micro 16 x 2 accumulation steps  vs  1 process x micro 64
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "clipa", "pretrain",
-               "tiny/pretrain", *COMMON, "train.micro_batch_size=16", "--out", tmp_path / "two"], tmp_path)
+    two = run_torchrun("-m", "clipa", "pretrain", "tiny/pretrain", *COMMON, "train.micro_batch_size=16",
+                       "--out", tmp_path / "two", cwd=tmp_path)
     assert two.stdout.count("pretrain finished") == 1  # only rank 0 reports
     run([sys.executable, "-m", "clipa", "pretrain", "tiny/pretrain", *COMMON, "--out", tmp_path / "one"], tmp_path)
     for a, b in zip(losses(tmp_path / "two"), losses(tmp_path / "one"), strict=True):
@@ -48,8 +50,7 @@ def test_two_process_gradients_equal_one_process(tmp_path, loss_kind, masked):
     from test_accumulation import assert_same_gradients, global_batch, gradients, split
 
     out = tmp_path / "grads.pt"
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", HELPER, out, "8", loss_kind, masked],
-        tmp_path)
+    run_torchrun(HELPER, out, "8", loss_kind, masked, cwd=tmp_path)
     saved = torch.load(out, weights_only=False)
     assert saved["world"] == 2
     loss, expected = gradients(split(global_batch(64, masked == "1"), 64), loss_kind, masked == "1")

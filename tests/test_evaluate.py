@@ -2,9 +2,6 @@
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import zeroshot
 from clipa.recipe import load_recipe
 from clipa.train import train
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, run_torchrun, tiny_overrides
 
 HELPER = str(Path(__file__).with_name("distributed_eval.py"))
 
@@ -67,9 +64,7 @@ def test_zeroshot_equals_open_clip_classifier_and_a_plain_loop(trained):
 def test_two_process_evaluation_equals_one_process(trained, tmp_path):
     run_dir, eval_dir = trained
     out = tmp_path / "result.json"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", HELPER, str(run_dir),
-                    str(eval_dir), str(out)], check=True, capture_output=True, timeout=300,
-                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_torchrun(HELPER, run_dir, eval_dir, out, timeout=300)
     two = json.loads(out.read_text())
     one = zeroshot(load_model(str(run_dir)), "imagefolder", str(eval_dir))
     assert two["world"] == 2

@@ -1,10 +1,7 @@
 """Feature queues and the momentum encoder: math, order, gradients, resume, processes."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from clipa.errors import ClipaError
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.recipe import load_recipe
 from clipa.train import Trainer
-from conftest import RECIPES
+from conftest import RECIPES, run_torchrun
 
 ARGS = ["train.global_batch_size=16", "train.log_every_steps=1", "data.num_workers=0", "checkpoint.every_steps=2",
         "checkpoint.keep_last=10", "loss.queue.size=48", "loss.queue.warmup_steps=1"]
@@ -106,9 +103,7 @@ def test_queue_state_round_trips_through_a_checkpoint(tmp_path):
 
 def test_two_processes_enqueue_every_process_keys(tmp_path):
     out = tmp_path / "states.pt"
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    str(Path(__file__).with_name("distributed_queue.py")), str(out)], check=True,
-                   capture_output=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run_torchrun(Path(__file__).with_name("distributed_queue.py"), out, timeout=300)
     states = torch.load(out, weights_only=False)
     for state in states:  # both processes hold the same queue: rank 0's keys, then rank 1's
         assert state["images"][:4, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
