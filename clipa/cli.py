@@ -470,7 +470,16 @@ def quickstart(out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", he
 
 
 def main() -> None:
-    app()
+    from clipa.distributed import leave_process_group
+
+    try:
+        app()
+    except SystemExit as done:
+        leave_process_group(wait_for_others=done.code in (0, None))
+        raise
+    except BaseException:
+        leave_process_group(wait_for_others=False)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

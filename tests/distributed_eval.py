@@ -8,6 +8,7 @@ import sys
 
 from accelerate import Accelerator
 
+from clipa.distributed import leave_process_group
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import zeroshot
 
@@ -23,3 +24,4 @@ def main(model: str, data_root: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    leave_process_group()

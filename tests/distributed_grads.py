@@ -11,6 +11,7 @@ from accelerate import Accelerator
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_accumulation import GEOMETRY, global_batch  # noqa: E402
 
+from clipa.distributed import leave_process_group  # noqa: E402
 from clipa.loss import LOSSES  # noqa: E402
 from clipa.model import create_model, stage_config  # noqa: E402
 from clipa.reduction import install_patch_masker  # noqa: E402
@@ -42,3 +43,4 @@ def main(out: str, micro: int, loss_kind: str = "infonce", masked: str = "0") ->
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    leave_process_group()

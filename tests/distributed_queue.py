@@ -8,6 +8,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
+from clipa.distributed import leave_process_group
 from clipa.queue import FeatureQueues, gather_no_grad
 
 
@@ -26,3 +27,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    leave_process_group()
