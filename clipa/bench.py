@@ -14,7 +14,8 @@ dominate. Reported per setting:
                   fraction of the step (it runs in the loader workers, off the step's path)
 
 Timings use the median of the measured steps after warm-up; ratios come from one run, so
-machine noise that hits every setting alike cancels out.
+machine noise that hits every setting alike cancels out. With `repeats` > 1 the whole list of
+settings is measured again, round-robin, and the median over repeats is reported.
 """
 
 from __future__ import annotations
@@ -125,19 +126,31 @@ def measure(arch: str, setting: Setting, batch: int, steps: int, warmup: int = 1
     }
 
 
-def run_bench(archs: list[str], batch: int, steps: int, progress=lambda row: None) -> list[dict]:
+def run_bench(archs: list[str], batch: int, steps: int, repeats: int = 1, progress=lambda row: None) -> list[dict]:
+    """Measure every setting `repeats` times, round-robin, so slow drifts of a shared machine hit all
+    settings alike; each repeat's speedups are taken against that repeat's full-token step, and the
+    median over repeats is reported (with the spread of the efficiency)."""
     rows = []
     for arch in archs:
         torch.set_flush_denormal(True)
         settings = default_settings(arch)
-        full = None
-        for setting in settings:
-            row = measure(arch, setting, batch, steps)
-            if full is None:
-                full = row
-            row["speedup"] = row["samples_per_s"] / full["samples_per_s"]
-            row["flop_ratio"] = full["flops_per_sample"] / row["flops_per_sample"]
-            row["efficiency"] = row["speedup"] / row["flop_ratio"]
+        runs = [[] for _ in settings]
+        for _ in range(repeats):
+            for i, setting in enumerate(settings):
+                row = measure(arch, setting, batch, steps)
+                row["speedup"] = row["samples_per_s"] / (runs[0][-1] if i else row)["samples_per_s"]
+                runs[i].append(row)
+                progress(row)
+        for measured in runs:
+            row = dict(measured[0])
+            row["repeats"] = len(measured)
+            row["samples_per_s"] = statistics.median(r["samples_per_s"] for r in measured)
+            row["step_s"] = statistics.median(r["step_s"] for r in measured)
+            row["text_select_frac"] = statistics.median(r["text_select_frac"] for r in measured)
+            row["speedup"] = statistics.median(r["speedup"] for r in measured)
+            row["flop_ratio"] = runs[0][0]["flops_per_sample"] / row["flops_per_sample"]
+            efficiencies = [r["speedup"] / row["flop_ratio"] for r in measured]
+            row["efficiency"] = statistics.median(efficiencies)
+            row["efficiency_range"] = [min(efficiencies), max(efficiencies)]
             rows.append(row)
-            progress(row)
     return rows

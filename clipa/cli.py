@@ -376,8 +376,9 @@ def report_command(run_dir: Path = typer.Argument(..., help="A clipa run directo
 @app.command()
 @user_errors
 def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", help="Architectures to measure."),
-          batch: int = typer.Option(0, "--batch", help="Samples per step; 0 = 64 for small models, 8 for ViT-B and up."),
+          batch: int = typer.Option(0, "--batch", help="Samples per step; 0 = 256 for small models (amortises per-step costs), 8 for ViT-B and up."),
           steps: int = typer.Option(3, "--steps", help="Measured steps per setting (after one warm-up step)."),
+          repeats: int = typer.Option(1, "--repeats", help="Measure all settings this many times, round-robin; report medians."),
           output: Optional[Path] = typer.Option(None, "--output", help="Also write the rows as JSON.")) -> None:
     """Measured training throughput of token-reduction settings vs the analytic FLOP ratio."""
     import json
@@ -385,20 +386,21 @@ def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", h
     from clipa.bench import run_bench
     from clipa.model import arch_config
 
-    if steps < 1:
-        raise ClipaError(f"--steps: must be >= 1, got {steps}")
+    if steps < 1 or repeats < 1:
+        raise ClipaError(f"--steps and --repeats: must be >= 1, got --steps {steps} --repeats {repeats}")
     rows = []
     for name in arch:
         width = arch_config(name)["vision_cfg"].get("width", 768)
-        size = batch or (64 if width < 512 else 8)
-        rows += run_bench([name], size, steps,
+        size = batch or (256 if width < 512 else 8)
+        rows += run_bench([name], size, steps, repeats,
                           progress=lambda r: print(f"{r['arch']} {r['setting']}: {r['samples_per_s']:.1f} samples/s", flush=True))
     table = Table("arch", "setting", "img tok", "txt tok", "GFLOPs/sample", "samples/s", "speedup", "FLOP ratio",
-                  "efficiency", "text select", title="clipa bench: training step forward + backward, fp32")
+                  "efficiency", "eff. range", "text select", title="clipa bench: training step forward + backward, fp32")
     for r in rows:
         table.add_row(r["arch"], r["setting"], str(r["image_tokens"]), str(r["text_tokens"]),
                       f"{r['flops_per_sample'] / 1e9:.2f}", f"{r['samples_per_s']:.1f}", f"{r['speedup']:.2f}x",
-                      f"{r['flop_ratio']:.2f}x", f"{r['efficiency']:.2f}", f"{100 * r['text_select_frac']:.1f}%")
+                      f"{r['flop_ratio']:.2f}x", f"{r['efficiency']:.2f}",
+                      "{:.2f}-{:.2f}".format(*r["efficiency_range"]), f"{100 * r['text_select_frac']:.1f}%")
     out.print(table)
     if output:
         output.write_text(json.dumps(rows, indent=2) + "\n")
