@@ -114,7 +114,7 @@ def train_flops_per_sample(model_cfg: dict, image_size: int, context_length: int
 
 
 # Dense (no sparsity) bf16 tensor-core peak TFLOP/s per accelerator (per chip for TPUs), from the
-# vendors' data sheets. MFU on GPUs uses it; on a CPU clipa reports achieved TFLOP/s only.
+# vendors' data sheets. MFU on GPUs uses it; on a CPU MFU is against a measured fp32 matmul peak.
 # V100 and T4 have no bf16: their fp16 tensor peak is given. Consumer cards: fp32 accumulation.
 PEAK_TFLOPS_BF16 = {
     "A100": 312.0, "H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.0, "GH200": 989.0,
@@ -142,9 +142,37 @@ def match_accelerator(name: str) -> str | None:
     return max(contained, key=lambda k: len(_normal(k))) if contained else None
 
 
-def device_peak_flops() -> float | None:
+def measure_matmul_peak(sizes=(1024, 2048, 3072), repeats: int = 5) -> float:
+    """FLOP/s of the best large fp32 square matmul on the CPU: the peak a CPU's MFU is measured against
+    (no data sheet knows a shared or throttled machine's real number)."""
+    import time
+
     import torch
 
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up: thread pool, page faults
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+_measured_cpu_peak: float | None = None
+
+
+def device_peak_flops(device_type: str = "cuda") -> float | None:
+    """Peak FLOP/s for MFU: the data-sheet bf16 peak of a known GPU; on a CPU a quick measured fp32
+    matmul peak (about 0.3 s, once per process); None for an unknown GPU."""
+    global _measured_cpu_peak
+    import torch
+
+    if device_type == "cpu":
+        if _measured_cpu_peak is None:
+            _measured_cpu_peak = measure_matmul_peak(sizes=(1536,), repeats=3)
+        return _measured_cpu_peak
     if not torch.cuda.is_available():
         return None
     key = match_accelerator(torch.cuda.get_device_name())

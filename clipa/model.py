@@ -238,10 +238,15 @@ def build_tokenizer(arch: str, context_length: int):
     try:
         if arch.endswith(".json"):
             if text_cfg.get("hf_tokenizer_name"):
-                return open_clip.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
+                return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
                                              **text_cfg.get("tokenizer_kwargs", {}))
             return open_clip.SimpleTokenizer(context_length=context_length)
         return open_clip.get_tokenizer(arch, context_length=context_length)
     except ImportError as err:  # CLIPA-v2 configs use a BERT tokenizer through Hugging Face transformers
         raise ClipaError(f"model.arch: {arch} uses the Hugging Face tokenizer {text_cfg.get('hf_tokenizer_name')!r}, "
-                         f"which needs `pip install transformers` and its tokenizer files ({err})") from None
+                         f"which needs `pip install 'clipa[hf]'` (transformers) ({err})") from None
+    except OSError as err:  # not in the Hugging Face cache, and offline (or no such tokenizer)
+        name = text_cfg.get("hf_tokenizer_name")
+        raise ClipaError(f"model.arch: {arch}: cannot load the Hugging Face tokenizer {name!r} ({str(err).splitlines()[0]}); "
+                         f"download it once with `huggingface-cli download {name}` or point `hf_tokenizer_name` in a "
+                         "model-config JSON (model.arch=PATH.json) at a local tokenizer directory") from None

@@ -110,6 +110,7 @@ class TrainConfig:
     total_samples: int = 100_000
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model (inductor); the first steps pay for compilation
     log_every_steps: int = 10
     logit_scale_max: float = 100.0  # CLIP clamps the learned temperature at 100
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)

@@ -139,32 +139,106 @@ def install_patch_masker(model: nn.Module, strategy: str, mask_ratio: float) -> 
 # --------------------------------------------------------------------------- text
 
 
-class TextReducer:
-    """Tokenize captions to `length` tokens (start + kept body + end), dropping by strategy.
+class _BPEVocab:
+    """open_clip's SimpleTokenizer (OpenAI BPE): rows are <start> body <end>, zero-padded."""
 
-    `rngs` (one numpy Generator per caption) make random/block choices a function of the
-    sample, not of the process or worker that happens to tokenize it.
+    def __init__(self, tok):
+        self.tok = tok
+        self.specials = 2
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text)
+
+    def words(self, text: str) -> tuple[list[str], list[list[int]]]:
+        tok = self.tok
+        words = tok.pat.findall(tok.clean_fn(text))
+        pieces = []
+        for word in words:
+            token = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+            pieces.append([tok.encoder[p] for p in tok.bpe(token).split(" ")])
+        return words, pieces
+
+    def row(self, body: list[int]) -> list[int]:
+        return [self.tok.sot_token_id, *body, self.tok.eot_token_id]
+
+
+class _HFVocab:
+    """open_clip's HFTokenizer (CLIPA-v2's BERT): rows are built by the Hugging Face tokenizer's own
+    special-token rule ([CLS] body [SEP] for BERT), padded with its pad id, [SEP] zeroed when the
+    model config strips it, exactly as HFTokenizer does for a caption it truncates."""
+
+    def __init__(self, tok):
+        self.tok, self.hf = tok, tok.tokenizer
+        # The tokenizer's single-sequence template ([CLS] $A [SEP] for BERT), read off a probe word:
+        # works across transformers versions and tokenizer families.
+        body = self.hf("a", add_special_tokens=False)["input_ids"]
+        full = self.hf("a", add_special_tokens=True)["input_ids"]
+        at = next(i for i in range(len(full)) if full[i:i + len(body)] == body)
+        self.prefix, self.suffix = full[:at], full[at + len(body):]
+        self.specials = len(self.prefix) + len(self.suffix)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(self.tok.clean_fn(text), add_special_tokens=False)["input_ids"]
+
+    def words(self, text: str) -> tuple[list[str], list[list[int]]]:
+        cleaned = self.tok.clean_fn(text)
+        encoding = self.hf(cleaned, add_special_tokens=False)
+        words, pieces, last = [], [], None
+        for token, word in zip(encoding["input_ids"], encoding.word_ids()):
+            if word != last:  # the fast tokenizer's pre-tokenized word (whitespace and punctuation split)
+                start, end = encoding.word_to_chars(word)
+                words.append(cleaned[start:end])
+                pieces.append([])
+                last = word
+            pieces[-1].append(token)
+        return words, pieces
+
+    def row(self, body: list[int]) -> list[int]:
+        ids = [*self.prefix, *body, *self.suffix]
+        if self.tok.strip_sep_token:
+            ids = [0 if i == self.hf.sep_token_id else i for i in ids]
+        return ids
+
+    @property
+    def pad(self) -> int:
+        return self.hf.pad_token_id or 0
+
+
+def _vocab(tokenizer):
+    if hasattr(tokenizer, "bpe") and hasattr(tokenizer, "sot_token_id"):
+        return _BPEVocab(tokenizer)
+    hf = getattr(tokenizer, "tokenizer", None)  # open_clip.HFTokenizer wraps a transformers tokenizer
+    if getattr(hf, "is_fast", False) and not getattr(tokenizer, "tokenizer_mode", ""):
+        return _HFVocab(tokenizer)
+    return None  # anything else can only truncate, by itself
+
+
+class TextReducer:
+    """Tokenize captions to `length` tokens (specials + kept body), dropping by strategy.
+
+    Works with open_clip's BPE tokenizer and with its Hugging Face tokenizer (CLIPA-v2's BERT, a
+    fast tokenizer is needed for word boundaries). `rngs` (one numpy Generator per caption) make
+    random/block choices a function of the sample, not of the process or worker that tokenizes it.
     """
 
     def __init__(self, tokenizer, strategy: str, length: int):
         self.tokenizer, self.strategy, self.length = tokenizer, strategy, length
-        self.bpe = hasattr(tokenizer, "encode") and hasattr(tokenizer, "sot_token_id") and hasattr(tokenizer, "bpe")
-        if strategy != "truncate" and not self.bpe:
+        self.vocab = _vocab(tokenizer)
+        if strategy != "truncate" and self.vocab is None:
             from clipa.errors import ClipaError
 
-            raise ClipaError(f"reduction.text: \"{strategy}\" needs open_clip's BPE tokenizer (SimpleTokenizer); "
-                             f"this model uses {type(tokenizer).__name__}; use reduction.text=\"truncate\"")
+            raise ClipaError(f"reduction.text: \"{strategy}\" needs open_clip's BPE tokenizer or a Hugging Face fast "
+                             f"tokenizer; this model uses {type(tokenizer).__name__}; use reduction.text=\"truncate\"")
         if strategy == "syntax":
             from clipa.pos import word_priority
 
             self.word_priority = word_priority
 
     def body(self, text: str, rng: np.random.Generator | None) -> list[int]:
-        budget = self.length - 2
-        tok = self.tokenizer
+        budget = self.length - self.vocab.specials
         if self.strategy == "syntax":
             return self._syntax(text, budget)
-        ids = tok.encode(text)
+        ids = self.vocab.encode(text)
         if len(ids) <= budget:
             return ids
         if self.strategy == "truncate":
@@ -179,13 +253,7 @@ class TextReducer:
         raise ValueError(self.strategy)
 
     def _syntax(self, text: str, budget: int) -> list[int]:
-        tok = self.tokenizer
-        cleaned = tok.clean_fn(text)
-        words = tok.pat.findall(cleaned)
-        pieces = []
-        for word in words:
-            token = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
-            pieces.append([tok.encoder[p] for p in tok.bpe(token).split(" ")])
+        words, pieces = self.vocab.words(text)
         if sum(len(p) for p in pieces) <= budget:
             return [i for p in pieces for i in p]
         order = sorted(range(len(words)), key=lambda i: (self.word_priority(words[i]), i))
@@ -197,12 +265,11 @@ class TextReducer:
         return [t for i in sorted(chosen) for t in pieces[i]]
 
     def __call__(self, texts: list[str], rngs=None) -> torch.Tensor:
-        if not self.bpe:
-            return self.tokenizer(texts, context_length=self.length)
-        tok = self.tokenizer
-        out = torch.zeros(len(texts), self.length, dtype=torch.long)
+        if self.strategy == "truncate" and not isinstance(self.vocab, _BPEVocab):
+            return self.tokenizer(texts, context_length=self.length)  # the tokenizer's own truncation
+        out = torch.full((len(texts), self.length), getattr(self.vocab, "pad", 0), dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = [tok.sot_token_id] + self.body(text, rngs[row] if rngs is not None else None) + [tok.eot_token_id]
+            ids = self.vocab.row(self.body(text, rngs[row] if rngs is not None else None))
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from clipa import recipe as recipe_mod
 from clipa.checkpoint import CheckpointManager, find_weights, load_state, read_state_dict, set_rng_state
@@ -72,6 +72,14 @@ def _accelerator(precision: str) -> Accelerator:
         precision = "bf16" if on_gpu else "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+
+
+def _total_grad_norm(parameters) -> torch.Tensor:
+    """2-norm of all gradients (after DDP's all-reduce they are the same on every process)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def _to_device(batch, device):
@@ -200,6 +208,11 @@ class Trainer:
         self.queues, self.momentum = self._build_queues(model, queue_state)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
+        if recipe.train.compile:
+            # Compiled after prepare, so dynamo sees DDP's buckets; weights are saved from `unwrapped`,
+            # whose names carry no `_orig_mod.` prefix. Masks change values, never shapes, per stage:
+            # one graph per grad mode, no recompilation per step.
+            self.model = torch.compile(self.model)
         self.config_text = recipe_mod.dumps(recipe)
         if self.main:
             (self.run_dir / "config.toml").write_text(self.config_text, encoding="utf-8")
@@ -284,8 +297,11 @@ class Trainer:
 
     def _finite_update(self, loss: torch.Tensor) -> bool:
         """Clip (if asked) and report whether loss and gradients are finite, agreed by all processes."""
-        max_norm = self.recipe.optim.grad_clip or float("inf")
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.recipe.optim.grad_clip or self.accelerator.distributed_type == DistributedType.FSDP:
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
+                                                         self.recipe.optim.grad_clip or float("inf"))
+        else:  # the norm only: clipping at infinity would still rescale every gradient by 1.0
+            grad_norm = _total_grad_norm(self.model.parameters())
         finite = torch.isfinite(loss.detach().float()) & torch.isfinite(torch.as_tensor(grad_norm).float())
         finite = self.accelerator.reduce(finite.float().to(self.accelerator.device), reduction="sum")
         return bool(finite.item() == self.world)  # one host sync per step: the price of never stepping on NaN
@@ -297,7 +313,7 @@ class Trainer:
                                                   self.geometry.context_length, keep_ratio)
         tokens_per_sample = image_tokens(self.model_cfg, self.geometry.image_size, keep_ratio) \
             + self.geometry.context_length
-        peak = device_peak_flops()
+        peak = device_peak_flops(accelerator.device.type)
         batch = recipe.train.global_batch_size
         log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {recipe.name}",
                      start=self.step, enabled=self.main)
@@ -350,7 +366,8 @@ class Trainer:
                         "set optim.grad_clip, then rerun the same command to resume")
 
                 if self.step % recipe.train.log_every_steps == 0 or self.step == self.total_steps:
-                    elapsed = time.perf_counter() - t_window
+                    now = time.perf_counter()
+                    elapsed, t_window = now - t_window, now  # the log write below counts in the next window
                     # The host sync happens here, once per log step; each process's loss covers its
                     # own rows, so the mean over processes is the loss of the global batch.
                     mean = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
@@ -368,7 +385,6 @@ class Trainer:
                     }, f"step {self.step}/{self.total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
                     loss_sum.zero_()
                     loss_count, window_steps, window_skipped, data_wait = 0, 0, 0, 0.0
-                    t_window = time.perf_counter()
                 if recipe.eval.zeroshot and recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0 \
                         and self.step < self.total_steps:
                     self.evaluate(log)

@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -108,12 +111,18 @@ def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
     assert "zero-shot classification" in zs.stdout
 
 
-def test_v2_recipe_without_transformers_is_a_clear_error(cli, tmp_path):
-    try:
-        import transformers  # noqa: F401
-        pytest.skip("transformers installed: the tokenizer would load (or download) instead")
-    except ImportError:
-        pass
+def test_v2_recipe_without_transformers_is_a_clear_error(cli, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed: importing it fails
     result = cli("pretrain", "vit_h14/pretrain_84", "--out", tmp_path / "run")
-    assert_user_error(result, "model.arch: ViT-H-14-CLIPA uses the Hugging Face tokenizer", "pip install transformers")
+    assert_user_error(result, "model.arch: ViT-H-14-CLIPA uses the Hugging Face tokenizer", "pip install 'clipa[hf]'")
     assert not (tmp_path / "run").exists()
+
+
+def test_v2_recipe_without_tokenizer_files_offline_is_a_clear_error(tmp_path):
+    pytest.importorskip("transformers")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache, no network
+    result = subprocess.run([sys.executable, "-m", "clipa", "pretrain", "vit_h14/pretrain_84", "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot load the Hugging Face tokenizer 'bert-base-uncased'" in result.stderr
+    assert "huggingface-cli download bert-base-uncased" in result.stderr
