@@ -145,7 +145,7 @@ def run_open_clip(plan: ArchPlan, setting: Setting, shards: str, num_samples: in
     return _steady(step_times, data_times, plan.warmup, plan.batch)
 
 
-def run_clipa(plan: ArchPlan, setting: Setting, shards: str, workdir: Path) -> dict:
+def run_clipa(plan: ArchPlan, setting: Setting, shards: str, workdir: Path, compile: bool = False) -> dict:
     recipe = workdir / f"clipa-{int(time.time() * 1000)}.toml"
     # open_clip_train random-resized-crops every image to the model's size; so does clipa's "resize".
     image = "random" if setting.patch_dropout else "resize"
@@ -174,6 +174,7 @@ global_batch_size = {plan.batch}
 total_samples = {plan.batch * plan.steps}
 precision = "fp32"
 log_every_steps = 1
+compile = {str(compile).lower()}
 [checkpoint]
 every_steps = 0
 keep_last = 1
@@ -208,6 +209,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=0, help="0 = 128 for clipa-tiny, 8 for ViT-B-16")
     parser.add_argument("--steps", type=int, default=0, help="steps per training run (0 = 24 tiny, 7 ViT-B-16)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run clipa with train.compile=true (compilation falls in the warm-up steps)")
     parser.add_argument("--workdir", default="", help="where shards and runs go (default: a temporary folder)")
     parser.add_argument("--out", default="", help="also write every measurement as JSON here")
     args = parser.parse_args()
@@ -233,10 +236,14 @@ def main() -> None:
                 row = {"arch": arch, "setting": setting.label, "repeat": repeat, "batch": plan.batch,
                        "flops_per_sample": flops, "peak_flops": peak,
                        "bare_samples_per_s": plan.batch / bare_s, "open_clip": oc, "clipa": ours}
+                compiled = ""
+                if args.compile:
+                    row["clipa_compiled"] = run_clipa(plan, setting, shards, workdir, compile=True)
+                    compiled = f", clipa compiled {row['clipa_compiled']['samples_per_s']:.1f}"
                 results.append(row)
                 print(f"[{repeat + 1}/{args.repeats}] {arch} {setting.label}: bare {plan.batch / bare_s:.1f}, "
-                      f"open_clip_train {oc['samples_per_s']:.1f}, clipa {ours['samples_per_s']:.1f} samples/s",
-                      flush=True)
+                      f"open_clip_train {oc['samples_per_s']:.1f}, clipa {ours['samples_per_s']:.1f}{compiled} "
+                      "samples/s", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print_summary(results)
@@ -248,6 +255,7 @@ def print_summary(results: list[dict]) -> None:
 
     table = Table("arch", "setting", "batch", "open_clip_train samples/s", "clipa samples/s", "clipa ÷ open_clip",
                   "model-only ÷", "clipa ÷ bare step", "MFU bare", "MFU open_clip", "MFU clipa", "clipa data wait",
+                  "compiled ÷ open_clip",
                   title=f"clipa vs open_clip_train, fp32, median of {max(r['repeat'] for r in results) + 1} repeats")
     keys = list(dict.fromkeys((r["arch"], r["setting"]) for r in results))
     for arch, label in keys:
@@ -268,7 +276,9 @@ def print_summary(results: list[dict]) -> None:
             f"{100 * mfu(lambda r: r['bare_samples_per_s']):.0f}%",
             f"{100 * mfu(lambda r: r['open_clip']['samples_per_s']):.0f}%",
             f"{100 * mfu(lambda r: r['clipa']['samples_per_s']):.0f}%",
-            f"{100 * med(lambda r: r['clipa']['data_wait_frac']):.1f}%")
+            f"{100 * med(lambda r: r['clipa']['data_wait_frac']):.1f}%",
+            f"{med(lambda r: r['clipa_compiled']['samples_per_s'] / r['open_clip']['samples_per_s']):.2f}"
+            if "clipa_compiled" in rows[0] else "-")
     Console(width=240).print(table)
 
 

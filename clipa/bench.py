@@ -13,9 +13,10 @@ dominate. Reported per setting:
   text select     time to reduce one batch's captions with the setting's text strategy, as a
                   fraction of the step (it runs in the loader workers, off the step's path)
 
-Timings use the median of the measured steps after warm-up; ratios come from one run, so
-machine noise that hits every setting alike cancels out. With `repeats` > 1 the whole list of
-settings is measured again, round-robin, and the median over repeats is reported.
+Each setting's steps alternate with steps of the full-token setting (kept in memory), and its
+speedup is the median of the paired ratios: on a shared machine, where throughput drifts by tens
+of percent over minutes, only measurements taken side by side compare. With `repeats` > 1 the
+whole list is measured again, round-robin, and medians over repeats are reported.
 """
 
 from __future__ import annotations
@@ -77,79 +78,104 @@ def _captions(n: int) -> list[str]:
     return [f"{c}, in a photo taken outdoors on a sunny day with many other objects around it" for c in base]
 
 
-def measure(arch: str, setting: Setting, batch: int, steps: int, warmup: int = 1) -> dict:
-    geometry = Geometry(setting.image_size, setting.text_length)
-    cfg = stage_config(arch, geometry)
-    torch.manual_seed(0)
-    model = create_model(cfg)
-    masker = install_patch_masker(model, setting.image, setting.mask_ratio)
-    model.train()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    optimizer = build_optimizer(model, OptimConfig())
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step = ContrastiveStep(model, accelerator.unwrap_model(model), infonce_loss, accelerator, masker)
+class SettingRunner:
+    """One setting's model, optimizer and fixed batch (captions reduced and masks drawn exactly as the
+    data loader does); `step()` times one training step's forward + backward."""
 
-    reducer = TextReducer(build_tokenizer(arch, setting.text_length), setting.text, setting.text_length)
-    captions = _captions(2 * batch)
-    reducer(captions[batch:])  # warm-up: loads the POS lexicon once, as each loader worker does
-    captions = captions[:batch]
-    rngs = [np.random.default_rng(i) for i in range(batch)]
-    t0 = time.perf_counter()
-    texts = reducer(captions, rngs=rngs)
-    text_select_s = time.perf_counter() - t0
-    images = torch.randn(batch, 3, setting.image_size, setting.image_size)
-    keep = None
-    if masker is not None:
-        grid = image_grid(cfg, setting.image_size)
-        keep = torch.from_numpy(np.stack([patch_keep_indices(setting.image, grid, setting.mask_ratio, r) for r in rngs]))
-    micro_batches = [(images.to(accelerator.device), texts.to(accelerator.device), keep)]
+    def __init__(self, arch: str, setting: Setting, batch: int):
+        self.arch, self.setting, self.batch = arch, setting, batch
+        geometry = Geometry(setting.image_size, setting.text_length)
+        self.cfg = cfg = stage_config(arch, geometry)
+        torch.manual_seed(0)
+        model = create_model(cfg)
+        masker = install_patch_masker(model, setting.image, setting.mask_ratio)
+        model.train()
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        optimizer = build_optimizer(model, OptimConfig())
+        model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.contrastive_step = ContrastiveStep(model, accelerator.unwrap_model(model), infonce_loss, accelerator,
+                                                masker)
 
-    times = []
-    for i in range(warmup + steps):
+        reducer = TextReducer(build_tokenizer(arch, setting.text_length), setting.text, setting.text_length)
+        captions = _captions(2 * batch)
+        reducer(captions[batch:])  # warm-up: loads the POS lexicon once, as each loader worker does
+        rngs = [np.random.default_rng(i) for i in range(batch)]
+        t0 = time.perf_counter()
+        texts = reducer(captions[:batch], rngs=rngs)
+        self.text_select_s = time.perf_counter() - t0
+        images = torch.randn(batch, 3, setting.image_size, setting.image_size)
+        keep = None
+        if masker is not None:
+            grid = image_grid(cfg, setting.image_size)
+            keep = torch.from_numpy(np.stack([patch_keep_indices(setting.image, grid, setting.mask_ratio, r)
+                                              for r in rngs]))
+        self.micro_batches = [(images.to(accelerator.device), texts.to(accelerator.device), keep)]
+
+    def step(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step(micro_batches)
+        self.contrastive_step(self.micro_batches)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    step_s = statistics.median(times)
-    keep_ratio = 1.0 - setting.mask_ratio
-    return {
-        "arch": arch, "setting": setting.label, "image_size": setting.image_size, "text_length": setting.text_length,
-        "image_tokens": image_tokens(cfg, setting.image_size, keep_ratio), "text_tokens": setting.text_length,
-        "flops_per_sample": train_flops_per_sample(cfg, setting.image_size, setting.text_length, keep_ratio),
-        "samples_per_s": batch / step_s, "step_s": step_s, "text_select_frac": text_select_s / step_s,
-    }
+        seconds = time.perf_counter() - t0
+        self.optimizer.step()  # not timed: see the module docstring
+        self.optimizer.zero_grad(set_to_none=True)
+        return seconds
+
+    def row(self, step_s: float) -> dict:
+        s, keep_ratio = self.setting, 1.0 - self.setting.mask_ratio
+        return {
+            "arch": self.arch, "setting": s.label, "image_size": s.image_size, "text_length": s.text_length,
+            "image_tokens": image_tokens(self.cfg, s.image_size, keep_ratio), "text_tokens": s.text_length,
+            "flops_per_sample": train_flops_per_sample(self.cfg, s.image_size, s.text_length, keep_ratio),
+            "samples_per_s": self.batch / step_s, "step_s": step_s, "text_select_frac": self.text_select_s / step_s,
+        }
+
+
+def paired_speedup(full: SettingRunner, other: SettingRunner, steps: int) -> tuple[float, float, list[float]]:
+    """Alternate full-token and reduced steps after one warm-up step each: each reduced step is
+    compared with the full step right before it, so a shared machine's slow drifts cancel.
+    Returns (median full step s, median reduced step s, the paired speedups)."""
+    full.step()
+    other.step()
+    full_times, other_times = [], []
+    for _ in range(steps):
+        full_times.append(full.step())
+        other_times.append(other.step())
+    speedups = [f / o for f, o in zip(full_times, other_times)]
+    return statistics.median(full_times), statistics.median(other_times), speedups
 
 
 def run_bench(archs: list[str], batch: int, steps: int, repeats: int = 1, progress=lambda row: None) -> list[dict]:
-    """Measure every setting `repeats` times, round-robin, so slow drifts of a shared machine hit all
-    settings alike; each repeat's speedups are taken against that repeat's full-token step, and the
-    median over repeats is reported (with the spread of the efficiency)."""
+    """Every setting against the full-token setting in `steps` alternating pairs; with `repeats` > 1
+    the list is measured again, round-robin, and medians over repeats are reported (with the spread
+    of the efficiency)."""
     rows = []
     for arch in archs:
         torch.set_flush_denormal(True)
         settings = default_settings(arch)
-        runs = [[] for _ in settings]
+        full = SettingRunner(arch, settings[0], batch)
+        full_times, measured = [], [[] for _ in settings[1:]]
         for _ in range(repeats):
-            for i, setting in enumerate(settings):
-                row = measure(arch, setting, batch, steps)
-                row["speedup"] = row["samples_per_s"] / (runs[0][-1] if i else row)["samples_per_s"]
-                runs[i].append(row)
+            for i, setting in enumerate(settings[1:]):
+                runner = SettingRunner(arch, setting, batch)  # one reduced model in memory at a time
+                full_s, step_s, speedups = paired_speedup(full, runner, steps)
+                full_times.append(full_s)
+                row = runner.row(step_s)
+                row["speedup"] = statistics.median(speedups)
+                measured[i].append(row)
                 progress(row)
-        for measured in runs:
-            row = dict(measured[0])
-            row["repeats"] = len(measured)
-            row["samples_per_s"] = statistics.median(r["samples_per_s"] for r in measured)
-            row["step_s"] = statistics.median(r["step_s"] for r in measured)
-            row["text_select_frac"] = statistics.median(r["text_select_frac"] for r in measured)
-            row["speedup"] = statistics.median(r["speedup"] for r in measured)
-            row["flop_ratio"] = runs[0][0]["flops_per_sample"] / row["flops_per_sample"]
-            efficiencies = [r["speedup"] / row["flop_ratio"] for r in measured]
+        full_row = full.row(statistics.median(full_times))
+        full_row.update(speedup=1.0, flop_ratio=1.0, efficiency=1.0, efficiency_range=[1.0, 1.0], repeats=repeats)
+        rows.append(full_row)
+        for runs in measured:
+            row = dict(runs[0])
+            row["repeats"] = len(runs)
+            for key in ("samples_per_s", "step_s", "text_select_frac", "speedup"):
+                row[key] = statistics.median(r[key] for r in runs)
+            row["flop_ratio"] = full_row["flops_per_sample"] / row["flops_per_sample"]
+            efficiencies = [r["speedup"] / row["flop_ratio"] for r in runs]
             row["efficiency"] = statistics.median(efficiencies)
             row["efficiency_range"] = [min(efficiencies), max(efficiencies)]
             rows.append(row)

@@ -165,13 +165,13 @@ _measured_cpu_peak: float | None = None
 
 def device_peak_flops(device_type: str = "cuda") -> float | None:
     """Peak FLOP/s for MFU: the data-sheet bf16 peak of a known GPU; on a CPU a quick measured fp32
-    matmul peak (about 0.3 s, once per process); None for an unknown GPU."""
+    matmul peak (about a second, once per process); None for an unknown GPU."""
     global _measured_cpu_peak
     import torch
 
     if device_type == "cpu":
         if _measured_cpu_peak is None:
-            _measured_cpu_peak = measure_matmul_peak(sizes=(1536,), repeats=3)
+            _measured_cpu_peak = measure_matmul_peak(sizes=(2048,), repeats=5)
         return _measured_cpu_peak
     if not torch.cuda.is_available():
         return None
