@@ -95,7 +95,7 @@ def main() -> None:
         rows += run(arch, args.budget_tflops * 1e12, args.finetune_share, out)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"budget {args.budget_tflops:g} TFLOPs per method and model; zero-shot on the held-out synthetic set")
-    print(f"| arch | method | samples | training TFLOPs | wall time | zero-shot acc1 | acc5 |\n|---|---|---|---|---|---|---|")
+    print("| arch | method | samples | training TFLOPs | wall time | zero-shot acc1 | acc5 |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['arch']} | {r['method']} | {r['stages']} | {r['flops'] / 1e12:.1f} | {r['wall_s']:.0f} s | "
               f"{r['acc1']:.3f} | {r['acc5']:.3f} |")
