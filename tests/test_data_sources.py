@@ -190,7 +190,8 @@ def test_broken_samples_and_shards_are_skipped_counted_and_logged(tmp_path, capl
     assert loader.skips["no_caption"] == 1 and loader.skips["empty_caption"] == 1 and loader.skips["no_image"] == 1
     assert loader.skips["missing_shard"] == 1 and loader.skips["truncated_shard"] == 1
     assert loader.skipped_samples == 5 and loader.skipped_shards == 2
-    assert loader.take_skipped() == 5 and loader.take_skipped() == 0
+    assert loader.take_skipped() == {"skipped_samples": 5, "skipped_shards": 2}
+    assert loader.take_skipped() == {"skipped_samples": 0, "skipped_shards": 0}
     text = caplog.text
     assert f"000001 in {tmp_path / '00000.tar'}: corrupt image" in text
     assert f"000003 in {tmp_path / '00000.tar'}: no caption" in text
@@ -328,3 +329,146 @@ def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
     plain = [r.caption for r in ShardSource(parse_train(str(tmp_path / "s.tar"))[0], ReadOptions()).read(0, SkipStats())]
     packed = [r.caption for r in ShardSource(parse_train(str(tmp_path / "s.tgz"))[0], ReadOptions()).read(0, SkipStats())]
     assert plain == packed == ["sample 0", "sample 1", "sample 2"]
+
+
+@pytest.mark.parametrize("workers, resampled", [(2, "false"), (0, "true")])
+def test_a_source_that_dies_mid_run_stops_with_a_clear_error(tmp_path, workers, resampled):
+    """Shards deleted after the start-up check: the run stops naming the source instead of looping forever."""
+    for s in range(4):
+        write_shard(tmp_path / f"{s}.tar", s * 3, 3)
+    pattern = str(tmp_path / "{0..3}.tar")
+    r = recipe(pattern, **{"data.num_workers": workers, "data.resampled": resampled})
+    loader = build_train_loader(r, Geometry(16, 8), ids, micro_batch=2, processes=1, rank=0, start_batch=0,
+                                num_batches=1000)
+    for s in range(4):
+        (tmp_path / f"{s}.tar").unlink()
+    with pytest.raises(ClipaError) as err:
+        list(loader)
+    message = str(err.value)
+    assert message.startswith(f"data.train: {pattern} stopped yielding samples") and "missing shard:" in message
+    assert "\n" not in message and "Traceback" not in message  # the worker's message, not torch's wrapper
+
+
+def test_a_dead_source_ends_clipa_pretrain_with_exit_2(tmp_path, cli):
+    """A pipe: shard that works for the start-up check only (think: credentials that expire)."""
+    from conftest import RECIPES, tiny_overrides
+
+    write_shard(tmp_path / "0.tar", 0, 8)
+    (tmp_path / "ok").touch()
+    script = tmp_path / "once.sh"
+    script.write_text(f'[ -e "{tmp_path}/ok" ] && rm "{tmp_path}/ok" && exec cat "{tmp_path}/0.tar"\nexit 1\n')
+    res = cli("pretrain", RECIPES / "tiny" / "pretrain.toml", *tiny_overrides(**{
+        "data.train": f'"pipe:sh {script}"', "data.num_workers": 1}), "--out", tmp_path / "run")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"error: data.train: pipe:sh {script} stopped yielding samples" in res.stderr
+    assert "unreadable shard: 1)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_metrics_count_skips_of_every_process_and_resume_warns_on_a_new_layout(tmp_path, caplog):
+    """2 real processes (torchrun) over shards with broken members and a missing shard; then a 1-process resume."""
+    from conftest import RECIPES, run_torchrun, tiny_overrides
+
+    from clipa.data.loader import check_resume_layout
+    from clipa.train import Trainer
+
+    for s in range(7):  # 7.tar is missing; every shard's first sample is broken (bad body or not an image)
+        write_shard(tmp_path / f"{s}.tar", s * 6, 6, {s * 6: "truncated" if s % 2 else "garbage"})
+    train = str(tmp_path / "{0..7}.tar")
+    overrides = tiny_overrides(**{"data.train": f'"{train}"', "train.global_batch_size": 8, "train.total_samples": 32,
+                                  "data.shuffle_buffer": 0})
+    run_torchrun("-m", "clipa", "pretrain", RECIPES / "tiny" / "pretrain.toml", *overrides, "--out", tmp_path / "run",
+                 cwd=tmp_path)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == [2, 4]
+    # What each rank's loader skips in those 4 steps of micro-batch 4 (the same streams, read here).
+    per_rank = [batches(recipe(train), micro=4, processes=2, rank=k, count=4)[1] for k in (0, 1)]
+    assert all(loader.skipped_samples > 0 for loader in per_rank)  # rank 0's count alone would be short
+    assert sum(loader.skipped_shards for loader in per_rank) >= 1
+    assert sum(row["skipped_samples"] for row in lines) == sum(loader.skipped_samples for loader in per_rank)
+    assert sum(row["skipped_shards"] for row in lines) == sum(loader.skipped_shards for loader in per_rank)
+
+    # The checkpoint holds the layout; resuming in 1 process (micro-batch 8) warns that the position is approximate.
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_000004" / "state.pt", weights_only=False)
+    assert state["data_position"] == {"micro_batch": 4, "processes": 2, "num_workers": 0, "micro_batch_size": 4,
+                                      "exact_resume": True}
+    with caplog.at_level(logging.WARNING, logger="clipa.data"):
+        Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", overrides), "pretrain", tmp_path / "run")
+    assert "data position is approximate" in caplog.text and "processes 2 -> 1, micro-batch 4 -> 8" in caplog.text
+    data = recipe(train, **{"data.num_workers": 3}).data
+    saved = {"micro_batch": 4, "processes": 1, "num_workers": 3, "micro_batch_size": 8, "exact_resume": True}
+    assert check_resume_layout(saved, data, 1, 8) is None  # same layout: exact, silent
+    assert "data.num_workers 2 -> 3" in check_resume_layout({**saved, "num_workers": 2}, data, 1, 8)
+    assert check_resume_layout({**saved, "num_workers": 0}, recipe(train, **{"data.num_workers": 1}).data, 1, 8) is None
+    assert check_resume_layout({"micro_batch": 4}, data, 2, 4) is None  # an older checkpoint: nothing to compare
+    assert check_resume_layout(saved, recipe("synthetic").data, 2, 4) is None  # index-addressed: always exact
+
+
+def test_mixture_follows_the_weights(tmp_path):
+    for s in range(2):
+        write_shard(tmp_path / f"a{s}.tar", s * 50, 50)
+        write_shard(tmp_path / f"b{s}.tar", 1000 + s * 50, 50)
+    for wa, wb in ((0.8, 0.2), (1, 3)):
+        r = recipe(f"{tmp_path}/a{{0..1}}.tar@{wa}::{tmp_path}/b{{0..1}}.tar@{wb}")
+        got = sample_ids(batches(r, micro=10, count=50)[0])  # 500 samples: binomial sd of the share ~0.02
+        share = sum(n < 1000 for n in got) / len(got)
+        assert abs(share - wa / (wa + wb)) < 0.06, (wa, wb, share)
+
+
+def test_shuffle_buffer_mixes_samples_across_and_within_shards(shards):
+    train = str(shards / "{00000..00007}.tar")
+    plain = sample_ids(batches(recipe(train), micro=8, count=6)[0])  # one epoch: 48 samples
+    mixed = sample_ids(batches(recipe(train, **{"data.shuffle_buffer": 16}), micro=8, count=6)[0])
+    assert sorted(plain) == sorted(mixed) == list(range(48))
+    # Without a buffer each shard is read whole and in order: runs of 6 consecutive samples.
+    assert all(plain[i:i + 6] == list(range(plain[i], plain[i] + 6)) for i in range(0, 48, 6))
+    shard_of = [n // 6 for n in mixed]
+    assert sum(a != b for a, b in zip(shard_of, shard_of[1:])) > 20  # shards interleave
+    assert any(m[i:i + 6] != sorted(m[i:i + 6]) for m in [mixed] for i in range(0, 48, 6))
+
+
+def test_fast_decode_uses_pil_draft(monkeypatch):
+    """The reduced-size decode is really applied (libjpeg scaling via Image.draft), and only with fast_decode."""
+    from PIL import JpegImagePlugin
+
+    calls = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = original(self, mode, size)
+        calls.append((size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3)).astype(np.uint8)).save(big, format="JPEG")
+    record = Record("k", "mem", big.getvalue(), "sample 1")
+    crop = RandomResizedCrop(16, (0.9, 1.0))  # a crop of ~240 px for 16 px: 1/8 scale
+    decode_crop(record, crop, np.random.default_rng(1), fast=False)
+    assert calls == []
+    out = decode_crop(record, crop, np.random.default_rng(1), fast=True)
+    assert calls == [((32, 32), (32, 32))] and out.shape == (3, 16, 16)  # decoded at 32x32, not 256x256
+
+
+def test_resolve_workers(monkeypatch):
+    from clipa.data.loader import resolve_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_workers(5) == 5 and resolve_workers(0) == 0  # explicit values are kept
+    assert resolve_workers(-1) == 7  # 8 cores, one left for the trainer
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resolve_workers(-1) == 3  # the node's cores are shared by its 2 processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resolve_workers(-1) == 1  # never 0: at least one worker
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert resolve_workers(-1) == 16  # capped
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS has no affinity call: all cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert resolve_workers(-1) == 3
+
+
+def test_a_failing_pipe_shard_counts_once():
+    stats = SkipStats()
+    source = ShardSource(parse_train("pipe:sh -c 'echo oops >&2; exit 3'")[0], ReadOptions())
+    assert list(source.read(0, stats)) == [] and dict(stats.counts) == {"unreadable_shard": 1}

@@ -16,6 +16,7 @@ report skipped samples, which `TrainLoader` sums for the trainer (`loader.skippe
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 
@@ -25,9 +26,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipa.data.sources import SHARD_REASONS, ReadOptions, build_sources, check_not_empty
 from clipa.data.spec import parse_train
-from clipa.data.streams import StreamingTrainStream
+from clipa.data.streams import StreamError, StreamingTrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
+from clipa.errors import ClipaError
 from clipa.reduction import reduce_batch
 
 _AUGMENT_STREAM = 0xA06
@@ -84,6 +86,40 @@ def resolve_workers(num_workers: int) -> int:
     return max(1, min(16, cores // local - 1))
 
 
+def loader_layout(data, processes: int, micro_batch: int) -> dict:
+    """What a streaming data position means: saved beside it in every checkpoint (`data_position`)."""
+    return {"processes": processes, "num_workers": resolve_workers(data.num_workers), "micro_batch_size": micro_batch,
+            "exact_resume": data.exact_resume}
+
+
+def check_resume_layout(saved: dict | None, data, processes: int, micro_batch: int, main: bool = True) -> str | None:
+    """Warn (on `main`) and return the warning when a resume changes the streaming loader's layout.
+
+    Streams are per (rank, worker) slot, so a different number of processes or workers, or another
+    micro-batch size, resumes each slot at the right count but not with the samples the old layout
+    would have read. Synthetic data is addressed by sample index: any layout resumes exactly.
+    Checkpoints from before the layout was saved carry none: nothing to compare.
+    """
+    if not saved or "processes" not in saved or parse_train(data.train)[0].kind == "synthetic":
+        return None
+    now = loader_layout(data, processes, micro_batch)
+    changes = [f"{name} {saved[key]} -> {now[key]}" for name, key in
+               (("processes", "processes"), ("micro-batch", "micro_batch_size"), ("data.exact_resume", "exact_resume"))
+               if saved.get(key) != now[key]]
+    if max(1, saved["num_workers"]) != max(1, now["num_workers"]):  # 0 workers = one stream, as 1 worker
+        changes.insert(1, f"data.num_workers {saved['num_workers']} -> {now['num_workers']}")
+    if not changes:
+        return None
+    message = (f"data: the data position is approximate: the loader layout changed since the checkpoint "
+               f"({', '.join(changes)}); every stream resumes at its position, but not with the samples the old "
+               f"layout would have read (in the interrupted epoch some repeat, some are missed). For an exact resume "
+               f"use the old layout: {saved['processes']} process(es), micro-batch {saved['micro_batch_size']}, "
+               f"data.num_workers={saved['num_workers']} set explicitly (-1 resolves from this machine's cores)")
+    if main:
+        logging.getLogger("clipa.data").warning(message)
+    return message
+
+
 def build_source(recipe):
     """The synthetic source, or the list of streaming sources `data.train` names (checked to yield data)."""
     data = recipe.data
@@ -106,10 +142,12 @@ class TrainLoader:
     def __init__(self, loader: DataLoader):
         self.loader = loader
         self.skips: Counter = Counter()  # by reason: no_caption, corrupt_image, missing_shard, ...
-        self._reported = 0
+        self._reported = (0, 0)  # (samples, shards) already in a metrics line
 
     def __iter__(self):
         for batch in self.loader:
+            if isinstance(batch, StreamError):
+                raise ClipaError(batch.message)
             if len(batch) == 4:
                 self.skips.update(batch[3])
             yield batch[0], batch[1], batch[2]
@@ -124,11 +162,18 @@ class TrainLoader:
         """Shards that were missing, unreadable or cut short."""
         return sum(n for reason, n in self.skips.items() if reason in SHARD_REASONS)
 
-    def take_skipped(self) -> int:
-        """Samples skipped since the previous call: the value for one metrics line."""
-        total = self.skipped_samples
-        new, self._reported = total - self._reported, total
-        return new
+    def take_skipped(self, accelerator=None) -> dict[str, int]:
+        """Samples and shards skipped since the previous call: the fields of one metrics line.
+
+        With an `accelerator` of several processes, summed over them (every process reads its own
+        shards, so rank 0's count alone undercounts); all processes must call it at the same step.
+        """
+        now = (self.skipped_samples, self.skipped_shards)
+        new = [a - b for a, b in zip(now, self._reported)]
+        self._reported = now
+        if accelerator is not None and accelerator.num_processes > 1:
+            new = accelerator.reduce(torch.tensor(new, device=accelerator.device), reduction="sum").tolist()
+        return {"skipped_samples": int(new[0]), "skipped_shards": int(new[1])}
 
 
 def build_train_loader(recipe, geometry, text_reducer, *, micro_batch: int, processes: int, rank: int,

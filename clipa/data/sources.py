@@ -227,7 +227,7 @@ class ShardSource:
         except Exception as err:  # noqa: BLE001 - any failure to open (permissions, a bad pipe:) skips the shard
             stats.skip("unreadable_shard", url, None, str(err))
             return
-        last = None
+        last, failed, abandoned = None, False, False
         try:
             head = raw.read(6)
             decompress = {b"\x1f\x8b": gzip.GzipFile, b"BZ": bz2.BZ2File, b"\xfd7": lzma.LZMAFile}.get(head[:2])
@@ -239,14 +239,21 @@ class ShardSource:
             for item in self._tar_items(tar, path, light):
                 last = item[0]
                 yield item
+        except GeneratorExit:  # the reader stopped early (start-up check, end of run): not the shard's fault
+            abandoned = True
+            raise
         except Exception as err:  # noqa: BLE001 - bad headers, short reads, zlib, pipe exits: the shard ends here
+            failed = True
             reason = "truncated_shard" if last is not None else "unreadable_shard"
             stats.skip(reason, url, None, f"after {last}: {err}" if last else str(err))
         finally:
             try:
                 raw.close()
             except Exception as err:  # noqa: BLE001 - a pipe: command that exited non-zero
-                stats.skip("unreadable_shard", url, None, str(err))
+                # A failing pipe raises on read and again on close (webdataset's Pipe re-checks the
+                # exit status): one shard, one count. A pipe closed early dies of SIGPIPE: no fault.
+                if not failed and not abandoned:
+                    stats.skip("unreadable_shard", url, None, str(err))
 
     @staticmethod
     def _ext(name: str) -> str | None:

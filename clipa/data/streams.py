@@ -18,12 +18,19 @@ Everything is a function of (seed, slots, slot), never of timing, so a run is re
 Augmentations still come from the sample's global index (seed, index) as for the synthetic
 source, so they do not depend on the worker count.
 
+Dead sources. A slot that reads a whole epoch of its units, and at least min(100, n) of the
+source's n units, in a row without one usable record (resampled: max(100, n) draws) raises a
+ClipaError naming the source: the data became unreadable after the start-up check, and looping
+over empty epochs would hang the run. In a loader worker the error travels to the training process
+as a `StreamError` item, so the user sees its one-line message, not torch's wrapped traceback.
+
 Resume. A worker that starts at micro-batch b fast-forwards its slot's stream by
 (b div W) * micro samples: it re-reads (without decoding images; for local tars without even
 reading image bytes) what the slot consumed before and replays the same shuffle and mixture
 draws, so the stream continues exactly where the uninterrupted run was. Exact when the number of
-processes, data.num_workers and the micro-batch are unchanged; the one exception is an image that
-passed the cheap checks but failed to decode before the resume point: each shifts that slot by
+processes, data.num_workers and the micro-batch are unchanged (the checkpoint stores them, and
+the trainer warns when they differ: clipa.data.loader.check_resume_layout); the one exception is
+an image that passed the cheap checks but failed to decode before the resume point: each shifts that slot by
 one sample (see docs/data.md). The cost is reading the headers and captions of every sample the
 slot consumed since the run began (whole samples for pipe:/remote/compressed shards). With
 data.exact_resume=false a resumed worker skips nothing and starts a fresh deterministic stream
@@ -35,6 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import Counter
 from typing import Iterator
 
 import numpy as np
@@ -84,9 +92,58 @@ def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> 
         yield buffer[i]
 
 
-def _read_units(source, units, stats: SkipStats, mode: _Mode) -> Iterator[Record]:
+class _Drought:
+    """Consecutive units of one slot that yielded no record; past `limit` the source is dead.
+
+    The start-up check (check_not_empty) proves a source readable once; shards deleted later,
+    expired credentials or a failing `pipe:` would otherwise make the slot loop over empty epochs
+    forever, a hang with nothing but skip warnings in the log.
+    """
+
+    def __init__(self, source, slot: int, limit: int, stats: SkipStats):
+        self.source, self.slot, self.limit, self.stats = source, slot, limit, stats
+        self.empty, self.since = 0, Counter()
+
+    def unit_starts(self) -> None:
+        if self.empty == 0:  # a streak may start here: remember the counts, to name its skip reasons
+            self.since = Counter(self.stats.counts)
+
+    def unit_ends(self, got: bool) -> None:
+        if got:
+            self.empty = 0
+            return
+        self.empty += 1
+        if self.empty >= self.limit:
+            what = ("shard" if self.source.kind == "shards" else "row") + ("s" if self.empty > 1 else "")
+            streak = sorted((self.stats.counts - self.since).items())
+            reasons = "; ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in streak) or "no samples in them"
+            raise ClipaError(
+                f"data.train: {self.source.name} stopped yielding samples: loader stream {self.slot} read "
+                f"{self.empty} {what} in a row without a usable sample ({reasons}); the data became unreadable "
+                "after the start-up check (deleted or moved shards, expired credentials, a failing pipe: "
+                "command?). Fix access and run the same command again to resume from the last checkpoint")
+
+
+def _read_units(source, units, stats: SkipStats, mode: _Mode, drought: _Drought) -> Iterator[Record]:
     for unit in units:
-        yield from source.read(int(unit), stats, mode)
+        got = False
+        drought.unit_starts()
+        for record in source.read(int(unit), stats, mode):
+            got = True
+            yield record
+        drought.unit_ends(got)
+
+
+def drought_limit(n: int, slots: int, resampled: bool) -> int:
+    """Consecutive empty units that mean "dead source" rather than bad luck.
+
+    Epochs: a whole epoch of the slot, and at least min(n, 100) units, so a small dataset with a few
+    missing shards is not stopped because one slot was dealt only those in one epoch. Resampled:
+    max(100, n) draws (with a tenth of the shards good, 100 bad draws in a row have odds 1e-5).
+    """
+    if resampled:
+        return max(100, n)
+    return max(-(-n // slots), min(n, 100))
 
 
 def _key(seed: int, session: int) -> list[int]:
@@ -104,16 +161,17 @@ def source_stream(source, source_index: int, *, seed: int, slot: int, slots: int
                   buffer: int, stats: SkipStats, mode: _Mode, session: int = 0) -> Iterator[Record]:
     """One slot's endless stream of checked records from one source."""
     n, key = len(source), _key(seed, session)
+    drought = _Drought(source, slot, drought_limit(n, slots, resampled), stats)
     if resampled:
         draws = np.random.default_rng([*key, source_index, slot, _RESAMPLE_STREAM])
         units = (int(draws.integers(n)) for _ in itertools.count())
         rng = np.random.default_rng([*key, source_index, slot, _BUFFER_STREAM])
-        yield from shuffled(_read_units(source, units, stats, mode), buffer, rng)
+        yield from shuffled(_read_units(source, units, stats, mode, drought), buffer, rng)
         return
     for epoch in itertools.count():
         units = slot_units(n, seed, source_index, epoch, slot, slots, session)
         rng = np.random.default_rng([*key, source_index, epoch, slot, _BUFFER_STREAM])
-        yield from shuffled(_read_units(source, units, stats, mode), buffer, rng)
+        yield from shuffled(_read_units(source, units, stats, mode, drought), buffer, rng)
 
 
 def mixed(streams: list[Iterator[Record]], weights: list[float], rng: np.random.Generator) -> Iterator[Record]:
@@ -124,6 +182,17 @@ def mixed(streams: list[Iterator[Record]], weights: list[float], rng: np.random.
     last = len(streams) - 1
     while True:
         yield next(streams[min(int(np.searchsorted(cumulative, rng.random(), side="right")), last)])
+
+
+class StreamError:
+    """A ClipaError raised in a loader worker, sent to the training process as an item.
+
+    Raised in the worker, torch would re-raise it with the worker's traceback pasted into the
+    message; sent as an item, the user gets the one-line message (and exit code 2) unchanged.
+    """
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class StreamingTrainStream(IterableDataset):
@@ -180,6 +249,14 @@ class StreamingTrainStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
+        try:
+            yield from self._batches(info)
+        except ClipaError as err:
+            if info is None:
+                raise
+            yield StreamError(str(err))  # re-raised by TrainLoader in the training process
+
+    def _batches(self, info):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if workers != self.workers:
             raise RuntimeError(f"StreamingTrainStream built for {self.workers} workers runs in {workers}")
