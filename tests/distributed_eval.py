@@ -1,27 +1,30 @@
-"""Run under torchrun: zero-shot evaluation sharded over a real process group; rank 0 writes the result.
+"""Run under torchrun: retrieval and the linear probe sharded over a real process group; rank 0
+writes both results.
 
-usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_eval.py MODEL DATA_ROOT OUT.json
+usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_eval.py MODEL CSV PROBE_ROOT CACHE OUT.json
 """
 
 import json
 import sys
 
-from accelerate import Accelerator
-
 from clipa.distributed import leave_process_group
+from clipa.evaluate.linear_probe import linear_probe
 from clipa.evaluate.models import load_model
-from clipa.evaluate.zeroshot import zeroshot
+from clipa.evaluate.retrieval import retrieval
+from clipa.evaluate.sharding import join_launcher
 
 
-def main(model: str, data_root: str, out: str) -> None:
-    accelerator = Accelerator(cpu=True)  # initialises the gloo process group from torchrun's environment
-    result = zeroshot(load_model(model), "imagefolder", data_root, batch_size=16)
+def main(model: str, csv_path: str, probe_root: str, cache: str, out: str) -> None:
+    accelerator = join_launcher()  # the gloo process group from torchrun's environment, as the CLI does
+    loaded = load_model(model)
+    result = {"retrieval": retrieval(loaded, "csv", csv_path, batch_size=4),
+              "probe": linear_probe(loaded, "imagefolder", probe_root, cache, batch_size=8),
+              "world": accelerator.num_processes}
     if accelerator.is_main_process:
-        result["world"] = accelerator.num_processes
         with open(out, "w") as f:
             json.dump(result, f)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:6])
     leave_process_group()

@@ -1,7 +1,9 @@
 """Evaluation: numbers equal an independent computation, layouts, sharding, bad input, eval during training."""
 
+import csv
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -10,13 +12,16 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from clipa.data.shards import write_synthetic
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
 from clipa.evaluate.datasets import _timm_synsets, load_templates, load_zeroshot_data
+from clipa.evaluate.linear_probe import linear_probe
 from clipa.evaluate.models import load_model
-from clipa.evaluate.zeroshot import zeroshot
+from clipa.evaluate.retrieval import retrieval
+from clipa.evaluate.zeroshot import output_paths, zeroshot
 from clipa.recipe import load_recipe
 from clipa.train import train
 from conftest import RECIPES, run_torchrun, tiny_overrides
@@ -61,15 +66,122 @@ def test_zeroshot_equals_open_clip_classifier_and_a_plain_loop(trained):
     assert result["metrics"]["acc5"] == pytest.approx(hits5 / total)
 
 
-def test_two_process_evaluation_equals_one_process(trained, tmp_path):
+def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, tmp_path, cli):
+    # Two processes each classify half the images; rank 0 alone prints the table and writes the JSON.
     run_dir, eval_dir = trained
+    args = ["zeroshot", "--model", run_dir, "--dataset", "imagefolder", "--data-root", eval_dir, "--num-workers", "0",
+            "--batch-size", "16"]
+    two = run_torchrun("-m", "clipa", *args, "--output", tmp_path / "two.json", cwd=tmp_path, timeout=300)
+    assert two.stdout.count("zero-shot classification") == 1 and two.stdout.count("wrote ") == 1
+    one = cli(*args, "--output", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two_json, one_json = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    for result in (two_json, one_json):
+        del result["metrics"]["images_per_s"]  # timing, not a result
+    assert two_json == one_json
+    assert one_json["metrics"]["num_samples"] == 72
+
+
+def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path):
+    run_dir, eval_dir = trained
+    folders = sorted(p for p in eval_dir.iterdir() if p.is_dir())
+    names = [line.strip() for line in (eval_dir / "classnames.txt").read_text().splitlines() if line.strip()]
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:  # 24 images, 2 captions for every third one
+        writer = csv.writer(f)
+        writer.writerow(["filepath", "title"])
+        for i, (folder, name) in enumerate(zip(folders, names)):
+            image = sorted(folder.glob("*.png"))[0]
+            writer.writerow([image, f"a photo of a {name}"])
+            if i % 3 == 0:
+                writer.writerow([image, f"a {name}"])
+    (tmp_path / "probe").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "probe" / split).symlink_to(eval_dir, target_is_directory=True)
     out = tmp_path / "result.json"
-    run_torchrun(HELPER, run_dir, eval_dir, out, timeout=300)
+    run_torchrun(HELPER, run_dir, tmp_path / "pairs.csv", tmp_path / "probe", tmp_path / "cache2", out, timeout=300)
     two = json.loads(out.read_text())
-    one = zeroshot(load_model(str(run_dir)), "imagefolder", str(eval_dir))
     assert two["world"] == 2
-    for key in ("acc1", "acc5", "mean_per_class_recall", "num_samples"):
-        assert two["metrics"][key] == pytest.approx(one["metrics"][key], abs=1e-12), key
+    loaded = load_model(str(run_dir))
+    one_retrieval = retrieval(loaded, "csv", str(tmp_path / "pairs.csv"), batch_size=4)["metrics"]
+    one_probe = linear_probe(loaded, "imagefolder", str(tmp_path / "probe"), tmp_path / "cache1", batch_size=8)["metrics"]
+    assert two["retrieval"]["metrics"]["num_images"] == 24 and two["retrieval"]["metrics"]["num_texts"] == 32
+    for key, value in one_retrieval.items():
+        if key != "seconds":
+            assert two["retrieval"]["metrics"][key] == pytest.approx(value, abs=1e-9), key
+    assert two["probe"]["metrics"]["num_train"] == one_probe["num_train"] == 72
+    assert two["probe"]["metrics"]["acc1"] == pytest.approx(one_probe["acc1"], abs=1e-9)
+    assert two["probe"]["metrics"]["l2"] == one_probe["l2"]
+    assert len(list((tmp_path / "cache2").glob("*.pt"))) == 2  # written once, by rank 0
+
+
+def test_image_size_and_text_length_rebuild_the_model(trained):
+    run_dir, eval_dir = trained
+    default = load_model(str(run_dir))
+    assert (default.image_size, default.context_length) == (32, 8)  # the tiny pretrain recipe's geometry
+    native = zeroshot(default, "imagefolder", str(eval_dir), batch_size=16)
+    same = zeroshot(load_model(str(run_dir), image_size=32, text_length=8), "imagefolder", str(eval_dir), batch_size=16)
+    del native["metrics"]["images_per_s"], same["metrics"]["images_per_s"]
+    assert same == native
+    # 48 px and 16 tokens: position embeddings resized (6x6 grid + class token; 16 text positions)
+    resized = zeroshot(default, "imagefolder", str(eval_dir), image_size=48, text_length=16, batch_size=16)
+    assert (resized["image_size"], resized["text_length"]) == (48, 16)
+    m = resized["metrics"]
+    assert m["num_samples"] == 72 and 0 <= m["acc1"] <= m["acc5"] <= 1 and m["skipped_images"] == 0
+    bigger = load_model(str(run_dir), image_size=48, text_length=16)
+    assert bigger.model.visual.positional_embedding.shape[0] == 37 and bigger.model.positional_embedding.shape[0] == 16
+    assert bigger.tokenizer(["a red circle"]).shape == (1, 16)
+    with pytest.raises(ClipaError, match="--image-size: 50 is not divisible by the patch size 8.*use 48 or 56"):
+        load_model(str(run_dir), image_size=50)
+
+
+def test_cli_image_size_and_text_length(trained, cli):
+    run_dir, eval_dir = trained
+    result = cli("zeroshot", "--model", run_dir, "--dataset", "imagefolder", "--data-root", eval_dir,
+                 "--image-size", "48", "--text-length", "16", "--num-workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert "imagefolder" in result.stdout and "72" in result.stdout
+
+
+def test_open_clip_bin_directory_and_architecture_with_pretrained_file(trained, tmp_path, cli):
+    # A Hugging Face snapshot of an open_clip model: open_clip_config.json + open_clip_pytorch_model.bin.
+    run_dir, eval_dir = trained
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    shutil.copy(run_dir / "final" / "open_clip_config.json", snapshot)
+    torch.save(load_file(str(run_dir / "final" / "open_clip_model.safetensors")), snapshot / "open_clip_pytorch_model.bin")
+    reference = zeroshot(load_model(str(run_dir)), "imagefolder", str(eval_dir), batch_size=16)["metrics"]
+    from_bin = zeroshot(load_model(str(snapshot)), "imagefolder", str(eval_dir), batch_size=16)["metrics"]
+    assert from_bin["acc1"] == reference["acc1"] and from_bin["acc5"] == reference["acc5"]
+    (snapshot / "open_clip_pytorch_model.bin").rename(tmp_path / "weights.bin")
+    with pytest.raises(ClipaError, match="has open_clip_config.json but no weights file"):
+        load_model(str(snapshot))
+    # --model ARCH --pretrained FILE: clipa-tiny at its native 64 px / 32 tokens, the same resizing as
+    # evaluating the run at that geometry.
+    result = cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "weights.bin", "--dataset",
+                 "imagefolder", "--data-root", eval_dir, "--num-workers", "0", "--output", tmp_path / "arch.json")
+    assert result.returncode == 0, result.stderr
+    arch = json.loads((tmp_path / "arch.json").read_text())
+    at_native = zeroshot(load_model(str(run_dir), image_size=64, text_length=32), "imagefolder", str(eval_dir))
+    assert (arch["model"], arch["image_size"], arch["text_length"]) == ("clipa-tiny", 64, 32)
+    assert arch["metrics"]["acc1"] == at_native["metrics"]["acc1"]
+
+
+def test_output_writes_one_clip_benchmark_object_per_file(trained, tmp_path, cli):
+    run_dir, eval_dir = trained
+    assert output_paths(tmp_path / "r.json", ["imagenet"]) == [tmp_path / "r.json"]
+    assert output_paths(tmp_path / "r.json", ["imagenet", "imagenet-v2"]) == [tmp_path / "r_imagenet.json",
+                                                                            tmp_path / "r_imagenet-v2.json"]
+    assert output_paths("out/{dataset}/zs.json", ["wds", "imagenet-a"]) == [Path("out/wds/zs.json"),
+                                                                             Path("out/imagenet-a/zs.json")]
+    result = cli("zeroshot", "--model", run_dir, "--dataset", "imagefolder", "--data-root", eval_dir,
+                 "--num-workers", "0", "--output", tmp_path / "res" / "{dataset}.json")
+    assert result.returncode == 0, result.stderr
+    written = json.loads((tmp_path / "res" / "imagefolder.json").read_text())
+    assert isinstance(written, dict) and written["dataset"] == "imagefolder"
+    assert written["task"] == "zeroshot_classification" and set(written["metrics"]) >= {"acc1", "acc5", "mean_per_class_recall"}
+    twice = cli("zeroshot", "--model", run_dir, "--dataset", "imagefolder", "--dataset", "imagefolder",
+                "--data-root", eval_dir)
+    assert twice.returncode == 2 and "given more than once" in twice.stderr
 
 
 def _png(path: Path, value: int = 128) -> None:
@@ -88,6 +200,83 @@ def test_imagenet_r_layout_maps_wordnet_ids_to_its_200_classes(tmp_path):
     assert [label for _, label in data.dataset.items] == list(range(200))
 
 
+def test_imagenet_v2_layout_folders_named_by_class_index(tmp_path):
+    root = tmp_path / "imagenet-v2"
+    for i in range(1000):
+        (root / "imagenetv2-matched-frequency-format-val" / str(i)).mkdir(parents=True)
+    _png(root / "imagenetv2-matched-frequency-format-val" / "0" / "a.png")
+    _png(root / "imagenetv2-matched-frequency-format-val" / "999" / "b.png")
+    data = load_zeroshot_data("imagenet-v2", eval_transform(32), str(root))
+    assert data.classnames == list(open_clip.IMAGENET_CLASSNAMES)
+    assert [label for _, label in data.dataset.items] == [0, 999]
+    synsets = _timm_synsets("imagenet_synsets.txt")
+    (tmp_path / "wnids" / synsets[0]).mkdir(parents=True)  # an ImageNet layout is not ImageNetV2's
+    with pytest.raises(ClipaError, match=r"no class folders named by class index \(0/ \.\. 999/\)"):
+        load_zeroshot_data("imagenet-v2", eval_transform(32), str(tmp_path / "wnids"))
+    (root / "imagenetv2-matched-frequency-format-val" / "500").rmdir()
+    with pytest.raises(ClipaError, match="lacks 1 of the 1000 class folders of imagenet-v2 .first missing: 500/"):
+        load_zeroshot_data("imagenet-v2", eval_transform(32), str(root))
+
+
+def test_imagenet_a_layout_maps_wordnet_ids_to_its_200_classes(tmp_path):
+    subset = _timm_synsets("imagenet_a_synsets.txt")
+    assert subset != _timm_synsets("imagenet_r_synsets.txt")
+    for i, wnid in enumerate(subset):
+        _png(tmp_path / "imagenet-a" / wnid / f"{i}.png")
+    data = load_zeroshot_data("imagenet-a", eval_transform(32), str(tmp_path))  # parent folder accepted
+    synsets = _timm_synsets("imagenet_synsets.txt")
+    assert data.classnames == [open_clip.IMAGENET_CLASSNAMES[synsets.index(w)] for w in subset]
+    assert [label for _, label in data.dataset.items] == list(range(200))
+    shutil.rmtree(tmp_path / "imagenet-a" / subset[7])
+    with pytest.raises(ClipaError, match=f"lacks 1 of the 200 class folders of imagenet-a .first missing: {subset[7]}"):
+        load_zeroshot_data("imagenet-a", eval_transform(32), str(tmp_path))
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _png_bytes(value: int, noise: bool = False) -> bytes:
+    pixels = np.random.RandomState(value).randint(0, 255, (32, 32, 3), dtype=np.uint8) if noise \
+        else np.full((16, 16, 3), value, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_wds_label_outside_classnames_is_a_one_line_error(trained, tmp_path, cli):
+    run_dir, _ = trained
+    (tmp_path / "classnames.txt").write_text("red circle\nblue square\n")
+    _tar(tmp_path / "test" / "0.tar", {"0000.png": _png_bytes(1), "0000.cls": b"1"})
+    _tar(tmp_path / "test" / "1.tar", {"0001.png": _png_bytes(2), "0001.cls": b"0",
+                                       "0002.png": _png_bytes(3), "0002.cls": b"7"})
+    with pytest.raises(ClipaError, match=r"1\.tar: label 7 is outside the 2 classes of .*classnames\.txt \(valid: 0\.\.1\)"):
+        load_zeroshot_data("wds", eval_transform(32), str(tmp_path))
+    result = cli("zeroshot", "--model", run_dir, "--dataset", "wds", "--data-root", tmp_path, "--num-workers", "0")
+    assert result.returncode == 2 and "label 7 is outside the 2 classes" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_image_in_retrieval_shard_is_skipped_and_shown(trained, tmp_path, cli):
+    run_dir, _ = trained
+    members = {}
+    for i in range(4):
+        members[f"{i:04d}.png"] = _png_bytes(i, noise=True)[: 600 if i == 2 else None]  # 2: header only, cut short
+        members[f"{i:04d}.txt"] = f"caption {i}\nanother caption {i}\n".encode()
+    _tar(tmp_path / "test" / "0.tar", members)
+    result = retrieval(load_model(str(run_dir)), "wds", str(tmp_path))
+    m = result["metrics"]
+    assert (m["num_images"], m["num_texts"], m["skipped_images"]) == (3, 6, 1)
+    shown = cli("retrieval", "--model", run_dir, "--dataset", "wds", "--data-root", tmp_path, "--num-workers", "0")
+    assert shown.returncode == 0, shown.stderr
+    assert "3 images, 6 captions" in shown.stdout and "skipped images (unreadable): 1" in shown.stdout
+
+
 def test_imagenet_layout_needs_every_class_folder(tmp_path):
     synsets = _timm_synsets("imagenet_synsets.txt")
     for wnid in synsets[:-1]:
@@ -100,7 +289,7 @@ def test_imagenet_layout_needs_every_class_folder(tmp_path):
         load_zeroshot_data("imagenet", eval_transform(32), None)
 
 
-def test_wds_layout_and_unreadable_images_are_counted(trained, tmp_path):
+def test_wds_layout_and_unreadable_images_are_counted(trained, tmp_path, cli):
     run_dir, _ = trained
     root = tmp_path / "wds"
     (root / "test").mkdir(parents=True)
@@ -118,6 +307,10 @@ def test_wds_layout_and_unreadable_images_are_counted(trained, tmp_path):
     result = zeroshot(load_model(str(run_dir)), "wds", str(root))
     assert result["metrics"]["num_samples"] == 5 and result["metrics"]["skipped_images"] == 1
     assert result["num_classes"] == 2
+    shown = cli("zeroshot", "--model", run_dir, "--dataset", "wds", "--data-root", root, "--num-workers", "2")
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("│ wds"))
+    assert [cell.strip() for cell in row.split("│")][7:9] == ["5", "1"]  # images, skipped
 
 
 def test_imagefolder_bad_input(tmp_path):

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from clipa.errors import ClipaError
-from clipa.evaluate.linear_probe import choose_l2, fit_logistic, accuracy, linear_probe
+from clipa.evaluate.linear_probe import accuracy, choose_l2, fit_logistic, linear_probe, stratified_split
 from clipa.evaluate.models import load_model
 from clipa.evaluate.retrieval import load_pairs, recall_at_k, retrieval
 from clipa.recipe import load_recipe
@@ -95,3 +95,21 @@ def test_wds_pairs_read_several_captions_per_image(tmp_path):
     assert np.asarray(loaders[2]().convert("RGB"))[0, 0].tolist() == [100, 100, 100]
     with pytest.raises(ClipaError, match="no shards in"):
         load_pairs("wds", str(tmp_path / "test" / "nothing"))
+
+
+def test_validation_split_is_stratified_by_class():
+    labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 5 + [3] * 2)
+    val, fit = stratified_split(labels)
+    assert sorted(torch.cat([val, fit]).tolist()) == list(range(len(labels)))  # a partition
+    assert torch.bincount(labels[val], minlength=4).tolist() == [10, 2, 1, 1]  # 20% of each class, at least one
+    assert torch.bincount(labels[fit], minlength=4).tolist() == [40, 8, 4, 1]  # and every class is fitted
+    again, _ = stratified_split(labels)
+    assert torch.equal(val, again)  # fixed seed
+
+
+def test_linear_probe_without_data_root_names_the_option(tmp_path):
+    # Checked before the model is used (none is needed to get these errors).
+    with pytest.raises(ClipaError, match="--data-root: required for --dataset imagefolder"):
+        linear_probe(None, "imagefolder", None, cache_dir=tmp_path)
+    with pytest.raises(ClipaError, match=r"--data-root: .*nowhere/train is missing; the linear probe needs train/"):
+        linear_probe(None, "imagefolder", str(tmp_path / "nowhere"), cache_dir=tmp_path)

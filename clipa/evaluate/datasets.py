@@ -2,7 +2,7 @@
 
 Layouts under `--data-root` (a sub-folder with the usual name is found too):
   imagenet         ImageFolder of the validation set: val/n01440764/*.JPEG (1,000 WordNet ids)
-  imagenet-v2      ImageNetV2's folders named by class index: 0/ .. 999/
+  imagenet-v2      ImageNetV2's folders named by class index: 0/ .. 999/ (imagenetv2-matched-frequency-format-val)
   imagenet-sketch  sketch/n01440764/*.JPEG (1,000 WordNet ids)
   imagenet-r, -a   imagenet-r/n01443537/*.jpg: 200-class subsets, evaluated over their 200 classes
   imagefolder      one folder per class; names from the folders (`_` read as a space) or classnames.txt
@@ -113,14 +113,15 @@ def _timm_synsets(filename: str) -> list[str]:
     return data.decode().split()
 
 
-def _wordnet_folders(root: Path, dataset: str, synsets: list[str], transform) -> LabeledImages:
-    """Folders named by WordNet id, labelled by their position in `synsets`; all must be present."""
+def _wordnet_folders(root: Path, dataset: str, synsets: list[str], transform,
+                    named_by: str = "WordNet id") -> LabeledImages:
+    """Folders named by WordNet id (or class index), labelled by their position in `synsets`; all must be present."""
     index = {wnid: i for i, wnid in enumerate(synsets)}
     folders = {p.name: p for p in _class_folders(root)}
     missing = [w for w in synsets if w not in folders]
     if len(missing) == len(synsets):
-        raise ClipaError(f"--data-root: {root} has no class folders named by WordNet id (e.g. {synsets[0]}/); "
-                         f"--dataset {dataset} expects {root}/{synsets[0]}/*.JPEG")
+        raise ClipaError(f"--data-root: {root} has no class folders named by {named_by} (e.g. {synsets[0]}/); "
+                         f"--dataset {dataset} expects {root}/{synsets[0]}/*.jpeg")
     if missing:
         raise ClipaError(f"--data-root: {root} lacks {len(missing)} of the {len(synsets)} class folders of "
                          f"{dataset} (first missing: {missing[0]}/); the split must be complete")
@@ -176,14 +177,40 @@ def read_member(f, where: tuple[int, int]) -> bytes:
 
 class WdsClassification(Dataset):
     """CLIP_benchmark's webdataset classification split with random access (see `wds_index`),
-    so the split can be sharded across processes like any map-style dataset."""
+    so the split can be sharded across processes like any map-style dataset.
 
-    def __init__(self, root: Path, transform):
+    Labels are read and checked against the class names up front (a few bytes per sample): a label
+    outside classnames.txt is a broken dataset, named with its shard, not a crash mid-evaluation."""
+
+    def __init__(self, root: Path, transform, num_classes: int | None = None):
         self.transform, self.items = transform, []
-        for shard, parts in wds_index(root):
-            image = next((parts[e] for e in ("webp", "jpg", "jpeg", "png") if e in parts), None)
-            if image is not None and "cls" in parts:
-                self.items.append((shard, image, parts["cls"]))
+        current, f = None, None  # samples come shard by shard: one file open at a time
+        try:
+            for shard, parts in wds_index(root):
+                image = next((parts[e] for e in ("webp", "jpg", "jpeg", "png") if e in parts), None)
+                if image is None or "cls" not in parts:
+                    continue
+                if shard != current:
+                    if f is not None:
+                        f.close()
+                    f, current = open(shard, "rb"), shard
+                text = read_member(f, parts["cls"]).decode(errors="replace").strip()
+                self.items.append((shard, image, self._label(text, shard, root, num_classes)))
+        finally:
+            if f is not None:
+                f.close()
+
+    @staticmethod
+    def _label(text: str, shard: Path, root: Path, num_classes: int | None) -> int:
+        try:
+            label = int(text)
+        except ValueError:
+            raise ClipaError(f"--data-root: {shard}: a .cls member holds {text!r}, not a class index") from None
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise ClipaError(f"--data-root: {shard}: label {label} is outside the {num_classes} classes of "
+                             f"{root / 'classnames.txt'} (valid: 0..{num_classes - 1}); the shards and "
+                             "classnames.txt belong to different datasets")
+        return label
 
     def __len__(self) -> int:
         return len(self.items)
@@ -191,13 +218,12 @@ class WdsClassification(Dataset):
     def __getitem__(self, index: int):
         import io
 
-        shard, image_at, cls_at = self.items[index]
+        shard, image_at, label = self.items[index]
         try:
             with open(shard, "rb") as f:
-                label = int(read_member(f, cls_at).decode().strip())
                 with Image.open(io.BytesIO(read_member(f, image_at))) as image:
                     image = image.convert("RGB")
-        except (OSError, ValueError):
+        except (OSError, ValueError, Image.DecompressionBombError):
             return None
         return self.transform(image), label
 
@@ -210,7 +236,8 @@ def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
     template_file = root / "zeroshot_classification_templates.txt"
     default = [t for t in template_file.read_text(encoding="utf-8").splitlines() if t.strip()] \
         if template_file.is_file() else ["a photo of a {c}."]
-    return ZeroShotData("wds", WdsClassification(root, transform), classnames, load_templates(templates, default))
+    return ZeroShotData("wds", WdsClassification(root, transform, len(classnames)), classnames,
+                        load_templates(templates, default))
 
 
 def load_zeroshot_data(name: str, transform, data_root: str | None = None, templates: str | None = None,
@@ -233,7 +260,8 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
         return ZeroShotData(name, _wordnet_folders(root, name, synsets, transform), list(IMAGENET_CLASSNAMES), openai)
     if name == "imagenet-v2":
         root = _root(data_root, name, ("imagenetv2-matched-frequency-format-val",))
-        return ZeroShotData(name, _wordnet_folders(root, name, [str(i) for i in range(1000)], transform),
+        folders = [str(i) for i in range(1000)]
+        return ZeroShotData(name, _wordnet_folders(root, name, folders, transform, "class index (0/ .. 999/)"),
                             list(IMAGENET_CLASSNAMES), openai)
     if name in ("imagenet-r", "imagenet-a"):
         subset = _timm_synsets(f"imagenet_{name[-1]}_synsets.txt")

@@ -4,8 +4,9 @@ Features are computed once and cached on disk (keyed by the model's weights file
 trying another regularisation grid or re-running costs seconds. The classifier is a full-batch
 L-BFGS logistic regression in torch (scikit-learn is not a dependency; on a few thousand feature
 vectors this converges in a second). The L2 strength is picked from a log grid on a validation
-split carved from the training split (20%, stratified by seed), then the probe is refit on the
-whole training split and scored once on the test split.
+split carved from the training split (20% of every class, drawn with a fixed seed), then the probe
+is refit on the whole training split and scored once on the test split. Feature extraction is
+split over the processes of a group (torchrun / accelerate launch) and gathered in order.
 
 Datasets: `imagefolder` (--data-root with train/ and test/ class folders) or `synthetic`.
 """
@@ -17,14 +18,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
 from clipa.evaluate.datasets import _imagefolder
 from clipa.evaluate.models import LoadedModel
-from clipa.evaluate.zeroshot import _collate
+from clipa.evaluate.sharding import all_true, gather_batches, rank_world, shard
+from clipa.evaluate.zeroshot import eval_loader
 
 PROBE_DATASETS = ("imagefolder", "synthetic")
 L2_GRID = tuple(10.0 ** e for e in range(-6, 1))
@@ -51,36 +53,75 @@ def accuracy(probe: torch.nn.Linear, features: torch.Tensor, labels: torch.Tenso
         return (probe(features).argmax(1) == labels).float().mean().item()
 
 
+def stratified_split(labels: torch.Tensor, fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, fit) indices: `fraction` of every class (at least one image of each class with
+    two or more), drawn with a fixed seed, so every class is scored and none is left out of the fit."""
+    generator = torch.Generator().manual_seed(seed)
+    val, fit = [], []
+    for cls in labels.unique(sorted=True):
+        members = (labels == cls).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        cut = min(max(1, round(len(members) * fraction)), len(members) - 1)
+        val.append(members[:cut])
+        fit.append(members[cut:])
+    return torch.cat(val).sort().values, torch.cat(fit).sort().values
+
+
 def choose_l2(features: torch.Tensor, labels: torch.Tensor, num_classes: int, grid=L2_GRID) -> tuple[float, dict]:
-    """Best L2 strength on a held-out 20% of the training features."""
-    generator = torch.Generator().manual_seed(0)
-    order = torch.randperm(len(labels), generator=generator)
-    cut = max(1, len(labels) // 5)
-    val, fit = order[:cut], order[cut:]
+    """Best L2 strength on a held-out, class-stratified 20% of the training features."""
+    val, fit = stratified_split(labels)
+    if len(val) == 0:
+        raise ClipaError("linear probe: every class has a single training image; a validation split needs at "
+                         "least two images of some class")
     scores = {l2: accuracy(fit_logistic(features[fit], labels[fit], num_classes, l2), features[val], labels[val])
               for l2 in grid}
     best = max(scores, key=lambda l2: (scores[l2], l2))  # ties: the stronger regularisation
     return best, scores
 
 
+class _Indexed(Dataset):
+    """(image, label, index): the index puts features gathered from several processes back in order."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return None if item is None else (*item, i)
+
+
+def _collate_indexed(batch):
+    kept = [b for b in batch if b is not None]  # unreadable images are left out of the probe
+    if not kept:
+        return None, None, None
+    return torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept]), torch.tensor([b[2] for b in kept])
+
+
 @torch.no_grad()
-def _features(loaded: LoadedModel, dataset, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(loaded: LoadedModel, dataset, batch_size: int, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     model = loaded.model.eval()
     device = next(model.parameters()).device
-    feats, labels = [], []
-    for images, batch_labels, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=_collate):
+    indices, feats, labels = [], [], []
+    for images, batch_labels, index in eval_loader(shard(_Indexed(dataset)), batch_size, num_workers,
+                                                   collate_fn=_collate_indexed):
         if images is not None:
             feats.append(model.encode_image(images.to(device), normalize=True).float().cpu())
             labels.append(batch_labels)
-    if not feats:
+            indices.append(index)
+    gathered = gather_batches(indices, feats, labels)
+    if gathered is None:
         raise ClipaError("linear probe: no readable images")
-    return torch.cat(feats), torch.cat(labels)
+    return gathered[1], gathered[2]
 
 
 def _cache_key(loaded: LoadedModel, dataset: str, data_root: str | None, split: str, size: int) -> str:
     weights = Path(loaded.pretrained)
     stamp = ""
-    for candidate in (weights, weights / "open_clip_model.safetensors", weights / "model.safetensors"):
+    for candidate in (weights, weights / "open_clip_model.safetensors", weights / "open_clip_pytorch_model.bin",
+                      weights / "model.safetensors"):
         if candidate.is_file():
             stat = candidate.stat()
             stamp = f"{candidate.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -90,11 +131,11 @@ def _cache_key(loaded: LoadedModel, dataset: str, data_root: str | None, split: 
 
 
 def cached_features(loaded: LoadedModel, dataset: str, data_root: str | None, split: str, cache_dir: Path,
-                    batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, int]:
+                    batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     size = loaded.image_size
     transform = eval_transform(size, loaded.mean, loaded.std)
     path = cache_dir / f"{_cache_key(loaded, dataset, data_root, split, size)}.pt"
-    if path.is_file():
+    if all_true(path.is_file()):  # every process must agree, or some would wait in the gather forever
         cached = torch.load(path, weights_only=True)
         return cached["features"], cached["labels"], int(cached["num_classes"])
     if dataset == "synthetic":
@@ -102,27 +143,35 @@ def cached_features(loaded: LoadedModel, dataset: str, data_root: str | None, sp
                                 transform=transform)
         num_classes = len(data.classnames)
     else:
-        if not data_root or not (Path(data_root) / split).is_dir():
-            raise ClipaError(f"--data-root: {data_root}/{split} is missing; the linear probe needs train/ and test/ "
-                             "class folders")
+        if not (Path(data_root) / split).is_dir():
+            raise ClipaError(f"--data-root: {Path(data_root) / split} is missing; the linear probe needs train/ and "
+                             "test/ class folders")
         data, classnames = _imagefolder(Path(data_root) / split, transform)
         num_classes = len(classnames)
-    features, labels = _features(loaded, data, batch_size)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"features": features, "labels": labels, "num_classes": num_classes}, tmp)
-    tmp.replace(path)
+    features, labels = _features(loaded, data, batch_size, num_workers)
+    if rank_world()[0] == 0:  # every process holds the gathered features; one writes them
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"features": features, "labels": labels, "num_classes": num_classes}, tmp)
+        tmp.replace(path)
     return features, labels, num_classes
 
 
 def linear_probe(loaded: LoadedModel, dataset: str, data_root: str | None = None, cache_dir: str | Path | None = None,
-                 batch_size: int = 256) -> dict:
+                 batch_size: int = 256, num_workers: int = 0) -> dict:
     if dataset not in PROBE_DATASETS:
         raise ClipaError(f"--dataset: unknown linear-probe dataset \"{dataset}\" (available: {', '.join(PROBE_DATASETS)})")
+    if dataset != "synthetic" and not data_root:
+        raise ClipaError(f"--data-root: required for --dataset {dataset}; point it at a folder with train/ and "
+                         "test/ class folders")
+    for split in ("train", "test") if dataset != "synthetic" else ():
+        if not (Path(data_root) / split).is_dir():
+            raise ClipaError(f"--data-root: {Path(data_root) / split} is missing; the linear probe needs train/ and "
+                             "test/ class folders")
     start = time.perf_counter()
     cache = Path(cache_dir) if cache_dir else Path(".clipa-cache") / "features"
-    train_x, train_y, num_classes = cached_features(loaded, dataset, data_root, "train", cache, batch_size)
-    test_x, test_y, test_classes = cached_features(loaded, dataset, data_root, "test", cache, batch_size)
+    train_x, train_y, num_classes = cached_features(loaded, dataset, data_root, "train", cache, batch_size, num_workers)
+    test_x, test_y, test_classes = cached_features(loaded, dataset, data_root, "test", cache, batch_size, num_workers)
     if test_classes != num_classes:
         raise ClipaError(f"--data-root: train/ has {num_classes} classes but test/ has {test_classes}")
     l2, scores = choose_l2(train_x, train_y, num_classes)

@@ -3,15 +3,25 @@
 Accepted `--model` values:
   runs/NAME                     a clipa run directory (its final/ model, else its newest checkpoint)
   runs/NAME/checkpoints/step_N  a step checkpoint
-  runs/NAME/final, local-dir:P  an exported open_clip local directory
+  runs/NAME/final, local-dir:P  an exported open_clip local directory (open_clip_model.safetensors, or
+                                open_clip_pytorch_model.bin and the other names open_clip looks for)
   ViT-B-16 --pretrained F       an open_clip architecture (or clipa-tiny) plus a local weights file
+
+`image_size` / `text_length` evaluate at another geometry than the model's own: the model is rebuilt
+at that geometry and its weights loaded with the position embeddings resized the way finetuning
+does it (`clipa.model.load_weights`: bicubic for the image grid, linear for text), and the tokenizer
+truncates to the new length. Changing only the transform would feed the model a token grid its
+position embedding does not have.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import open_clip
 import torch
@@ -19,8 +29,8 @@ import torch
 from clipa import recipe as recipe_mod
 from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
 from clipa.errors import ClipaError
-from clipa.model import (EXPORT_CONFIG, arch_config, build_tokenizer, create_model, load_weights, native_geometry,
-                         recipe_model_config, stage_config)
+from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
+                         native_geometry, patch_size, recipe_model_config, stage_config)
 
 
 @dataclass
@@ -32,19 +42,30 @@ class LoadedModel:
     std: tuple
     name: str  # architecture or path, for result files
     pretrained: str  # where the weights came from
+    # What `at_geometry` needs to rebuild the model at another image size / text length.
+    model_cfg: dict | None = field(default=None, repr=False)
+    make_tokenizer: Callable[[int], object] | None = field(default=None, repr=False)
+    context_length: int | None = None
+
+
+def _export_tokenizer(path: Path, context_length: int):
+    return open_clip.get_tokenizer(f"local-dir:{path}", context_length=context_length)
 
 
 def _from_export(path: Path) -> LoadedModel:
     config = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    # open_clip finds the weights file itself (open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)
     model = open_clip.create_model(f"local-dir:{path}", device="cpu")
     model.output_dict = True
     pre = config.get("preprocess_cfg", {})
-    image_size = pre.get("size") or config["model_cfg"]["vision_cfg"]["image_size"]
+    image_size = pre.get("size") or config["model_cfg"]["vision_cfg"].get("image_size", 224)
     if isinstance(image_size, (list, tuple)):
         image_size = image_size[0]
-    return LoadedModel(model, open_clip.get_tokenizer(f"local-dir:{path}"), int(image_size),
+    context_length = int(config["model_cfg"].get("text_cfg", {}).get("context_length", 77))
+    return LoadedModel(model, _export_tokenizer(path, context_length), int(image_size),
                        tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), str(path), str(path))
+                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), str(path), str(path),
+                       config["model_cfg"], functools.partial(_export_tokenizer, path), context_length)
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
@@ -53,10 +74,65 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     model = create_model(model_cfg)
     model.load_state_dict(read_state_dict(path, "checkpoint"))
     return LoadedModel(model, build_tokenizer(recipe.model.arch, geometry.context_length), geometry.image_size,
-                       open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path))
+                       open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path),
+                       model_cfg, functools.partial(build_tokenizer, recipe.model.arch), geometry.context_length)
 
 
-def load_model(spec: str, pretrained: str | None = None) -> LoadedModel:
+def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length: int | None = None) -> LoadedModel:
+    """`loaded` rebuilt to take `image_size` px images and `text_length` tokens (None: unchanged).
+
+    Position embeddings are resized by `clipa.model.load_weights` (open_clip's resizers, as in
+    finetuning); a timm image trunk is loaded at its own size and then resampled by timm's
+    `set_input_size`, as open_clip's `force_image_size` does.
+    """
+    size = image_size or loaded.image_size
+    length = text_length or loaded.context_length
+    if size == loaded.image_size and length == loaded.context_length:
+        return loaded
+    if loaded.model_cfg is None or loaded.make_tokenizer is None:
+        raise ClipaError(f"--image-size/--text-length: {loaded.name} was not loaded with load_model, so it cannot be "
+                         "rebuilt at another geometry; load it with clipa.evaluate.models.load_model")
+    if size < 1:
+        raise ClipaError(f"--image-size: must be a positive number of pixels, got {size}")
+    patch = patch_size(loaded.model_cfg)
+    if patch and size % patch:
+        lower = size - size % patch
+        raise ClipaError(f"--image-size: {size} is not divisible by the patch size {patch} of {loaded.name}; "
+                         f"use {lower or patch} or {lower + patch}")
+    if length is not None and length < 2:
+        raise ClipaError(f"--text-length: needs at least 2 tokens (start and end of text), got {length}")
+    cfg = copy.deepcopy(loaded.model_cfg)
+    timm_trunk = "timm_model_name" in cfg["vision_cfg"]
+    cfg["vision_cfg"]["image_size"] = loaded.image_size if timm_trunk else size
+    if length is not None:
+        cfg["text_cfg"]["context_length"] = length
+    device = next(loaded.model.parameters()).device
+    model = create_model(cfg)
+    load_weights(model, {k: v.cpu() for k, v in loaded.model.state_dict().items()}, key="--model")
+    if timm_trunk:
+        _set_timm_input_size(model.visual, size)
+        cfg["vision_cfg"]["image_size"] = size
+    tokenizer = loaded.make_tokenizer(length) if length != loaded.context_length else loaded.tokenizer
+    return replace(loaded, model=model.to(device), tokenizer=tokenizer, image_size=size, model_cfg=cfg,
+                   context_length=length)
+
+
+def _arch_config(spec: str) -> dict:
+    """arch_config, with errors naming --model (what the user typed) instead of the recipe key."""
+    try:
+        return arch_config(spec)
+    except ClipaError as err:
+        message = str(err)
+        raise ClipaError("--model" + message[len("model.arch"):] if message.startswith("model.arch") else message) from None
+
+
+def load_model(spec: str, pretrained: str | None = None, image_size: int | None = None,
+               text_length: int | None = None) -> LoadedModel:
+    """The model `spec` names (see the module docstring), at `image_size` / `text_length` if given."""
+    return at_geometry(_load(spec, pretrained), image_size, text_length)
+
+
+def _load(spec: str, pretrained: str | None) -> LoadedModel:
     if spec.startswith("local-dir:"):
         spec = spec[len("local-dir:"):]
         if not (Path(spec) / EXPORT_CONFIG).is_file():
@@ -73,14 +149,16 @@ def load_model(spec: str, pretrained: str | None = None) -> LoadedModel:
         if "/" in spec or spec.startswith("."):
             raise ClipaError(f"--model: {spec} does not exist; give a clipa run directory, an exported model, or an "
                              "open_clip architecture with --pretrained FILE")
-        arch_config(spec)  # names an unknown architecture precisely
+        _arch_config(spec)  # names an unknown architecture precisely
         raise ClipaError(f"--pretrained: {spec} is an architecture; give its weights with --pretrained FILE "
                          "(clipa never downloads weights)")
     if not Path(pretrained).is_file():
         raise ClipaError(f"--pretrained: {pretrained} is not a file")
-    cfg = arch_config(spec)
+    cfg = _arch_config(spec)
     geometry = native_geometry(cfg)
-    model = create_model(stage_config(spec, geometry))
+    model_cfg = stage_config(spec, geometry)
+    model = create_model(model_cfg)
     load_weights(model, read_state_dict(Path(pretrained), "file"), key="--pretrained")
     return LoadedModel(model, build_tokenizer(spec, geometry.context_length), geometry.image_size,
-                       open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, spec, pretrained)
+                       open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, spec, pretrained,
+                       model_cfg, functools.partial(build_tokenizer, spec), geometry.context_length)

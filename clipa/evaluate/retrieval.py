@@ -13,25 +13,30 @@ Datasets (several captions per image supported, COCO/Flickr style):
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from clipa.data.synthetic import draw_scene, _rng
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
 from clipa.evaluate.datasets import read_member, wds_index
-from clipa.evaluate.models import LoadedModel
+from clipa.evaluate.models import LoadedModel, at_geometry
+from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
+from clipa.evaluate.zeroshot import eval_loader
 
 RETRIEVAL_DATASETS = ("csv", "wds", "synthetic")
 _RETRIEVAL_STREAM = 0x2E7
 
 
 class _Images(Dataset):
+    """(transformed image, index); None for an image that cannot be decoded (skipped and counted)."""
+
     def __init__(self, loaders, transform):
         self.loaders, self.transform = loaders, transform
 
@@ -39,18 +44,30 @@ class _Images(Dataset):
         return len(self.loaders)
 
     def __getitem__(self, i):
-        try:
-            image = self.loaders[i]()
-        except (OSError, ValueError):
+        try:  # PIL decodes lazily: a truncated file fails in convert(), so it is inside the try
+            image = self.loaders[i]().convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
             return None
-        return self.transform(image.convert("RGB")), i
+        return self.transform(image), i
 
 
+# Loaders are module-level functions bound with functools.partial (not lambdas), so the dataset
+# pickles into DataLoader workers under any multiprocessing start method.
 def _from_file(path: Path):
-    def load():
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    return load
+    return functools.partial(_open_file, path)
+
+
+def _open_file(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _open_member(shard: Path, where: tuple[int, int]) -> Image.Image:
+    return Image.open(io.BytesIO(_read_at(shard, where)))
+
+
+def _given(image: Image.Image) -> Image.Image:
+    return image
 
 
 def load_pairs(dataset: str, data_root: str | None, image_column="filepath", caption_column="title",
@@ -58,7 +75,7 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
     """(image loaders, captions per image)."""
     if dataset == "synthetic":
         scenes = [draw_scene(_rng(_RETRIEVAL_STREAM, 0, i)) for i in range(synthetic_images)]  # held out
-        return [lambda s=s: s[0] for s in scenes], [[s[1]] for s in scenes]
+        return [functools.partial(_given, s[0]) for s in scenes], [[s[1]] for s in scenes]
     if not data_root:
         raise ClipaError(f"--data-root: required for --dataset {dataset}")
     root = Path(data_root)
@@ -82,7 +99,7 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
             image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             if image is not None and "txt" in parts:
                 text = _read_at(shard, parts["txt"]).decode()
-                loaders.append(lambda shard=shard, at=image: Image.open(io.BytesIO(_read_at(shard, at))))
+                loaders.append(functools.partial(_open_member, shard, image))
                 captions.append([c for c in text.splitlines() if c.strip()])
         return loaders, captions
     raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\" (available: {', '.join(RETRIEVAL_DATASETS)})")
@@ -108,36 +125,52 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_
     return metrics
 
 
+def _collate(batch):
+    kept = [b for b in batch if b is not None]  # unreadable images dropped (counted by the caller)
+    if not kept:
+        return None, None
+    return torch.stack([b[0] for b in kept]), torch.tensor([b[1] for b in kept])
+
+
 @torch.no_grad()
 def retrieval(loaded: LoadedModel, dataset: str, data_root: str | None = None, image_size: int | None = None,
-              batch_size: int = 256) -> dict:
+              batch_size: int = 256, num_workers: int = 0, text_length: int | None = None) -> dict:
+    """Recall@1/5/10 of `loaded` on a named dataset (CLIP_benchmark-shaped result). In a process
+    group each process encodes every world-th image and caption; features are gathered in order."""
+    loaded = at_geometry(loaded, image_size, text_length)
     loaders, captions = load_pairs(dataset, data_root)
     if not loaders:
         raise ClipaError(f"--data-root: {data_root} holds no image-caption pairs")
     model = loaded.model.eval()
     device = next(model.parameters()).device
-    size = image_size or loaded.image_size
+    size = loaded.image_size
     start = time.perf_counter()
-    features, kept = [], []
-    collate = lambda batch: [b for b in batch if b is not None]  # noqa: E731 - unreadable images dropped
-    for batch in DataLoader(_Images(loaders, eval_transform(size, loaded.mean, loaded.std)), batch_size=batch_size,
-                            collate_fn=collate):
-        if batch:
-            images = torch.stack([b[0] for b in batch]).to(device)
-            features.append(model.encode_image(images, normalize=True).float().cpu())
-            kept += [b[1] for b in batch]
-    if not kept:
+    indices, features = [], []
+    images = _Images(loaders, eval_transform(size, loaded.mean, loaded.std))
+    for batch, index in eval_loader(shard_dataset(images), batch_size, num_workers, collate_fn=_collate):
+        if batch is not None:
+            features.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
+            indices.append(index)
+    gathered = gather_batches(indices, features)
+    if gathered is None:
         raise ClipaError(f"--data-root: no readable images in {data_root}")
-    new_index = {old: new for new, old in enumerate(kept)}
+    kept, image_features = gathered
     texts, owners = [], []
-    for old in kept:
+    for new, old in enumerate(kept.tolist()):
         texts += captions[old]
-        owners += [new_index[old]] * len(captions[old])
-    text_features = torch.cat([model.encode_text(loaded.tokenizer(texts[i:i + batch_size]).to(device),
-                                                 normalize=True).float().cpu()
-                               for i in range(0, len(texts), batch_size)])
-    metrics = recall_at_k(torch.cat(features), text_features, torch.tensor(owners))
+        owners += [new] * len(captions[old])
+    if not texts:
+        raise ClipaError(f"--data-root: {data_root}: every caption is empty")
+    mine = list(shard_range(len(texts)))
+    text_index, text_features = [], []
+    for i in range(0, len(mine), batch_size):
+        chunk = mine[i:i + batch_size]
+        tokens = loaded.tokenizer([texts[t] for t in chunk]).to(device)
+        text_features.append(model.encode_text(tokens, normalize=True).float().cpu())
+        text_index.append(torch.tensor(chunk))
+    _, text_features = gather_batches(text_index, text_features)
+    metrics = recall_at_k(image_features, text_features, torch.tensor(owners))
     metrics.update(num_images=len(kept), num_texts=len(texts), skipped_images=len(loaders) - len(kept),
                    seconds=time.perf_counter() - start)
     return {"dataset": dataset, "model": loaded.name, "pretrained": loaded.pretrained, "task": "zeroshot_retrieval",
-            "metrics": metrics, "language": "en", "image_size": size}
+            "metrics": metrics, "language": "en", "image_size": size, "text_length": loaded.context_length}

@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from open_clip import build_zero_shot_classifier
-from torch.utils.data import DataLoader, Subset, default_collate
+from torch.utils.data import DataLoader, default_collate
 
+from clipa.data.loader import _one_thread_per_worker
 from clipa.data.transforms import eval_transform
 from clipa.evaluate.datasets import ZeroShotData, load_zeroshot_data
 from clipa.errors import ClipaError
-from clipa.evaluate.models import LoadedModel
+from clipa.evaluate.models import LoadedModel, at_geometry
+from clipa.evaluate.sharding import shard, sum_over_processes
 
 
 def _collate(batch):
@@ -26,10 +27,10 @@ def _collate(batch):
     return images, labels, len(batch) - len(kept)
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def eval_loader(dataset, batch_size: int, num_workers: int, collate_fn=_collate) -> DataLoader:
+    """Decoding in `num_workers` processes, one thread each (the model gets the cores' threads)."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=collate_fn,
+                      worker_init_fn=_one_thread_per_worker if num_workers else None)
 
 
 @torch.no_grad()
@@ -46,10 +47,8 @@ def classify(model, tokenizer, data: ZeroShotData, batch_size: int = 256, num_wo
     weights = build_zero_shot_classifier(model, tokenizer, data.classnames, data.templates,
                                          num_classes_per_batch=10, device=device)
     num_classes = len(data.classnames)
-    rank, world = _distributed()
-    dataset = data.dataset if world == 1 else Subset(data.dataset, range(rank, len(data.dataset), world))
     counts = torch.zeros(num_classes * num_classes + 2, dtype=torch.long)  # confusion, top-5 hits, skipped
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=_collate)
+    loader = eval_loader(shard(data.dataset), batch_size, num_workers)
     start = time.perf_counter()
     for images, labels, skipped in loader:
         counts[-1] += skipped
@@ -60,10 +59,7 @@ def classify(model, tokenizer, data: ZeroShotData, batch_size: int = 256, num_wo
         topk = logits.topk(min(5, num_classes), dim=1).indices.cpu()
         counts[:-2] += torch.bincount(labels * num_classes + topk[:, 0], minlength=num_classes ** 2)
         counts[-2] += (topk == labels[:, None]).any(dim=1).sum()
-    if world > 1:
-        counts = counts.to(device)
-        dist.all_reduce(counts)
-        counts = counts.cpu()
+    counts = sum_over_processes(counts, device)
     elapsed = time.perf_counter() - start
     confusion = counts[:-2].view(num_classes, num_classes)
     total = int(confusion.sum())
@@ -83,17 +79,40 @@ def classify(model, tokenizer, data: ZeroShotData, batch_size: int = 256, num_wo
 
 
 def zeroshot(loaded: LoadedModel, dataset: str, data_root: str | None = None, templates: str | None = None,
-             image_size: int | None = None, batch_size: int = 256, num_workers: int = 0) -> dict:
-    """Evaluate a loaded model on a named dataset; returns the CLIP_benchmark-shaped result."""
-    size = image_size or loaded.image_size
+             image_size: int | None = None, batch_size: int = 256, num_workers: int = 0,
+             text_length: int | None = None) -> dict:
+    """Evaluate a loaded model on a named dataset; returns the CLIP_benchmark-shaped result.
+
+    `image_size` / `text_length` evaluate at another geometry (the model is rebuilt with resized
+    position embeddings, see `at_geometry`); in a process group the data is split over processes."""
+    loaded = at_geometry(loaded, image_size, text_length)
+    size = loaded.image_size
     data = load_zeroshot_data(dataset, eval_transform(size, loaded.mean, loaded.std), data_root, templates)
     metrics = classify(loaded.model, loaded.tokenizer, data, batch_size=batch_size, num_workers=num_workers)
     return {
         "dataset": dataset, "model": loaded.name, "pretrained": loaded.pretrained,
         "task": "zeroshot_classification", "metrics": metrics, "language": "en",
         "num_classes": len(data.classnames), "chance": 1.0 / len(data.classnames), "image_size": size,
+        "text_length": loaded.context_length,
     }
 
 
 def write_result(result: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
+def output_paths(output: str | Path, datasets: list[str]) -> list[Path]:
+    """Where `--output` puts each dataset's result: one CLIP_benchmark object per file, never a list.
+
+    A `{dataset}` in the name is replaced by the dataset's name (results/{dataset}.json). Without
+    it, one dataset writes OUTPUT itself and several write OUTPUT's name with `_DATASET` inserted
+    before the suffix, next to it (results.json -> results_imagenet.json, results_imagenet-v2.json).
+    """
+    output = str(output)
+    if "{dataset}" in output:
+        return [Path(output.replace("{dataset}", name)) for name in datasets]
+    if len(datasets) == 1:
+        return [Path(output)]
+    path = Path(output)
+    return [path.with_name(f"{path.stem}_{name}{path.suffix}") for name in datasets]
