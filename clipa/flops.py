@@ -17,7 +17,9 @@ Layer norms, softmax, GELU and the contrastive logits (2 x batch x embed per sam
 at CLIPA's sizes) are left out.
 
 A timm image tower (`model.image_tower`) has no analytic formula here: its forward is counted once
-by FlopCounterMode on the meta device (shapes only: no memory, no weights), at full tokens.
+by FlopCounterMode on the meta device (shapes only: no memory, no weights). For a timm ViT with
+patch masking the count runs with the kept tokens in timm's `patch_drop` slot, where clipa's masker
+sits in training (prefix tokens kept, the patch embedding still over every patch).
 """
 
 from __future__ import annotations
@@ -35,28 +37,45 @@ def image_tokens(model_cfg: dict, image_size: int, keep_ratio: float = 1.0) -> i
     from clipa.reduction import keep_count
 
     v = model_cfg["vision_cfg"]
-    if "timm_model_name" in v:  # a timm ViT: its patch grid + prefix tokens; a CNN: 0 (no tokens)
-        return _timm_count(v["timm_model_name"], image_size)[1]
+    if "timm_model_name" in v:  # a timm ViT: its (kept) patches + prefix tokens; a CNN: 0 (no tokens)
+        return _timm_count(v["timm_model_name"], image_size, keep_ratio)[1]
     patches = (image_size // v["patch_size"]) ** 2
     return keep_count(patches, 1.0 - keep_ratio) + 1
 
 
 @functools.lru_cache(maxsize=32)
-def _timm_count(name: str, image_size: int) -> tuple[float, int, int]:
+def _timm_count(name: str, image_size: int, keep_ratio: float = 1.0) -> tuple[float, int, int]:
     """(forward FLOPs, tokens, feature width) of a timm trunk as open_clip builds it (num_classes=0)."""
     import timm
     import torch
     from torch.utils.flop_counter import FlopCounterMode
+
+    from clipa.reduction import keep_count
+
+    class _KeepFirst(torch.nn.Module):
+        """Stands in for clipa's patch masker while counting: keeps the first `n` tokens."""
+
+        def __init__(self, n: int):
+            super().__init__()
+            self.n = n
+
+        def forward(self, x):
+            return x[:, : self.n]
 
     with torch.device("meta"):
         trunk = timm.create_model(name, pretrained=False, num_classes=0)
         default = trunk.default_cfg.get("input_size", (3, image_size, image_size))[-1]
         if image_size != default and hasattr(trunk, "set_input_size"):
             trunk.set_input_size(img_size=(image_size, image_size))
+        trunk.eval()  # one sample: train-mode BatchNorm refuses a 1x1 map of batch 1 (ResNet at 32 px)
+        grid = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
+        prefix = getattr(trunk, "num_prefix_tokens", 0)
+        tokens = grid[0] * grid[1] + prefix if grid else 0
+        if grid and keep_ratio < 1.0 and hasattr(trunk, "patch_drop"):
+            tokens = prefix + keep_count(grid[0] * grid[1], 1.0 - keep_ratio)
+            trunk.patch_drop = _KeepFirst(tokens)  # which tokens are kept does not change the count
         with FlopCounterMode(display=False) as counter:
             trunk(torch.empty(1, 3, image_size, image_size))
-    grid = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
-    tokens = grid[0] * grid[1] + getattr(trunk, "num_prefix_tokens", 0) if grid else 0
     return float(counter.get_total_flops()), int(tokens), int(trunk.num_features)
 
 
@@ -68,7 +87,7 @@ def forward_breakdown(model_cfg: dict, image_size: int, context_length: int, kee
     """Forward matmul FLOPs per sample by tower and part (all floats)."""
     v, t, embed = model_cfg["vision_cfg"], model_cfg["text_cfg"], model_cfg["embed_dim"]
     if "timm_model_name" in v:
-        trunk, _, features = _timm_count(v["timm_model_name"], image_size)
+        trunk, _, features = _timm_count(v["timm_model_name"], image_size, keep_ratio)
         parts = {"image_trunk": trunk, "image_head": 2.0 * features * embed}
     else:
         vw, vl = v["width"], v["layers"]

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from clipa.loss import _ce_sum, _chunked_sum, gather_features
+from clipa.reduction import PatchMasker
 
 
 def gather_no_grad(features: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,9 @@ class MomentumEncoder:
         self.model.requires_grad_(False)
         self.model.train()  # same token reduction as the online model; no dropout in CLIP towers
         self.momentum = momentum
-        self.masker = getattr(getattr(self.model, "visual", None), "patch_dropout", None)
+        # The copy's own masker (open_clip ViT's patch_dropout or a timm ViT's patch_drop slot), fed
+        # the online model's indices, so keys see exactly the tokens the online forward sees.
+        self.masker = next((m for m in self.model.modules() if isinstance(m, PatchMasker)), None)
 
     @torch.no_grad()
     def keys(self, micro_batches, autocast) -> tuple[torch.Tensor, torch.Tensor]:

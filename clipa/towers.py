@@ -21,11 +21,16 @@ from clipa.errors import ClipaError
 _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.", "pre_logits.")
 
 
-def _source_state_dict(source: str) -> dict:
-    path = Path(source)
-    if not path.exists():
+def check_image_init(source: str) -> None:
+    """A missing image_init is an error before any work: clipa never downloads weights."""
+    if source and not Path(source).exists():
         raise ClipaError(f"model.image_init: {source} does not exist; give a timm checkpoint, a safetensors/.pt "
                          "state dict, or a clipa run / exported model whose image tower to use (nothing is downloaded)")
+
+
+def _source_state_dict(source: str) -> dict:
+    check_image_init(source)
+    path = Path(source)
     if path.is_dir():
         return read_state_dict(*find_weights(path, key="model.image_init"))
     return read_state_dict(path, "file")
@@ -63,6 +68,10 @@ def load_image_tower(model: torch.nn.Module, source: str) -> int:
 
 
 def apply_locks(model: torch.nn.Module, model_cfg) -> None:
+    """open_clip's locks. With lock_image_freeze_norm (the default) the locked groups' BatchNorm layers
+    become FrozenBatchNorm2d: in train mode they still normalise with the pretrained running statistics
+    and never update them, so "locked" means the tower's function is fixed, not only its weights.
+    (Checkpoints then hold no `num_batches_tracked` for them; plain BatchNorm loads them as they are.)"""
     if model_cfg.lock_image:
         model.lock_image_tower(unlocked_groups=model_cfg.lock_image_unlocked_groups,
                                freeze_bn_stats=model_cfg.lock_image_freeze_norm)

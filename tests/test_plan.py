@@ -218,3 +218,16 @@ def test_training_flops_match_torch_flop_counter_at_full_and_reduced_tokens(arch
         (out["image_features"].sum() + out["text_features"].sum()).backward()
     analytic = flops.train_flops_per_sample(cfg, image_size, text_length, 1.0 - mask_ratio)
     assert counter.get_total_flops() == pytest.approx(analytic, rel=0.05)  # one sample
+
+
+def test_masked_timm_vit_is_counted_at_its_kept_tokens():
+    """Patch masking on a timm ViT (clipa's masker in timm's patch_drop slot) counts the kept tokens,
+    the same as the analytic count of the equivalent open_clip ViT."""
+    timm_cfg = {"embed_dim": 128, "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "image_size": 112},
+                "text_cfg": SMALL["text_cfg"]}
+    same_vit = {"embed_dim": 128, "vision_cfg": {"image_size": 112, "layers": 12, "width": 192, "patch_size": 16},
+                "text_cfg": SMALL["text_cfg"]}
+    assert flops.image_tokens(timm_cfg, 112, 0.5) == flops.image_tokens(same_vit, 112, 0.5) < 50
+    timm_parts, vit = flops.forward_breakdown(timm_cfg, 112, 4, 0.5), flops.forward_flops(same_vit, 112, 4, 0.5)
+    assert timm_parts["image_trunk"] + timm_parts["image_head"] == pytest.approx(vit["image"], rel=1e-6)
+    assert flops.train_flops_per_sample(timm_cfg, 112, 4, 0.5) < flops.train_flops_per_sample(timm_cfg, 112, 4)

@@ -61,10 +61,68 @@ def test_queued_loss_equals_a_direct_computation():
         row_t = scale * txt[i] @ torch.cat([keys[0], negatives[0]]).T
         expected += -(row_i[i] - row_i.logsumexp(0)) - (row_t[i] - row_t.logsumexp(0))
     torch.testing.assert_close(got, expected / 10)
-    # memory bank: the batch's own online features are the in-batch columns
-    bank = queue_infonce_loss(img, txt, scale, None, negatives)
-    row = scale * img[0] @ torch.cat([txt, negatives[1]]).T
-    assert bank > 0 and torch.isfinite(bank) and row.shape == (12,)
+    # memory bank: the batch's own online features are the in-batch columns, the queue the rest
+    captured = []
+    bank = queue_infonce_loss(img, txt, scale, None, negatives, captured)
+    expected = 0.0
+    for i in range(5):
+        row_i = scale * img[i] @ torch.cat([txt, negatives[1]]).T
+        row_t = scale * txt[i] @ torch.cat([img, negatives[0]]).T
+        expected += -(row_i[i] - row_i.logsumexp(0)) - (row_t[i] - row_t.logsumexp(0))
+    torch.testing.assert_close(bank, expected / 10)
+    # what the bank enqueues after the step: this batch's online features, detached
+    assert torch.equal(captured[0], img) and torch.equal(captured[1], txt)
+    assert not captured[0].requires_grad and not captured[1].requires_grad
+
+
+def _accumulated_queue_step(batch, micro, kind, masked):
+    """One optimizer step's forward/backward as the trainer wires it: momentum keys before the online
+    forward, the queue's negatives, the loss over the global batch, then one enqueue."""
+    from accelerate import Accelerator
+
+    from clipa.model import create_model, stage_config
+    from clipa.reduction import install_patch_masker
+    from clipa.step import ContrastiveStep
+    from test_accumulation import GEOMETRY, split
+
+    torch.manual_seed(0)
+    model = create_model(stage_config("clipa-tiny", GEOMETRY))
+    masker = install_patch_masker(model, "random", 0.5) if masked else None
+    model.train()
+    accelerator = Accelerator(cpu=True)
+    queues = FeatureQueues(128, 128, "cpu")
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(2):  # a full queue of earlier features, the same for both layouts
+        queues.enqueue(*(F.normalize(torch.randn(64, 128, generator=generator), dim=-1) for _ in range(2)))
+    micro_batches = split(batch, micro)
+    momentum = MomentumEncoder(model, 0.9) if kind == "momentum" else None
+    keys = momentum.keys(micro_batches, accelerator.autocast) if momentum else None
+    negatives = queues.negatives(step=0, warmup_steps=0)
+    captured = []
+    step = ContrastiveStep(model, model, lambda i, t, s, b=None: queue_infonce_loss(i, t, s, keys, negatives, captured),
+                           accelerator, masker)
+    loss = step(micro_batches)
+    queues.enqueue(*(keys if momentum else captured))  # once per optimizer step
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads, queues
+
+
+@pytest.mark.parametrize("kind, masked", [("momentum", False), ("momentum", True), ("memory_bank", False)])
+def test_accumulated_queue_step_equals_one_big_step(kind, masked):
+    from test_accumulation import assert_same_gradients, global_batch
+
+    batch = global_batch(masked=masked)
+    loss_big, big, queue_big = _accumulated_queue_step(batch, 64, kind, masked)
+    loss_acc, acc, queue_acc = _accumulated_queue_step(batch, 16, kind, masked)
+    assert loss_acc == pytest.approx(loss_big, rel=1e-6)
+    assert "logit_scale" in big
+    assert_same_gradients(acc, big)
+    # the whole global batch's keys, in batch order, entered the queue once: 64 rows at the pointer
+    for queue in (queue_big, queue_acc):
+        assert queue.pointer == 64 and queue.filled == 128
+    torch.testing.assert_close(queue_acc.images, queue_big.images, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(queue_acc.texts, queue_big.texts, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(queue_big.images[:64], queue_big.images[64:])  # the new rows replaced the oldest
 
 
 @pytest.mark.parametrize("kind", ["momentum", "memory_bank"])
@@ -83,20 +141,28 @@ def test_training_with_queues_keeps_gradients_off_the_keys(tmp_path, kind):
         assert moved
 
 
-def test_queue_state_round_trips_through_a_checkpoint(tmp_path):
-    extra = [*ARGS, "train.total_samples=96", "loss.queue.kind=momentum"]
+@pytest.mark.parametrize("kind", ["momentum", "memory_bank"])
+def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
+    extra = [*ARGS, "train.total_samples=96", f"loss.queue.kind={kind}"]
     straight = Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", extra), "pretrain", tmp_path / "a")
     straight.run()
-    Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", extra), "pretrain", tmp_path / "b").run()
+    # The same run interrupted after step 2: its directory as it was then (runs are deterministic on CPU).
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
     for name in ("step_000004", "step_000006"):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     shutil.rmtree(tmp_path / "b" / "final")
     resumed = Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", extra), "pretrain", tmp_path / "b")
-    assert resumed.step == 2 and resumed.queues.filled == 32
+    assert resumed.step == 2 and resumed.queues.filled == 32 and resumed.queues.pointer == 32
+    assert resumed.queues.texts[:32].abs().sum() > 0 and not resumed.queues.texts[32:].any()
     resumed.run()
     assert torch.equal(resumed.queues.images, straight.queues.images)
-    for a, b in zip(resumed.momentum.model.parameters(), straight.momentum.model.parameters()):
-        assert torch.equal(a, b)
+    assert torch.equal(resumed.queues.texts, straight.queues.texts)
+    assert (resumed.queues.pointer, resumed.queues.filled) == (straight.queues.pointer, straight.queues.filled)
+    if kind == "momentum":
+        for a, b in zip(resumed.momentum.model.parameters(), straight.momentum.model.parameters()):
+            assert torch.equal(a, b)
+    else:
+        assert resumed.momentum is None
     losses = lambda d: {json.loads(l)["step"]: json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()}  # noqa: E731,E741
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
@@ -105,18 +171,40 @@ def test_two_processes_enqueue_every_process_keys(tmp_path):
     out = tmp_path / "states.pt"
     run_torchrun(Path(__file__).with_name("distributed_queue.py"), out, timeout=300)
     states = torch.load(out, weights_only=False)
-    for state in states:  # both processes hold the same queue: rank 0's keys, then rank 1's
-        assert state["images"][:4, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
-        assert state["texts"][:4, 0].tolist() == [10.0, 10.0, 11.0, 11.0]
-        assert state["filled"] == 4 and state["pointer"] == 4
+    local = [state["local"] for state in states]  # each rank's own keys / online features, never gathered
+    assert not torch.allclose(local[0]["momentum"][0], local[1]["momentum"][0])  # the ranks saw different data
+    for state in states:  # both processes hold the same queues: rank 0's rows, then rank 1's
+        for kind in ("momentum", "memory_bank"):
+            queue = state[kind]
+            for column, name in enumerate(("images", "texts")):
+                expected = torch.cat([local[0][kind][column], local[1][kind][column]])
+                torch.testing.assert_close(queue[name][:8], expected)
+                assert not queue[name][8:].any()
+            assert queue["filled"] == 8 and queue["pointer"] == 8
 
 
 @pytest.mark.parametrize("override, message", [
     ("loss.queue.size=50", "loss.queue.size: 50 is not a positive multiple of train.global_batch_size (16)"),
     ("loss.queue.momentum=1.0", "loss.queue.momentum: must be in [0, 1)"),
+    ("loss.queue.momentum=-0.1", "loss.queue.momentum: must be in [0, 1)"),
     ("loss.queue.kind=moco", 'loss.queue.kind: unknown value "moco"'),
 ])
 def test_bad_queue_settings(override, message):
     with pytest.raises(ClipaError) as info:
         load_recipe(RECIPES / "tiny" / "pretrain.toml", [*ARGS, "loss.queue.kind=momentum", override])
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.queue.size=50", "loss.queue.size: 50 is not a positive multiple of train.global_batch_size (16); use e.g. 48"),
+    ("loss.queue.momentum=1.0", "loss.queue.momentum: must be in [0, 1), got 1.0"),
+])
+def test_bad_queue_settings_exit_2_from_the_cli(cli, tmp_path, override, message):
+    from test_cli import assert_user_error
+
+    args = [RECIPES / "tiny" / "pretrain.toml", *ARGS, "loss.queue.kind=momentum", override]
+    assert_user_error(cli("validate", *args), message)
+    assert_user_error(cli("pretrain", *args, "--out", tmp_path / "run"), message)
+    assert not (tmp_path / "run").exists()  # refused before any work
+    # The queue's settings are inert without a queue, and only checked when one is on.
+    assert cli("validate", RECIPES / "tiny" / "pretrain.toml", *ARGS, "loss.queue.kind=none", override).returncode == 0

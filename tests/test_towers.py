@@ -61,6 +61,92 @@ def test_unlocked_last_groups_are_exactly_those(tmp_path):
     assert {n.split(".")[2] for n in trainable_text if n.startswith("transformer.resblocks.")} == {str(last)}
     assert {"ln_final.weight", "text_projection", "logit_scale"} <= trainable_text
     assert "token_embedding.weight" not in trainable_text and "positional_embedding" not in trainable_text
+    # the optimizer holds exactly the unlocked parameters: locked ones cost no optimizer state
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+def test_locked_text_tower_is_absent_from_the_optimizer(tmp_path):
+    trainer = Trainer(recipe("model.lock_text=true"), "pretrain", tmp_path / "r")
+    model = trainer.unwrapped
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    text = {n: p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"}
+    assert {"token_embedding.weight", "positional_embedding", "text_projection", "ln_final.weight"} <= set(text)
+    assert not [n for n, p in text.items() if id(p) in optimized or p.requires_grad]
+    assert all(id(p) in optimized for p in model.visual.parameters())  # the image side still trains
+
+
+def test_timm_tower_unlocked_last_groups_are_exactly_those(tmp_path):
+    trainer = Trainer(recipe("model.image_tower=vit_tiny_patch16_224", "model.lock_image=true",
+                             "model.lock_image_unlocked_groups=2"), "pretrain", tmp_path / "r")
+    visual = trainer.unwrapped.visual
+    # timm's groups for a ViT: [stem], blocks.0 .. blocks.10, [blocks.11 + final norm]; open_clip's new
+    # projection head is never locked
+    assert {n for n, p in visual.named_parameters() if p.requires_grad} == {
+        n for n, _ in visual.named_parameters() if n.startswith(("trunk.blocks.10.", "trunk.blocks.11.", "trunk.norm.", "head."))}
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert {n for n, p in visual.named_parameters() if id(p) in optimized} == \
+        {n for n, p in visual.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_locked_batchnorm_statistics_stay_frozen_by_default(tmp_path, freeze):
+    extra = [] if freeze else ["model.lock_image_freeze_norm=false"]
+    trainer = Trainer(recipe("model.image_tower=resnet18", "model.lock_image=true", *extra,
+                             **{"train.global_batch_size": 8, "train.total_samples": 16}), "pretrain", tmp_path / "r")
+    trunk = trainer.unwrapped.visual.trunk
+    stats = {n: b.clone() for n, b in trunk.named_buffers() if n.endswith(("running_mean", "running_var"))}
+    assert len(stats) == 2 * 20  # resnet18's 20 BatchNorm layers
+    trainer.run()
+    changed = [n for n, b in trunk.named_buffers() if n in stats and not torch.equal(b, stats[n])]
+    if freeze:  # the default: a locked tower computes what it computed before training
+        assert changed == []
+    else:  # the contrast that makes the check meaningful: train-mode BN moves its statistics
+        assert len(changed) == len(stats)
+
+
+def test_timm_vit_tower_masks_patch_tokens_before_its_blocks(tmp_path):
+    trainer = Trainer(recipe("model.image_tower=vit_tiny_patch16_224", "reduction.image_size=64",
+                             "reduction.image=grid", "reduction.mask_ratio=0.5",
+                             **{"train.global_batch_size": 8, "train.total_samples": 16}), "pretrain", tmp_path / "r")
+    trunk = trainer.unwrapped.visual.trunk
+    assert trunk.patch_drop is trainer.masker and trainer.masker.grid == (4, 4)
+    seen = []
+
+    def check(module, inputs, output):  # what the slot receives (cls + 16 patches) and passes on
+        x = inputs[0]
+        if module.training:
+            kept = torch.gather(x[:, 1:], 1, module.keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            assert torch.equal(output[:, :1], x[:, :1]) and torch.equal(output[:, 1:], kept)
+
+    trunk.patch_drop.register_forward_hook(check)
+    trunk.blocks[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[1]))
+    result = trainer.run()
+    assert result.steps == 2 and seen and set(seen) == {1 + 8}  # the class token + int(16 * 0.5) kept patches
+
+
+def test_patch_masker_keeps_every_prefix_token():
+    """timm ViTs with register or distillation tokens put them first (num_prefix_tokens); none is dropped."""
+    from clipa.reduction import PatchMasker
+
+    masker = PatchMasker("random", 0.5, (2, 2), prefix_tokens=3)
+    masker.train()
+    x = torch.arange(2 * 7, dtype=torch.float32).reshape(2, 7, 1)
+    masker.use(torch.tensor([[0, 3], [1, 2]]))
+    assert masker(x)[..., 0].tolist() == [[0, 1, 2, 3, 6], [7, 8, 9, 11, 12]]
+
+
+def test_timm_tower_geometry_comes_from_the_timm_model():
+    from clipa.model import Geometry, stage_geometry
+
+    with pytest.raises(ClipaError, match=r"reduction.image_size: 40 is not divisible by the patch size 16 of timm "
+                                         r"model vit_tiny_patch16_224 \(model.image_tower\); use 32 or 48"):
+        stage_geometry(recipe("model.image_tower=vit_tiny_patch16_224", "reduction.image_size=40"))
+    # clipa-tiny's own patch is 8, so 40 px would pass a check against the architecture instead
+    assert stage_geometry(recipe("reduction.image_size=40")).image_size == 40
+    # native resolution: the timm model's, not the architecture's
+    assert stage_geometry(recipe("model.image_tower=vit_base_patch16_384", "reduction.image_size=0")) == Geometry(384, 8)
+    assert stage_geometry(recipe("model.image_tower=resnet18", "reduction.image_size=40")).image_size == 40
 
 
 def test_timm_tower_loads_a_timm_checkpoint_at_a_reduced_resolution(tmp_path):
@@ -80,10 +166,28 @@ def test_timm_tower_loads_a_timm_checkpoint_at_a_reduced_resolution(tmp_path):
 def test_tower_errors_are_clear(tmp_path):
     with pytest.raises(ClipaError, match="model.image_init: .*nope.safetensors does not exist"):
         Trainer(recipe(f"model.image_init={tmp_path / 'nope.safetensors'}"), "pretrain", tmp_path / "a")
-    with pytest.raises(ClipaError, match='reduction.image: "random" masking needs an open_clip ViT image tower'):
+    with pytest.raises(ClipaError, match='reduction.image: "random" masking needs a ViT image tower with patch tokens; '
+                                         'timm model "resnet18" has none to drop; use reduction.image="resize"'):
         Trainer(recipe("model.image_tower=resnet18", "reduction.image=random", "reduction.mask_ratio=0.5"),
                 "pretrain", tmp_path / "b")
     with pytest.raises(ClipaError, match='model.image_tower: unknown timm model "vit_tinny_patch16_224"'):
         Trainer(recipe("model.image_tower=vit_tinny_patch16_224"), "pretrain", tmp_path / "c")
     with pytest.raises(ClipaError, match="both towers fully locked"):
         recipe("model.lock_image=true", "model.lock_text=true")
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["model.image_init={missing}"], ["model.image_init:", "nope.safetensors does not exist", "nothing is downloaded"]),
+    (["model.image_tower=vit_tiny_patch16_224", "reduction.image_size=40"],
+     ["reduction.image_size: 40 is not divisible by the patch size 16 of timm model vit_tiny_patch16_224", "use 32 or 48"]),
+    (["model.image_tower=resnet18", "reduction.image=block", "reduction.mask_ratio=0.5"],
+     ['reduction.image: "block" masking needs a ViT image tower', 'timm model "resnet18"', 'reduction.image="resize"']),
+])
+def test_tower_errors_exit_2_from_validate_and_pretrain(cli, tmp_path, overrides, fragments):
+    from test_cli import assert_user_error
+
+    overrides = [o.format(missing=tmp_path / "nope.safetensors") for o in overrides]
+    for command in ("validate", "pretrain"):
+        args = [RECIPES / "tiny" / "pretrain.toml", *tiny_overrides(), *overrides]
+        assert_user_error(cli(command, *args, "--out", tmp_path / "run") if command == "pretrain" else cli(command, *args),
+                          *fragments)
