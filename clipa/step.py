@@ -11,9 +11,10 @@ as in BASIC):
   3. re-forward each micro-batch with the same randomness (same patch masks, same dropout RNG)
      and backpropagate the cached feature gradients through it.
 
-Peak memory is one micro-batch's activations plus the features of the global batch. Gradients
-are synchronised across processes only on the last micro-step (`no_sync` before it), and the
-temperature's gradient is added exactly once, on that last micro-step.
+Peak memory is one micro-batch's activations plus the fp32 feature gradients of the global batch
+(the features themselves are freed before pass 2). Gradients are synchronised across processes
+only on the last micro-step (`no_sync` before it), and the temperature's gradient is added
+exactly once, on that last micro-step.
 """
 
 from __future__ import annotations
@@ -60,30 +61,42 @@ class ContrastiveStep:
 
     def _cached(self, micro_batches: list[tuple]) -> torch.Tensor:
         device = self.accelerator.device
-        rng_before, image_features, text_features = [], [], []
+        total = sum(images.shape[0] for images, _, _ in micro_batches)
+        rng_before, cache = [], None
         with torch.no_grad():  # pass 1: features only
+            offset = 0
             for images, texts, keep in micro_batches:
                 rng_before.append(_rng_state(device))
                 out = self._forward(images, texts, keep)
-                image_features.append(out["image_features"])
-                text_features.append(out["text_features"])
+                if cache is None:
+                    # One preallocated fp32 buffer per modality: no list of small tensors plus a
+                    # torch.cat copy (twice the memory, and a fragmented heap that is never returned).
+                    # Temperature and bias come from the forward's output, not from the parameters:
+                    # under FSDP the parameters are sharded outside forward.
+                    cache = [out[key].new_empty((total, out[key].shape[1]), dtype=torch.float32)
+                             for key in ("image_features", "text_features")]
+                    scale, bias = out["logit_scale"], out.get("logit_bias")
+                rows = slice(offset, offset + images.shape[0])
+                offset += images.shape[0]
+                cache[0][rows] = out["image_features"]
+                cache[1][rows] = out["text_features"]
+                del out
         rng_after = _rng_state(device)
 
-        # Loss over the whole batch on leaf copies of the features and of the temperature.
-        images_leaf = torch.cat(image_features).detach().float().requires_grad_()
-        texts_leaf = torch.cat(text_features).detach().float().requires_grad_()
-        del image_features, text_features  # one copy of the global batch's features is enough
-        scale_leaf = self.unwrapped.logit_scale.detach().float().exp().requires_grad_()
-        leaves = [images_leaf, texts_leaf, scale_leaf]
-        bias_leaf = None
-        if getattr(self.unwrapped, "logit_bias", None) is not None:
-            bias_leaf = self.unwrapped.logit_bias.detach().float().requires_grad_()
-            leaves.append(bias_leaf)
-        loss = self.loss_fn(images_leaf, texts_leaf, scale_leaf, bias_leaf)
+        # Loss and its gradient over the whole batch, on the cached features and on leaf copies of
+        # the temperature (and bias) as the forward computed them.
+        leaves = [cache[0].requires_grad_(), cache[1].requires_grad_(), scale.detach().float().requires_grad_()]
+        if bias is not None:
+            leaves.append(bias.detach().float().requires_grad_())
+        loss = self.loss_fn(*leaves[:3], leaves[3] if bias is not None else None)
         grads = torch.autograd.grad(loss, leaves)
+        # The features are not needed again, only their gradients; the loss's graph still refers
+        # to them, so only the detached value is kept.
+        loss = loss.detach()
+        del leaves, cache, scale, bias
         grad_images, grad_texts, grad_scale = grads[:3]
-        grad_bias = grads[3] if bias_leaf is not None else None
-        del leaves, images_leaf, texts_leaf, grads
+        grad_bias = grads[3] if len(grads) > 3 else None
+        del grads
 
         offset = 0
         last = len(micro_batches) - 1
@@ -100,6 +113,26 @@ class ContrastiveStep:
                     surrogate = surrogate + (out["logit_scale"].float() * grad_scale).sum()
                     if grad_bias is not None:
                         surrogate = surrogate + (out["logit_bias"].float() * grad_bias).sum()
+                del out  # the graph lives in `surrogate`; the forward's outputs need not outlive it
                 self.accelerator.backward(surrogate)
+                del surrogate
         _set_rng_state(rng_after, device)
-        return loss.detach()
+        return loss
+
+
+def clamp_logit_scale(model, unwrapped, max_log_scale: float) -> None:
+    """CLIP's temperature clamp, log t in [0, log max], in place on the parameter.
+
+    An elementwise clamp of whatever this process holds: the whole parameter under DDP or on one
+    process, the local shard of a DTensor under FSDP2. FSDP1 frees unsharded parameters outside
+    forward, so there the root unit (which owns the model's top-level parameters such as
+    logit_scale) is gathered for the clamp and written back to the shards; every rank calls this.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = getattr(model, "_orig_mod", model)  # under torch.compile
+    with torch.no_grad():
+        gathered = FSDP.summon_full_params(model, recurse=False) if isinstance(model, FSDP) \
+            else contextlib.nullcontext()
+        with gathered:  # writeback (the default): the clamped value goes back into the shards
+            unwrapped.logit_scale.clamp_(0, max_log_scale)

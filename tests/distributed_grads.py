@@ -7,6 +7,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_accumulation import GEOMETRY, global_batch  # noqa: E402
@@ -27,6 +28,15 @@ def main(out: str, micro: int, loss_kind: str = "infonce", masked: str = "0") ->
     masker = install_patch_masker(model, "random", 0.5) if masked else None
     ddp = accelerator.prepare(model)
     ddp.train()
+    # DDP's default all-reduce, counting the backward passes that synchronise: `bucket.is_last()`
+    # holds once per synchronised backward, so this counts micro-steps outside `no_sync`.
+    synced = []
+
+    def counting_allreduce(state, bucket):
+        synced.append(bucket.is_last())
+        return allreduce_hook(state, bucket)
+
+    ddp.register_comm_hook(None, counting_allreduce)
     images, texts, keep = global_batch(64, masked)
     per_rank = 64 // world
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
@@ -38,7 +48,8 @@ def main(out: str, micro: int, loss_kind: str = "infonce", masked: str = "0") ->
     mean_loss = accelerator.reduce(loss, reduction="mean")
     if rank == 0:
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        torch.save({"loss": mean_loss.item(), "grads": grads, "world": world}, out)
+        torch.save({"loss": mean_loss.item(), "grads": grads, "world": world, "micro_steps": len(micro_batches),
+                    "synced_backwards": sum(synced)}, out)
 
 
 if __name__ == "__main__":

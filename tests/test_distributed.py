@@ -53,6 +53,9 @@ def test_two_process_gradients_equal_one_process(tmp_path, loss_kind, masked):
     run_torchrun(HELPER, out, "8", loss_kind, masked, cwd=tmp_path)
     saved = torch.load(out, weights_only=False)
     assert saved["world"] == 2
+    # 32 rows per process in micro-batches of 8: four micro-steps, gradients all-reduced on the last
+    # only (three skipped by no_sync); equal gradients below show that one sync carried everything.
+    assert saved["micro_steps"] == 4 and saved["synced_backwards"] == 1
     loss, expected = gradients(split(global_batch(64, masked == "1"), 64), loss_kind, masked == "1")
     assert saved["loss"] == pytest.approx(loss, rel=1e-6)
     assert_same_gradients(saved["grads"], expected)
