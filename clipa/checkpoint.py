@@ -43,6 +43,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
 def is_complete(path: Path) -> bool:
     return bool(_STEP_DIR.match(path.name)) and all((path / f).is_file() for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE))
 
@@ -89,6 +93,7 @@ class CheckpointManager:
         """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames."""
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
+        old = None
         try:
             if self.rank == 0:
                 self.directory.mkdir(parents=True, exist_ok=True)
@@ -104,27 +109,48 @@ class CheckpointManager:
                 (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
                 _fsync_file(tmp / CONFIG_FILE)
                 _fsync_dir(tmp)
-                if final.exists():  # re-saving the same step (e.g. a resumed run ending where it stopped)
-                    shutil.rmtree(final)
+                if final.exists():  # the same step again (e.g. after an explicit --resume rolled back)
+                    # Moved aside, deleted only once the new one is in place: a kill between the two
+                    # renames leaves `.old-step_*`, which a person can rename back.
+                    old = self.directory / f".old-step_{step:06d}"
+                    shutil.rmtree(old, ignore_errors=True)
+                    final.rename(old)
                 tmp.rename(final)
                 _fsync_dir(self.directory)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
                 _crash_point("before-latest", step)
                 pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
                 pointer_tmp.write_text(final.name + "\n")
                 _fsync_file(pointer_tmp)
                 os.replace(pointer_tmp, self.directory / LATEST_FILE)
                 _fsync_dir(self.directory)
-                self.prune()
-        except OSError as err:  # e.g. a full disk: the previous checkpoints are untouched
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ClipaError(f"checkpoint: could not write {final} ({err.strerror or err}); the earlier checkpoints "
-                             f"in {self.directory} are intact. Free space and rerun the same command to resume") from None
+                self.prune(final)
+        except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError, not OSError
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if old is not None and old.exists() and not final.exists():
+                    old.rename(final)  # the failed write replaced nothing
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+            raise ClipaError(f"checkpoint: could not write {final} ({reason.strip().splitlines()[0]}); "
+                             f"the earlier checkpoints in {self.directory} are intact. Free space on that disk (or "
+                             "lower checkpoint.keep_last) and rerun the same command to resume") from None
         self.barrier()
         return final
 
-    def prune(self) -> None:
+    def prune(self, newest: Path | None = None) -> None:
+        """Keep the newest `keep_last`; `newest` (the one just written) is never deleted.
+
+        Checkpoints with a higher step than `newest` belong to a trajectory abandoned by an explicit
+        `--resume` to an earlier step; they are deleted, else a later automatic resume (which takes the
+        highest step) would jump back onto the abandoned trajectory.
+        """
+        if newest is not None:
+            for path in self.complete():
+                if checkpoint_step(path) > checkpoint_step(newest):
+                    shutil.rmtree(path, ignore_errors=True)
+        newest = newest or self.latest()
         complete = self.complete()
-        newest = self.latest()
         for path in complete[: max(0, len(complete) - self.keep_last)]:
             if path != newest:
                 shutil.rmtree(path, ignore_errors=True)
@@ -182,6 +208,30 @@ def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None
 # --------------------------------------------------------------------------- weights to start from
 
 
+def resolve_resume(path: str | Path, key: str = "--resume") -> Path:
+    """The step checkpoint a path names (`--resume`, `clipa export`): a checkpoint directory, or a run
+    directory's (or its `checkpoints/`) newest complete one; verified, so a damaged one is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise ClipaError(f"{key}: {path} does not exist; give runs/NAME/checkpoints/step_N or a run directory")
+    if path.is_dir() and _STEP_DIR.match(path.name) and not is_complete(path):
+        missing = [f for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE) if not (path / f).is_file()]
+        raise ClipaError(f"{key}: {path} is an incomplete checkpoint (missing {', '.join(missing)}); "
+                         "give an earlier step_N or the run directory")
+    if is_complete(path):
+        checkpoint = path
+    else:
+        directory = path if path.is_dir() and path.name == "checkpoints" else path / "checkpoints"
+        checkpoint = CheckpointManager(directory).latest() if path.is_dir() else None
+        if checkpoint is None:
+            raise ClipaError(f"{key}: {path} is not a step checkpoint and holds no complete checkpoints/step_N "
+                             "(an exported model holds weights only, no training state)")
+    problem = verify(checkpoint)
+    if problem:
+        raise ClipaError(f"{key}: {checkpoint} is damaged ({problem}); give an earlier checkpoints/step_N")
+    return checkpoint
+
+
 def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, str]:
     """Locate weights in a run directory, a step checkpoint, an exported model or a file.
 
@@ -194,8 +244,12 @@ def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, 
         raise ClipaError(f"{key}: {path} does not exist; give a clipa run directory, a checkpoint or an exported model")
     if path.is_file():
         return path, "file"
-    if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
-        return path, "export"
+    if (path / EXPORT_CONFIG).is_file():
+        if export_weights_file(path) is not None:
+            return path, "export"
+        raise ClipaError(f"{key}: {path} has {EXPORT_CONFIG} but no weights file next to it ({EXPORT_WEIGHTS}, "
+                         "open_clip_pytorch_model.bin or another .safetensors/.bin/.pth open_clip loads); copy the "
+                         "weights into that directory")
     if is_complete(path):
         return path, "checkpoint"
     if (path / "final" / EXPORT_CONFIG).is_file():
@@ -209,18 +263,32 @@ def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, 
     )
 
 
+def export_weights_file(directory: Path) -> Path | None:
+    """The weights file open_clip's `local-dir:` loading picks in an open_clip directory: clipa's
+    open_clip_model.safetensors, or what a Hugging Face snapshot holds (open_clip_pytorch_model.bin, ...)."""
+    from open_clip.factory import _find_checkpoint_in_dir  # open_clip's own search order and names
+
+    found = _find_checkpoint_in_dir(Path(directory))
+    return Path(found) if found else None
+
+
 def read_state_dict(path: Path, kind: str) -> dict:
     from open_clip.factory import load_state_dict
     from safetensors.torch import load_file
 
     if kind == "export":
-        return load_file(str(path / EXPORT_WEIGHTS))
+        if (path / EXPORT_WEIGHTS).is_file():
+            return load_file(str(path / EXPORT_WEIGHTS))
+        path = export_weights_file(path)  # e.g. open_clip_pytorch_model.bin: read below like any weights file
     if kind == "checkpoint":
         return load_file(str(path / MODEL_FILE))
     try:
         return load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from None
+        # torch's unpickling errors run to several lines of advice that does not apply here: keep the first.
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first}); give an open_clip, "
+                         "timm or safetensors weights file") from None
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -228,13 +296,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from clipa import recipe as recipe_mod
     from clipa.model import create_model, export_open_clip, recipe_model_config
 
-    path, kind = find_weights(checkpoint, key="CHECKPOINT")
-    if kind != "checkpoint":
-        raise ClipaError(f"CHECKPOINT: {checkpoint} resolves to {path}, which is not a step checkpoint; give "
-                         "runs/NAME/checkpoints/step_N (an exported model is already an open_clip directory)")
-    problem = verify(path)
-    if problem:
-        raise ClipaError(f"CHECKPOINT: {path} is damaged ({problem}); export an earlier one")
+    path = resolve_resume(checkpoint, key="CHECKPOINT")
     recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
     _, model_cfg = recipe_model_config(recipe)
     model = create_model(model_cfg)

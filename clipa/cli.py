@@ -38,7 +38,10 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except ClipaError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            # One line, always: logs and scripts grep for it (a message that embeds a library's
+            # multi-line text would otherwise spill over several).
+            message = " ".join(str(e).split())
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -68,7 +71,7 @@ def _load(recipe_path: str, overrides: Optional[List[str]]):
     return recipe, recipe_model_config(recipe)[0]  # checks the architecture, geometry and towers
 
 
-def _describe(recipe, geometry, stage: str, out_dir: Path) -> Table:
+def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
     from clipa.checkpoint import CheckpointManager
     from clipa.flops import image_tokens, train_flops_per_sample
     from clipa.model import arch_config, native_geometry, recipe_model_config
@@ -79,7 +82,7 @@ def _describe(recipe, geometry, stage: str, out_dir: Path) -> Table:
     flops = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length, keep_ratio)
     full = train_flops_per_sample(cfg, native.image_size, native.context_length)
     steps = recipe.train.total_samples // recipe.train.global_batch_size
-    latest = CheckpointManager(out_dir / "checkpoints").latest()
+    latest = resume or CheckpointManager(out_dir / "checkpoints").latest()
     start = (f"resume from {latest}" if latest else
              f"weights from {recipe.init.checkpoint}" if recipe.init.checkpoint else "random initialisation")
     table = Table(title=f"clipa {stage} {recipe.name} (dry run: nothing is trained)", show_header=False)
@@ -110,13 +113,15 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     if stage == "finetune" and not recipe.init.checkpoint:
         raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
-    if resume:
-        find_weights(resume, key="--resume")
+    if resume and dry_run:  # a real run checks it in the trainer, before building anything
+        from clipa.checkpoint import resolve_resume
+
+        resume = resolve_resume(resume)
     if recipe.init.checkpoint:
         find_weights(recipe.init.checkpoint)  # fail now, not after building the model
     if dry_run:
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
-        out.print(_describe(recipe, geometry, stage, run_dir))
+        out.print(_describe(recipe, geometry, stage, run_dir, resume))
         return
     from clipa.train import train
 
@@ -128,7 +133,8 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
 
 _OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. optim.lr=1e-3 train.total_samples=1e6")
 _OUT = typer.Option(None, "--out", help="Run directory (default runs/<name>).")
-_RESUME = typer.Option(None, "--resume", help="Resume from this checkpoint when the run directory has none.")
+_RESUME = typer.Option(None, "--resume", help="Resume from this step checkpoint (or a run directory's newest), "
+                       "even if the run has newer ones: those are replaced as it continues.")
 _DRY = typer.Option(False, "--dry-run", help="Print the resolved recipe and what would run; train nothing.")
 
 
@@ -154,13 +160,27 @@ def finetune(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
 @user_errors
 def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name."),
              overrides: Optional[List[str]] = _OVERRIDES) -> None:
-    """Check a recipe (schema, values, architecture geometry) without running anything."""
+    """Check a recipe (schema, values, architecture geometry, batch layout) without running anything."""
+    import os
+
+    from clipa.recipe import batch_layout
+
     recipe_obj, geometry = _load(recipe, overrides)
+    # The batch layout depends on the process count: the launcher's WORLD_SIZE when run under
+    # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
+    processes = int(os.environ.get("WORLD_SIZE") or 1)
+    micro, accumulation = batch_layout(recipe_obj, processes)
+    from clipa.checkpoint import CheckpointManager
+    from clipa.towers import check_image_init
+
+    # A fresh run fails without its image_init; one resuming from runs/NAME takes its checkpoint's weights.
+    if not CheckpointManager(Path("runs") / recipe_obj.name / "checkpoints").latest():
+        check_image_init(recipe_obj.model.image_init)
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
-              f"{geometry.context_length} tokens", highlight=False)
-    for key, value in (("init.checkpoint", recipe_obj.init.checkpoint), ("model.image_init", recipe_obj.model.image_init)):
-        if value and not Path(value).exists():
-            out.print(f"note: {key} {value} does not exist yet", highlight=False)
+              f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
+              f"{accumulation} accumulation x {processes} process(es)", highlight=False)
+    if recipe_obj.init.checkpoint and not Path(recipe_obj.init.checkpoint).exists():  # often an earlier stage's run
+        out.print(f"note: init.checkpoint {recipe_obj.init.checkpoint} does not exist yet", highlight=False)
 
 
 @app.command("ls")
@@ -265,19 +285,55 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
 # Options shared by the evaluation commands (zeroshot, retrieval, linear-probe).
 _MODEL = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained.")
 _PRETRAINED = typer.Option(None, "--pretrained", help="Weights file for an architecture name.")
-_IMAGE_SIZE = typer.Option(None, "--image-size", help="Evaluate at this resolution.")
-_BATCH_SIZE = typer.Option(256, "--batch-size")
-_OUTPUT = typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape).")
+_IMAGE_SIZE = typer.Option(None, "--image-size", help="Evaluate at this resolution (the image position embedding "
+                           "is resized, as finetuning does).")
+_TEXT_LENGTH = typer.Option(None, "--text-length", help="Tokens per prompt/caption (the text position embedding is "
+                            "resized; the tokenizer truncates to it).")
+_BATCH_SIZE = typer.Option(256, "--batch-size", help="Images per batch in each process.")
+_NUM_WORKERS = typer.Option(None, "--num-workers", min=0, help="Image-decoding worker processes per evaluating process "
+                            "(0 = decode in the main process; default: this process's share of the cores minus one, "
+                            "at most 4).")
+_OUTPUT = typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape), one object per file; "
+                       "{dataset} in the name is replaced by the dataset name (several datasets without it: "
+                       "NAME_DATASET.json next to NAME.json).")
+
+
+def _eval_model(model: str, pretrained: Optional[str], image_size: Optional[int] = None,
+                text_length: Optional[int] = None):
+    """Join the launcher's process group (torchrun / accelerate launch; none for a plain call) and
+    load the model onto its device. Returns (model, whether this process prints and writes)."""
+    from clipa.evaluate.models import load_model
+    from clipa.evaluate.sharding import join_launcher
+
+    accelerator = join_launcher()
+    loaded = load_model(model, pretrained, image_size, text_length)
+    loaded.model.to(accelerator.device)
+    return loaded, accelerator.is_main_process
+
+
+def _decode_workers(num_workers: Optional[int]) -> int:
+    from clipa.data.loader import resolve_workers
+
+    return min(4, resolve_workers(-1)) if num_workers is None else num_workers
+
+
+def _write_outputs(results: list[dict], output: Optional[Path]) -> None:
+    from clipa.evaluate.zeroshot import output_paths, write_result
+
+    if output:
+        for result, path in zip(results, output_paths(output, [r["dataset"] for r in results])):
+            write_result(result, path)
+            out.print(f"wrote {path}", highlight=False)
 
 
 def _results_table(results: list[dict]) -> Table:
-    table = Table("dataset", "model", "acc1", "acc5", "mean per-class recall", "chance", "images", "images/s",
-                  title="zero-shot classification")
+    table = Table("dataset", "model", "acc1", "acc5", "mean per-class recall", "chance", "images", "skipped",
+                  "images/s", title="zero-shot classification")
     for r in results:
         m = r["metrics"]
         table.add_row(r["dataset"], r["pretrained"], f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
                       f"{m['mean_per_class_recall']:.4f}", f"{r['chance']:.4f}", str(m["num_samples"]),
-                      f"{m['images_per_s']:.0f}" if m.get("images_per_s") else "-")
+                      str(m["skipped_images"]), f"{m['images_per_s']:.0f}" if m.get("images_per_s") else "-")
     return table
 
 
@@ -289,23 +345,28 @@ def zeroshot(model: str = _MODEL,
              pretrained: Optional[str] = _PRETRAINED,
              templates: Optional[str] = typer.Option(None, "--templates", help="openai | simple | FILE (one {c} template per line)."),
              image_size: Optional[int] = _IMAGE_SIZE,
+             text_length: Optional[int] = _TEXT_LENGTH,
              batch_size: int = _BATCH_SIZE,
+             num_workers: Optional[int] = _NUM_WORKERS,
              output: Optional[Path] = _OUTPUT,
              ) -> None:
-    """Zero-shot classification: acc1, acc5, mean per-class recall."""
+    """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
     from clipa.evaluate.datasets import DATASETS
-    from clipa.evaluate.models import load_model
-    from clipa.evaluate.zeroshot import write_result, zeroshot as run_zeroshot
+    from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
 
     for name in dataset:
         if name not in DATASETS:
             raise ClipaError(f"--dataset: unknown dataset \"{name}\" (available: {', '.join(DATASETS)})")
-    loaded = load_model(model, pretrained)
-    results = [run_zeroshot(loaded, name, data_root, templates, image_size, batch_size) for name in dataset]
-    out.print(_results_table(results))
-    if output:
-        write_result(results[0] if len(results) == 1 else results, output)
-        out.print(f"wrote {output}", highlight=False)
+    repeated = sorted({name for name in dataset if dataset.count(name) > 1})
+    if repeated:
+        raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
+    loaded, main = _eval_model(model, pretrained, image_size, text_length)
+    workers = _decode_workers(num_workers)
+    results = [run_zeroshot(loaded, name, data_root, templates, batch_size=batch_size, num_workers=workers)
+               for name in dataset]
+    if main:
+        out.print(_results_table(results))
+        _write_outputs(results, output)
 
 
 @app.command()
@@ -315,26 +376,28 @@ def retrieval(model: str = _MODEL,
               data_root: Optional[str] = typer.Option(None, "--data-root", help="CSV/TSV file (csv) or dataset folder (wds)."),
               pretrained: Optional[str] = _PRETRAINED,
               image_size: Optional[int] = _IMAGE_SIZE,
+              text_length: Optional[int] = _TEXT_LENGTH,
               batch_size: int = _BATCH_SIZE,
+              num_workers: Optional[int] = _NUM_WORKERS,
               output: Optional[Path] = _OUTPUT,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
-    from clipa.evaluate.models import load_model
     from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
-    from clipa.evaluate.zeroshot import write_result
 
     if dataset not in RETRIEVAL_DATASETS:
         raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\" (available: {', '.join(RETRIEVAL_DATASETS)})")
-    result = run_retrieval(load_model(model, pretrained), dataset, data_root, image_size, batch_size)
+    loaded, main = _eval_model(model, pretrained, image_size, text_length)
+    result = run_retrieval(loaded, dataset, data_root, batch_size=batch_size, num_workers=_decode_workers(num_workers))
+    if not main:
+        return
     m = result["metrics"]
     table = Table("direction", "R@1", "R@5", "R@10", title=f"retrieval on {dataset}: {m['num_images']} images, "
                                                            f"{m['num_texts']} captions")
     for direction, key in (("text -> image", "image_retrieval"), ("image -> text", "text_retrieval")):
         table.add_row(direction, *(f"{m[f'{key}_recall@{k}']:.4f}" for k in (1, 5, 10)))
     out.print(table)
-    if output:
-        write_result(result, output)
-        out.print(f"wrote {output}", highlight=False)
+    out.print(f"skipped images (unreadable): {m['skipped_images']}", highlight=False)
+    _write_outputs([result], output)
 
 
 @app.command("linear-probe")
@@ -344,19 +407,22 @@ def linear_probe_command(model: str = _MODEL,
                          data_root: Optional[str] = typer.Option(None, "--data-root"),
                          pretrained: Optional[str] = _PRETRAINED,
                          cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache folder (default .clipa-cache/features)."),
+                         batch_size: int = _BATCH_SIZE,
+                         num_workers: Optional[int] = _NUM_WORKERS,
                          output: Optional[Path] = _OUTPUT,
                          ) -> None:
-    """Logistic-regression probe on frozen image features; L2 chosen on a validation split."""
+    """Logistic-regression probe on frozen image features; L2 chosen on a class-stratified validation split."""
     from clipa.evaluate.linear_probe import linear_probe
-    from clipa.evaluate.models import load_model
-    from clipa.evaluate.zeroshot import write_result
 
-    result = linear_probe(load_model(model, pretrained), dataset, data_root, cache)
+    loaded, main = _eval_model(model, pretrained)
+    result = linear_probe(loaded, dataset, data_root, cache, batch_size=batch_size,
+                          num_workers=_decode_workers(num_workers))
+    if not main:
+        return
     m = result["metrics"]
     out.print(f"linear probe on {dataset}: top-1 {m['acc1']:.4f} (L2 {m['l2']:g} chosen on validation; "
               f"{m['num_train']} train / {m['num_test']} test images)", highlight=False)
-    if output:
-        write_result(result, output)
+    _write_outputs([result], output)
 
 
 @app.command("report")

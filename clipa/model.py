@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import math
 import os
@@ -72,27 +73,80 @@ def patch_size(cfg: dict) -> int | None:
     return cfg["vision_cfg"].get("patch_size")
 
 
-def stage_geometry(recipe) -> Geometry:
-    """The stage's geometry from `[reduction]`, checked against the architecture."""
-    cfg = arch_config(recipe.model.arch)
-    native = native_geometry(cfg)
-    red = recipe.reduction
-    if red.image == "none":
-        if red.image_size not in (0, native.image_size):
-            raise ClipaError(
-                f"reduction.image_size: {red.image_size} conflicts with reduction.image=\"none\" (native "
-                f"{native.image_size}); use reduction.image=\"resize\" to train at another resolution"
-            )
-        image_size = native.image_size
-    else:
-        image_size = red.image_size or native.image_size
-    patch = patch_size(cfg)
-    if patch and image_size % patch:
+@dataclass(frozen=True)
+class TimmTower:
+    """What the recipe checks need to know about a timm image tower."""
+
+    name: str
+    patch_size: int | None  # None: no patch tokens (ResNet, ConvNeXt, ...), any resolution works
+    image_size: int  # the resolution timm's pretrained weights were made at
+    maskable: bool  # has a ViT token path a patch mask can be put into (reduction.install_patch_masker)
+
+
+@functools.lru_cache(maxsize=None)
+def timm_tower(name: str) -> TimmTower:
+    """A timm model's patch size, native resolution and maskability, read off the model itself.
+
+    It is built on the meta device (no memory, no weights, a fraction of a second even for ViT-g),
+    so `clipa validate` checks the tower the trainer will build, not a guess from its name.
+    """
+    import timm
+
+    from clipa.reduction import timm_patch_slot
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    native = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: skip the checks, training will tell
+        return TimmTower(name, None, native, True)
+    patch = getattr(getattr(trunk, "patch_embed", None), "patch_size", None)
+    if isinstance(patch, (tuple, list)):
+        patch = max(patch)
+    native = int(trunk.pretrained_cfg.get("input_size", (3, native, native))[-1])
+    return TimmTower(name, int(patch) if patch else None, native, timm_patch_slot(trunk))
+
+
+def _timm_name(recipe, cfg: dict) -> str:
+    """The timm image tower a recipe trains: model.image_tower, or one the architecture config names."""
+    return recipe.model.image_tower or cfg["vision_cfg"].get("timm_model_name", "")
+
+
+def _check_divisible(image_size: int, patch: int, of: str) -> None:
+    if image_size % patch:
         lower, upper = image_size - image_size % patch, image_size - image_size % patch + patch
         raise ClipaError(
-            f"reduction.image_size: {image_size} is not divisible by the patch size {patch} of {recipe.model.arch}; "
+            f"reduction.image_size: {image_size} is not divisible by the patch size {patch} of {of}; "
             f"use {lower or upper} or {upper}"
         )
+
+
+def stage_geometry(recipe) -> Geometry:
+    """The stage's geometry from `[reduction]`, checked against the architecture (and its timm tower)."""
+    cfg = arch_config(recipe.model.arch)
+    native = native_geometry(cfg)
+    timm_name = _timm_name(recipe, cfg)
+    if recipe.model.image_tower:
+        _check_timm_name(timm_name)
+    tower = timm_tower(timm_name) if timm_name else None
+    native_image = tower.image_size if tower else native.image_size
+    red = recipe.reduction
+    if red.image == "none":
+        if red.image_size not in (0, native_image):
+            raise ClipaError(
+                f"reduction.image_size: {red.image_size} conflicts with reduction.image=\"none\" (native "
+                f"{native_image}); use reduction.image=\"resize\" to train at another resolution"
+            )
+        image_size = native_image
+    else:
+        image_size = red.image_size or native_image
+    if tower is not None:
+        if tower.patch_size:  # a ViT trunk would silently crop the remainder
+            _check_divisible(image_size, tower.patch_size, f"timm model {tower.name}"
+                             + (" (model.image_tower)" if recipe.model.image_tower else ""))
+    elif patch_size(cfg):
+        _check_divisible(image_size, patch_size(cfg), recipe.model.arch)
     context_length = red.text_length or native.context_length
     if context_length > native.context_length:
         raise ClipaError(
@@ -100,6 +154,24 @@ def stage_geometry(recipe) -> Geometry:
             f"{recipe.model.arch}; use at most {native.context_length}"
         )
     return Geometry(image_size, context_length)
+
+
+def check_masking(recipe, cfg: dict) -> None:
+    """A patch-masking strategy needs an image tower with patch tokens; say so before any model is built."""
+    from clipa.reduction import IMAGE_MASKS
+
+    red = recipe.reduction
+    if red.image not in IMAGE_MASKS or red.mask_ratio == 0.0:
+        return
+    timm_name = _timm_name(recipe, cfg)
+    if timm_name:
+        if not timm_tower(timm_name).maskable:
+            raise ClipaError(f"reduction.image: \"{red.image}\" masking needs a ViT image tower with patch tokens; "
+                             f"timm model \"{timm_name}\" has none to drop; use reduction.image=\"resize\" "
+                             "(a smaller reduction.image_size) to reduce its tokens")
+    elif not patch_size(cfg):
+        raise ClipaError(f"reduction.image: \"{red.image}\" masking needs an open_clip ViT image tower; "
+                         f"{recipe.model.arch} has no patch tokens to drop; use reduction.image=\"resize\"")
 
 
 def stage_config(arch: str, geometry: Geometry, loss_kind: str = "infonce") -> dict:
@@ -114,14 +186,18 @@ def stage_config(arch: str, geometry: Geometry, loss_kind: str = "infonce") -> d
     return cfg
 
 
-def with_timm_image_tower(cfg: dict, timm_name: str) -> dict:
-    """Replace the config's image tower by a timm model (open_clip's TimmModel adapter)."""
+def _check_timm_name(timm_name: str) -> None:
     import timm
 
     if not timm.is_model(timm_name):
         close = difflib.get_close_matches(timm_name, timm.list_models(), n=3, cutoff=0.6)
         raise ClipaError(f"model.image_tower: unknown timm model \"{timm_name}\""
                          + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"))
+
+
+def with_timm_image_tower(cfg: dict, timm_name: str) -> dict:
+    """Replace the config's image tower by a timm model (open_clip's TimmModel adapter)."""
+    _check_timm_name(timm_name)
     cfg = copy.deepcopy(cfg)
     cfg["vision_cfg"] = {"timm_model_name": timm_name, "timm_model_pretrained": False, "timm_pool": "",
                          "timm_proj": "linear", "image_size": cfg["vision_cfg"].get("image_size", 224)}
@@ -134,6 +210,7 @@ def recipe_model_config(recipe) -> tuple[Geometry, dict]:
     cfg = stage_config(recipe.model.arch, geometry, recipe.loss.kind)
     if recipe.model.image_tower:
         cfg = with_timm_image_tower(cfg, recipe.model.image_tower)
+    check_masking(recipe, cfg)
     return geometry, cfg
 
 
@@ -169,9 +246,15 @@ def _set_timm_input_size(tower, image_size: int) -> None:
 def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.checkpoint") -> None:
     """Load weights from another stage, resizing image (bicubic) and text (linear) position embeddings."""
     state_dict = dict(state_dict)
-    resize_pos_embed(state_dict, model)
-    resize_text_pos_embed(state_dict, model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        resize_pos_embed(state_dict, model)
+        resize_text_pos_embed(state_dict, model)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        # open_clip's resizers assert on a width change; load_state_dict raises on shape mismatches.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClipaError(f"{key}: weights do not match the architecture ({first[:200]}); check model.arch "
+                         "against the run or model that produced them") from None
     if missing or unexpected:
         raise ClipaError(
             f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "

@@ -3,7 +3,8 @@
 Precedence: command-line `key=value` overrides > recipe file > dataclass defaults.
 Every error names the full key path (`optim.lr: expected float, got "fast"`) and, for unknown
 keys, the closest valid key. Checks that need the model architecture (patch size, context
-length) live in `clipa.model.validate_geometry`, so this module stays free of torch.
+length, a timm tower's patch size and maskability) live in `clipa.model.recipe_model_config`,
+so this module stays free of torch.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ class ModelConfig:
     image_init: str = ""
     lock_image: bool = False  # freeze the image tower (LiT)
     lock_image_unlocked_groups: int = 0  # ...except its last N groups: projection, last block + final LN, earlier blocks
-    lock_image_freeze_norm: bool = False  # also freeze normalisation statistics (BatchNorm towers)
+    # Locked groups' BatchNorm keeps its pretrained running statistics (no updates in train mode);
+    # false lets a locked BN tower's statistics follow the new data.
+    lock_image_freeze_norm: bool = True
     lock_text: bool = False  # freeze the text tower
     lock_text_unlocked_groups: int = 0  # ...except its last N groups: projection, last block + final LN, earlier blocks
 
@@ -442,23 +445,52 @@ def validate(recipe: Recipe) -> None:
             raise ClipaError(f"eval.data_root: needed by eval.zeroshot[{i}] = \"{name}\"; set the dataset folder")
 
 
+def _or(values) -> str:
+    return " or ".join(str(v) for v in values)
+
+
+def _nearest_divisors(n: int, near: int) -> list[int]:
+    """The divisors of n just below and just above `near` (micro-batch sizes that fit n)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    below = [d for d in divisors if d < near]
+    above = [d for d in divisors if d > near]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
+
+
+def _nearest_multiples(n: int, step: int) -> list[int]:
+    """Multiples of `step` just below and just above n (global batch sizes that fit the layout)."""
+    low = n // step * step
+    return ([low] if low >= max(step, 2) else []) + [low + step]
+
+
 def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
-    """(micro-batch per process, accumulation steps): global = micro x accumulation x processes."""
+    """(micro-batch per process, accumulation steps): global = micro x accumulation x processes.
+
+    Every message suggests values that do fit: `clipa validate` runs this with WORLD_SIZE (or 1)
+    processes, `pretrain` with the real count.
+    """
     t = recipe.train
+    processes = f"{num_processes} process{'es' if num_processes != 1 else ''}"
     per_process, remainder = divmod(t.global_batch_size, num_processes)
-    if remainder:
+    if remainder or per_process == 0:
         raise ClipaError(
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by the {num_processes} processes; "
-            f"use a multiple of {num_processes}"
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by the {processes}; "
+            f"use {_or(_nearest_multiples(t.global_batch_size, num_processes))}"
         )
     micro = t.micro_batch_size or per_process
     accumulation, remainder = divmod(per_process, micro)
     if remainder or accumulation == 0:
         raise ClipaError(
             f"train.global_batch_size: {t.global_batch_size} is not divisible by train.micro_batch_size ({micro}) x "
-            f"{num_processes} processes; choose a micro-batch that divides {per_process}"
+            f"{processes}; use train.micro_batch_size = {_or(_nearest_divisors(per_process, micro))} (divides the "
+            f"{per_process} samples per process) or train.global_batch_size = "
+            f"{_or(_nearest_multiples(t.global_batch_size, micro * num_processes))}"
         )
     if micro == 1 and recipe.loss.kind == "infonce":
-        raise ClipaError("train.micro_batch_size: 1 with loss.kind = \"infonce\" is not supported (one-sample "
-                         "forwards starve the device, and without accumulation leave no negatives); use at least 2")
+        # One-sample forwards starve the device; the suggestion is the smallest micro-batch that fits.
+        fix = (f"train.micro_batch_size = {_nearest_divisors(per_process, 1)[0]} (or more, dividing {per_process})"
+               if per_process > 1 else f"train.global_batch_size >= {2 * num_processes} ({processes})")
+        key = "train.micro_batch_size: 1" if t.micro_batch_size else \
+            f"train.global_batch_size: {t.global_batch_size} over {processes} gives micro-batches of 1"
+        raise ClipaError(f"{key} with loss.kind = \"infonce\" is not supported; use {fix} or loss.kind = \"siglip\"")
     return micro, accumulation

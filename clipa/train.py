@@ -5,18 +5,20 @@ backward (exact over the global batch, clipa.step), check for non-finite values,
 clamp the temperature, log, checkpoint. A stage differs from another only by its recipe: the
 geometry (image size, text length, masks) and where its weights start.
 
-Resume order, written down once (as big_vision does): the run's own newest checkpoint, else an
-explicit `resume` checkpoint, else `init.checkpoint` (weights only, position embeddings
-resized), else random initialisation.
+Resume order, written down once: an explicit `resume` checkpoint (it wins, so a run can roll back
+to an earlier step; newer checkpoints of the run are replaced as it continues), else the run's own
+newest checkpoint, else `init.checkpoint` (weights only, position embeddings resized), else random
+initialisation.
 
-A run never loses finished work: checkpoints are atomic (clipa.checkpoint); SIGTERM/SIGINT
-finish the current step, save and return (a second signal exits at once); non-finite losses or
-gradients skip the update and, after `train.max_nonfinite_steps` in a row, stop the run with the
-last good checkpoint intact.
+A run never loses finished work: checkpoints are atomic (clipa.checkpoint); SIGTERM/SIGINT, from
+setup to the final export, finish the current step, save and return (a second signal exits at
+once); non-finite losses or gradients skip the update and, after `train.max_nonfinite_steps` in a
+row, stop the run with the last good checkpoint intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -29,8 +31,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from clipa import recipe as recipe_mod
-from clipa.checkpoint import CheckpointManager, find_weights, load_state, read_state_dict, set_rng_state
-from clipa.data.loader import build_train_loader
+from clipa.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
+                              resolve_resume, set_rng_state)
+from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops, image_tokens, train_flops_per_sample
@@ -40,7 +43,7 @@ from clipa.optim import build_optimizer, build_scheduler
 from clipa.progress import RunLog
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.reduction import TextReducer, install_patch_masker
-from clipa.step import ContrastiveStep
+from clipa.step import ContrastiveStep, clamp_logit_scale
 from clipa.towers import apply_locks, load_image_tower
 
 STAGES = ("pretrain", "finetune")
@@ -80,6 +83,21 @@ def _total_grad_norm(parameters) -> torch.Tensor:
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def skip_scaled_update(scaler, optimizer, unscaled: bool) -> None:
+    """End a skipped (non-finite) step for an fp16 grad scaler as its own `step` would have.
+
+    Not calling `optimizer.step()` also skips GradScaler's inf check and `update()`: its loss scale
+    would never back off, and the next step's `unscale_` (grad clipping) would raise "unscale_() has
+    already been called". `unscale_` records the overflow; `update()` halves the scale on it and
+    resets the per-step state. `optimizer` is the torch optimizer (accelerate's wraps it).
+    """
+    if scaler is None:
+        return
+    if not unscaled:
+        scaler.unscale_(optimizer)
+    scaler.update()
 
 
 def _to_device(batch, device):
@@ -173,7 +191,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", recipe.checkpoint.keep_last, self.rank,
                                              accelerator.wait_for_everyone)
 
-        start_from = self.checkpoints.latest() or (Path(resume) if resume else None)
+        # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
+        self.explicit_resume = bool(resume)
+        start_from = resolve_resume(resume) if resume else self.checkpoints.latest()
+        self.replaced = [p.name for p in self.checkpoints.complete()
+                         if resume and checkpoint_step(p) > checkpoint_step(start_from)]
         if start_from is None and stage == "finetune" and not recipe.init.checkpoint:
             raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
                              "(a pretrain run directory, a checkpoint or an exported model)")
@@ -205,6 +227,7 @@ class Trainer:
         self.step, self.wall_before, self.skipped_total, self.notes = 0, 0.0, 0, []
         self.start_from = start_from
         queue_state = self._restore(model, optimizer, start_from) if start_from is not None else None
+        self.start_step = self.step
         self.queues, self.momentum = self._build_queues(model, queue_state)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
@@ -230,6 +253,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
         self.skipped_total = state.get("skipped_steps", 0)
+        check_resume_layout(state.get("data_position"), self.recipe.data, self.world, self.micro, self.main)
         if rng is not None:
             set_rng_state(rng)
         return state.get("queue")
@@ -256,11 +280,17 @@ class Trainer:
                 "momentum": self.momentum.model.state_dict() if self.momentum is not None else None}
 
     def save_checkpoint(self, elapsed: float) -> Path:
+        own = self.start_from is not None and self.start_from.parent.resolve() == self.checkpoints.directory.resolve()
+        if own and self.step == self.start_step:
+            # Nothing trained since this very checkpoint was loaded (a run resumed at its end):
+            # rewriting it could only risk it, e.g. a kill mid-write with keep_last = 1.
+            return self.start_from
         scaler = self.accelerator.scaler
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None, "step": self.step,
                  "samples": self.step * self.recipe.train.global_batch_size,
-                 "data_position": {"micro_batch": self.step * self.accumulation},
+                 "data_position": {"micro_batch": self.step * self.accumulation,
+                                   **loader_layout(self.recipe.data, self.world, self.micro)},
                  "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_total,
                  "queue": self._queue_state()}
         return self.checkpoints.save(self.step, self.unwrapped.state_dict() if self.main else None,
@@ -295,9 +325,13 @@ class Trainer:
         else:
             self.queues.enqueue(*captured)
 
+    def _clips(self) -> bool:
+        """Whether `_finite_update` goes through accelerate's clip (which unscales fp16 gradients)."""
+        return bool(self.recipe.optim.grad_clip) or self.accelerator.distributed_type == DistributedType.FSDP
+
     def _finite_update(self, loss: torch.Tensor) -> bool:
         """Clip (if asked) and report whether loss and gradients are finite, agreed by all processes."""
-        if self.recipe.optim.grad_clip or self.accelerator.distributed_type == DistributedType.FSDP:
+        if self._clips():
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                          self.recipe.optim.grad_clip or float("inf"))
         else:  # the norm only: clipping at infinity would still rescale every gradient by 1.0
@@ -306,7 +340,8 @@ class Trainer:
         finite = self.accelerator.reduce(finite.float().to(self.accelerator.device), reduction="sum")
         return bool(finite.item() == self.world)  # one host sync per step: the price of never stepping on NaN
 
-    def run(self) -> StageResult:
+    def run(self, signals: StopSignals | None = None) -> StageResult:
+        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now."""
         recipe, accelerator = self.recipe, self.accelerator
         keep_ratio = 1.0 - recipe.reduction.mask_ratio
         flops_per_sample = train_flops_per_sample(self.model_cfg, self.geometry.image_size,
@@ -318,8 +353,15 @@ class Trainer:
         log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {recipe.name}",
                      start=self.step, enabled=self.main)
         if self.start_from is not None:
-            log.message(f"resuming from {self.start_from} at step {self.step}/{self.total_steps}"
+            log.message(f"resuming from {self.start_from}{' (--resume)' if self.explicit_resume else ''} at step "
+                        f"{self.step}/{self.total_steps}"
                         + (f" (changed since: {', '.join(self.notes)})" if self.notes else ""))
+        if self.replaced:
+            log.message(f"note: {self.checkpoints.directory} holds newer checkpoints ({', '.join(self.replaced)}); "
+                        "they are replaced or deleted as this run saves. After an interruption, rerun without "
+                        "--resume to continue this run")
+        resume_hint = (f"Resume by running the same command {'without --resume ' if self.explicit_resume else ''}"
+                       f"again (same --out {self.run_dir}).")
         log.message(f"{self.stage}: {recipe.model.arch} at {self.geometry.image_size}px / "
                     f"{self.geometry.context_length} tokens, {self.total_steps} steps of {batch} = {self.micro} x "
                     f"{self.accumulation} accumulation x {self.world} process(es), {accelerator.device}, "
@@ -332,7 +374,11 @@ class Trainer:
         self.model.train()
         loader = self._loader()
         batches = iter(loader)
-        with StopSignals() as signals:
+        with (StopSignals() if signals is None else contextlib.nullcontext(signals)) as signals:
+            if stop := self._agreed_stop(signals):  # signalled during setup: nothing trained, nothing to save
+                log.message(f"stopped by {stop} before step {self.step + 1}; nothing new to save. {resume_hint}")
+                log.close()
+                return self._result(time.perf_counter() - t_start, last_loss, stopped_by=stop)
             while self.step < self.total_steps:
                 t_fetch = time.perf_counter()
                 micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(self.accumulation)]
@@ -346,13 +392,14 @@ class Trainer:
                     loss_sum += loss.detach()
                     loss_count += 1
                 else:  # skip the update; the step still counts, so the data and schedule move on
+                    skip_scaled_update(accelerator.scaler, self.optimizer.optimizer, unscaled=self._clips())
                     nonfinite_in_row += 1
                     window_skipped += 1
                     self.skipped_total += 1
+                step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, for the log
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():  # CLIP's temperature clamp
-                    self.unwrapped.logit_scale.clamp_(0, max_log_scale)
+                clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
                 self.step += 1
                 window_steps += 1
                 log.advance()
@@ -375,12 +422,12 @@ class Trainer:
                     samples_per_s = window_steps * batch / elapsed
                     log.write({
                         "step": self.step, "samples": self.step * batch, "stage": self.stage,
-                        "lr": self.scheduler.get_last_lr()[0], "loss": last_loss,
+                        "lr": step_lr, "loss": last_loss,
                         "logit_scale": self.unwrapped.logit_scale.exp().item(),
                         "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
                         "tflops": samples_per_s * flops_per_sample / 1e12,
                         "mfu": samples_per_s * flops_per_sample / (peak * self.world) if peak else None,
-                        "data_wait_frac": data_wait / elapsed, "skipped_samples": loader.take_skipped(),
+                        "data_wait_frac": data_wait / elapsed, **loader.take_skipped(accelerator),
                         "skipped_steps": window_skipped,
                     }, f"step {self.step}/{self.total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
                     loss_sum.zero_()
@@ -397,7 +444,7 @@ class Trainer:
                     saved = self.save_checkpoint(time.perf_counter() - t_start)
                 if stop:
                     log.message(f"stopped by {stop} after step {self.step}/{self.total_steps}; checkpoint {saved}. "
-                                f"Resume by running the same command again (same --out {self.run_dir}).")
+                                + resume_hint)
                     log.close()
                     return self._result(time.perf_counter() - t_start, last_loss, stopped_by=stop)
 
@@ -455,4 +502,7 @@ class Trainer:
 def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Path | None = None,
           resume: str | Path | None = None) -> StageResult:
     """Train one stage; returns where the run lives and how fast it went. Call again to resume."""
-    return Trainer(recipe, stage, out_dir, resume).run()
+    # Listening from the start: a signal during setup, the final save, export or evaluation stops
+    # (or lets finish) cleanly instead of raising KeyboardInterrupt; a second one exits at once.
+    with StopSignals() as signals:
+        return Trainer(recipe, stage, out_dir, resume).run(signals)

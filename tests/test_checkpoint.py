@@ -2,6 +2,8 @@
 
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -101,13 +103,53 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight):
     assert trajectory(out) == trajectory(straight)
 
 
+def start(out, *extra):
+    return subprocess.Popen(command(out, 8, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+
+
+def test_sigint_mid_run_saves_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, "checkpoint.every_steps=0")
+    wait_for_logged_steps(out, 1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stopped by SIGINT" in stdout
+    saved = CheckpointManager(out / "checkpoints").latest()
+    assert saved is not None and ckpt.verify(saved) is None
+
+
+def test_sigint_during_setup_exits_zero_without_traceback(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out)
+    deadline = time.time() + 300
+    while not out.exists() and proc.poll() is None and time.time() < deadline:  # made early in the setup
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "stopped by SIGINT" in stdout
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, "checkpoint.every_steps=0")
+    wait_for_logged_steps(out, 1)
+    # Two different signals: two of the same kind sent together may be merged into one by the kernel.
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.time()
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and time.time() - t0 < 10
+    assert not (out / "final").exists()
+
+
 def test_damaged_checkpoint_is_never_chosen(tmp_path, straight):
     manager = CheckpointManager(straight / "checkpoints")
     newest = manager.latest()
     assert newest.name == "step_000008"
     copy = tmp_path / "checkpoints"
-    import shutil
-
     shutil.copytree(straight / "checkpoints", copy)
     weights = copy / "step_000008" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated by a failing disk
@@ -194,22 +236,101 @@ def test_unwritable_output_and_full_disk_are_reported_before_damage(tmp_path, mo
         Trainer(recipe, "pretrain", tmp_path / "full")
 
 
-def test_failed_checkpoint_write_keeps_earlier_checkpoints(tmp_path, monkeypatch):
-    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", [*ARGS, "train.total_samples=192"])
-    trainer = Trainer(recipe, "pretrain", tmp_path / "run")
-    real = ckpt.write_safetensors
+def copy_run(straight, dest, up_to_step):
+    """A copy of the straight run as it was after `up_to_step` (later checkpoints and final/ removed)."""
+    shutil.copytree(straight, dest)
+    shutil.rmtree(dest / "final")
+    for path in (dest / "checkpoints").glob("step_*"):
+        if int(path.name.split("_")[1]) > up_to_step:
+            shutil.rmtree(path)
+    (dest / "checkpoints" / "LATEST").write_text(f"step_{up_to_step:06d}\n")
+    return dest
 
-    def fail_at_step_4(state, path):
-        if "step_000004" in str(path):
-            raise OSError(28, "No space left on device")
-        real(state, path)
 
-    monkeypatch.setattr(ckpt, "write_safetensors", fail_at_step_4)
-    with pytest.raises(ClipaError, match=r"could not write .*step_000004 \(No space left on device\).*intact"):
-        trainer.run()
-    directory = tmp_path / "run" / "checkpoints"
-    assert CheckpointManager(directory).latest().name == "step_000002"
-    assert not list(directory.glob(".tmp-*"))
+def _limit_file_size(limit):
+    """In the child: files may not grow past `limit` bytes, and the write fails with EFBIG (as a full
+    disk fails with ENOSPC) instead of SIGXFSZ killing the process."""
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_real_write_failure_keeps_earlier_checkpoints(tmp_path, straight):
+    # The tiny model's model.safetensors is ~32 MB and state.pt (AdamW's two moments) ~64 MB: at 40 MB
+    # the weights are written and torch.save fails, which reports it as RuntimeError, not OSError.
+    out = copy_run(straight, tmp_path / "run", up_to_step=4)
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_000004").iterdir()}
+    proc = subprocess.run(command(out, 8), env=dict(os.environ, OMP_NUM_THREADS="2"), capture_output=True,
+                          text=True, timeout=600, preexec_fn=_limit_file_size(40 * 2**20))
+    assert proc.returncode == 2, proc.stderr
+    error = proc.stderr.strip()
+    assert len(error.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert error.startswith("error: checkpoint: could not write") and "step_000006" in error
+    assert "are intact" in error and "checkpoint.keep_last" in error
+    directory = out / "checkpoints"
+    assert sorted(p.name for p in directory.iterdir()) == ["LATEST", "step_000002", "step_000004"]
+    assert (directory / "LATEST").read_text() == "step_000004\n"
+    assert {p.name: p.read_bytes() for p in (directory / "step_000004").iterdir()} == before
+    assert ckpt.verify(directory / "step_000004") is None
+
+
+def test_explicit_resume_rolls_back_and_replays_bitwise(tmp_path, straight):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    result = run(out, 8, None, "--resume", str(out / "checkpoints" / "step_000002"))
+    assert result.returncode == 0, result.stderr
+    assert "step_000002 (--resume) at step 2/8" in result.stdout
+    assert "newer checkpoints (step_000004, step_000006, step_000008)" in " ".join(result.stdout.split())
+    replayed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()[logged:]]
+    original = trajectory(straight)
+    # CPU fp32: the same bits from step 3 on, as the uninterrupted run.
+    assert [(r["step"], r["loss"]) for r in replayed] == [(s, original[s]) for s in range(3, 9)]
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == "step_000008"
+    assert ckpt.verify(out / "checkpoints" / "step_000008") is None
+
+
+def test_resume_from_a_run_directory_at_its_end_rewrites_nothing(tmp_path, straight):
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    newest = out / "checkpoints" / "step_000008" / "state.pt"
+    stamp = (newest.stat().st_ino, newest.stat().st_mtime_ns)
+    result = run(out, 8, None, "checkpoint.keep_last=1", "--resume", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "step_000008 (--resume) at step 8/8" in " ".join(result.stdout.split())
+    # Nothing trained since step 8 was loaded: it is not rewritten (with keep_last=1 a kill during a
+    # rewrite would leave no checkpoint at all).
+    assert (newest.stat().st_ino, newest.stat().st_mtime_ns) == stamp
+
+
+def test_bad_resume_paths_exit_2_with_one_line(tmp_path, straight, cli):
+    damaged = tmp_path / "step_000004"
+    shutil.copytree(straight / "checkpoints" / "step_000004", damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cases = {damaged: "is damaged", straight / "final": "is not a step checkpoint",
+             tmp_path / "missing": "does not exist"}
+    for path, problem in cases.items():
+        result = cli("pretrain", "tiny/pretrain", *ARGS, "--out", tmp_path / "run", "--resume", path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"error: --resume: {path}") and problem in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_saving_a_step_again_replaces_it_and_drops_an_abandoned_trajectory(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    for step, value in ((4, 1.0), (6, 2.0)):
+        manager.save(step, {"w": torch.full((3,), value)}, {"step": step}, "name = 'x'\n")
+    # A rollback to step 4 continues: step 4 is written again; step 6 belonged to the old trajectory.
+    manager.save(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000004"]
+    assert (tmp_path / "LATEST").read_text() == "step_000004\n"
+    model, state, rng = ckpt.load_state(tmp_path / "step_000004")
+    assert model["w"].tolist() == [3.0, 3.0, 3.0] and state == {"step": 4} and rng is not None
 
 
 def test_resume_rejects_changes_that_make_another_run(tmp_path):
@@ -223,3 +344,67 @@ def test_resume_rejects_changes_that_make_another_run(tmp_path):
                                                                "train.log_every_steps=2"])
     trainer = Trainer(allowed, "pretrain", tmp_path / "run")
     assert trainer.step == 2 and set(trainer.notes) == {"train.total_samples", "train.log_every_steps"}
+
+
+def test_skipped_fp16_step_backs_off_the_loss_scale_and_clipping_still_works():
+    # accelerate makes no grad scaler on CPU, so this drives torch's real GradScaler the way the
+    # trainer does: scaled backward, unscale_ (clipping), a non-finite step skipped, the next clipped.
+    from clipa.train import skip_scaled_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.randn(8, 4)
+
+    def backward(poison):
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(x).square().mean() * (float("inf") if poison else 1.0)
+        scaler.scale(loss).backward()
+
+    for clip in (True, False):
+        scale = scaler.get_scale()
+        backward(poison=True)
+        if clip:
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            assert not torch.isfinite(norm)
+        before = [p.detach().clone() for p in model.parameters()]
+        skip_scaled_update(scaler, optimizer, unscaled=clip)
+        assert scaler.get_scale() == scale * 0.5  # backed off, as GradScaler.step + update would
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    backward(poison=False)  # the next step clips and steps normally (no "unscale_() has already been called")
+    scaler.unscale_(optimizer)
+    assert torch.isfinite(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    scaler.step(optimizer)
+    scaler.update()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_export_command_writes_an_open_clip_directory(tmp_path, straight, cli):
+    result = cli("export", straight, tmp_path / "newest")  # a run directory: its newest checkpoint
+    assert result.returncode == 0, result.stderr
+    assert f"local-dir:{tmp_path / 'newest'}" in " ".join(result.stdout.split())
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'newest'}")
+    final, _, _ = open_clip.create_model_and_transforms(f"local-dir:{straight / 'final'}")
+    for (name, a), b in zip(model.state_dict().items(), final.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # step 8 is where the run ended
+    result = cli("export", straight / "final", tmp_path / "again")
+    assert result.returncode == 2 and "is not a step checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_process_run_resumes_with_the_same_losses(tmp_path):
+    from conftest import run_torchrun
+
+    args = ["-m", "clipa", "pretrain", "tiny/pretrain", "train.global_batch_size=32", "train.micro_batch_size=16",
+            "train.total_samples=96", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=1",
+            "checkpoint.every_steps=2", "reduction.image=random", "reduction.mask_ratio=0.5"]
+    run_torchrun(*args, "--out", tmp_path / "straight", cwd=tmp_path)
+    step2 = tmp_path / "straight" / "checkpoints" / "step_000002"
+    assert {p.name for p in step2.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    run_torchrun(*args, "--out", tmp_path / "resumed", "--resume", step2, cwd=tmp_path)
+    # Each rank restores its own RNG (random masks, crops) and the data position: step 3 replays
+    # with the same loss (gloo's 2-process all-reduce is deterministic on CPU).
+    assert trajectory(tmp_path / "resumed") == {3: trajectory(tmp_path / "straight")[3]}

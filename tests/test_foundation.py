@@ -1,0 +1,104 @@
+"""The trainer's basics (schedule, temperature clamp, precision) and the model-loading errors a user meets first."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from clipa.evaluate.models import load_model
+from clipa.model import create_model, native_geometry, arch_config, stage_config
+from clipa.recipe import load_recipe
+from clipa.train import _accelerator, train
+from conftest import RECIPES, run_cli, tiny_overrides
+from test_cli import assert_user_error
+
+
+def _random_weights(arch: str, path: Path) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(stage_config(arch, native_geometry(arch_config(arch))))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def test_logged_lr_is_warmup_then_cosine_and_the_temperature_is_clamped(tmp_path):
+    lr, warmup, steps = 1e-3, 3, 8
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{
+        "train.total_samples": 32 * steps, "train.log_every_steps": 1, "optim.warmup_steps": warmup,
+        "optim.lr": lr, "train.logit_scale_max": 10}))
+    train(recipe, "pretrain", tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if "lr" in line]
+    assert [line["step"] for line in logged] == list(range(1, steps + 1))
+    # Step s (1-based) trains at: linear warmup s/warmup, then cosine from 1 to 0 over the remaining steps.
+    expected = [lr * s / warmup if s <= warmup else lr * 0.5 * (1 + math.cos(math.pi * (s - 1 - warmup) / (steps - warmup)))
+                for s in range(1, steps + 1)]
+    assert [line["lr"] for line in logged] == pytest.approx(expected, rel=1e-9)
+    # CLIP starts at 1/0.07 = 14.3; the clamp holds the learned temperature at train.logit_scale_max.
+    scales = [line["logit_scale"] for line in logged]
+    assert max(scales) <= 10 * (1 + 1e-6)
+    assert scales[0] == pytest.approx(10, rel=1e-5)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_reaches_accelerate():
+    from accelerate.state import AcceleratorState
+
+    try:
+        for precision, expected in [("auto", "no"), ("fp32", "no"), ("bf16", "bf16")]:
+            AcceleratorState._reset_state(reset_partial_state=True)  # the precision is process-wide in accelerate
+            accelerator = _accelerator(precision)
+            assert accelerator.mixed_precision == expected, precision
+            assert accelerator.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_architecture_plus_weights_file_loads_those_weights(tmp_path):
+    original = _random_weights("clipa-tiny", tmp_path / "tiny.safetensors")
+    loaded = load_model("clipa-tiny", str(tmp_path / "tiny.safetensors"))
+    images = torch.randn(2, 3, loaded.image_size, loaded.image_size)
+    original.eval(), loaded.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encode_image(images), original.encode_image(images))
+    out = tmp_path / "r.json"
+    result = run_cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "tiny.safetensors",
+                     "--dataset", "synthetic", "--output", out)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["pretrained"] == str(tmp_path / "tiny.safetensors")
+
+
+def test_weights_of_another_architecture_or_not_weights_at_all_exit_2(tmp_path):
+    _random_weights("clipa-tiny", tmp_path / "tiny.safetensors")
+    assert_user_error(run_cli("zeroshot", "--model", "clipa-small", "--pretrained", tmp_path / "tiny.safetensors",
+                              "--dataset", "synthetic"),
+                      "--pretrained: weights do not match the architecture")
+    assert_user_error(run_cli("finetune", "tiny/finetune", "model.arch=clipa-small",
+                              f"init.checkpoint={tmp_path / 'tiny.safetensors'}", "--out", tmp_path / "run"),
+                      "init.checkpoint: weights do not match the architecture")
+    (tmp_path / "notes.pt").write_text("not a weights file\nsecond line\n")
+    assert_user_error(run_cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "notes.pt",
+                              "--dataset", "synthetic"), "cannot read weights")
+    assert_user_error(run_cli("zeroshot", "--model", "ViT-B-61", "--pretrained", tmp_path / "notes.pt",
+                              "--dataset", "synthetic"), '--model: unknown architecture "ViT-B-61"')
+
+
+def test_the_clipa_console_script_is_installed():
+    script = Path(sys.executable).parent / "clipa"
+    assert script.is_file(), f"{script} missing: is clipa installed in this environment?"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("clipa "), result.stderr
+
+
+def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
+    result = run_cli("quickstart", "--scale", "0.05", "--out", tmp_path / "qs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith(("│ pretrain", "│ finetune", "| pretrain", "| finetune"))]
+    assert len(rows) == 2, result.stdout
+    for stage in ("pretrain", "finetune"):
+        metrics = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())["metrics"]
+        assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
+        assert (tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors").is_file()
