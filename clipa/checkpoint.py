@@ -64,6 +64,22 @@ class CheckpointManager:
         found = [p for p in self.directory.iterdir() if p.is_dir() and is_complete(p)]
         return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
+    def recover(self) -> None:
+        """Finish a same-step save killed between its two renames (see `save`).
+
+        Rank 0 puts `.old-step_N` back when the new `step_N` never landed, and deletes it when the
+        new one did. Only the trainer calls this (every process, for the barrier): commands that
+        merely look at a run directory never change it.
+        """
+        if self.rank == 0 and self.directory.is_dir():
+            for old in self.directory.glob(".old-step_*"):
+                final = self.directory / old.name[len(".old-"):]
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                elif all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE)):
+                    old.rename(final)
+        self.barrier()
+
     def latest(self) -> Path | None:
         """The newest checkpoint that loads.
 
@@ -111,7 +127,7 @@ class CheckpointManager:
                 _fsync_dir(tmp)
                 if final.exists():  # the same step again (e.g. after an explicit --resume rolled back)
                     # Moved aside, deleted only once the new one is in place: a kill between the two
-                    # renames leaves `.old-step_*`, which a person can rename back.
+                    # renames leaves `.old-step_*`, which `recover` puts back on the next start.
                     old = self.directory / f".old-step_{step:06d}"
                     shutil.rmtree(old, ignore_errors=True)
                     final.rename(old)

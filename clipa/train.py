@@ -190,6 +190,7 @@ class Trainer:
         self.total_steps = recipe.train.total_samples // recipe.train.global_batch_size
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", recipe.checkpoint.keep_last, self.rank,
                                              accelerator.wait_for_everyone)
+        self.checkpoints.recover()
 
         # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
         self.explicit_resume = bool(resume)

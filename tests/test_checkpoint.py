@@ -333,6 +333,22 @@ def test_saving_a_step_again_replaces_it_and_drops_an_abandoned_trajectory(tmp_p
     assert model["w"].tolist() == [3.0, 3.0, 3.0] and state == {"step": 4} and rng is not None
 
 
+def test_a_save_killed_between_its_renames_is_recovered(tmp_path):
+    # The same step saved again moves the old directory aside first; a kill right after that rename
+    # leaves only `.old-step_4` (and the temporary directory). The next start puts it back.
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(4, {"w": torch.full((3,), 1.0)}, {"step": 4}, "name = 'x'\n")
+    (tmp_path / "step_000004").rename(tmp_path / ".old-step_000004")
+    assert CheckpointManager(tmp_path).latest() is None  # looking does not change anything...
+    CheckpointManager(tmp_path).recover()  # ...the trainer's start does
+    assert CheckpointManager(tmp_path).latest().name == "step_000004"
+    assert ckpt.load_state(tmp_path / "step_000004")[0]["w"].tolist() == [1.0, 1.0, 1.0]
+    # A kill after the second rename: the new one is in place, the old one is only deleted.
+    (tmp_path / ".old-step_000004").mkdir()
+    CheckpointManager(tmp_path).recover()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000004"]
+
+
 def test_resume_rejects_changes_that_make_another_run(tmp_path):
     first = load_recipe(RECIPES / "tiny" / "pretrain.toml", [*ARGS, "train.total_samples=64"])
     Trainer(first, "pretrain", tmp_path / "run").run()
