@@ -14,6 +14,7 @@ def assert_user_error(result, *fragments):
     assert "Traceback" not in result.stderr
     message = result.stderr.strip()
     assert message.startswith("error:"), message
+    assert "\n" not in message, f"not one line: {message!r}"
     for fragment in fragments:
         assert fragment in " ".join(message.split()), message
 

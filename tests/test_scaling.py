@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import RECIPES
+from test_cli import assert_user_error
 from clipa.errors import ClipaError
 from clipa.scaling import fit_power_law, load_points, t_quantile
 
@@ -111,12 +112,6 @@ def test_run_directories_count_every_stage(tmp_path):
     (point,) = load_points([solo])
     assert point.error == pytest.approx(0.6)
     assert point.compute == pytest.approx(train_flops_per_sample(stage_config("clipa-tiny", Geometry(32, 8)), 32, 8) * 64_000)
-
-
-def assert_user_error(result, fragment):
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
-    assert fragment in " ".join(result.stderr.split()), result.stderr
 
 
 def test_cli_fit_and_plot(cli, tmp_path):

@@ -57,7 +57,12 @@ def test_final_loads_with_plain_open_clip_and_matches_clipa(tmp_path):
     final = result.run_dir / "final"
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{final}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{final}")
-    ours = load_model(str(result.run_dir))
+    # clipa's own model: built by clipa from the run's config and loaded from its end-of-run step
+    # checkpoint (not from final/, which would compare open_clip with itself).
+    last = CheckpointManager(result.run_dir / "checkpoints").latest()
+    assert last is not None and last.name == f"step_{result.steps:06d}"
+    ours = load_model(str(last))
+    assert ours.pretrained == str(last)
     images = torch.randn(3, 3, 32, 32)
     texts = ["a large red circle", "a small blue square at the top", "a cyan cross"]
     model.eval(), ours.model.eval()
