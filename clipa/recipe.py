@@ -34,6 +34,7 @@ LOSS_KINDS = ("infonce", "siglip")
 QUEUE_KINDS = ("none", "memory_bank", "momentum")
 ZEROSHOT_DATASETS = ("synthetic", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r",
                      "imagenet-a", "wds")
+RETRIEVAL_DATASETS = ("csv", "wds", "synthetic")  # as for `clipa retrieval --dataset`
 
 
 @dataclass
@@ -144,9 +145,11 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 0  # also every N steps; at the end of the stage whenever `zeroshot` lists datasets
+    every_steps: int = 0  # also every N steps; at the end of the stage whenever a dataset is listed
     zeroshot: list[str] = field(default_factory=list)  # dataset names as for `clipa zeroshot --dataset`
     data_root: str = ""  # --data-root for the datasets that need files
+    retrieval: list[str] = field(default_factory=list)  # image-text recall@K datasets, as for `clipa retrieval`
+    retrieval_data_root: str = ""  # --data-root of the retrieval datasets (a CSV/TSV, or a wds folder)
 
 
 @dataclass
@@ -443,6 +446,11 @@ def validate(recipe: Recipe) -> None:
         _one_of(f"eval.zeroshot[{i}]", name, ZEROSHOT_DATASETS)
         if name != "synthetic" and not r.eval.data_root:
             raise ClipaError(f"eval.data_root: needed by eval.zeroshot[{i}] = \"{name}\"; set the dataset folder")
+    for i, name in enumerate(r.eval.retrieval):
+        _one_of(f"eval.retrieval[{i}]", name, RETRIEVAL_DATASETS)
+        if name != "synthetic" and not r.eval.retrieval_data_root:
+            raise ClipaError(f"eval.retrieval_data_root: needed by eval.retrieval[{i}] = \"{name}\"; set the CSV/TSV "
+                             "file or the webdataset folder")
 
 
 def _or(values) -> str:

@@ -433,7 +433,7 @@ class Trainer:
                     }, f"step {self.step}/{self.total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
                     loss_sum.zero_()
                     loss_count, window_steps, window_skipped, data_wait = 0, 0, 0, 0.0
-                if recipe.eval.zeroshot and recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0 \
+                if self.evaluates and recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0 \
                         and self.step < self.total_steps:
                     self.evaluate(log)
                 stop = self._agreed_stop(signals)
@@ -453,16 +453,21 @@ class Trainer:
         self.save_checkpoint(wall)
         if self.main:
             export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final")
-        if recipe.eval.zeroshot:
+        if self.evaluates:
             self.evaluate(log)
         accelerator.wait_for_everyone()
         log.message(f"{self.stage} done: {self.run_dir / 'final'}")
         log.close()
         return self._result(wall, last_loss)
 
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.recipe.eval.zeroshot or self.recipe.eval.retrieval)
+
     def evaluate(self, log: RunLog) -> dict:
-        """The recipe's `[eval]` zero-shot datasets on the current weights, on every process."""
+        """The recipe's `[eval]` zero-shot and retrieval datasets on the current weights, on every process."""
         from clipa.evaluate.models import LoadedModel
+        from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
 
         import open_clip
@@ -478,6 +483,12 @@ class Trainer:
                 row[f"zeroshot/{name}/{metric}"] = result["metrics"][metric]
             log.message(f"step {self.step}: zero-shot {name} acc1 {result['metrics']['acc1']:.4f} "
                         f"acc5 {result['metrics']['acc5']:.4f}")
+        for name in self.recipe.eval.retrieval:
+            result = retrieval(loaded, name, self.recipe.eval.retrieval_data_root or None)
+            recalls = {k: v for k, v in result["metrics"].items() if "recall@" in k}
+            row.update({f"retrieval/{name}/{k}": v for k, v in recalls.items()})
+            log.message(f"step {self.step}: retrieval {name} image R@1 {recalls['image_retrieval_recall@1']:.4f} "
+                        f"text R@1 {recalls['text_retrieval_recall@1']:.4f}")
         log.write(row)
         self.model.train()
         if self.masker:

@@ -326,12 +326,25 @@ def test_imagefolder_bad_input(tmp_path):
 
 def test_eval_during_training_appends_results(tmp_path):
     recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml",
-                         tiny_overrides(**{"eval.every_steps": 2, "eval.zeroshot": '["synthetic"]'}))
+                         tiny_overrides(**{"eval.every_steps": 2, "eval.zeroshot": '["synthetic"]',
+                                           "eval.retrieval": '["synthetic"]'}))
     train(recipe, "pretrain", tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "zeroshot/synthetic/acc1" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
     assert all(0 <= r["zeroshot/synthetic/acc1"] <= r["zeroshot/synthetic/acc5"] <= 1 for r in evals)
+    for r in evals:  # the retrieval recalls in the same rows, ordered in K
+        for side in ("image", "text"):
+            recalls = [r[f"retrieval/synthetic/{side}_retrieval_recall@{k}"] for k in (1, 5, 10)]
+            assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
+    # the numbers at the end equal a separate evaluation of the exported model
+    final = retrieval(load_model(str(tmp_path / "run" / "final")), "synthetic")["metrics"]
+    assert evals[-1]["retrieval/synthetic/image_retrieval_recall@5"] == pytest.approx(
+        final["image_retrieval_recall@5"], abs=1e-6)
+    with pytest.raises(ClipaError, match="eval.retrieval_data_root: needed by eval.retrieval"):
+        load_recipe(None, ['eval.retrieval=["csv"]'])
+    with pytest.raises(ClipaError, match='eval.retrieval.0.: unknown value "coco"'):
+        load_recipe(None, ['eval.retrieval=["coco"]'])
     with pytest.raises(ClipaError, match="eval.data_root: needed by eval.zeroshot"):
         load_recipe(None, ['eval.zeroshot=["imagenet"]'])
 
