@@ -120,8 +120,9 @@ class ContrastiveStep:
         return loss
 
 
-def clamp_logit_scale(model, unwrapped, max_log_scale: float) -> None:
-    """CLIP's temperature clamp, log t in [0, log max], in place on the parameter.
+def clamp_logit_scale(model, unwrapped, max_log_scale: float) -> torch.Tensor:
+    """CLIP's temperature clamp, log t in [0, log max], in place on the parameter; returns t (a
+    0-dim tensor, no host sync) for the metrics, read while the parameter is whole.
 
     An elementwise clamp of whatever this process holds: the whole parameter under DDP or on one
     process, the local shard of a DTensor under FSDP2. FSDP1 frees unsharded parameters outside
@@ -136,3 +137,4 @@ def clamp_logit_scale(model, unwrapped, max_log_scale: float) -> None:
             else contextlib.nullcontext()
         with gathered:  # writeback (the default): the clamped value goes back into the shards
             unwrapped.logit_scale.clamp_(0, max_log_scale)
+            return unwrapped.logit_scale.detach().exp()

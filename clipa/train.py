@@ -400,7 +400,7 @@ class Trainer:
                 step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, for the log
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
+                temperature = clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
                 self.step += 1
                 window_steps += 1
                 log.advance()
@@ -424,7 +424,7 @@ class Trainer:
                     log.write({
                         "step": self.step, "samples": self.step * batch, "stage": self.stage,
                         "lr": step_lr, "loss": last_loss,
-                        "logit_scale": self.unwrapped.logit_scale.exp().item(),
+                        "logit_scale": temperature.item(),
                         "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
                         "tflops": samples_per_s * flops_per_sample / 1e12,
                         "mfu": samples_per_s * flops_per_sample / (peak * self.world) if peak else None,
