@@ -102,3 +102,35 @@ def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
         metrics = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())["metrics"]
         assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
         assert (tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors").is_file()
+
+
+def test_a_built_wheel_ships_the_recipes_and_model_configs(tmp_path):
+    """A regular (non-editable) install: build the wheel from a copy of the source, unpack it, and run
+    clipa from there, so `clipa ls`, `validate` and the bundled model config cannot come from the tree."""
+    import shutil
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", ".ci-venv", ".venv", "runs", "build", "*.egg-info",
+                                                               "__pycache__", ".pytest_cache", ".clipa-cache", "benchmarks", "docs"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("clipa-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    assert {"clipa/recipes/tiny/pretrain.toml", "clipa/recipes/tiny/finetune.toml",
+            "clipa/model_configs/clipa-tiny.json"} <= names
+    env = dict(__import__("os").environ, PYTHONPATH=str(tmp_path / "site"))
+    where = subprocess.run([sys.executable, "-c", "import clipa; print(clipa.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip().startswith(str(tmp_path / "site")), where
+    listed = subprocess.run([sys.executable, "-m", "clipa", "ls"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0 and "tiny/pretrain" in listed.stdout and "vit_b16" in listed.stdout, listed.stderr
+    checked = subprocess.run([sys.executable, "-m", "clipa", "validate", "tiny/pretrain"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0, checked.stderr
