@@ -353,10 +353,12 @@ def zeroshot(model: str = _MODEL,
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
     from clipa.evaluate.datasets import DATASETS
     from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
+    from clipa.recipe import did_you_mean
 
     for name in dataset:
         if name not in DATASETS:
-            raise ClipaError(f"--dataset: unknown dataset \"{name}\" (available: {', '.join(DATASETS)})")
+            raise ClipaError(f"--dataset: unknown dataset \"{name}\"{did_you_mean(name, DATASETS)} "
+                             f"(available: {', '.join(DATASETS)})")
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
@@ -383,9 +385,11 @@ def retrieval(model: str = _MODEL,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
     from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
+    from clipa.recipe import did_you_mean
 
     if dataset not in RETRIEVAL_DATASETS:
-        raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\" (available: {', '.join(RETRIEVAL_DATASETS)})")
+        raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
+                         f"(available: {', '.join(RETRIEVAL_DATASETS)})")
     loaded, main = _eval_model(model, pretrained, image_size, text_length)
     result = run_retrieval(loaded, dataset, data_root, batch_size=batch_size, num_workers=_decode_workers(num_workers))
     if not main:

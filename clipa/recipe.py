@@ -356,6 +356,12 @@ def save(recipe: Recipe, path: str | Path) -> None:
 # --------------------------------------------------------------------------- validation
 
 
+def did_you_mean(value: str, allowed) -> str:
+    """'; did you mean "x"?' for the closest allowed name, or ''."""
+    close = difflib.get_close_matches(value, list(allowed), n=1)
+    return f"; did you mean \"{close[0]}\"?" if close else ""
+
+
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         close = difflib.get_close_matches(value, allowed, n=1)

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.errors import ClipaError
-from clipa.recipe import ZEROSHOT_DATASETS
+from clipa.recipe import ZEROSHOT_DATASETS, did_you_mean
 
 DATASETS = ZEROSHOT_DATASETS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -268,4 +268,5 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
         root = _root(data_root, name, (name,))
         names = [IMAGENET_CLASSNAMES[synsets.index(w)] for w in subset]
         return ZeroShotData(name, _wordnet_folders(root, name, subset, transform), names, openai)
-    raise ClipaError(f"--dataset: unknown dataset \"{name}\" (available: {', '.join(DATASETS)})")
+    raise ClipaError(f"--dataset: unknown dataset \"{name}\"{did_you_mean(name, DATASETS)} "
+                     f"(available: {', '.join(DATASETS)})")

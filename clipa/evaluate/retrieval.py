@@ -29,7 +29,7 @@ from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
 from clipa.evaluate.zeroshot import eval_loader
-from clipa.recipe import RETRIEVAL_DATASETS  # noqa: F401 - one list for the CLI and recipes
+from clipa.recipe import RETRIEVAL_DATASETS, did_you_mean  # one list for the CLI and recipes
 
 _RETRIEVAL_STREAM = 0x2E7
 
@@ -102,7 +102,8 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
                 loaders.append(functools.partial(_open_member, shard, image))
                 captions.append([c for c in text.splitlines() if c.strip()])
         return loaders, captions
-    raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\" (available: {', '.join(RETRIEVAL_DATASETS)})")
+    raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
+                     f"(available: {', '.join(RETRIEVAL_DATASETS)})")
 
 
 def _read_at(shard: Path, where: tuple[int, int]) -> bytes:
