@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, first_line
 from clipa.model import EXPORT_CONFIG, EXPORT_WEIGHTS, _fsync_dir, write_safetensors
 
 MODEL_FILE = "model.safetensors"
@@ -148,7 +148,7 @@ class CheckpointManager:
                 if old is not None and old.exists() and not final.exists():
                     old.rename(final)  # the failed write replaced nothing
             reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
-            raise ClipaError(f"checkpoint: could not write {final} ({reason.strip().splitlines()[0]}); "
+            raise ClipaError(f"checkpoint: could not write {final} ({first_line(reason)}); "
                              f"the earlier checkpoints in {self.directory} are intact. Free space on that disk (or "
                              "lower checkpoint.keep_last) and rerun the same command to resume") from None
         self.barrier()
@@ -301,9 +301,7 @@ def read_state_dict(path: Path, kind: str) -> dict:
     try:
         return load_state_dict(str(path))
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        # torch's unpickling errors run to several lines of advice that does not apply here: keep the first.
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first}); give an open_clip, "
+        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first_line(err, 200)}); give an open_clip, "
                          "timm or safetensors weights file") from None
 
 

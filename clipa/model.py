@@ -22,7 +22,7 @@ import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, first_line
 
 BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(BUNDLED_CONFIGS)
@@ -39,26 +39,26 @@ class Geometry:
     context_length: int
 
 
-def arch_config(arch: str) -> dict:
-    """The open_clip model config for an architecture name or a config JSON path."""
+def arch_config(arch: str, key: str = "model.arch") -> dict:
+    """The open_clip model config for an architecture name or a config JSON path; errors name `key`."""
     if arch.endswith(".json"):
         path = Path(arch)
         if not path.is_file():
-            raise ClipaError(f"model.arch: config file {arch} not found; give an existing JSON path or an open_clip name")
+            raise ClipaError(f"{key}: config file {arch} not found; give an existing JSON path or an open_clip name")
         try:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ClipaError(f"model.arch: {arch} is not valid JSON ({err})") from None
+            raise ClipaError(f"{key}: {arch} is not valid JSON ({err})") from None
         cfg = cfg.get("model_cfg", cfg)
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            raise ClipaError(f"model.arch: {arch} lacks embed_dim/vision_cfg/text_cfg of an open_clip model config")
+            raise ClipaError(f"{key}: {arch} lacks embed_dim/vision_cfg/text_cfg of an open_clip model config")
         return cfg
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
         names = open_clip.list_models()
         close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -c 'import open_clip; print(open_clip.list_models())'`"
-        raise ClipaError(f"model.arch: unknown architecture \"{arch}\"{hint}")
+        raise ClipaError(f"{key}: unknown architecture \"{arch}\"{hint}")
     return copy.deepcopy(cfg)
 
 
@@ -252,9 +252,9 @@ def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.chec
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except (AssertionError, RuntimeError, ValueError) as err:
         # open_clip's resizers assert on a width change; load_state_dict raises on shape mismatches.
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ClipaError(f"{key}: weights do not match the architecture ({first[:200]}); check model.arch "
-                         "against the run or model that produced them") from None
+        reason = first_line(err, 200) or type(err).__name__
+        raise ClipaError(f"{key}: weights do not match the architecture ({reason}); check model.arch against the "
+                         "run or model that produced them") from None
     if missing or unexpected:
         raise ClipaError(
             f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "
@@ -330,6 +330,6 @@ def build_tokenizer(arch: str, context_length: int):
                          f"which needs `pip install 'clipa[hf]'` (transformers) ({err})") from None
     except OSError as err:  # not in the Hugging Face cache, and offline (or no such tokenizer)
         name = text_cfg.get("hf_tokenizer_name")
-        raise ClipaError(f"model.arch: {arch}: cannot load the Hugging Face tokenizer {name!r} ({str(err).splitlines()[0]}); "
+        raise ClipaError(f"model.arch: {arch}: cannot load the Hugging Face tokenizer {name!r} ({first_line(err)}); "
                          f"download it once with `huggingface-cli download {name}` or point `hf_tokenizer_name` in a "
                          "model-config JSON (model.arch=PATH.json) at a local tokenizer directory") from None

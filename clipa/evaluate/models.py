@@ -117,15 +117,6 @@ def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length:
                    context_length=length)
 
 
-def _arch_config(spec: str) -> dict:
-    """arch_config, with errors naming --model (what the user typed) instead of the recipe key."""
-    try:
-        return arch_config(spec)
-    except ClipaError as err:
-        message = str(err)
-        raise ClipaError("--model" + message[len("model.arch"):] if message.startswith("model.arch") else message) from None
-
-
 def load_model(spec: str, pretrained: str | None = None, image_size: int | None = None,
                text_length: int | None = None) -> LoadedModel:
     """The model `spec` names (see the module docstring), at `image_size` / `text_length` if given."""
@@ -149,12 +140,12 @@ def _load(spec: str, pretrained: str | None) -> LoadedModel:
         if "/" in spec or spec.startswith("."):
             raise ClipaError(f"--model: {spec} does not exist; give a clipa run directory, an exported model, or an "
                              "open_clip architecture with --pretrained FILE")
-        _arch_config(spec)  # names an unknown architecture precisely
+        arch_config(spec, key="--model")  # names an unknown architecture precisely
         raise ClipaError(f"--pretrained: {spec} is an architecture; give its weights with --pretrained FILE "
                          "(clipa never downloads weights)")
     if not Path(pretrained).is_file():
         raise ClipaError(f"--pretrained: {pretrained} is not a file")
-    cfg = _arch_config(spec)
+    cfg = arch_config(spec, key="--model")
     geometry = native_geometry(cfg)
     model_cfg = stage_config(spec, geometry)
     model = create_model(model_cfg)
