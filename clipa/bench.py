@@ -35,7 +35,7 @@ from clipa.loss import infonce_loss
 from clipa.model import Geometry, arch_config, build_tokenizer, create_model, native_geometry, stage_config
 from clipa.optim import build_optimizer
 from clipa.recipe import OptimConfig
-from clipa.reduction import TextReducer, image_grid, install_patch_masker, patch_keep_indices
+from clipa.reduction import TextReducer, install_patch_masker, patch_keep_indices
 from clipa.step import ContrastiveStep
 
 
@@ -106,8 +106,8 @@ class SettingRunner:
         images = torch.randn(batch, 3, setting.image_size, setting.image_size)
         keep = None
         if masker is not None:
-            grid = image_grid(cfg, setting.image_size)
-            keep = torch.from_numpy(np.stack([patch_keep_indices(setting.image, grid, setting.mask_ratio, r)
+            # The masker's own grid: an open_clip ViT's or a timm ViT's (image_grid knows only the former).
+            keep = torch.from_numpy(np.stack([patch_keep_indices(setting.image, masker.grid, setting.mask_ratio, r)
                                               for r in rngs]))
         self.micro_batches = [(images.to(accelerator.device), texts.to(accelerator.device), keep)]
 

@@ -50,7 +50,7 @@ def _timm_count(name: str, image_size: int, keep_ratio: float = 1.0) -> tuple[fl
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipa.reduction import keep_count
+    from clipa.reduction import keep_count, timm_patch_slot
 
     class _KeepFirst(torch.nn.Module):
         """Stands in for clipa's patch masker while counting: keeps the first `n` tokens."""
@@ -71,7 +71,7 @@ def _timm_count(name: str, image_size: int, keep_ratio: float = 1.0) -> tuple[fl
         grid = getattr(getattr(trunk, "patch_embed", None), "grid_size", None)
         prefix = getattr(trunk, "num_prefix_tokens", 0)
         tokens = grid[0] * grid[1] + prefix if grid else 0
-        if grid and keep_ratio < 1.0 and hasattr(trunk, "patch_drop"):
+        if grid and keep_ratio < 1.0 and timm_patch_slot(trunk):  # where training can mask
             tokens = prefix + keep_count(grid[0] * grid[1], 1.0 - keep_ratio)
             trunk.patch_drop = _KeepFirst(tokens)  # which tokens are kept does not change the count
         with FlopCounterMode(display=False) as counter:

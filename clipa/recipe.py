@@ -364,9 +364,7 @@ def did_you_mean(value: str, allowed) -> str:
 
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f"; did you mean \"{close[0]}\"?" if close else ""
-        raise ClipaError(f"{path}: unknown value {_show(value)}{hint} (allowed: {', '.join(allowed)})")
+        raise ClipaError(f"{path}: unknown value {_show(value)}{did_you_mean(value, allowed)} (allowed: {', '.join(allowed)})")
 
 
 def _check(condition: bool, message: str) -> None:
