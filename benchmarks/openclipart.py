@@ -290,13 +290,14 @@ def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     from clipa.model import arch_config, native_geometry
 
     base = {**tiny_recipe(arch, samples, batch), **CLIPA_TINY_DEFAULTS}
+    base["optim.warmup_steps"] = min(base["optim.warmup_steps"], samples // batch // 5)  # short budgets
     native = native_geometry(arch_config(arch))
     low = {"reduction.image_size": native.image_size // 2, "reduction.text_length": 8}
     full_flops = train_flops(base, samples)
     group = f"claim {arch} {samples // 1000}k"
 
     def clipa(text: str, mask: float) -> tuple[dict, dict]:
-        finetune = {**base, "optim.lr": base["optim.lr"] / 4, "optim.warmup_steps": 5}
+        finetune = {**base, "optim.lr": base["optim.lr"] / 4, "optim.warmup_steps": 2}
         if mask:
             finetune.update({"reduction.image": "random", "reduction.mask_ratio": mask})
         ft_samples = int(0.2 * full_flops / train_flops(finetune, 1)) // batch * batch
@@ -304,13 +305,14 @@ def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         pretrain = {**base, **low, "reduction.text": text}
         pt_samples = int((full_flops - train_flops(finetune, ft_samples)) / train_flops(pretrain, 1)) // batch * batch
         pretrain["train.total_samples"] = pt_samples
+        pretrain["optim.warmup_steps"] = min(CLIPA_TINY_DEFAULTS["optim.warmup_steps"], pt_samples // batch // 5)
         return pretrain, finetune
 
     return [
         Setting("full tokens", base, group=group),
         Setting("CLIPA: 1/2 res + 8 tok truncate, then full", *clipa("truncate", 0.0), group=group),
-        Setting("CLIPA: 1/2 res + 8 tok syntax, then full", *clipa("syntax", 0.0), group=group),
         Setting("CLIPA: 1/2 res + 8 tok truncate, then full with 30% masked", *clipa("truncate", 0.3), group=group),
+        Setting("CLIPA: 1/2 res + 8 tok syntax, then full", *clipa("syntax", 0.0), group=group),
     ]
 
 
