@@ -1,0 +1,64 @@
+"""The whole pipeline through the installed CLI, as a user runs it: `clipa data synth` shards ->
+`clipa pretrain` on those shards -> `clipa finetune` from that run -> `clipa zeroshot` and
+`clipa linear-probe` on the finetuned run, each in its own subprocess. Accuracies must beat chance
+(1/24) by a wide margin, so a pipeline that silently trains on the wrong data, drops the init
+weights or evaluates an untrained model fails."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+CHANCE = 1 / 24
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_synth_shards_pretrain_finetune_zeroshot_linear_probe_through_the_cli(tmp_path):
+    data = tmp_path / "synth"
+    ok(run_cli("data", "synth", data, "--num-samples", 2048, "--shard-size", 512, "--eval-per-class", 4))
+    shards = sorted((data / "train").glob("*.tar"))
+    assert len(shards) == 4
+    # The linear probe's train/ and test/ class folders: two more eval splits, drawn with other seeds.
+    for split, seed in (("train", 1), ("test", 2)):
+        ok(run_cli("data", "synth", tmp_path / split, "--num-samples", 1, "--shard-size", 1,
+                   "--eval-per-class", 8, "--seed", seed))
+        shutil.move(tmp_path / split / "eval", tmp_path / "probe" / split)
+
+    common = ["data.num_workers=0", "checkpoint.every_steps=0", "train.global_batch_size=64"]
+    pre = tmp_path / "pre"
+    ok(run_cli("pretrain", "tiny/pretrain", *common, f"data.train={data / 'train'}", "train.total_samples=2048",
+               "optim.warmup_steps=4", "train.log_every_steps=4", "--out", pre))
+    logged = metrics_of(pre)
+    losses = [m["loss"] for m in logged if "loss" in m]
+    assert losses[-1] < losses[0] - 0.3, losses  # it learned from the shards
+    assert json.loads((pre / "recipe.json").read_text())["data"]["train"] == str(data / "train") \
+        if (pre / "recipe.json").exists() else True
+
+    fine = tmp_path / "fine"
+    ok(run_cli("finetune", "tiny/finetune", *common, f"data.train={data / 'train'}", f"init.checkpoint={pre}",
+               "train.total_samples=256", "train.log_every_steps=1", "--out", fine))
+
+    zs = ok(run_cli("zeroshot", "--model", fine, "--dataset", "imagefolder", "--data-root", data / "eval",
+                    "--num-workers", 0, "--output", tmp_path / "zs.json"))
+    result = json.loads((tmp_path / "zs.json").read_text())
+    assert (result["image_size"], result["text_length"]) == (64, 32)  # the finetune's geometry
+    assert result["metrics"]["num_samples"] == 96
+    assert result["metrics"]["acc1"] > 3 * CHANCE, result["metrics"]
+    assert result["metrics"]["acc5"] > 3 * 5 * CHANCE, result["metrics"]
+    assert "zero-shot classification" in zs.stdout
+
+    ok(run_cli("linear-probe", "--model", fine, "--dataset", "imagefolder", "--data-root", tmp_path / "probe",
+               "--num-workers", 0, "--cache", tmp_path / "cache", "--output", tmp_path / "lp.json"))
+    probe = json.loads((tmp_path / "lp.json").read_text())
+    assert probe["metrics"]["acc1"] > 4 * CHANCE, probe["metrics"]
