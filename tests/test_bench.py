@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from conftest import run_in_process
 from clipa.bench import default_settings
+
+from conftest import run_in_process
 
 
 def test_bench_reports_every_setting_with_consistent_ratios(tmp_path):

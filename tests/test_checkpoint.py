@@ -19,6 +19,7 @@ from clipa.errors import ClipaError
 from clipa.evaluate.models import load_model
 from clipa.recipe import load_recipe
 from clipa.train import NonFiniteError, Trainer
+
 from conftest import RECIPES
 
 ARGS = ["train.global_batch_size=32", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=2",

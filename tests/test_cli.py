@@ -51,7 +51,8 @@ def test_finetune_requires_an_existing_init_checkpoint(cli, tmp_path):
 
 
 def test_unknown_dataset_and_model_exit_2(cli, tmp_path):
-    assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "imagenet-z"), '--dataset: unknown dataset "imagenet-z"; did you mean "imagenet-r"?')
+    assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "imagenet-z"),
+                      '--dataset: unknown dataset "imagenet-z"; did you mean "imagenet-r"?')
     assert_user_error(cli("zeroshot", "--model", "ViT-B-61", "--dataset", "synthetic"), "unknown architecture")
     assert_user_error(cli("zeroshot", "--model", "ViT-B-16", "--dataset", "synthetic"), "--pretrained")
     assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "synthetic"), "holds no model")

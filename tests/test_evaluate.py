@@ -24,6 +24,7 @@ from clipa.evaluate.retrieval import retrieval
 from clipa.evaluate.zeroshot import output_paths, zeroshot
 from clipa.recipe import load_recipe
 from clipa.train import train
+
 from conftest import RECIPES, run_torchrun, tiny_overrides
 
 HELPER = str(Path(__file__).with_name("distributed_eval.py"))

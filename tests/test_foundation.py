@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from clipa.evaluate.models import load_model
-from clipa.model import create_model, native_geometry, arch_config, stage_config
+from clipa.model import arch_config, create_model, native_geometry, stage_config
 from clipa.recipe import load_recipe
 from clipa.train import _accelerator, train
+
 from conftest import RECIPES, run_cli, tiny_overrides
 from test_cli import assert_user_error
 
@@ -96,7 +97,8 @@ def test_the_clipa_console_script_is_installed():
 def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
     result = run_cli("quickstart", "--scale", "0.05", "--out", tmp_path / "qs")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.strip().startswith(("│ pretrain", "│ finetune", "| pretrain", "| finetune"))]
+    starts = ("│ pretrain", "│ finetune", "| pretrain", "| finetune")
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith(starts)]
     assert len(rows) == 2, result.stdout
     for stage in ("pretrain", "finetune"):
         metrics = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())["metrics"]
@@ -113,8 +115,9 @@ def test_a_built_wheel_ships_the_recipes_and_model_configs(tmp_path):
     pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
-    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", ".ci-venv", ".venv", "runs", "build", "*.egg-info",
-                                                               "__pycache__", ".pytest_cache", ".clipa-cache", "benchmarks", "docs"))
+    ignore = shutil.ignore_patterns(".git", ".ci-venv", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache",
+                                    ".clipa-cache", "benchmarks", "docs")
+    shutil.copytree(root, source, ignore=ignore)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]

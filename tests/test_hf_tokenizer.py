@@ -17,6 +17,7 @@ from transformers import BertTokenizerFast  # noqa: E402
 
 from clipa.model import arch_config, build_tokenizer  # noqa: E402
 from clipa.reduction import TextReducer  # noqa: E402
+
 from conftest import run_cli  # noqa: E402
 
 WORDS = ("a man riding red bicycle down the street on sunny day two dogs sitting wooden bench small blue "

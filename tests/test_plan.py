@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from conftest import RECIPES, REPO
-from clipa import flops, plan as plan_mod
+from clipa import flops
+from clipa import plan as plan_mod
 from clipa.recipe import load_recipe
+
+from conftest import RECIPES, REPO
 
 # A config small enough to count by hand.
 SMALL = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 2, "width": 16, "patch_size": 8},

@@ -12,6 +12,7 @@ from clipa.errors import ClipaError
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.recipe import load_recipe
 from clipa.train import Trainer
+
 from conftest import RECIPES, run_torchrun
 
 ARGS = ["train.global_batch_size=16", "train.log_every_steps=1", "data.num_workers=0", "checkpoint.every_steps=2",
@@ -83,6 +84,7 @@ def _accumulated_queue_step(batch, micro, kind, masked):
     from clipa.model import create_model, stage_config
     from clipa.reduction import install_patch_masker
     from clipa.step import ContrastiveStep
+
     from test_accumulation import GEOMETRY, split
 
     torch.manual_seed(0)

@@ -11,6 +11,7 @@ from clipa.evaluate.models import load_model
 from clipa.evaluate.retrieval import load_pairs, recall_at_k, retrieval
 from clipa.recipe import load_recipe
 from clipa.train import train
+
 from conftest import RECIPES, tiny_overrides
 
 

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import RECIPES
-from test_cli import assert_user_error
 from clipa.errors import ClipaError
 from clipa.scaling import fit_power_law, load_points, t_quantile
+
+from conftest import RECIPES
+from test_cli import assert_user_error
 
 
 def synthetic(alpha, beta, e=0.0, n=10, noise=0.0, seed=0):

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from clipa.errors import ClipaError
 from clipa.recipe import load_recipe
 from clipa.train import Trainer, train
+
 from conftest import RECIPES, tiny_overrides
 
 

@@ -13,10 +13,11 @@ from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import normalize, train_transform
 from clipa.evaluate.models import load_model
 from clipa.loss import infonce_loss
-from clipa.model import Geometry, build_tokenizer, create_model, load_weights, stage_config
+from clipa.model import Geometry, build_tokenizer, create_model, stage_config
 from clipa.recipe import load_recipe
 from clipa.reduction import TextReducer
 from clipa.train import train
+
 from conftest import RECIPES, tiny_overrides
 
 
