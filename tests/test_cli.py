@@ -99,8 +99,19 @@ def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
     classes = [p for p in (tmp_path / "synth" / "eval").iterdir() if p.is_dir()]
     assert len(classes) == 24 and all(len(list(c.glob("*.png"))) == 2 for c in classes)
 
-    run = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", tmp_path / "run")
+    # Train on the shards just written (25 samples, read again each epoch), not on the built-in stream.
+    train_dir = tmp_path / "synth" / "train"
+    run = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"data.train": train_dir}), "--out", tmp_path / "run")
     assert run.returncode == 0, run.stderr
+    assert f'train = "{train_dir}"' in (tmp_path / "run" / "config.toml").read_text()
+    builtin = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", tmp_path / "builtin")
+    assert builtin.returncode == 0, builtin.stderr
+
+    def losses(run_dir):
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [line["loss"] for line in lines if "loss" in line]
+    # Same model, seed and steps: only the data differs, so the losses must too.
+    assert losses(tmp_path / "run") != pytest.approx(losses(tmp_path / "builtin"), rel=1e-4)
     out_json = tmp_path / "zs.json"
     zs = cli("zeroshot", "--model", tmp_path / "run", "--dataset", "imagefolder", "--dataset", "synthetic",
              "--data-root", tmp_path / "synth" / "eval", "--output", out_json)
