@@ -9,6 +9,7 @@ from clipa.bench import default_settings
 from conftest import run_in_process
 
 
+@pytest.mark.slow
 def test_bench_reports_every_setting_with_consistent_ratios(tmp_path):
     out = tmp_path / "bench.json"
     result = run_in_process("bench", "--arch", "clipa-tiny", "--batch", "4", "--steps", "1", "--repeats", "2",

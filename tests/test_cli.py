@@ -84,6 +84,7 @@ def test_dry_run_prints_resolved_recipe_and_trains_nothing(cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
     result = cli("data", "synth", tmp_path / "synth", "--num-samples", 25, "--shard-size", 10, "--eval-per-class", 2)
     assert result.returncode == 0, result.stderr
@@ -134,6 +135,7 @@ def test_v2_recipe_without_transformers_is_a_clear_error(cli, tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_v2_recipe_without_tokenizer_files_offline_is_a_clear_error(tmp_path):
     pytest.importorskip("transformers")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache, no network

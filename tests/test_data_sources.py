@@ -280,6 +280,7 @@ def test_fast_decode_keeps_the_crop_and_decodes_smaller():
     assert looks_like_image(big.getvalue()[:16]) and not looks_like_image(b"<html>")
 
 
+@pytest.mark.slow
 def test_train_and_inspect_on_shards(tmp_path, cli):
     from clipa.data.shards import write_synthetic
     from clipa.train import train
@@ -367,6 +368,7 @@ def test_a_dead_source_ends_clipa_pretrain_with_exit_2(tmp_path, cli):
     assert "unreadable shard: 1)" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
+@pytest.mark.slow
 def test_metrics_count_skips_of_every_process_and_resume_warns_on_a_new_layout(tmp_path, caplog):
     """2 real processes (torchrun) over shards with broken members and a missing shard; then a 1-process resume."""
     from clipa.data.loader import check_resume_layout

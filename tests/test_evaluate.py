@@ -67,6 +67,7 @@ def test_zeroshot_equals_open_clip_classifier_and_a_plain_loop(trained):
     assert result["metrics"]["acc5"] == pytest.approx(hits5 / total)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, tmp_path, cli):
     # Two processes each classify half the images; rank 0 alone prints the table and writes the JSON.
     run_dir, eval_dir = trained
@@ -83,6 +84,7 @@ def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, tmp
     assert one_json["metrics"]["num_samples"] == 72
 
 
+@pytest.mark.slow
 def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path):
     run_dir, eval_dir = trained
     folders = sorted(p for p in eval_dir.iterdir() if p.is_dir())

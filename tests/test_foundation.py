@@ -94,6 +94,7 @@ def test_the_clipa_console_script_is_installed():
     assert result.returncode == 0 and result.stdout.startswith("clipa "), result.stderr
 
 
+@pytest.mark.slow
 def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
     result = run_cli("quickstart", "--scale", "0.05", "--out", tmp_path / "qs")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,6 +107,7 @@ def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
         assert (tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_a_built_wheel_ships_the_recipes_and_model_configs(tmp_path):
     """A regular (non-editable) install: build the wheel from a copy of the source, unpack it, and run
     clipa from there, so `clipa ls`, `validate` and the bundled model config cannot come from the tree."""

@@ -103,6 +103,7 @@ def test_syntax_skips_a_multi_piece_word_that_does_not_fit(hf):
     assert pieces(hf, TextReducer(hf, "syntax", 5)([caption])[0]) == ["man", "bicycle", "##s"]
 
 
+@pytest.mark.slow
 def test_model_config_with_a_local_hf_tokenizer_trains_with_syntax(bert_dir, tmp_path):
     config = arch_config("clipa-tiny")
     config["text_cfg"].update(hf_tokenizer_name=str(bert_dir), tokenizer_kwargs={"strip_sep_token": True},

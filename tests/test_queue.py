@@ -172,6 +172,7 @@ def test_the_queue_enters_the_trainers_loss(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["momentum", "memory_bank"])
+@pytest.mark.slow
 def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
     extra = [*ARGS, "train.total_samples=96", f"loss.queue.kind={kind}"]
     straight = Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", extra), "pretrain", tmp_path / "a")
@@ -197,6 +198,7 @@ def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_two_processes_enqueue_every_process_keys(tmp_path):
     out = tmp_path / "states.pt"
     run_torchrun(Path(__file__).with_name("distributed_queue.py"), out, timeout=300)

@@ -51,6 +51,7 @@ def test_csv_pairs_group_captions_and_resolve_relative_paths(tmp_path):
         load_pairs("csv", str(tmp_path / "pairs.csv"), caption_column="caption")
 
 
+@pytest.mark.slow
 def test_retrieval_and_probe_on_a_trained_model(tmp_path):
     recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{"train.total_samples": 32 * 10}))
     loaded = load_model(str(train(recipe, "pretrain", tmp_path / "run").run_dir))

@@ -77,6 +77,7 @@ def test_final_loads_with_plain_open_clip_and_matches_clipa(tmp_path):
     assert tokenizer(["x"]).shape == (1, 8)
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_interpolated_pretrain_weights(tmp_path):
     pre = train(pretrain_recipe(), "pretrain", tmp_path / "pre")
     recipe = load_recipe(RECIPES / "tiny" / "finetune.toml",
@@ -105,6 +106,7 @@ def test_finetune_starts_from_interpolated_pretrain_weights(tmp_path):
         torch.testing.assert_close(finetuned[name], value, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
     extra = {"train.total_samples": 32 * 6, "checkpoint.every_steps": 2, "checkpoint.keep_last": 5}
     straight = train(pretrain_recipe(**extra), "pretrain", tmp_path / "a")
@@ -123,6 +125,7 @@ def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one_and_saves_plain_names(tmp_path, monkeypatch):
     """train.compile: the same losses as eager (same seed, data, masks), no recompilation from one
     step to the next (new masks every step), weights saved without torch.compile's `_orig_mod.`
