@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from clipa.evaluate.models import load_model
 from clipa.model import arch_config, create_model, native_geometry, stage_config
@@ -101,10 +101,23 @@ def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
     starts = ("│ pretrain", "│ finetune", "| pretrain", "| finetune")
     rows = [line for line in result.stdout.splitlines() if line.strip().startswith(starts)]
     assert len(rows) == 2, result.stdout
+    geometry = {"pretrain": (32, 8), "finetune": (64, 32)}  # tiny/pretrain's reduced tokens, tiny/finetune's full
     for stage in ("pretrain", "finetune"):
-        metrics = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())["metrics"]
+        result = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())
+        metrics = result["metrics"]
         assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
-        assert (tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors").is_file()
+        # Above chance (1/24) by more than 3 standard errors of a guesser's accuracy on this many images.
+        chance, n = 1 / 24, metrics["num_samples"]
+        assert metrics["acc1"] > chance + 3 * math.sqrt(chance * (1 - chance) / n), (stage, metrics)
+        assert (result["image_size"], result["text_length"]) == geometry[stage]
+        weights = load_file(str(tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors"))
+        image_px, text_tokens = geometry[stage]
+        assert weights["visual.positional_embedding"].shape[0] == (image_px // 8) ** 2 + 1
+        assert weights["positional_embedding"].shape[0] == text_tokens
+        if stage == "pretrain":  # the loss fell over the pretraining
+            lines = [json.loads(line) for line in (tmp_path / "qs" / stage / "metrics.jsonl").read_text().splitlines()]
+            losses = [line["loss"] for line in lines if "loss" in line]
+            assert len(losses) >= 2 and losses[-1] < losses[0] - 0.2, losses
 
 
 @pytest.mark.slow
