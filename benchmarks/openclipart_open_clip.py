@@ -100,9 +100,9 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     Both at half resolution and 16 tokens (`--force-image-size` / `--force-context-length` for
     open_clip_train), the geometry of CLIPA's pretraining stage and 4x cheaper than full tokens on
     this CPU; same peak LR and warmup, cosine to 0, batch, samples and model config."""
-    from clipa.model import arch_config, native_geometry
-
     from openclipart import CLIPA_TINY_DEFAULTS
+
+    from clipa.model import arch_config, native_geometry
 
     group = f"vs-open-clip {arch}"
     oc = open_clip_defaults(arch)
