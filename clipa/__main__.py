@@ -1,3 +1,3 @@
-from clipa.cli import main
+from clipa.cli.app import main
 
 main()

@@ -8,7 +8,7 @@ FLOPs are clipa's analytic model FLOPs (`clipa.flops`: matmuls of both towers, f
 counted over the samples the trainer will actually run (whole steps). Time is
 FLOPs / (peak x MFU): `mfu` is the model-FLOPs utilisation you expect to reach, by default the one
 implied by CLIPA-v2's published H/14 A100-hours (docs/plan.md). The result is plain data in the
-shape DESIGN.md fixes for `clipa plan --json`:
+shape `clipa plan --json` prints (documented in docs/plan.md):
 
     {"stages": [{"recipe", "total_flops", "gpu_hours", "cost", ...}], "total": {"total_flops", "gpu_hours", "cost"}}
 """
@@ -42,8 +42,8 @@ def accelerator_peak(gpu: str, peak_tflops: float | None = None) -> tuple[str, f
 
 
 def _load(recipe) -> tuple[str, object]:
-    from clipa.recipe import Recipe, load_recipe
-    from clipa.recipes_index import resolve_path
+    from clipa.recipe.schema import Recipe, load_recipe
+    from clipa.recipe.index import resolve_path
 
     if isinstance(recipe, Recipe):
         return recipe.source or recipe.name, recipe
@@ -52,7 +52,7 @@ def _load(recipe) -> tuple[str, object]:
 
 def stage_flops(recipe) -> dict:
     """Tokens and training FLOPs of one recipe (a `Recipe`): per sample and in total."""
-    from clipa.model import recipe_model_config
+    from clipa.model.build import recipe_model_config
 
     geometry, cfg = recipe_model_config(recipe)
     keep_ratio = 1.0 - recipe.reduction.mask_ratio

@@ -13,9 +13,9 @@ from rich.table import Table
 
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import write_result, zeroshot
-from clipa.recipe import load_recipe
-from clipa.recipes_index import resolve_path
-from clipa.train import train
+from clipa.recipe.schema import load_recipe
+from clipa.recipe.index import resolve_path
+from clipa.train.trainer import train
 
 
 def _scaled(recipe, scale: float) -> None:

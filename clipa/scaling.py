@@ -140,8 +140,8 @@ def run_compute(run: Path, step: int | None = None, _seen: set | None = None) ->
     """Training FLOPs of a run directory's stage (up to `step`, else the samples it logged), plus
     those of the runs its `init.checkpoint` came from. Returns (FLOPs, notes)."""
     from clipa.flops import train_flops_per_sample
-    from clipa.model import recipe_model_config
-    from clipa.recipe import read_toml, recipe_from_dict
+    from clipa.model.build import recipe_model_config
+    from clipa.recipe.schema import read_toml, recipe_from_dict
 
     seen = _seen if _seen is not None else set()
     key = run.resolve()

@@ -23,8 +23,8 @@ from clipa.data.spec import expand, parse_train
 from clipa.data.streams import _Mode
 from clipa.data.transforms import RandomResizedCrop
 from clipa.errors import ClipaError
-from clipa.model import Geometry
-from clipa.recipe import load_recipe
+from clipa.model.build import Geometry
+from clipa.recipe.schema import load_recipe
 
 
 def ids(captions, rngs=None):
@@ -280,7 +280,7 @@ def test_fast_decode_keeps_the_crop_and_decodes_smaller():
 
 def test_train_and_inspect_on_shards(tmp_path, cli):
     from clipa.data.shards import write_synthetic
-    from clipa.train import train
+    from clipa.train.trainer import train
     from conftest import RECIPES, tiny_overrides
 
     info = write_synthetic(tmp_path / "synth", num_samples=96, shard_size=24, eval_per_class=0)
@@ -369,7 +369,7 @@ def test_metrics_count_skips_of_every_process_and_resume_warns_on_a_new_layout(t
     from conftest import RECIPES, run_torchrun, tiny_overrides
 
     from clipa.data.loader import check_resume_layout
-    from clipa.train import Trainer
+    from clipa.train.trainer import Trainer
 
     for s in range(7):  # 7.tar is missing; every shard's first sample is broken (bad body or not an image)
         write_shard(tmp_path / f"{s}.tar", s * 6, 6, {s * 6: "truncated" if s % 2 else "garbage"})

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipa import recipe as R
+from clipa.recipe import schema as R
 from clipa.errors import ClipaError
-from clipa.model import Geometry, arch_config, create_model, load_weights, stage_config, stage_geometry
+from clipa.model.build import Geometry, arch_config, create_model, load_weights, stage_config, stage_geometry
 
 
 def tiny(**overrides):

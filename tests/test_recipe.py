@@ -1,6 +1,6 @@
 import pytest
 
-from clipa import recipe as R
+from clipa.recipe import schema as R
 from clipa.errors import ClipaError
 from conftest import RECIPES
 

@@ -30,7 +30,7 @@ from clipa.data.streams import StreamError, StreamingTrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
 from clipa.errors import ClipaError
-from clipa.reduction import reduce_batch
+from clipa.model.reduction import reduce_batch
 
 _AUGMENT_STREAM = 0xA06
 

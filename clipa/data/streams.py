@@ -51,7 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipa.data.sources import Record, SkipStats, decode_crop
 from clipa.errors import ClipaError
-from clipa.reduction import reduce_batch
+from clipa.model.reduction import reduce_batch
 
 log = logging.getLogger("clipa.data")
 

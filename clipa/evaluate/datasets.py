@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.errors import ClipaError
-from clipa.recipe import ZEROSHOT_DATASETS, did_you_mean
+from clipa.recipe.schema import ZEROSHOT_DATASETS, did_you_mean
 
 DATASETS = ZEROSHOT_DATASETS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

@@ -9,7 +9,7 @@ Accepted `--model` values:
 
 `image_size` / `text_length` evaluate at another geometry than the model's own: the model is rebuilt
 at that geometry and its weights loaded with the position embeddings resized the way finetuning
-does it (`clipa.model.load_weights`: bicubic for the image grid, linear for text), and the tokenizer
+does it (`clipa.model.build.load_weights`: bicubic for the image grid, linear for text), and the tokenizer
 truncates to the new length. Changing only the transform would feed the model a token grid its
 position embedding does not have.
 """
@@ -26,10 +26,10 @@ from typing import Callable
 import open_clip
 import torch
 
-from clipa import recipe as recipe_mod
-from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
+from clipa.recipe import schema as recipe_mod
+from clipa.train.checkpoint import CONFIG_FILE, find_weights, read_state_dict
 from clipa.errors import ClipaError
-from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
+from clipa.model.build import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
                          native_geometry, patch_size, recipe_model_config, stage_config)
 
 
@@ -81,7 +81,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
 def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length: int | None = None) -> LoadedModel:
     """`loaded` rebuilt to take `image_size` px images and `text_length` tokens (None: unchanged).
 
-    Position embeddings are resized by `clipa.model.load_weights` (open_clip's resizers, as in
+    Position embeddings are resized by `clipa.model.build.load_weights` (open_clip's resizers, as in
     finetuning); a timm image trunk is loaded at its own size and then resampled by timm's
     `set_input_size`, as open_clip's `force_image_size` does.
     """

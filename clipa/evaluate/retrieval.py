@@ -29,7 +29,7 @@ from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
 from clipa.evaluate.zeroshot import eval_loader
-from clipa.recipe import RETRIEVAL_DATASETS, did_you_mean  # one list for the CLI and recipes
+from clipa.recipe.schema import RETRIEVAL_DATASETS, did_you_mean  # one list for the CLI and recipes
 
 _RETRIEVAL_STREAM = 0x2E7
 

@@ -22,8 +22,8 @@ import copy
 import torch
 import torch.distributed as dist
 
-from clipa.loss import _ce_sum, _chunked_sum, gather_features
-from clipa.reduction import PatchMasker
+from clipa.train.loss import _ce_sum, _chunked_sum, gather_features
+from clipa.model.reduction import PatchMasker
 
 
 def gather_no_grad(features: torch.Tensor) -> torch.Tensor:

@@ -63,18 +63,18 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _load(recipe_path: str, overrides: Optional[List[str]]):
-    from clipa.model import recipe_model_config
-    from clipa.recipe import load_recipe
-    from clipa.recipes_index import resolve_path
+    from clipa.model.build import recipe_model_config
+    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.index import resolve_path
 
     recipe = load_recipe(resolve_path(recipe_path), overrides or [])
     return recipe, recipe_model_config(recipe)[0]  # checks the architecture, geometry and towers
 
 
 def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
-    from clipa.checkpoint import CheckpointManager
+    from clipa.train.checkpoint import CheckpointManager
     from clipa.flops import image_tokens, train_flops_per_sample
-    from clipa.model import arch_config, native_geometry, recipe_model_config
+    from clipa.model.build import arch_config, native_geometry, recipe_model_config
 
     _, cfg = recipe_model_config(recipe)  # the model the trainer builds: timm tower, SigLIP bias included
     native = native_geometry(arch_config(recipe.model.arch))
@@ -106,15 +106,15 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
 
 
 def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
-    from clipa import recipe as recipe_mod
-    from clipa.checkpoint import find_weights
+    from clipa.recipe import schema as recipe_mod
+    from clipa.train.checkpoint import find_weights
 
     recipe, geometry = _load(recipe_path, overrides)
     if stage == "finetune" and not recipe.init.checkpoint:
         raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
     if resume and dry_run:  # a real run checks it in the trainer, before building anything
-        from clipa.checkpoint import resolve_resume
+        from clipa.train.checkpoint import resolve_resume
 
         resume = resolve_resume(resume)
     if recipe.init.checkpoint:
@@ -123,7 +123,7 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
         out.print(_describe(recipe, geometry, stage, run_dir, resume))
         return
-    from clipa.train import train
+    from clipa.train.trainer import train
 
     result = train(recipe, stage, run_dir, resume=resume)
     if result.is_main and not result.stopped_by:
@@ -163,15 +163,15 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     """Check a recipe (schema, values, architecture geometry, batch layout) without running anything."""
     import os
 
-    from clipa.recipe import batch_layout
+    from clipa.recipe.schema import batch_layout
 
     recipe_obj, geometry = _load(recipe, overrides)
     # The batch layout depends on the process count: the launcher's WORLD_SIZE when run under
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
     micro, accumulation = batch_layout(recipe_obj, processes)
-    from clipa.checkpoint import CheckpointManager
-    from clipa.towers import check_image_init
+    from clipa.train.checkpoint import CheckpointManager
+    from clipa.model.towers import check_image_init
 
     # A fresh run fails without its image_init; one resuming from runs/NAME takes its checkpoint's weights.
     if not CheckpointManager(Path("runs") / recipe_obj.name / "checkpoints").latest():
@@ -187,7 +187,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
 @user_errors
 def list_recipes() -> None:
     """List the shipped recipes."""
-    from clipa.recipes_index import shipped, summary
+    from clipa.recipe.index import shipped, summary
 
     table = Table("recipe", "about")
     for name, resource in shipped().items():
@@ -200,7 +200,7 @@ def list_recipes() -> None:
 def copy_recipe(name: str = typer.Argument(..., help="Shipped recipe name, e.g. tiny/pretrain."),
                 dest: Path = typer.Argument(..., help="Destination file or directory.")) -> None:
     """Copy a shipped recipe to edit it."""
-    from clipa.recipes_index import copy
+    from clipa.recipe.index import copy
 
     out.print(f"wrote {copy(name, dest)}", highlight=False)
 
@@ -210,7 +210,7 @@ def copy_recipe(name: str = typer.Argument(..., help="Shipped recipe name, e.g. 
 def export(checkpoint: Path = typer.Argument(..., help="A step checkpoint (runs/NAME/checkpoints/step_N) or a run directory."),
            out_dir: Path = typer.Argument(..., metavar="OUT", help="New directory for the open_clip model.")) -> None:
     """Write an open_clip local directory (config + safetensors) from any step checkpoint."""
-    from clipa.checkpoint import export_checkpoint
+    from clipa.train.checkpoint import export_checkpoint
 
     path = export_checkpoint(checkpoint, out_dir)
     out.print(f"wrote {path}; load it with open_clip.create_model_and_transforms(\"local-dir:{path}\")", highlight=False)
@@ -353,7 +353,7 @@ def zeroshot(model: str = _MODEL,
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
     from clipa.evaluate.datasets import DATASETS
     from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
-    from clipa.recipe import did_you_mean
+    from clipa.recipe.schema import did_you_mean
 
     for name in dataset:
         if name not in DATASETS:
@@ -385,7 +385,7 @@ def retrieval(model: str = _MODEL,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
     from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
-    from clipa.recipe import did_you_mean
+    from clipa.recipe.schema import did_you_mean
 
     if dataset not in RETRIEVAL_DATASETS:
         raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
@@ -455,7 +455,7 @@ def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", h
     import json
 
     from clipa.bench import run_bench
-    from clipa.model import arch_config
+    from clipa.model.build import arch_config
 
     if steps < 1 or repeats < 1:
         raise ClipaError(f"--steps and --repeats: must be >= 1, got --steps {steps} --repeats {repeats}")
@@ -491,7 +491,7 @@ def data_synth(out_dir: Path = typer.Argument(..., metavar="OUT", help="Output f
     """Write the synthetic data as webdataset shards plus an ImageFolder zero-shot split."""
     from clipa.data.shards import write_synthetic
     from clipa.data.synthetic import CLASSNAMES
-    from clipa.progress import progress_counter
+    from clipa.train.metrics import progress_counter
 
     total = num_samples + eval_per_class * len(CLASSNAMES)
     with progress_counter("writing", total) as advance:

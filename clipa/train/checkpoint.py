@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clipa.errors import ClipaError, first_line
-from clipa.model import EXPORT_CONFIG, EXPORT_WEIGHTS, _fsync_dir, write_safetensors
+from clipa.model.build import EXPORT_CONFIG, EXPORT_WEIGHTS, _fsync_dir, write_safetensors
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -307,8 +307,8 @@ def read_state_dict(path: Path, kind: str) -> dict:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory."""
-    from clipa import recipe as recipe_mod
-    from clipa.model import create_model, export_open_clip, recipe_model_config
+    from clipa.recipe import schema as recipe_mod
+    from clipa.model.build import create_model, export_open_clip, recipe_model_config
 
     path = resolve_resume(checkpoint, key="CHECKPOINT")
     recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))

@@ -1,7 +1,7 @@
 """One trainer for every stage: low-token pretraining and full-length finetuning alike.
 
 The loop reads top to bottom: get the micro-batches of one step, forward + contrastive loss +
-backward (exact over the global batch, clipa.step), check for non-finite values, clip, step,
+backward (exact over the global batch, clipa.train.step), check for non-finite values, clip, step,
 clamp the temperature, log, checkpoint. A stage differs from another only by its recipe: the
 geometry (image size, text length, masks) and where its weights start.
 
@@ -10,7 +10,7 @@ to an earlier step; newer checkpoints of the run are replaced as it continues), 
 newest checkpoint, else `init.checkpoint` (weights only, position embeddings resized), else random
 initialisation.
 
-A run never loses finished work: checkpoints are atomic (clipa.checkpoint); SIGTERM/SIGINT, from
+A run never loses finished work: checkpoints are atomic (clipa.train.checkpoint); SIGTERM/SIGINT, from
 setup to the final export, finish the current step, save and return (a second signal exits at
 once); non-finite losses or gradients skip the update and, after `train.max_nonfinite_steps` in a
 row, stop the run with the last good checkpoint intact.
@@ -30,21 +30,21 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from clipa import recipe as recipe_mod
-from clipa.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
+from clipa.recipe import schema as recipe_mod
+from clipa.train.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
                               resolve_resume, set_rng_state)
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops, image_tokens, train_flops_per_sample
-from clipa.loss import LOSSES
-from clipa.model import build_tokenizer, create_model, export_open_clip, load_weights, recipe_model_config
-from clipa.optim import build_optimizer, build_scheduler
-from clipa.progress import RunLog
-from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
-from clipa.reduction import TextReducer, install_patch_masker
-from clipa.step import ContrastiveStep, clamp_logit_scale
-from clipa.towers import apply_locks, load_image_tower
+from clipa.train.loss import LOSSES
+from clipa.model.build import build_tokenizer, create_model, export_open_clip, load_weights, recipe_model_config
+from clipa.train.optim import build_optimizer, build_scheduler
+from clipa.train.metrics import RunLog
+from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
+from clipa.model.reduction import TextReducer, install_patch_masker
+from clipa.train.step import ContrastiveStep, clamp_logit_scale
+from clipa.model.towers import apply_locks, load_image_tower
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.

@@ -3,7 +3,7 @@
 Precedence: command-line `key=value` overrides > recipe file > dataclass defaults.
 Every error names the full key path (`optim.lr: expected float, got "fast"`) and, for unknown
 keys, the closest valid key. Checks that need the model architecture (patch size, context
-length, a timm tower's patch size and maskability) live in `clipa.model.recipe_model_config`,
+length, a timm tower's patch size and maskability) live in `clipa.model.build.recipe_model_config`,
 so this module stays free of torch.
 """
 

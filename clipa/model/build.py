@@ -24,7 +24,7 @@ from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 from clipa.errors import ClipaError, first_line
 
-BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
+BUNDLED_CONFIGS = Path(__file__).parent.parent / "model_configs"
 open_clip.add_model_config(BUNDLED_CONFIGS)
 
 EXPORT_CONFIG = "open_clip_config.json"
@@ -92,7 +92,7 @@ def timm_tower(name: str) -> TimmTower:
     """
     import timm
 
-    from clipa.reduction import timm_patch_slot
+    from clipa.model.reduction import timm_patch_slot
 
     cfg = timm.models.get_pretrained_cfg(name)
     native = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
@@ -158,7 +158,7 @@ def stage_geometry(recipe) -> Geometry:
 
 def check_masking(recipe, cfg: dict) -> None:
     """A patch-masking strategy needs an image tower with patch tokens; say so before any model is built."""
-    from clipa.reduction import IMAGE_MASKS
+    from clipa.model.reduction import IMAGE_MASKS
 
     red = recipe.reduction
     if red.image not in IMAGE_MASKS or red.mask_ratio == 0.0:

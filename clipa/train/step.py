@@ -1,19 +1,22 @@
 """Forward and backward of one optimizer step over the whole global batch, exact for the contrastive loss.
 
 A contrastive loss does not split into per-micro-batch losses: every row's softmax runs over the
-columns of the *whole* global batch. Summing micro-batch losses (open_clip_train's accumulation)
-trains a different loss with fewer negatives. clipa uses two-pass feature caching (GradCache,
-as in BASIC):
+columns of the *whole* global batch. open_clip_train's accumulation caches every micro-batch's
+features, then re-forwards each micro-batch and computes a loss with its fresh features in place
+of the cached ones (the other micro-batches' cached features serve as negatives), so it computes
+the loss k times, counts the logit-scale gradient once per micro-batch and syncs gradients on every
+micro-step. clipa instead does an exact two-pass re-forward (GradCache, as in BASIC):
 
   1. embed every micro-batch without a graph and keep only the features;
-  2. compute the loss over all features (all processes' columns via all-gather) and its gradient
-     with respect to the features and the temperature;
+  2. compute the loss of the global batch once over all features (all processes' columns via
+     all-gather) and its gradient with respect to the features and the temperature;
   3. re-forward each micro-batch with the same randomness (same patch masks, same dropout RNG)
      and backpropagate the cached feature gradients through it.
 
+The gradient is therefore the gradient of the global-batch loss, not a sum of micro-batch losses.
 Peak memory is one micro-batch's activations plus the fp32 feature gradients of the global batch
 (the features themselves are freed before pass 2). Gradients are synchronised across processes
-only on the last micro-step (`no_sync` before it), and the temperature's gradient is added
+only once, on the last micro-step (`no_sync` before it), and the temperature's gradient is added
 exactly once, on that last micro-step.
 """
 

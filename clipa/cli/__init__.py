@@ -1,0 +1,1 @@
+"""The `clipa` command: parses arguments, calls the plain-Python core, renders the result."""
