@@ -142,7 +142,7 @@ def validate_cli(*overrides, world_size=None):
     """`clipa validate tiny/pretrain ...` in this process, optionally as if under a launcher's WORLD_SIZE."""
     from typer.testing import CliRunner
 
-    from clipa.cli import app
+    from clipa.cli.app import app
 
     env = {"COLUMNS": "200", "WORLD_SIZE": world_size}  # None unsets it
     result = CliRunner().invoke(app, ["validate", "tiny/pretrain", *overrides], env=env)

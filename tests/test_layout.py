@@ -1,6 +1,7 @@
 """The code layout stays what the README promises: packages by concern, no private names across modules."""
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -67,5 +68,5 @@ def test_readme_layout_map_matches_the_tree():
     packages = sorted(p.parent.name for p in CLIPA.glob("*/__init__.py") if p.parent.name != "model_configs")
     for name in packages:
         assert f"`clipa/{name}/`" in section, f"README 'How the code is laid out' misses clipa/{name}/"
-    for mentioned in {w.strip("`/").split("/")[1] for w in section.split() if w.startswith("`clipa/") and w.endswith("/`")}:
+    for mentioned in set(re.findall(r"`clipa/(\w+)/`", section)):
         assert (CLIPA / mentioned).is_dir(), f"README 'How the code is laid out' names clipa/{mentioned}/, which does not exist"

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from clipa.recipe import schema as R
 from clipa.errors import ClipaError
-from clipa.model.build import Geometry, arch_config, create_model, load_weights, stage_config, stage_geometry
+from clipa.model.build import Geometry, arch_config, create_model, stage_config, stage_geometry
+from clipa.model.weights import load_weights
 
 
 def tiny(**overrides):

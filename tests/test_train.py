@@ -12,7 +12,8 @@ from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import normalize, train_transform
 from clipa.evaluate.models import load_model
 from clipa.train.loss import infonce_loss
-from clipa.model.build import Geometry, build_tokenizer, create_model, load_weights, stage_config
+from clipa.model.build import Geometry, build_tokenizer, create_model, stage_config
+from clipa.model.weights import load_weights
 from clipa.recipe.schema import load_recipe
 from clipa.model.reduction import TextReducer
 from clipa.train.trainer import train

@@ -63,25 +63,24 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _load(recipe_path: str, overrides: Optional[List[str]]):
-    from clipa.model.build import recipe_model_config
-    from clipa.recipe.schema import load_recipe
     from clipa.recipe.index import resolve_path
+    from clipa.recipe.schema import load_recipe
+    from clipa.stage import Stage
 
     recipe = load_recipe(resolve_path(recipe_path), overrides or [])
-    return recipe, recipe_model_config(recipe)[0]  # checks the architecture, geometry and towers
+    return recipe, Stage.of(recipe)  # checks the architecture, geometry and towers
 
 
-def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
+def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
+    from clipa.flops import train_flops_per_sample
+    from clipa.model.build import arch_config, native_geometry
     from clipa.train.checkpoint import CheckpointManager
-    from clipa.flops import image_tokens, train_flops_per_sample
-    from clipa.model.build import arch_config, native_geometry, recipe_model_config
 
-    _, cfg = recipe_model_config(recipe)  # the model the trainer builds: timm tower, SigLIP bias included
+    geometry, cfg = numbers.geometry, numbers.model_cfg  # the model the trainer builds: timm tower, SigLIP bias included
     native = native_geometry(arch_config(recipe.model.arch))
-    keep_ratio = 1.0 - recipe.reduction.mask_ratio
-    flops = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length, keep_ratio)
+    flops = numbers.flops_per_sample
     full = train_flops_per_sample(cfg, native.image_size, native.context_length)
-    steps = recipe.train.total_samples // recipe.train.global_batch_size
+    steps = numbers.steps
     latest = resume or CheckpointManager(out_dir / "checkpoints").latest()
     start = (f"resume from {latest}" if latest else
              f"weights from {recipe.init.checkpoint}" if recipe.init.checkpoint else "random initialisation")
@@ -89,7 +88,7 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
     rows = [
         ("model", f"{recipe.model.arch} at {geometry.image_size}px (native {native.image_size}), "
                   f"{geometry.context_length} text tokens (native {native.context_length})"),
-        ("image tokens", f"{image_tokens(cfg, geometry.image_size, keep_ratio)} per sample ({recipe.reduction.image}"
+        ("image tokens", f"{numbers.image_tokens} per sample ({recipe.reduction.image}"
                          f"{f', mask ratio {recipe.reduction.mask_ratio:g}' if recipe.reduction.mask_ratio else ''})"),
         ("text", f"{geometry.context_length} tokens per caption ({recipe.reduction.text})"),
         ("train FLOPs", f"{flops:.3g} per sample, {flops / full:.2f}x of full length; {flops * steps * recipe.train.global_batch_size:.3g} in total"),
@@ -107,9 +106,9 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
 
 def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
     from clipa.recipe import schema as recipe_mod
-    from clipa.train.checkpoint import find_weights
+    from clipa.model.weights import find_weights
 
-    recipe, geometry = _load(recipe_path, overrides)
+    recipe, numbers = _load(recipe_path, overrides)
     if stage == "finetune" and not recipe.init.checkpoint:
         raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
@@ -121,7 +120,7 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
         find_weights(recipe.init.checkpoint)  # fail now, not after building the model
     if dry_run:
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
-        out.print(_describe(recipe, geometry, stage, run_dir, resume))
+        out.print(_describe(recipe, numbers, stage, run_dir, resume))
         return
     from clipa.train.trainer import train
 
@@ -165,7 +164,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
 
     from clipa.recipe.schema import batch_layout
 
-    recipe_obj, geometry = _load(recipe, overrides)
+    recipe_obj, numbers = _load(recipe, overrides)
+    geometry = numbers.geometry
     # The batch layout depends on the process count: the launcher's WORLD_SIZE when run under
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
@@ -353,7 +353,7 @@ def zeroshot(model: str = _MODEL,
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
     from clipa.evaluate.datasets import DATASETS
     from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
-    from clipa.recipe.schema import did_you_mean
+    from clipa.errors import did_you_mean
 
     for name in dataset:
         if name not in DATASETS:
@@ -385,7 +385,7 @@ def retrieval(model: str = _MODEL,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
     from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
-    from clipa.recipe.schema import did_you_mean
+    from clipa.errors import did_you_mean
 
     if dataset not in RETRIEVAL_DATASETS:
         raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "

@@ -26,11 +26,10 @@ from typing import Callable
 import open_clip
 import torch
 
-from clipa.recipe import schema as recipe_mod
-from clipa.train.checkpoint import CONFIG_FILE, find_weights, read_state_dict
 from clipa.errors import ClipaError
-from clipa.model.build import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
-                         native_geometry, patch_size, recipe_model_config, stage_config)
+from clipa.model.weights import EXPORT_CONFIG, find_weights, load_weights, model_from_checkpoint, read_state_dict
+from clipa.model.build import (set_timm_input_size, arch_config, build_tokenizer, create_model,
+                         native_geometry, patch_size, stage_config)
 
 
 @dataclass
@@ -69,10 +68,7 @@ def _from_export(path: Path) -> LoadedModel:
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
-    recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-    geometry, model_cfg = recipe_model_config(recipe)
-    model = create_model(model_cfg)
-    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    model, recipe, geometry, model_cfg = model_from_checkpoint(path)
     return LoadedModel(model, build_tokenizer(recipe.model.arch, geometry.context_length), geometry.image_size,
                        open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path),
                        model_cfg, functools.partial(build_tokenizer, recipe.model.arch), geometry.context_length)
@@ -110,7 +106,7 @@ def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length:
     model = create_model(cfg)
     load_weights(model, {k: v.cpu() for k, v in loaded.model.state_dict().items()}, key="--model")
     if timm_trunk:
-        _set_timm_input_size(model.visual, size)
+        set_timm_input_size(model.visual, size)
         cfg["vision_cfg"]["image_size"] = size
     tokenizer = loaded.make_tokenizer(length) if length != loaded.context_length else loaded.tokenizer
     return replace(loaded, model=model.to(device), tokenizer=tokenizer, image_size=size, model_cfg=cfg,

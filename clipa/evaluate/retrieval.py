@@ -22,14 +22,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clipa.data.synthetic import draw_scene, _rng
+from clipa.data.synthetic import draw_scene, scene_rng
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
 from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
 from clipa.evaluate.zeroshot import eval_loader
-from clipa.recipe.schema import RETRIEVAL_DATASETS, did_you_mean  # one list for the CLI and recipes
+from clipa.errors import did_you_mean
+from clipa.recipe.schema import RETRIEVAL_DATASETS  # one list for the CLI and recipes
 
 _RETRIEVAL_STREAM = 0x2E7
 
@@ -74,7 +75,7 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
                synthetic_images: int = 500) -> tuple[list, list[list[str]]]:
     """(image loaders, captions per image)."""
     if dataset == "synthetic":
-        scenes = [draw_scene(_rng(_RETRIEVAL_STREAM, 0, i)) for i in range(synthetic_images)]  # held out
+        scenes = [draw_scene(scene_rng(_RETRIEVAL_STREAM, 0, i)) for i in range(synthetic_images)]  # held out
         return [functools.partial(_given, s[0]) for s in scenes], [[s[1]] for s in scenes]
     if not data_root:
         raise ClipaError(f"--data-root: required for --dataset {dataset}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from open_clip.model import resize_pos_embed
 
-from clipa.train.checkpoint import find_weights, read_state_dict
+from clipa.model.weights import find_weights, read_state_dict
 from clipa.errors import ClipaError
 
 _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.", "pre_logits.")

@@ -10,7 +10,6 @@ so this module stays free of torch.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 import tomli_w
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, did_you_mean
 
 IMAGE_STRATEGIES = ("resize", "random", "grid", "block", "none")
 TEXT_STRATEGIES = ("truncate", "random", "block", "syntax")
@@ -219,8 +218,7 @@ def _coerce(path: str, tp, value):
 
 def _unknown_key(path: str, key: str, valid: list[str]) -> ClipaError:
     full = f"{path}.{key}" if path else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+    hint = did_you_mean(key, valid, cutoff=0.5, quote="'", prefix=f"{path}." if path else "")
     return ClipaError(f"{full}: unknown key{hint} (valid: {', '.join(valid)})")
 
 
@@ -253,6 +251,11 @@ def read_toml(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as err:
         # tomllib's message already carries "(at line N, column M)".
         raise ClipaError(f"{path}: TOML syntax error: {err}") from None
+
+
+def read_run_recipe(directory: str | Path) -> Recipe:
+    """The recipe a run directory (or one of its step checkpoints) was trained with: its config.toml."""
+    return recipe_from_dict(read_toml(Path(directory) / "config.toml"))
 
 
 def parse_override(text: str) -> tuple[list[str], str]:
@@ -354,12 +357,6 @@ def save(recipe: Recipe, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def did_you_mean(value: str, allowed) -> str:
-    """'; did you mean "x"?' for the closest allowed name, or ''."""
-    close = difflib.get_close_matches(value, list(allowed), n=1)
-    return f"; did you mean \"{close[0]}\"?" if close else ""
 
 
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -31,20 +31,21 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from clipa.recipe import schema as recipe_mod
-from clipa.train.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
-                              resolve_resume, set_rng_state)
+from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
-from clipa.flops import device_peak_flops, image_tokens, train_flops_per_sample
+from clipa.flops import device_peak_flops
 from clipa.train.loss import LOSSES
-from clipa.model.build import build_tokenizer, create_model, export_open_clip, load_weights, recipe_model_config
+from clipa.model.build import build_tokenizer, create_model
+from clipa.model.weights import export_open_clip, find_weights, load_weights, read_state_dict
 from clipa.train.optim import build_optimizer, build_scheduler
 from clipa.train.metrics import RunLog
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
 from clipa.model.towers import apply_locks, load_image_tower
+from clipa.stage import Stage
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
@@ -177,7 +178,8 @@ class Trainer:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.recipe, self.stage = recipe, stage
-        self.geometry, self.model_cfg = recipe_model_config(recipe)
+        self.spec = Stage.of(recipe)  # geometry, model config, steps, tokens and FLOPs of this stage
+        self.geometry, self.model_cfg, self.total_steps = self.spec.geometry, self.spec.model_cfg, self.spec.steps
         # Before anything slow: a tokenizer that cannot load (e.g. Hugging Face without transformers)
         # or a text strategy it cannot do is a recipe error, reported in a second, not after the model.
         self.text_reducer = TextReducer(build_tokenizer(recipe.model.arch, self.geometry.context_length),
@@ -186,8 +188,7 @@ class Trainer:
         self.accelerator = accelerator = _accelerator(recipe.train.precision)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.main = accelerator.is_main_process
-        self.micro, self.accumulation = recipe_mod.batch_layout(recipe, self.world)
-        self.total_steps = recipe.train.total_samples // recipe.train.global_batch_size
+        self.micro, self.accumulation = self.spec.layout(self.world)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", recipe.checkpoint.keep_last, self.rank,
                                              accelerator.wait_for_everyone)
         self.checkpoints.recover()
@@ -344,11 +345,7 @@ class Trainer:
     def run(self, signals: StopSignals | None = None) -> StageResult:
         """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now."""
         recipe, accelerator = self.recipe, self.accelerator
-        keep_ratio = 1.0 - recipe.reduction.mask_ratio
-        flops_per_sample = train_flops_per_sample(self.model_cfg, self.geometry.image_size,
-                                                  self.geometry.context_length, keep_ratio)
-        tokens_per_sample = image_tokens(self.model_cfg, self.geometry.image_size, keep_ratio) \
-            + self.geometry.context_length
+        flops_per_sample, tokens_per_sample = self.spec.flops_per_sample, self.spec.tokens_per_sample
         peak = device_peak_flops(accelerator.device.type)
         batch = recipe.train.global_batch_size
         log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {recipe.name}",
