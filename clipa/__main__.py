@@ -1,3 +1,3 @@
-from clipa.cli.app import main
+from clipa.cli import main
 
 main()

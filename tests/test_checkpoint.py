@@ -178,8 +178,8 @@ class FaultyStep:
     def __init__(self, trainer, bad):
         self.trainer, self.inner, self.bad = trainer, trainer.contrastive_step, bad
 
-    def __call__(self, micro_batches):
-        loss = self.inner(micro_batches)
+    def __call__(self, micro_batches, loss_fn=None):
+        loss = self.inner(micro_batches, loss_fn)
         if self.bad(self.trainer.step + 1):
             for p in self.trainer.model.parameters():
                 if p.grad is not None:

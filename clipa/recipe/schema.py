@@ -503,3 +503,27 @@ def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
             f"train.global_batch_size: {t.global_batch_size} over {processes} gives micro-batches of 1"
         raise ClipaError(f"{key} with loss.kind = \"infonce\" is not supported; use {fix} or loss.kind = \"siglip\"")
     return micro, accumulation
+
+
+# Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
+_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
+                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
+
+
+def _get(recipe, dotted: str):
+    table, key = dotted.split(".")
+    return getattr(getattr(recipe, table), key)
+
+
+def check_resume_compatible(recipe: Recipe, saved: Recipe, where: Path) -> list[str]:
+    """Error on changes that would make the resumed run a different run (`saved`: the recipe of the
+    checkpoint at `where`); list the harmless ones."""
+    for key in _FIXED_ON_RESUME:
+        if _get(saved, key) != _get(recipe, key):
+            raise ClipaError(
+                f"{key}: the checkpoint {where} was made with {_get(saved, key)!r}, the recipe now says "
+                f"{_get(recipe, key)!r}; this cannot change on resume. Use a new --out directory for a new run"
+            )
+    old, new = to_dict(saved), to_dict(recipe)
+    return [f"{table}.{key}" for table, values in new.items() if isinstance(values, dict)
+            for key, value in values.items() if old.get(table, {}).get(key) != value]

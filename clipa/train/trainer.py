@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from clipa.recipe import schema as recipe_mod
+from clipa.recipe import schema
+from clipa.recipe.schema import Recipe, check_resume_compatible, read_run_recipe
 from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
@@ -38,9 +37,11 @@ from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops
 from clipa.train.loss import LOSSES
 from clipa.model.build import build_tokenizer, create_model
-from clipa.model.weights import export_open_clip, find_weights, load_weights, read_state_dict
+from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights, read_state_dict
 from clipa.train.optim import build_optimizer, build_scheduler
-from clipa.train.metrics import RunLog
+from clipa.train.metrics import MetricsWindow, RunLog
+from clipa.train.signals import StopSignals, agreed_stop
+from clipa.train.state import TrainState
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
@@ -48,9 +49,7 @@ from clipa.model.towers import apply_locks, load_image_tower
 from clipa.stage import Stage
 
 STAGES = ("pretrain", "finetune")
-# Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
-_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
-                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
+
 
 
 class NonFiniteError(ClipaError):
@@ -112,25 +111,6 @@ def precision_name(accelerator: Accelerator) -> str:
     return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
-def _get(recipe, dotted: str):
-    table, key = dotted.split(".")
-    return getattr(getattr(recipe, table), key)
-
-
-def _check_resume_compatible(recipe, saved_config: str, where: Path) -> list[str]:
-    """Error on changes that would make the resumed run a different run; list the harmless ones."""
-    saved = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads(saved_config))
-    for key in _FIXED_ON_RESUME:
-        if _get(saved, key) != _get(recipe, key):
-            raise ClipaError(
-                f"{key}: the checkpoint {where} was made with {_get(saved, key)!r}, the recipe now says "
-                f"{_get(recipe, key)!r}; this cannot change on resume. Use a new --out directory for a new run"
-            )
-    old, new = recipe_mod.to_dict(saved), recipe_mod.to_dict(recipe)
-    return [f"{table}.{key}" for table, values in new.items() if isinstance(values, dict)
-            for key, value in values.items() if old.get(table, {}).get(key) != value]
-
-
 def _prepare_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,81 +121,85 @@ def _prepare_run_dir(run_dir: Path) -> None:
         raise ClipaError(f"--out: cannot write to {run_dir} ({err.strerror}); choose a writable directory") from None
 
 
-class StopSignals:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second one exits at once."""
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if hasattr(signal, "SIGTERM") and _in_main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received:  # second signal: the user means it
-            os._exit(128 + signum)
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 class Trainer:
-    """Assembles model, optimizer, data and checkpoints for one stage, then runs the loop."""
+    """Assembles model, optimizer, data and checkpoints for one stage (`setup`), then runs the loop (`run`)."""
 
-    def __init__(self, recipe: recipe_mod.Recipe, stage: str, out_dir: str | Path | None = None,
+    def __init__(self, recipe: Recipe, stage: str, out_dir: str | Path | None = None,
                  resume: str | Path | None = None):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.recipe, self.stage = recipe, stage
+        self.run_dir = Path(out_dir or Path("runs") / recipe.name)
+        self.state = TrainState()
+        self.setup(resume)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, resume: str | Path | None = None) -> None:
+        recipe = self.recipe
         self.spec = Stage.of(recipe)  # geometry, model config, steps, tokens and FLOPs of this stage
         self.geometry, self.model_cfg, self.total_steps = self.spec.geometry, self.spec.model_cfg, self.spec.steps
         # Before anything slow: a tokenizer that cannot load (e.g. Hugging Face without transformers)
         # or a text strategy it cannot do is a recipe error, reported in a second, not after the model.
         self.text_reducer = TextReducer(build_tokenizer(recipe.model.arch, self.geometry.context_length),
                                         recipe.reduction.text, self.geometry.context_length)
-        self.run_dir = Path(out_dir or Path("runs") / recipe.name)
         self.accelerator = accelerator = _accelerator(recipe.train.precision)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.main = accelerator.is_main_process
         self.micro, self.accumulation = self.spec.layout(self.world)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", recipe.checkpoint.keep_last, self.rank,
-                                             accelerator.wait_for_everyone)
-        self.checkpoints.recover()
-
-        # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
-        self.explicit_resume = bool(resume)
-        start_from = resolve_resume(resume) if resume else self.checkpoints.latest()
-        self.replaced = [p.name for p in self.checkpoints.complete()
-                         if resume and checkpoint_step(p) > checkpoint_step(start_from)]
-        if start_from is None and stage == "finetune" and not recipe.init.checkpoint:
-            raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
-                             "(a pretrain run directory, a checkpoint or an exported model)")
-        init_weights = None
-        if start_from is None and recipe.init.checkpoint:
-            init_weights = read_state_dict(*find_weights(recipe.init.checkpoint))
+        init_weights = self._find_start(resume)
         if self.main:
             _prepare_run_dir(self.run_dir)
         accelerator.wait_for_everyone()
+        model, optimizer = self._build_model(init_weights)
+        self.notes = []
+        queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
+        self.start_step = self.state.step
+        self.queues, self.momentum = self._build_queues(model, queue_state)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        if recipe.train.compile:
+            # Compiled after prepare, so dynamo sees DDP's buckets; weights are saved from `unwrapped`,
+            # whose names carry no `_orig_mod.` prefix. Masks change values, never shapes, per stage:
+            # one graph per grad mode, no recompilation per step.
+            self.model = torch.compile(self.model)
+        self.config_text = schema.dumps(recipe)
+        if self.main:
+            (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
+        self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
+                                                self.masker)
 
-        if accelerator.device.type == "cpu":
+    def _find_start(self, resume) -> dict | None:
+        """Where training starts (the resume order in the module docstring); returns init weights, if any."""
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.recipe.checkpoint.keep_last, self.rank,
+                                             self.accelerator.wait_for_everyone)
+        self.checkpoints.recover()
+        # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
+        self.explicit_resume = bool(resume)
+        self.start_from = start_from = resolve_resume(resume) if resume else self.checkpoints.latest()
+        self.replaced = [p.name for p in self.checkpoints.complete()
+                         if resume and checkpoint_step(p) > checkpoint_step(start_from)]
+        if start_from is None and self.stage == "finetune" and not self.recipe.init.checkpoint:
+            raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
+                             "(a pretrain run directory, a checkpoint or an exported model)")
+        if start_from is None and self.recipe.init.checkpoint:
+            return read_state_dict(*find_weights(self.recipe.init.checkpoint))
+        return None
+
+    def _build_model(self, init_weights: dict | None):
+        recipe = self.recipe
+        if self.accelerator.device.type == "cpu":
             # Weights and activations drifting into denormal range make CPU matmuls many times slower.
             torch.set_flush_denormal(True)
         set_seed(recipe.train.seed)
         model = create_model(self.model_cfg)
         if init_weights is not None:
             load_weights(model, init_weights)
-        if start_from is None and recipe.model.image_init:
+        if self.start_from is None and recipe.model.image_init:
             load_image_tower(model, recipe.model.image_init)
         apply_locks(model, recipe.model)
         self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
@@ -225,36 +209,18 @@ class Trainer:
             self.checkpoints.check_free_space(3 * 4 * sum(p.numel() for p in model.parameters()))
         optimizer = build_optimizer(model, recipe.optim)
         self.scheduler = build_scheduler(optimizer, recipe.optim, self.total_steps)
-
-        self.step, self.wall_before, self.skipped_total, self.notes = 0, 0.0, 0, []
-        self.start_from = start_from
-        queue_state = self._restore(model, optimizer, start_from) if start_from is not None else None
-        self.start_step = self.step
-        self.queues, self.momentum = self._build_queues(model, queue_state)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.unwrapped = accelerator.unwrap_model(self.model)
-        if recipe.train.compile:
-            # Compiled after prepare, so dynamo sees DDP's buckets; weights are saved from `unwrapped`,
-            # whose names carry no `_orig_mod.` prefix. Masks change values, never shapes, per stage:
-            # one graph per grad mode, no recompilation per step.
-            self.model = torch.compile(self.model)
-        self.config_text = recipe_mod.dumps(recipe)
-        if self.main:
-            (self.run_dir / "config.toml").write_text(self.config_text, encoding="utf-8")
-        self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
-                                                self.masker)
+        return model, optimizer
 
     def _restore(self, model, optimizer, checkpoint: Path) -> dict | None:
         """Load the training state; returns the queue state, applied once the queues exist."""
         model_state, state, rng = load_state(checkpoint, self.rank)
-        self.notes = _check_resume_compatible(self.recipe, (checkpoint / "config.toml").read_text(), checkpoint)
+        self.notes = check_resume_compatible(self.recipe, read_run_recipe(checkpoint), checkpoint)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
-        self.skipped_total = state.get("skipped_steps", 0)
+        self.state.load_state_dict(state)
         check_resume_layout(state.get("data_position"), self.recipe.data, self.world, self.micro, self.main)
         if rng is not None:
             set_rng_state(rng)
@@ -275,57 +241,93 @@ class Trainer:
                 momentum.model.load_state_dict(restored["momentum"])
         return queues, momentum
 
-    def _queue_state(self) -> dict | None:
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, signals: StopSignals | None = None) -> StageResult:
+        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now."""
+        recipe, accelerator, state = self.recipe, self.accelerator, self.state
+        log = self._open_log()
+        max_log_scale = math.log(recipe.train.logit_scale_max)
+        window = MetricsWindow(accelerator.device)
+        t_start = time.perf_counter()
+        self.model.train()
+        loader = self._loader()
+        batches = iter(loader)
+        with (StopSignals() if signals is None else contextlib.nullcontext(signals)) as signals:
+            if stop := agreed_stop(signals, accelerator):  # signalled during setup: nothing trained, nothing to save
+                log.message(f"stopped by {stop} before step {state.step + 1}; nothing new to save. {self._resume_hint}")
+                log.close()
+                return self._result(time.perf_counter() - t_start, window.last_loss, stopped_by=stop)
+            while state.step < self.total_steps:
+                t_fetch = time.perf_counter()
+                micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(self.accumulation)]
+                window.data_wait += time.perf_counter() - t_fetch
+                loss_fn, after_update = self._queue_loss(micro_batches)
+                loss = self.contrastive_step(micro_batches, loss_fn)
+                finite = self._finite_update(loss)
+                if finite:
+                    self.optimizer.step()
+                    after_update()
+                else:  # skip the update; the step still counts, so the data and schedule move on
+                    skip_scaled_update(accelerator.scaler, self.optimizer.optimizer, unscaled=self._clips())
+                step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, for the log
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                temperature = clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
+                state.finished(finite)
+                window.step(loss, finite)
+                log.advance()
+                self._stop_if_nonfinite(log)
+                if state.step % recipe.train.log_every_steps == 0 or state.step == self.total_steps:
+                    self._log_window(log, window, loader, step_lr, temperature)
+                if self.evaluates and recipe.eval.every_steps and state.step % recipe.eval.every_steps == 0 \
+                        and state.step < self.total_steps:
+                    self.evaluate(log)
+                if stop := self._checkpoint_or_stop(signals, log, time.perf_counter() - t_start):
+                    return self._result(time.perf_counter() - t_start, window.last_loss, stopped_by=stop)
+        return self._finish(log, time.perf_counter() - t_start, window.last_loss)
+
+    def _open_log(self) -> RunLog:
+        log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {self.recipe.name}",
+                     start=self.state.step, enabled=self.main)
+        if self.start_from is not None:
+            log.message(f"resuming from {self.start_from}{' (--resume)' if self.explicit_resume else ''} at step "
+                        f"{self.state.step}/{self.total_steps}"
+                        + (f" (changed since: {', '.join(self.notes)})" if self.notes else ""))
+        if self.replaced:
+            log.message(f"note: {self.checkpoints.directory} holds newer checkpoints ({', '.join(self.replaced)}); "
+                        "they are replaced or deleted as this run saves. After an interruption, rerun without "
+                        "--resume to continue this run")
+        log.message(f"{self.stage}: {self.recipe.model.arch} at {self.geometry.image_size}px / "
+                    f"{self.geometry.context_length} tokens, {self.total_steps} steps of {self.spec.global_batch} = "
+                    f"{self.micro} x {self.accumulation} accumulation x {self.world} process(es), "
+                    f"{self.accelerator.device}, precision {precision_name(self.accelerator)}")
+        return log
+
+    @property
+    def _resume_hint(self) -> str:
+        return (f"Resume by running the same command {'without --resume ' if self.explicit_resume else ''}"
+                f"again (same --out {self.run_dir}).")
+
+    def _queue_loss(self, micro_batches):
+        """This step's loss function and what to do after its update: with queues, momentum keys
+        (computed before the online forward) and the queue's negatives join the InfoNCE columns."""
         if self.queues is None:
-            return None
-        return {"queues": self.queues.state_dict(),
-                "momentum": self.momentum.model.state_dict() if self.momentum is not None else None}
-
-    def save_checkpoint(self, elapsed: float) -> Path:
-        own = self.start_from is not None and self.start_from.parent.resolve() == self.checkpoints.directory.resolve()
-        if own and self.step == self.start_step:
-            # Nothing trained since this very checkpoint was loaded (a run resumed at its end):
-            # rewriting it could only risk it, e.g. a kill mid-write with keep_last = 1.
-            return self.start_from
-        scaler = self.accelerator.scaler
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": scaler.state_dict() if scaler is not None else None, "step": self.step,
-                 "samples": self.step * self.recipe.train.global_batch_size,
-                 "data_position": {"micro_batch": self.step * self.accumulation,
-                                   **loader_layout(self.recipe.data, self.world, self.micro)},
-                 "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_total,
-                 "queue": self._queue_state()}
-        return self.checkpoints.save(self.step, self.unwrapped.state_dict() if self.main else None,
-                                     state if self.main else None, self.config_text)
-
-    def _loader(self):
-        recipe, geometry = self.recipe, self.geometry
-        text_reducer = self.text_reducer
-        mask = (self.masker.strategy, self.masker.grid, self.masker.mask_ratio) if self.masker else None
-        return build_train_loader(recipe, geometry, text_reducer, micro_batch=self.micro, processes=self.world,
-                                  rank=self.rank, start_batch=self.step * self.accumulation,
-                                  num_batches=(self.total_steps - self.step) * self.accumulation, mask=mask)
-
-    def _prepare_queue_loss(self, micro_batches):
-        """Momentum keys (computed before the online forward) and the queue's negatives for this step."""
-        if self.queues is None:
-            return None, None
+            return None, lambda: None
         keys = self.momentum.keys(micro_batches, self.accelerator.autocast) if self.momentum else None
-        negatives = self.queues.negatives(self.step, self.recipe.loss.queue.warmup_steps)
+        negatives = self.queues.negatives(self.state.step, self.recipe.loss.queue.warmup_steps)
         captured: list = []
-        self.contrastive_step.loss_fn = lambda images, texts, scale, bias=None: queue_infonce_loss(
-            images, texts, scale, keys, negatives, captured)
-        return keys, captured
 
-    def _advance_queues(self, keys, captured) -> None:
-        """After an optimizer step: EMA update, then enqueue the step's keys (or online features)."""
-        if self.queues is None:
-            return
-        if self.momentum is not None:
-            self.momentum.update(self.unwrapped)
-            self.queues.enqueue(*keys)
-        else:
-            self.queues.enqueue(*captured)
+        def loss_fn(images, texts, scale, bias=None):
+            return queue_infonce_loss(images, texts, scale, keys, negatives, captured)
+
+        def after_update() -> None:  # EMA update, then enqueue the step's keys (or online features)
+            if self.momentum is not None:
+                self.momentum.update(self.unwrapped)
+                self.queues.enqueue(*keys)
+            else:
+                self.queues.enqueue(*captured)
+        return loss_fn, after_update
 
     def _clips(self) -> bool:
         """Whether `_finite_update` goes through accelerate's clip (which unscales fp16 gradients)."""
@@ -342,120 +344,79 @@ class Trainer:
         finite = self.accelerator.reduce(finite.float().to(self.accelerator.device), reduction="sum")
         return bool(finite.item() == self.world)  # one host sync per step: the price of never stepping on NaN
 
-    def run(self, signals: StopSignals | None = None) -> StageResult:
-        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now."""
-        recipe, accelerator = self.recipe, self.accelerator
-        flops_per_sample, tokens_per_sample = self.spec.flops_per_sample, self.spec.tokens_per_sample
-        peak = device_peak_flops(accelerator.device.type)
-        batch = recipe.train.global_batch_size
-        log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {recipe.name}",
-                     start=self.step, enabled=self.main)
-        if self.start_from is not None:
-            log.message(f"resuming from {self.start_from}{' (--resume)' if self.explicit_resume else ''} at step "
-                        f"{self.step}/{self.total_steps}"
-                        + (f" (changed since: {', '.join(self.notes)})" if self.notes else ""))
-        if self.replaced:
-            log.message(f"note: {self.checkpoints.directory} holds newer checkpoints ({', '.join(self.replaced)}); "
-                        "they are replaced or deleted as this run saves. After an interruption, rerun without "
-                        "--resume to continue this run")
-        resume_hint = (f"Resume by running the same command {'without --resume ' if self.explicit_resume else ''}"
-                       f"again (same --out {self.run_dir}).")
-        log.message(f"{self.stage}: {recipe.model.arch} at {self.geometry.image_size}px / "
-                    f"{self.geometry.context_length} tokens, {self.total_steps} steps of {batch} = {self.micro} x "
-                    f"{self.accumulation} accumulation x {self.world} process(es), {accelerator.device}, "
-                    f"precision {precision_name(accelerator)}")
+    def _stop_if_nonfinite(self, log: RunLog) -> None:
+        streak, step = self.state.nonfinite_in_row, self.state.step
+        if streak >= self.recipe.train.max_nonfinite_steps:
+            log.close()
+            raise NonFiniteError(
+                f"train.max_nonfinite_steps: {streak} steps in a row had a non-finite loss or "
+                f"gradient (steps {step - streak + 1}-{step}); stopped without saving. "
+                f"Last good checkpoint: {self.checkpoints.latest() or 'none'}. Lower optim.lr, raise "
+                "optim.warmup_steps or set optim.grad_clip, then rerun the same command to resume")
 
-        max_log_scale = math.log(recipe.train.logit_scale_max)
-        loss_sum, loss_count, last_loss = torch.zeros((), device=accelerator.device), 0, float("nan")
-        window_steps, window_skipped, nonfinite_in_row, data_wait = 0, 0, 0, 0.0
-        t_start = t_window = time.perf_counter()
-        self.model.train()
-        loader = self._loader()
-        batches = iter(loader)
-        with (StopSignals() if signals is None else contextlib.nullcontext(signals)) as signals:
-            if stop := self._agreed_stop(signals):  # signalled during setup: nothing trained, nothing to save
-                log.message(f"stopped by {stop} before step {self.step + 1}; nothing new to save. {resume_hint}")
-                log.close()
-                return self._result(time.perf_counter() - t_start, last_loss, stopped_by=stop)
-            while self.step < self.total_steps:
-                t_fetch = time.perf_counter()
-                micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(self.accumulation)]
-                data_wait += time.perf_counter() - t_fetch
-                keys, captured = self._prepare_queue_loss(micro_batches)
-                loss = self.contrastive_step(micro_batches)
-                if self._finite_update(loss):
-                    self.optimizer.step()
-                    self._advance_queues(keys, captured)
-                    nonfinite_in_row = 0
-                    loss_sum += loss.detach()
-                    loss_count += 1
-                else:  # skip the update; the step still counts, so the data and schedule move on
-                    skip_scaled_update(accelerator.scaler, self.optimizer.optimizer, unscaled=self._clips())
-                    nonfinite_in_row += 1
-                    window_skipped += 1
-                    self.skipped_total += 1
-                step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, for the log
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                temperature = clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
-                self.step += 1
-                window_steps += 1
-                log.advance()
-                if nonfinite_in_row >= recipe.train.max_nonfinite_steps:
-                    log.close()
-                    last_good = self.checkpoints.latest()
-                    raise NonFiniteError(
-                        f"train.max_nonfinite_steps: {nonfinite_in_row} steps in a row had a non-finite loss or "
-                        f"gradient (steps {self.step - nonfinite_in_row + 1}-{self.step}); stopped without saving. "
-                        f"Last good checkpoint: {last_good or 'none'}. Lower optim.lr, raise optim.warmup_steps or "
-                        "set optim.grad_clip, then rerun the same command to resume")
+    def _log_window(self, log: RunLog, window: MetricsWindow, loader, lr: float, temperature) -> None:
+        step, batch = self.state.step, self.spec.global_batch
+        stats = window.row(self.accelerator, batch, self.spec.tokens_per_sample, self.spec.flops_per_sample,
+                           device_peak_flops(self.accelerator.device.type))
+        log.write({"step": step, "samples": step * batch, "stage": self.stage, "lr": lr, "loss": stats["loss"],
+                   "logit_scale": temperature.item(), **stats, **loader.take_skipped(self.accelerator)},
+                  f"step {step}/{self.total_steps} loss {stats['loss']:.4f} {stats['samples_per_s']:.0f} samples/s")
 
-                if self.step % recipe.train.log_every_steps == 0 or self.step == self.total_steps:
-                    now = time.perf_counter()
-                    elapsed, t_window = now - t_window, now  # the log write below counts in the next window
-                    # The host sync happens here, once per log step; each process's loss covers its
-                    # own rows, so the mean over processes is the loss of the global batch.
-                    mean = accelerator.reduce(loss_sum / max(loss_count, 1), reduction="mean").item()
-                    last_loss = mean if loss_count else float("nan")
-                    samples_per_s = window_steps * batch / elapsed
-                    log.write({
-                        "step": self.step, "samples": self.step * batch, "stage": self.stage,
-                        "lr": step_lr, "loss": last_loss,
-                        "logit_scale": temperature.item(),
-                        "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
-                        "tflops": samples_per_s * flops_per_sample / 1e12,
-                        "mfu": samples_per_s * flops_per_sample / (peak * self.world) if peak else None,
-                        "data_wait_frac": data_wait / elapsed, **loader.take_skipped(accelerator),
-                        "skipped_steps": window_skipped,
-                    }, f"step {self.step}/{self.total_steps} loss {last_loss:.4f} {samples_per_s:.0f} samples/s")
-                    loss_sum.zero_()
-                    loss_count, window_steps, window_skipped, data_wait = 0, 0, 0, 0.0
-                if self.evaluates and recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0 \
-                        and self.step < self.total_steps:
-                    self.evaluate(log)
-                stop = self._agreed_stop(signals)
-                every = recipe.checkpoint.every_steps
-                # No periodic checkpoint inside a non-finite streak: "the last good checkpoint" then
-                # predates the trouble, whatever caused it.
-                periodic = every and self.step % every == 0 and self.step < self.total_steps and not nonfinite_in_row
-                if stop or periodic:
-                    saved = self.save_checkpoint(time.perf_counter() - t_start)
-                if stop:
-                    log.message(f"stopped by {stop} after step {self.step}/{self.total_steps}; checkpoint {saved}. "
-                                + resume_hint)
-                    log.close()
-                    return self._result(time.perf_counter() - t_start, last_loss, stopped_by=stop)
+    def _checkpoint_or_stop(self, signals: StopSignals, log: RunLog, elapsed: float) -> str | None:
+        """Save on schedule or when signalled; returns the signal's name when the run must stop."""
+        stop, step, every = agreed_stop(signals, self.accelerator), self.state.step, self.recipe.checkpoint.every_steps
+        # No periodic checkpoint inside a non-finite streak: "the last good checkpoint" then
+        # predates the trouble, whatever caused it.
+        periodic = every and step % every == 0 and step < self.total_steps and not self.state.nonfinite_in_row
+        if stop or periodic:
+            saved = self.save_checkpoint(elapsed)
+        if stop:
+            log.message(f"stopped by {stop} after step {step}/{self.total_steps}; checkpoint {saved}. "
+                        + self._resume_hint)
+            log.close()
+        return stop
 
-        wall = time.perf_counter() - t_start
+    def _finish(self, log: RunLog, wall: float, last_loss: float) -> StageResult:
         self.save_checkpoint(wall)
         if self.main:
             export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final")
         if self.evaluates:
             self.evaluate(log)
-        accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
         log.message(f"{self.stage} done: {self.run_dir / 'final'}")
         log.close()
         return self._result(wall, last_loss)
+
+    def _loader(self):
+        mask = (self.masker.strategy, self.masker.grid, self.masker.mask_ratio) if self.masker else None
+        step = self.state.step
+        return build_train_loader(self.recipe, self.geometry, self.text_reducer, micro_batch=self.micro,
+                                  processes=self.world, rank=self.rank, start_batch=step * self.accumulation,
+                                  num_batches=(self.total_steps - step) * self.accumulation, mask=mask)
+
+    # ------------------------------------------------------------------ checkpoints, evaluation, result
+
+    def save_checkpoint(self, elapsed: float) -> Path:
+        own = self.start_from is not None and self.start_from.parent.resolve() == self.checkpoints.directory.resolve()
+        if own and self.state.step == self.start_step:
+            # Nothing trained since this very checkpoint was loaded (a run resumed at its end):
+            # rewriting it could only risk it, e.g. a kill mid-write with keep_last = 1.
+            return self.start_from
+        scaler, step = self.accelerator.scaler, self.state.step
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 **self.state.state_dict(elapsed), "samples": step * self.spec.global_batch,
+                 "data_position": {"micro_batch": step * self.accumulation,
+                                   **loader_layout(self.recipe.data, self.world, self.micro)},
+                 "queue": self._queue_state()}
+        return self.checkpoints.save(step, self.unwrapped.state_dict() if self.main else None,
+                                     state if self.main else None, self.config_text)
+
+    def _queue_state(self) -> dict | None:
+        if self.queues is None:
+            return None
+        return {"queues": self.queues.state_dict(),
+                "momentum": self.momentum.model.state_dict() if self.momentum is not None else None}
 
     @property
     def evaluates(self) -> bool:
@@ -472,7 +433,7 @@ class Trainer:
         loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
                              self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
                              self.recipe.model.arch, str(self.run_dir))
-        row = {"step": self.step, "samples": self.step * self.recipe.train.global_batch_size, "stage": self.stage}
+        row = {"step": self.step, "samples": self.step * self.spec.global_batch, "stage": self.stage}
         masker_was = self.masker.keep if self.masker else None
         for name in self.recipe.eval.zeroshot:
             result = zeroshot(loaded, name, self.recipe.eval.data_root or None)
@@ -492,23 +453,14 @@ class Trainer:
             self.masker.use(masker_was)
         return row
 
-    def _agreed_stop(self, signals: StopSignals) -> str | None:
-        """All processes stop at the same step if any of them was signalled."""
-        if self.world == 1:
-            return signals.received
-        flag = torch.tensor(1.0 if signals.received else 0.0, device=self.accelerator.device)
-        if self.accelerator.reduce(flag, reduction="sum").item() > 0:
-            return signals.received or "SIGTERM"
-        return None
-
     def _result(self, wall: float, last_loss: float, stopped_by: str | None = None) -> StageResult:
-        total = self.wall_before + wall
-        samples = self.step * self.recipe.train.global_batch_size
-        return StageResult(self.run_dir, self.step, samples, total, samples / total if total > 0 else 0.0,
-                           last_loss, self.main, stopped_by, self.skipped_total)
+        total = self.state.wall_before + wall
+        samples = self.state.step * self.spec.global_batch
+        return StageResult(self.run_dir, self.state.step, samples, total, samples / total if total > 0 else 0.0,
+                           last_loss, self.main, stopped_by, self.state.skipped_steps)
 
 
-def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Path | None = None,
+def train(recipe: Recipe, stage: str = "pretrain", out_dir: str | Path | None = None,
           resume: str | Path | None = None) -> StageResult:
     """Train one stage; returns where the run lives and how fast it went. Call again to resume."""
     # Listening from the start: a signal during setup, the final save, export or evaluation stops
