@@ -23,3 +23,9 @@ def did_you_mean(value: str, allowed, n: int = 1, cutoff: float = 0.6, quote: st
     `prefix` goes before each name (a key's table: 'optim.'), `quote` around it."""
     close = difflib.get_close_matches(value, list(allowed), n=n, cutoff=cutoff)
     return f"; did you mean {', '.join(f'{quote}{prefix}{c}{quote}' for c in close)}?" if close else ""
+
+
+def check_one_of(value: str, allowed, what: str, key: str = "--dataset") -> None:
+    """`value` is one of `allowed`, or a one-line error naming `key` and suggesting the closest."""
+    if value not in allowed:
+        raise ClipaError(f"{key}: unknown {what} \"{value}\"{did_you_mean(value, allowed)} (available: {', '.join(allowed)})")

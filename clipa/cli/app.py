@@ -137,22 +137,20 @@ _RESUME = typer.Option(None, "--resume", help="Resume from this step checkpoint 
 _DRY = typer.Option(False, "--dry-run", help="Print the resolved recipe and what would run; train nothing.")
 
 
-@app.command()
-@user_errors
-def pretrain(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
-             overrides: Optional[List[str]] = _OVERRIDES, out_dir: Optional[Path] = _OUT,
-             resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
-    """Train from scratch (or from init.checkpoint) at reduced tokens."""
-    _train_command("pretrain", recipe, overrides, out_dir, resume, dry_run)
+def _stage_command(stage: str, help_text: str) -> None:
+    """`clipa pretrain` and `clipa finetune`: the same arguments, one trainer, a different stage."""
+
+    def command(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
+                overrides: Optional[List[str]] = _OVERRIDES, out_dir: Optional[Path] = _OUT,
+                resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
+        _train_command(stage, recipe, overrides, out_dir, resume, dry_run)
+
+    command.__doc__ = help_text
+    app.command(stage)(user_errors(command))
 
 
-@app.command()
-@user_errors
-def finetune(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
-             overrides: Optional[List[str]] = _OVERRIDES, out_dir: Optional[Path] = _OUT,
-             resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
-    """Continue from init.checkpoint at full length (position embeddings are interpolated)."""
-    _train_command("finetune", recipe, overrides, out_dir, resume, dry_run)
+_stage_command("pretrain", "Train from scratch (or from init.checkpoint) at reduced tokens.")
+_stage_command("finetune", "Continue from init.checkpoint at full length (position embeddings are interpolated).")
 
 
 @app.command()
@@ -351,14 +349,12 @@ def zeroshot(model: str = _MODEL,
              output: Optional[Path] = _OUTPUT,
              ) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
+    from clipa.errors import check_one_of
     from clipa.evaluate.datasets import DATASETS
     from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
-    from clipa.errors import did_you_mean
 
     for name in dataset:
-        if name not in DATASETS:
-            raise ClipaError(f"--dataset: unknown dataset \"{name}\"{did_you_mean(name, DATASETS)} "
-                             f"(available: {', '.join(DATASETS)})")
+        check_one_of(name, DATASETS, "dataset")  # before the model loads
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
@@ -384,12 +380,10 @@ def retrieval(model: str = _MODEL,
               output: Optional[Path] = _OUTPUT,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
+    from clipa.errors import check_one_of
     from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
-    from clipa.errors import did_you_mean
 
-    if dataset not in RETRIEVAL_DATASETS:
-        raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
-                         f"(available: {', '.join(RETRIEVAL_DATASETS)})")
+    check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")  # before the model loads
     loaded, main = _eval_model(model, pretrained, image_size, text_length)
     result = run_retrieval(loaded, dataset, data_root, batch_size=batch_size, num_workers=_decode_workers(num_workers))
     if not main:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.errors import ClipaError
-from clipa.errors import did_you_mean
+from clipa.errors import check_one_of
 from clipa.recipe.schema import ZEROSHOT_DATASETS
 
 DATASETS = ZEROSHOT_DATASETS
@@ -269,5 +269,5 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
         root = _root(data_root, name, (name,))
         names = [IMAGENET_CLASSNAMES[synsets.index(w)] for w in subset]
         return ZeroShotData(name, _wordnet_folders(root, name, subset, transform), names, openai)
-    raise ClipaError(f"--dataset: unknown dataset \"{name}\"{did_you_mean(name, DATASETS)} "
-                     f"(available: {', '.join(DATASETS)})")
+    check_one_of(name, DATASETS, "dataset")
+    raise AssertionError(f"{name} is in DATASETS but has no reader")  # pragma: no cover

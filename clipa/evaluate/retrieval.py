@@ -29,7 +29,7 @@ from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
 from clipa.evaluate.zeroshot import eval_loader
-from clipa.errors import did_you_mean
+from clipa.errors import check_one_of
 from clipa.recipe.schema import RETRIEVAL_DATASETS  # one list for the CLI and recipes
 
 _RETRIEVAL_STREAM = 0x2E7
@@ -103,8 +103,8 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
                 loaders.append(functools.partial(_open_member, shard, image))
                 captions.append([c for c in text.splitlines() if c.strip()])
         return loaders, captions
-    raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
-                     f"(available: {', '.join(RETRIEVAL_DATASETS)})")
+    check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")
+    raise AssertionError(f"{dataset} is in RETRIEVAL_DATASETS but has no reader")  # pragma: no cover
 
 
 def _read_at(shard: Path, where: tuple[int, int]) -> bytes:
