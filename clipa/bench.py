@@ -31,11 +31,11 @@ from accelerate import Accelerator
 
 from clipa.data.synthetic import train_sample
 from clipa.flops import image_tokens, train_flops_per_sample
-from clipa.train.loss import infonce_loss
 from clipa.model.build import Geometry, arch_config, build_tokenizer, create_model, native_geometry, stage_config
-from clipa.train.optim import build_optimizer
-from clipa.recipe.schema import OptimConfig
 from clipa.model.reduction import TextReducer, install_patch_masker, patch_keep_indices
+from clipa.recipe.schema import OptimConfig
+from clipa.train.loss import infonce_loss
+from clipa.train.optim import build_optimizer
 from clipa.train.step import ContrastiveStep
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipa.recipe import schema as R
 from clipa.errors import ClipaError
 from clipa.model.build import Geometry, arch_config, create_model, stage_config, stage_geometry
 from clipa.model.weights import load_weights
+from clipa.recipe import schema as R
 
 
 def tiny(**overrides):

@@ -5,8 +5,8 @@ import copy
 import torch
 
 from clipa.model.build import Geometry, create_model, stage_config
-from clipa.train.optim import build_optimizer
 from clipa.recipe.schema import OptimConfig
+from clipa.train.optim import build_optimizer
 
 
 def test_fused_adamw_matches_the_reference_update_with_decay_exclusions():

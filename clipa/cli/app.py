@@ -105,8 +105,8 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
 
 
 def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
-    from clipa.recipe import schema as recipe_mod
     from clipa.model.weights import find_weights
+    from clipa.recipe import schema as recipe_mod
 
     recipe, numbers = _load(recipe_path, overrides)
     if stage == "finetune" and not recipe.init.checkpoint:
@@ -168,8 +168,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
     micro, accumulation = batch_layout(recipe_obj, processes)
-    from clipa.train.checkpoint import CheckpointManager
     from clipa.model.towers import check_image_init
+    from clipa.train.checkpoint import CheckpointManager
 
     # A fresh run fails without its image_init; one resuming from runs/NAME takes its checkpoint's weights.
     if not CheckpointManager(Path("runs") / recipe_obj.name / "checkpoints").latest():
@@ -230,7 +230,8 @@ def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Rec
     """FLOPs, accelerator-hours and dollars of each stage and of the pipeline, before you spend them."""
     import json
 
-    from clipa.plan import plan as make_plan, table
+    from clipa.plan import plan as make_plan
+    from clipa.plan import table
 
     result = make_plan(recipes, gpu=gpu, gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
     if as_json:
@@ -381,7 +382,8 @@ def retrieval(model: str = _MODEL,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
     from clipa.errors import check_one_of
-    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
+    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS
+    from clipa.evaluate.retrieval import retrieval as run_retrieval
 
     check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")  # before the model loads
     loaded, main = _eval_model(model, pretrained, image_size, text_length)

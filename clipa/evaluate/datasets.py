@@ -30,8 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
-from clipa.errors import ClipaError
-from clipa.errors import check_one_of
+from clipa.errors import ClipaError, check_one_of
 from clipa.recipe.schema import ZEROSHOT_DATASETS
 
 DATASETS = ZEROSHOT_DATASETS

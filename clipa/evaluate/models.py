@@ -27,9 +27,16 @@ import open_clip
 import torch
 
 from clipa.errors import ClipaError
+from clipa.model.build import (
+    arch_config,
+    build_tokenizer,
+    create_model,
+    native_geometry,
+    patch_size,
+    set_timm_input_size,
+    stage_config,
+)
 from clipa.model.weights import EXPORT_CONFIG, find_weights, load_weights, model_from_checkpoint, read_state_dict
-from clipa.model.build import (set_timm_input_size, arch_config, build_tokenizer, create_model,
-                         native_geometry, patch_size, stage_config)
 
 
 @dataclass

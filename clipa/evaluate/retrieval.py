@@ -24,12 +24,12 @@ from torch.utils.data import Dataset
 
 from clipa.data.synthetic import draw_scene, scene_rng
 from clipa.data.transforms import eval_transform
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, check_one_of
 from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
-from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
+from clipa.evaluate.sharding import gather_batches, shard_range
+from clipa.evaluate.sharding import shard as shard_dataset
 from clipa.evaluate.zeroshot import eval_loader
-from clipa.errors import check_one_of
 from clipa.recipe.schema import RETRIEVAL_DATASETS  # one list for the CLI and recipes
 
 _RETRIEVAL_STREAM = 0x2E7

@@ -22,8 +22,8 @@ import copy
 import torch
 import torch.distributed as dist
 
-from clipa.train.loss import gather_features, infonce_against
 from clipa.model.reduction import PatchMasker
+from clipa.train.loss import gather_features, infonce_against
 
 
 def gather_no_grad(features: torch.Tensor) -> torch.Tensor:

@@ -28,25 +28,25 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from clipa.recipe import schema
-from clipa.recipe.schema import Recipe, check_resume_compatible, read_run_recipe
-from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops
-from clipa.train.loss import LOSSES
 from clipa.model.build import build_tokenizer, create_model
+from clipa.model.reduction import TextReducer, install_patch_masker
+from clipa.model.towers import apply_locks, load_image_tower
 from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights, read_state_dict
-from clipa.train.optim import build_optimizer, build_scheduler
+from clipa.recipe import schema
+from clipa.recipe.schema import Recipe, check_resume_compatible, read_run_recipe
+from clipa.stage import Stage
+from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
+from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
+from clipa.train.optim import build_optimizer, build_scheduler
+from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
-from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
-from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
-from clipa.model.towers import apply_locks, load_image_tower
-from clipa.stage import Stage
 
 STAGES = ("pretrain", "finetune")
 
@@ -424,11 +424,11 @@ class Trainer:
 
     def evaluate(self, log: RunLog) -> dict:
         """The recipe's `[eval]` zero-shot and retrieval datasets on the current weights, on every process."""
+        import open_clip
+
         from clipa.evaluate.models import LoadedModel
         from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
-
-        import open_clip
 
         loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
                              self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
