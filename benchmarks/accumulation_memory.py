@@ -34,10 +34,10 @@ def child(arch: str, image_size: int, text_length: int, device: str, global_batc
     import torch
     from accelerate import Accelerator
 
-    from clipa.train.loss import infonce_loss
     from clipa.model.build import Geometry, create_model, stage_config
-    from clipa.train.optim import build_optimizer
     from clipa.recipe.schema import OptimConfig
+    from clipa.train.loss import infonce_loss
+    from clipa.train.optim import build_optimizer
     from clipa.train.step import ContrastiveStep
 
     torch.manual_seed(0)
