@@ -53,7 +53,9 @@ def test_csv_pairs_group_captions_and_resolve_relative_paths(tmp_path):
 
 @pytest.mark.slow
 def test_retrieval_and_probe_on_a_trained_model(tmp_path):
-    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{"train.total_samples": 32 * 10}))
+    # 60 steps at lr 5e-4: 10 steps left recall@10 at chance (0.020), and 2e-3 at batch 32 can collapse.
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml",
+                         tiny_overrides(**{"train.total_samples": 32 * 60, "optim.lr": 5e-4, "optim.warmup_steps": 5}))
     loaded = load_model(str(train(recipe, "pretrain", tmp_path / "run").run_dir))
     result = retrieval(loaded, "synthetic")
     m = result["metrics"]
@@ -66,7 +68,7 @@ def test_retrieval_and_probe_on_a_trained_model(tmp_path):
     assert m["image_retrieval_recall@10"] > chance + margin, m
     assert m["text_retrieval_recall@10"] > chance + margin, m
     probe = linear_probe(loaded, "synthetic", cache_dir=tmp_path / "cache")
-    assert probe["metrics"]["acc1"] > 3 / 24  # far above chance (1/24) after 10 steps
+    assert probe["metrics"]["acc1"] > 3 / 24  # far above chance (1/24)
     cached = list((tmp_path / "cache").glob("*.pt"))
     assert len(cached) == 2
     again = linear_probe(loaded, "synthetic", cache_dir=tmp_path / "cache")  # served from the cache

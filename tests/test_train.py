@@ -93,7 +93,8 @@ def test_finetune_starts_from_interpolated_pretrain_weights(tmp_path):
     image_pos = pretrained["visual.positional_embedding"]
     assert image_pos.shape == (17, 128)
     grid = image_pos[1:].reshape(1, 4, 4, 128).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    # Antialiased bicubic, as open_clip's resize_pos_embed does (its kernel differs from plain bicubic's).
+    grid = F.interpolate(grid, size=(8, 8), mode="bicubic", antialias=True, align_corners=False)
     expected["visual.positional_embedding"] = torch.cat([image_pos[:1], grid.permute(0, 2, 3, 1).reshape(64, 128)])
     text_pos = pretrained["positional_embedding"]
     assert text_pos.shape == (8, 128)
