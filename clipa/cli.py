@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from clipa import __version__
 from clipa.errors import ClipaError
@@ -73,6 +74,7 @@ def _load(recipe_path: str, overrides: Optional[List[str]]):
 
 def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
     from clipa.checkpoint import CheckpointManager
+    from clipa.data.spec import data_commands
     from clipa.flops import image_tokens, train_flops_per_sample
     from clipa.model import arch_config, native_geometry, recipe_model_config
 
@@ -94,6 +96,7 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
         ("text", f"{geometry.context_length} tokens per caption ({recipe.reduction.text})"),
         ("train FLOPs", f"{flops:.3g} per sample, {flops / full:.2f}x of full length; {flops * steps * recipe.train.global_batch_size:.3g} in total"),
         ("data", recipe.data.train),
+        *(("runs", command) for command in data_commands(recipe.data.train)),
         ("steps", f"{steps} x {recipe.train.global_batch_size} samples = {steps * recipe.train.global_batch_size:,}"),
         ("optimizer", f"AdamW lr {recipe.optim.lr:g}, warmup {recipe.optim.warmup_steps}, {recipe.optim.schedule}, "
                       f"wd {recipe.optim.weight_decay:g}, betas {tuple(recipe.optim.betas)}"),
@@ -101,7 +104,7 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
         ("run directory", str(out_dir)),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, Text(value))  # recipe values are shown as written, never read as rich markup
     return table
 
 
@@ -113,13 +116,15 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     if stage == "finetune" and not recipe.init.checkpoint:
         raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
-    if resume and dry_run:  # a real run checks it in the trainer, before building anything
+    if dry_run:  # a real run checks these in the trainer (on rank 0, once), before building anything
         from clipa.checkpoint import resolve_resume
+        from clipa.runlock import check_run_dir
 
-        resume = resolve_resume(resume)
-    if recipe.init.checkpoint:
-        find_weights(recipe.init.checkpoint)  # fail now, not after building the model
-    if dry_run:
+        check_run_dir(run_dir)
+        if resume:
+            resume = resolve_resume(resume)
+        if recipe.init.checkpoint:
+            find_weights(recipe.init.checkpoint)
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
         out.print(_describe(recipe, geometry, stage, run_dir, resume))
         return
@@ -179,6 +184,10 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
+    from clipa.data.spec import data_commands
+
+    for command in data_commands(recipe_obj.data.train):  # a recipe can run commands, like a Makefile
+        out.print(f"data.train runs: {command}", highlight=False, markup=False, soft_wrap=True)
     if recipe_obj.init.checkpoint and not Path(recipe_obj.init.checkpoint).exists():  # often an earlier stage's run
         out.print(f"note: init.checkpoint {recipe_obj.init.checkpoint} does not exist yet", highlight=False)
 

@@ -19,6 +19,7 @@ row, stop the run with the last good checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -31,9 +32,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from clipa import recipe as recipe_mod
+from clipa.agree import agreed, agreed_min, broadcast_value, fault_point
 from clipa.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
                               resolve_resume, set_rng_state)
-from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
+from clipa.data.spec import data_commands
+from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops, image_tokens, train_flops_per_sample
@@ -43,12 +46,13 @@ from clipa.optim import build_optimizer, build_scheduler
 from clipa.progress import RunLog
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.reduction import TextReducer, install_patch_masker
+from clipa.runlock import RunLock, check_run_dir
 from clipa.step import ContrastiveStep, clamp_logit_scale
 from clipa.towers import apply_locks, load_image_tower
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
-_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
+_FIXED_ON_RESUME = ("model.arch", "model.image_tower", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
                     "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
 
 
@@ -69,12 +73,18 @@ class StageResult:
     skipped_steps: int = 0  # updates skipped for non-finite loss or gradients
 
 
-def _accelerator(precision: str) -> Accelerator:
+def _accelerator(precision: str, timeout_s: int = 1800) -> Accelerator:
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     on_gpu = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+    # The process-group timeout bounds how long a process waits for a peer that is gone or stuck.
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
 
 
 def _total_grad_norm(parameters) -> torch.Tensor:
@@ -174,6 +184,14 @@ class Trainer:
 
     def __init__(self, recipe: recipe_mod.Recipe, stage: str, out_dir: str | Path | None = None,
                  resume: str | Path | None = None):
+        self.lock: RunLock | None = None
+        try:
+            self._setup(recipe, stage, out_dir, resume)
+        except BaseException:
+            self.close()  # a failed setup leaves the run directory free
+            raise
+
+    def _setup(self, recipe, stage, out_dir, resume) -> None:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.recipe, self.stage = recipe, stage
@@ -183,51 +201,69 @@ class Trainer:
         self.text_reducer = TextReducer(build_tokenizer(recipe.model.arch, self.geometry.context_length),
                                         recipe.reduction.text, self.geometry.context_length)
         self.run_dir = Path(out_dir or Path("runs") / recipe.name)
-        self.accelerator = accelerator = _accelerator(recipe.train.precision)
+        self.accelerator = accelerator = _accelerator(recipe.train.precision, recipe.train.dist_timeout_s)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.main = accelerator.is_main_process
+        if self.world > 1 and recipe.data.num_workers < 0:
+            # "auto" is this process's share of its node's cores; nodes can differ, and streaming sources
+            # split their shards by (process, worker): every process must use the same count.
+            workers = agreed_min(resolve_workers(recipe.data.num_workers))
+            recipe = self.recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data,
+                                                                                         num_workers=workers))
         self.micro, self.accumulation = recipe_mod.batch_layout(recipe, self.world)
         self.total_steps = recipe.train.total_samples // recipe.train.global_batch_size
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", recipe.checkpoint.keep_last, self.rank,
                                              accelerator.wait_for_everyone)
-        self.checkpoints.recover()
-
-        # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
         self.explicit_resume = bool(resume)
-        start_from = resolve_resume(resume) if resume else self.checkpoints.latest()
-        self.replaced = [p.name for p in self.checkpoints.complete()
-                         if resume and checkpoint_step(p) > checkpoint_step(start_from)]
-        if start_from is None and stage == "finetune" and not recipe.init.checkpoint:
-            raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
-                             "(a pretrain run directory, a checkpoint or an exported model)")
-        init_weights = None
-        if start_from is None and recipe.init.checkpoint:
-            init_weights = read_state_dict(*find_weights(recipe.init.checkpoint))
-        if self.main:
-            _prepare_run_dir(self.run_dir)
-        accelerator.wait_for_everyone()
+        self.replaced: list[str] = []
+        start_from, init_weights = None, None
+        # Rank 0 alone owns the run directory and decides where the run starts (verifying that
+        # checkpoint once); every process learns the decision, or the same error.
+        with agreed():
+            fault_point("setup", self.rank)
+            if self.main:
+                check_run_dir(self.run_dir)
+                explicit = resolve_resume(resume) if resume else None
+                _prepare_run_dir(self.run_dir)
+                self.lock = RunLock(self.run_dir).acquire()
+                self.checkpoints.recover()
+                # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
+                start_from = explicit or self.checkpoints.latest(quarantine=True)
+                self.replaced = [p.name for p in self.checkpoints.complete()
+                                 if resume and checkpoint_step(p) > checkpoint_step(start_from)]
+                if start_from is None and stage == "finetune" and not recipe.init.checkpoint:
+                    raise ClipaError("init.checkpoint: finetune needs weights to start from; set "
+                                     "init.checkpoint=runs/NAME (a pretrain run directory, a checkpoint or an "
+                                     "exported model)")
+                if start_from is None and recipe.init.checkpoint:
+                    init_weights = find_weights(recipe.init.checkpoint)
+        start_from, init_weights = broadcast_value((start_from, init_weights))
+        self.start_from = start_from
 
         if accelerator.device.type == "cpu":
             # Weights and activations drifting into denormal range make CPU matmuls many times slower.
             torch.set_flush_denormal(True)
         set_seed(recipe.train.seed)
-        model = create_model(self.model_cfg)
-        if init_weights is not None:
-            load_weights(model, init_weights)
-        if start_from is None and recipe.model.image_init:
-            load_image_tower(model, recipe.model.image_init)
-        apply_locks(model, recipe.model)
-        self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
-        if recipe.train.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if self.main:  # a checkpoint holds the weights and AdamW's two moments, all fp32
-            self.checkpoints.check_free_space(3 * 4 * sum(p.numel() for p in model.parameters()))
-        optimizer = build_optimizer(model, recipe.optim)
-        self.scheduler = build_scheduler(optimizer, recipe.optim, self.total_steps)
-
         self.step, self.wall_before, self.skipped_total, self.notes = 0, 0.0, 0, []
-        self.start_from = start_from
-        queue_state = self._restore(model, optimizer, start_from) if start_from is not None else None
+        with agreed():  # reading weights and state can fail on one process only (its node's view of the files)
+            fault_point("restore", self.rank)
+            model = create_model(self.model_cfg)
+            if init_weights is not None:
+                load_weights(model, read_state_dict(*init_weights))
+            if start_from is None and recipe.model.image_init:
+                load_image_tower(model, recipe.model.image_init)
+            apply_locks(model, recipe.model)
+            self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
+            if recipe.train.grad_checkpointing:
+                model.set_grad_checkpointing(True)
+            if self.main:  # a checkpoint holds the weights and AdamW's two moments, all fp32
+                self.checkpoints.check_free_space(3 * 4 * sum(p.numel() for p in model.parameters()))
+            optimizer = build_optimizer(model, recipe.optim)
+            self.scheduler = build_scheduler(optimizer, recipe.optim, self.total_steps)
+            queue_state = self._restore(model, optimizer, start_from) if start_from is not None else None
+            self.config_text = recipe_mod.dumps(recipe)
+            if self.main:
+                (self.run_dir / "config.toml").write_text(self.config_text, encoding="utf-8")
         self.start_step = self.step
         self.queues, self.momentum = self._build_queues(model, queue_state)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -237,11 +273,14 @@ class Trainer:
             # whose names carry no `_orig_mod.` prefix. Masks change values, never shapes, per stage:
             # one graph per grad mode, no recompilation per step.
             self.model = torch.compile(self.model)
-        self.config_text = recipe_mod.dumps(recipe)
-        if self.main:
-            (self.run_dir / "config.toml").write_text(self.config_text, encoding="utf-8")
         self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
                                                 self.masker)
+
+    def close(self) -> None:
+        """Release the run directory (the OS also releases it if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _restore(self, model, optimizer, checkpoint: Path) -> dict | None:
         """Load the training state; returns the queue state, applied once the queues exist."""
@@ -295,7 +334,7 @@ class Trainer:
                  "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_total,
                  "queue": self._queue_state()}
         return self.checkpoints.save(self.step, self.unwrapped.state_dict() if self.main else None,
-                                     state if self.main else None, self.config_text)
+                                     state if self.main else None, self.config_text, rolled_back=self.explicit_resume)
 
     def _loader(self):
         recipe, geometry = self.recipe, self.geometry
@@ -342,7 +381,14 @@ class Trainer:
         return bool(finite.item() == self.world)  # one host sync per step: the price of never stepping on NaN
 
     def run(self, signals: StopSignals | None = None) -> StageResult:
-        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now."""
+        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now.
+        The run directory's lock is released when the loop ends, however it ends."""
+        try:
+            return self._run(signals)
+        finally:
+            self.close()
+
+    def _run(self, signals: StopSignals | None) -> StageResult:
         recipe, accelerator = self.recipe, self.accelerator
         keep_ratio = 1.0 - recipe.reduction.mask_ratio
         flops_per_sample = train_flops_per_sample(self.model_cfg, self.geometry.image_size,
@@ -353,6 +399,8 @@ class Trainer:
         batch = recipe.train.global_batch_size
         log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {recipe.name}",
                      start=self.step, enabled=self.main)
+        for command in data_commands(recipe.data.train):  # a recipe can run commands, like a Makefile
+            log.message(f"data.train runs: {command}")
         if self.start_from is not None:
             log.message(f"resuming from {self.start_from}{' (--resume)' if self.explicit_resume else ''} at step "
                         f"{self.step}/{self.total_steps}"
@@ -517,4 +565,8 @@ def train(recipe: recipe_mod.Recipe, stage: str = "pretrain", out_dir: str | Pat
     # Listening from the start: a signal during setup, the final save, export or evaluation stops
     # (or lets finish) cleanly instead of raising KeyboardInterrupt; a second one exits at once.
     with StopSignals() as signals:
-        return Trainer(recipe, stage, out_dir, resume).run(signals)
+        trainer = Trainer(recipe, stage, out_dir, resume)
+        try:
+            return trainer.run(signals)
+        finally:
+            trainer.close()

@@ -28,7 +28,8 @@ import torch
 
 from clipa import recipe as recipe_mod
 from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, first_line
+from clipa.tokenizer_kwargs import check_tokenizer_kwargs
 from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
                          native_geometry, patch_size, recipe_model_config, stage_config)
 
@@ -53,7 +54,14 @@ def _export_tokenizer(path: Path, context_length: int):
 
 
 def _from_export(path: Path) -> LoadedModel:
-    config = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    try:
+        config = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        text_cfg = config["model_cfg"]["text_cfg"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ClipaError(f"--model: {path / EXPORT_CONFIG} is not an open_clip model config ({type(err).__name__}: "
+                         f"{first_line(err, 120)}); export the model again with clipa export") from None
+    # open_clip's get_tokenizer hands these to Hugging Face's from_pretrained: refused unless harmless.
+    check_tokenizer_kwargs(text_cfg, f"--model: {path / EXPORT_CONFIG}")
     # open_clip finds the weights file itself (open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)
     model = open_clip.create_model(f"local-dir:{path}", device="cpu")
     model.output_dict = True
