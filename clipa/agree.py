@@ -36,7 +36,11 @@ def agreed():
     if _group_size() > 1:
         dist = torch.distributed
         failures: list = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, failure)
+        try:
+            dist.all_gather_object(failures, failure)
+        except (dist.DistError, RuntimeError) as err:  # a peer died, or hung past the process-group timeout
+            raise ClipaError(f"process {dist.get_rank()}: the other processes did not answer ({first_line(err, 160)}); "
+                             "one of them died or hung (see its log). train.dist_timeout_s bounds the wait") from None
         rank, failure = next(((r, f) for r, f in enumerate(failures) if f), (None, None))
         if failure is not None and not isinstance(original, ClipaError) and original is not None \
                 and rank == dist.get_rank():
@@ -66,6 +70,11 @@ def agreed_min(value: int) -> int:
 
 
 def fault_point(where: str, rank: int) -> None:
-    """Tests inject a failure on one process: CLIPA_FAIL_AT=setup:1 raises a ClipaError at `setup` on rank 1."""
+    """Tests inject trouble on one process: CLIPA_FAIL_AT=setup:1 raises a ClipaError at `setup` on rank 1;
+    CLIPA_HANG_AT=setup:1 makes rank 1 stop answering there (a stuck process)."""
     if os.environ.get("CLIPA_FAIL_AT") == f"{where}:{rank}":
         raise ClipaError(f"injected failure at {where} on process {rank} (CLIPA_FAIL_AT)")
+    if os.environ.get("CLIPA_HANG_AT") == f"{where}:{rank}":
+        import time
+
+        time.sleep(24 * 3600)

@@ -363,18 +363,34 @@ def read_state_dict(path: Path, kind: str) -> dict:
                          "timm or safetensors weights file") from None
 
 
+def checkpoint_recipe(path: Path, text: str | None = None):
+    """The recipe a checkpoint was made with (its config.toml); a ClipaError if it is not one."""
+    from clipa import recipe as recipe_mod
+
+    try:
+        text = (path / CONFIG_FILE).read_text(encoding="utf-8") if text is None else text
+        return recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads(text))
+    except ClipaError as err:
+        raise ClipaError(f"{path / CONFIG_FILE}: {err}; the checkpoint's recipe is damaged or from another clipa "
+                         "version") from None
+    except (UnicodeDecodeError, recipe_mod.tomllib.TOMLDecodeError) as err:
+        raise ClipaError(f"{path / CONFIG_FILE}: not a readable recipe ({first_line(err, 120)}); the checkpoint is "
+                         "damaged") from None
+
+
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory."""
-    from clipa import recipe as recipe_mod
     from clipa.model import create_model, export_open_clip, recipe_model_config
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClipaError(f"OUT: {out_dir} is a file; choose a new directory")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
     path = resolve_resume(checkpoint, key="CHECKPOINT")
-    recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+    recipe = checkpoint_recipe(path)
     _, model_cfg = recipe_model_config(recipe)
     model = create_model(model_cfg)
     model.load_state_dict(read_state_dict(path, "checkpoint"))
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return export_open_clip(model, model_cfg, out_dir)

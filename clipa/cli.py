@@ -308,12 +308,16 @@ _OUTPUT = typer.Option(None, "--output", help="Write results as JSON (CLIP_bench
 
 
 def _eval_model(model: str, pretrained: Optional[str], image_size: Optional[int] = None,
-                text_length: Optional[int] = None):
+                text_length: Optional[int] = None, batch_size: int = 1):
     """Join the launcher's process group (torchrun / accelerate launch; none for a plain call) and
     load the model onto its device. Returns (model, whether this process prints and writes)."""
     from clipa.evaluate.models import load_model
     from clipa.evaluate.sharding import join_launcher
 
+    for option, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 1),
+                                 ("--text-length", text_length, 2)):
+        if value is not None and value < least:
+            raise ClipaError(f"{option}: must be >= {least}, got {value}")
     accelerator = join_launcher()
     loaded = load_model(model, pretrained, image_size, text_length)
     loaded.model.to(accelerator.device)
@@ -371,7 +375,7 @@ def zeroshot(model: str = _MODEL,
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
-    loaded, main = _eval_model(model, pretrained, image_size, text_length)
+    loaded, main = _eval_model(model, pretrained, image_size, text_length, batch_size)
     workers = _decode_workers(num_workers)
     results = [run_zeroshot(loaded, name, data_root, templates, batch_size=batch_size, num_workers=workers)
                for name in dataset]
@@ -399,7 +403,7 @@ def retrieval(model: str = _MODEL,
     if dataset not in RETRIEVAL_DATASETS:
         raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
                          f"(available: {', '.join(RETRIEVAL_DATASETS)})")
-    loaded, main = _eval_model(model, pretrained, image_size, text_length)
+    loaded, main = _eval_model(model, pretrained, image_size, text_length, batch_size)
     result = run_retrieval(loaded, dataset, data_root, batch_size=batch_size, num_workers=_decode_workers(num_workers))
     if not main:
         return
@@ -427,7 +431,7 @@ def linear_probe_command(model: str = _MODEL,
     """Logistic-regression probe on frozen image features; L2 chosen on a class-stratified validation split."""
     from clipa.evaluate.linear_probe import linear_probe
 
-    loaded, main = _eval_model(model, pretrained)
+    loaded, main = _eval_model(model, pretrained, batch_size=batch_size)
     result = linear_probe(loaded, dataset, data_root, cache, batch_size=batch_size,
                           num_workers=_decode_workers(num_workers))
     if not main:

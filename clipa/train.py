@@ -33,7 +33,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from clipa import recipe as recipe_mod
 from clipa.agree import agreed, agreed_min, broadcast_value, fault_point
-from clipa.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
+from clipa.checkpoint import (CheckpointManager, checkpoint_recipe, checkpoint_step, find_weights, load_state, read_state_dict,
                               resolve_resume, set_rng_state)
 from clipa.data.spec import data_commands
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
@@ -128,7 +128,7 @@ def _get(recipe, dotted: str):
 
 def _check_resume_compatible(recipe, saved_config: str, where: Path) -> list[str]:
     """Error on changes that would make the resumed run a different run; list the harmless ones."""
-    saved = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads(saved_config))
+    saved = checkpoint_recipe(where, saved_config)
     for key in _FIXED_ON_RESUME:
         if _get(saved, key) != _get(recipe, key):
             raise ClipaError(
@@ -401,6 +401,8 @@ class Trainer:
                      start=self.step, enabled=self.main)
         for command in data_commands(recipe.data.train):  # a recipe can run commands, like a Makefile
             log.message(f"data.train runs: {command}")
+        if self.lock is not None and self.lock.took_over:
+            log.message(f"note: took over {self.run_dir}'s lock from {self.lock.took_over}, which is gone")
         if self.start_from is not None:
             log.message(f"resuming from {self.start_from}{' (--resume)' if self.explicit_resume else ''} at step "
                         f"{self.step}/{self.total_steps}"

@@ -26,8 +26,9 @@ def scheme(url: str) -> str:
 
 
 def curl_argv(url: str) -> list[str]:
-    """webdataset's curl options; redirects may not leave http(s) (no file:// through a redirect)."""
-    return ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L",
+    """webdataset's curl options; the URL is taken literally (no curl globbing: clipa expanded the braces),
+    and redirects may not leave http(s) (no file:// through a redirect)."""
+    return ["curl", "--connect-timeout", "30", "--retry", "30", "--retry-delay", "2", "-f", "-s", "-L", "--globoff",
             "--proto", "=http,https", "--proto-redir", "=http,https", url]
 
 

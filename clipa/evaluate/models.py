@@ -26,8 +26,7 @@ from typing import Callable
 import open_clip
 import torch
 
-from clipa import recipe as recipe_mod
-from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
+from clipa.checkpoint import checkpoint_recipe, find_weights, read_state_dict
 from clipa.errors import ClipaError, first_line
 from clipa.tokenizer_kwargs import check_tokenizer_kwargs
 from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
@@ -77,7 +76,7 @@ def _from_export(path: Path) -> LoadedModel:
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
-    recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+    recipe = checkpoint_recipe(path)
     geometry, model_cfg = recipe_model_config(recipe)
     model = create_model(model_cfg)
     model.load_state_dict(read_state_dict(path, "checkpoint"))
