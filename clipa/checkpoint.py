@@ -46,6 +46,7 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, barrier=lambda: None):
         self.directory = Path(directory)
         self.keep_last, self.rank, self.barrier = keep_last, rank, barrier
+        self.moved_aside: list[str] = []  # notes for the run's log (latest(quarantine=True))
 
     def complete(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -88,7 +89,8 @@ class CheckpointManager:
                 aside = _aside_name(path)
                 path.rename(aside)
                 _fsync_dir(self.directory)
-                warnings.warn(f"damaged checkpoint {path} ({problem}) moved aside to {aside.name}", stacklevel=2)
+                self.moved_aside.append(f"damaged checkpoint {path} ({first_line(problem, 160)}) moved aside to "
+                                        f"{aside.name}")
             else:
                 warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
         return None

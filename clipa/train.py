@@ -401,6 +401,8 @@ class Trainer:
                      start=self.step, enabled=self.main)
         for command in data_commands(recipe.data.train):  # a recipe can run commands, like a Makefile
             log.message(f"data.train runs: {command}")
+        for note in self.checkpoints.moved_aside:
+            log.message(f"note: {note}")
         if self.lock is not None and self.lock.took_over:
             log.message(f"note: took over {self.run_dir}'s lock from {self.lock.took_over}, which is gone")
         if self.start_from is not None:
