@@ -228,8 +228,9 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
         holder = json.loads(lock.read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
         second = _clipa(out, *tiny_overrides())
-        _, stderr = second.communicate(timeout=300)
-        one_line_error(second, f"--out: {out} is in use", f"PID {first.pid} on host {socket.gethostname()}")
+        stdout, stderr = second.communicate(timeout=300)
+        one_line_error(subprocess.CompletedProcess(second.args, second.returncode, stdout, stderr),
+                       f"--out: {out} is in use", f"PID {first.pid} on host {socket.gethostname()}")
     finally:
         first.kill()  # a node failure: no cleanup at all
         first.communicate()
