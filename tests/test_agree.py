@@ -62,9 +62,10 @@ def test_a_failure_on_one_process_ends_both_with_exit_2_and_the_same_line(tmp_pa
     rank = int(where.split(":")[1])
     expected = (f"error: {'' if rank == 0 else 'process 1: '}"
                 f"{'checkpoint: could not write ' if where.startswith('save') else ''}")
-    lines = [stderr.strip().splitlines() for _, stderr in results]
+    # (a library's FutureWarning may precede it on stderr; the error itself is one line)
+    lines = [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in results]
     assert [code for code, _ in results] == [2, 2], results
-    assert all(len(ls) == 1 for ls in lines), lines
+    assert all(len(ls) == 1 and "Traceback" not in stderr for ls, (_, stderr) in zip(lines, results)), results
     assert lines[0] == lines[1] and lines[0][0].startswith(expected), lines
     assert f"injected failure at {where.split(':')[0]} on process {rank}" in lines[0][0]
     if where.startswith("save"):
@@ -82,5 +83,8 @@ def test_a_hung_process_ends_the_run_within_dist_timeout(tmp_path):
     assert result.returncode != 0 and time.monotonic() - start < 590
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "process 0: the other processes did not answer" in errors[0], result.stderr[-3000:]
-    assert "train.dist_timeout_s" in errors[0] and "Traceback" not in result.stderr
+    # torchrun prints its own ChildFailedError traceback; none passes through clipa's code
+    import clipa
+
+    assert "train.dist_timeout_s" in errors[0] and f'File "{Path(clipa.__file__).parent}' not in result.stderr
     assert "exitcode  : 2" in result.stderr  # torchrun's summary: rank 0 ended with exit 2, not a crash
