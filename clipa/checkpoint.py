@@ -21,7 +21,7 @@ import torch
 from clipa.agree import agreed, fault_point
 from clipa.errors import ClipaError, first_line
 from clipa.model import EXPORT_CONFIG, EXPORT_WEIGHTS, _fsync_dir, write_safetensors
-from clipa.trainstate import load_plain, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
+from clipa.trainstate import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -277,7 +277,7 @@ def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None
     model_state = load_file(str(checkpoint / MODEL_FILE))
     state = load_plain(checkpoint / STATE_FILE)
     rng_path = checkpoint / f"rng_rank{rank}.pt"
-    rng = load_plain(rng_path) if rng_path.is_file() else None
+    rng = load_rng(rng_path) if rng_path.is_file() else None
     return model_state, state, rng
 
 
@@ -365,6 +365,15 @@ def read_state_dict(path: Path, kind: str) -> dict:
                          "timm or safetensors weights file") from None
 
 
+def load_checkpoint_weights(model, path: Path) -> None:
+    """A step checkpoint's weights into the model its config.toml describes; a ClipaError if they do not fit."""
+    try:
+        model.load_state_dict(read_state_dict(path, "checkpoint"))
+    except RuntimeError as err:  # shape or name mismatch: the files of two different checkpoints
+        raise ClipaError(f"{path}: its weights do not fit the model its {CONFIG_FILE} describes "
+                         f"({first_line(err, 120)}); the checkpoint is damaged or assembled from two runs") from None
+
+
 def checkpoint_recipe(path: Path, text: str | None = None):
     """The recipe a checkpoint was made with (its config.toml); a ClipaError if it is not one."""
     from clipa import recipe as recipe_mod
@@ -393,6 +402,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     recipe = checkpoint_recipe(path)
     _, model_cfg = recipe_model_config(recipe)
     model = create_model(model_cfg)
-    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    load_checkpoint_weights(model, path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return export_open_clip(model, model_cfg, out_dir)

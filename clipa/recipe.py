@@ -257,6 +257,8 @@ def read_toml(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as err:
         # tomllib's message already carries "(at line N, column M)".
         raise ClipaError(f"{path}: TOML syntax error: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ClipaError(f"{path}: not UTF-8 text (byte {err.start}); TOML files are UTF-8, save it as such") from None
 
 
 def parse_override(text: str) -> tuple[list[str], str]:

@@ -126,9 +126,9 @@ def _get(recipe, dotted: str):
     return getattr(getattr(recipe, table), key)
 
 
-def _check_resume_compatible(recipe, saved_config: str, where: Path) -> list[str]:
+def _check_resume_compatible(recipe, where: Path) -> list[str]:
     """Error on changes that would make the resumed run a different run; list the harmless ones."""
-    saved = checkpoint_recipe(where, saved_config)
+    saved = checkpoint_recipe(where)
     for key in _FIXED_ON_RESUME:
         if _get(saved, key) != _get(recipe, key):
             raise ClipaError(
@@ -285,7 +285,7 @@ class Trainer:
     def _restore(self, model, optimizer, checkpoint: Path) -> dict | None:
         """Load the training state; returns the queue state, applied once the queues exist."""
         model_state, state, rng = load_state(checkpoint, self.rank)
-        self.notes = _check_resume_compatible(self.recipe, (checkpoint / "config.toml").read_text(), checkpoint)
+        self.notes = _check_resume_compatible(self.recipe, checkpoint)
         model.load_state_dict(model_state)
         optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

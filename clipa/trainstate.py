@@ -36,12 +36,34 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    if isinstance(py, tuple):  # written by clipa before 0.x's plain format: random.getstate() as is
+        random.setstate(py)
+    else:
+        random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if isinstance(npy, tuple):  # likewise np.random.get_state()
+        np.random.set_state(npy)
+    else:
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (no function of the file's choosing): earlier clipa
+    versions stored numpy's RNG state as one."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_rng(path: Path):
+    """A `rng_rank*.pt`: plain values, or (older checkpoints) numpy arrays; nothing else."""
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        return load_plain(path, mmap=False)
 
 
 def load_plain(path: Path, mmap: bool = True):

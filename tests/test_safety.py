@@ -90,6 +90,19 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
 
 
+def test_rng_files_of_earlier_versions_still_load(tmp_path):
+    """Before this change numpy's state was pickled as an array: allowed (arrays only), and restored."""
+    from clipa.trainstate import load_rng
+
+    np.random.seed(5)
+    random.seed(5)
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp_path / "old.pt")
+    expected = (random.random(), np.random.rand())
+    set_rng_state(load_rng(tmp_path / "old.pt"))
+    assert (random.random(), np.random.rand()) == expected
+
+
 @pytest.mark.parametrize("member", ["state.pt", "rng_rank0.pt"])
 def test_a_checkpoint_that_would_run_code_is_refused(trained, tmp_path, cli, member):
     run = copy_run(trained, tmp_path)

@@ -26,7 +26,7 @@ from typing import Callable
 import open_clip
 import torch
 
-from clipa.checkpoint import checkpoint_recipe, find_weights, read_state_dict
+from clipa.checkpoint import checkpoint_recipe, find_weights, load_checkpoint_weights, read_state_dict
 from clipa.errors import ClipaError, first_line
 from clipa.tokenizer_kwargs import check_tokenizer_kwargs
 from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
@@ -62,7 +62,11 @@ def _from_export(path: Path) -> LoadedModel:
     # open_clip's get_tokenizer hands these to Hugging Face's from_pretrained: refused unless harmless.
     check_tokenizer_kwargs(text_cfg, f"--model: {path / EXPORT_CONFIG}")
     # open_clip finds the weights file itself (open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)
-    model = open_clip.create_model(f"local-dir:{path}", device="cpu")
+    try:
+        model = open_clip.create_model(f"local-dir:{path}", device="cpu")
+    except Exception as err:  # noqa: BLE001 - truncated weights, a config open_clip cannot build: a bad folder
+        raise ClipaError(f"--model: {path} does not load with open_clip ({type(err).__name__}: "
+                         f"{first_line(err, 160)}); export the model again or check its files") from None
     model.output_dict = True
     pre = config.get("preprocess_cfg", {})
     image_size = pre.get("size") or config["model_cfg"]["vision_cfg"].get("image_size", 224)
@@ -79,7 +83,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     recipe = checkpoint_recipe(path)
     geometry, model_cfg = recipe_model_config(recipe)
     model = create_model(model_cfg)
-    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    load_checkpoint_weights(model, path)
     return LoadedModel(model, build_tokenizer(recipe.model.arch, geometry.context_length), geometry.image_size,
                        open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path),
                        model_cfg, functools.partial(build_tokenizer, recipe.model.arch), geometry.context_length)
@@ -114,7 +118,11 @@ def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length:
     if length is not None:
         cfg["text_cfg"]["context_length"] = length
     device = next(loaded.model.parameters()).device
-    model = create_model(cfg)
+    try:
+        model = create_model(cfg)
+    except (RuntimeError, MemoryError) as err:  # e.g. --image-size 100000: a position grid of 10^8 tokens
+        raise ClipaError(f"--image-size/--text-length: a {size} px / {length} token model does not fit in memory "
+                         f"({first_line(err, 100)}); choose a smaller size") from None
     load_weights(model, {k: v.cpu() for k, v in loaded.model.state_dict().items()}, key="--model")
     if timm_trunk:
         _set_timm_input_size(model.visual, size)
