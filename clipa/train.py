@@ -33,10 +33,18 @@ from accelerate.utils import DistributedType, set_seed
 
 from clipa import recipe as recipe_mod
 from clipa.agree import agreed, agreed_min, broadcast_value, fault_point
-from clipa.checkpoint import (CheckpointManager, checkpoint_recipe, checkpoint_step, find_weights, load_state, read_state_dict,
-                              resolve_resume, set_rng_state)
-from clipa.data.spec import data_commands
+from clipa.checkpoint import (
+    CheckpointManager,
+    checkpoint_recipe,
+    checkpoint_step,
+    find_weights,
+    load_state,
+    read_state_dict,
+    resolve_resume,
+    set_rng_state,
+)
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
+from clipa.data.spec import data_commands
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops, image_tokens, train_flops_per_sample
@@ -52,8 +60,9 @@ from clipa.towers import apply_locks, load_image_tower
 
 STAGES = ("pretrain", "finetune")
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
-_FIXED_ON_RESUME = ("model.arch", "model.image_tower", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
-                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
+_FIXED_ON_RESUME = ("model.arch", "model.image_tower", "reduction.image", "reduction.image_size",
+                    "reduction.mask_ratio", "reduction.text", "reduction.text_length", "train.global_batch_size",
+                    "train.seed", "data.train", "loss.kind", "loss.queue")
 
 
 class NonFiniteError(ClipaError):
@@ -518,11 +527,11 @@ class Trainer:
 
     def evaluate(self, log: RunLog) -> dict:
         """The recipe's `[eval]` zero-shot and retrieval datasets on the current weights, on every process."""
+        import open_clip
+
         from clipa.evaluate.models import LoadedModel
         from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
-
-        import open_clip
 
         loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
                              self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,

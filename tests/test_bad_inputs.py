@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from clipa import recipe as recipe_mod
+
 from conftest import run_in_process, tiny_overrides
 
 # --------------------------------------------------------------------------- the sandbox

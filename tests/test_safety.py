@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from clipa import checkpoint as ckpt
 from clipa.checkpoint import CheckpointManager
 from clipa.errors import ClipaError
 from clipa.trainstate import load_plain, rng_state, set_rng_state
+
 from conftest import tiny_overrides
 
 

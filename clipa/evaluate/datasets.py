@@ -248,8 +248,9 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
     if name == "imagefolder":
         root = _root(data_root, name)
         dataset, classnames = _imagefolder(root, transform)
-        default = [line for line in (root / "templates.txt").read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()] \
-            if (root / "templates.txt").is_file() else ["a photo of a {c}."]
+        found = root / "templates.txt"
+        lines = found.read_text(encoding="utf-8", errors="replace").splitlines() if found.is_file() else []
+        default = [line for line in lines if line.strip()] or ["a photo of a {c}."]
         return ZeroShotData(name, dataset, classnames, load_templates(templates, default))
     if name == "wds":
         return _wds(_root(data_root, name), transform, templates)

@@ -28,9 +28,19 @@ import torch
 
 from clipa.checkpoint import checkpoint_recipe, find_weights, load_checkpoint_weights, read_state_dict
 from clipa.errors import ClipaError, first_line
+from clipa.model import (
+    EXPORT_CONFIG,
+    _set_timm_input_size,
+    arch_config,
+    build_tokenizer,
+    create_model,
+    load_weights,
+    native_geometry,
+    patch_size,
+    recipe_model_config,
+    stage_config,
+)
 from clipa.tokenizer_kwargs import check_tokenizer_kwargs
-from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
-                         native_geometry, patch_size, recipe_model_config, stage_config)
 
 
 @dataclass
