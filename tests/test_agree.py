@@ -19,6 +19,7 @@ import pytest
 from conftest import run_torchrun, tiny_overrides
 
 HELPER = str(Path(__file__).with_name("distributed_agree.py"))
+pytestmark = pytest.mark.slow  # real 2-process groups
 
 
 def test_agree_min_broadcast_and_a_failure_on_one_process(tmp_path):

@@ -230,6 +230,7 @@ def _clipa(out, *extra, env=None):
                             env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path):
     out = tmp_path / "run"
     first = _clipa(out, *tiny_overrides(**{"train.total_samples": 32 * 2000, "train.log_every_steps": 1}))
