@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipa import recipe as recipe_mod
+from clipa.recipe import schema as recipe_mod
 
 from conftest import run_in_process, tiny_overrides
 

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from clipa import checkpoint as ckpt
-from clipa.checkpoint import CheckpointManager
 from clipa.errors import ClipaError
-from clipa.trainstate import load_plain, rng_state, set_rng_state
+from clipa.model.build import BUNDLED_CONFIGS
+from clipa.train import checkpoint as ckpt
+from clipa.train.checkpoint import CheckpointManager
+from clipa.train.safeload import load_plain, rng_state, set_rng_state
 
 from conftest import tiny_overrides
 
@@ -92,7 +93,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
 def test_rng_files_of_earlier_versions_still_load(tmp_path):
     """Before this change numpy's state was pickled as an array: allowed (arrays only), and restored."""
-    from clipa.trainstate import load_rng
+    from clipa.train.safeload import load_rng
 
     np.random.seed(5)
     random.seed(5)
@@ -178,7 +179,7 @@ def test_schemes_webdataset_would_wrap_in_a_shell_are_refused(cli, url):
 
 
 def bad_config(tmp_path, **tokenizer_kwargs):
-    cfg = json.loads((__import__("clipa").model.BUNDLED_CONFIGS / "clipa-tiny.json").read_text())
+    cfg = json.loads((BUNDLED_CONFIGS / "clipa-tiny.json").read_text())
     cfg["text_cfg"].update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs=tokenizer_kwargs)
     path = tmp_path / "arch.json"
     path.write_text(json.dumps(cfg))
@@ -258,10 +259,10 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
 
 
 def test_the_lock_is_released_when_a_run_fails_in_this_process(tmp_path):
-    from clipa.recipe import load_recipe
-    from clipa.recipes_index import resolve_path
-    from clipa.runlock import RunLock
-    from clipa.train import Trainer
+    from clipa.recipe.index import resolve_path
+    from clipa.recipe.schema import load_recipe
+    from clipa.train.runlock import RunLock
+    from clipa.train.trainer import Trainer
 
     recipe = load_recipe(resolve_path("tiny/pretrain"), tiny_overrides(**{"init.checkpoint": str(tmp_path / "no")}))
     with pytest.raises(ClipaError, match="init.checkpoint"):
