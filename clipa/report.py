@@ -24,7 +24,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     if not path.is_file():
         raise ClipaError(f"RUN_DIR: {path} not found; give a clipa run directory")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

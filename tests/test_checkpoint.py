@@ -328,7 +328,7 @@ def test_saving_a_step_again_replaces_it_and_drops_an_abandoned_trajectory(tmp_p
     for step, value in ((4, 1.0), (6, 2.0)):
         manager.save(step, {"w": torch.full((3,), value)}, {"step": step}, "name = 'x'\n")
     # A rollback to step 4 continues: step 4 is written again; step 6 belonged to the old trajectory.
-    manager.save(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n")
+    manager.save(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n", rolled_back=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000004"]
     assert (tmp_path / "LATEST").read_text() == "step_000004\n"
     model, state, rng = ckpt.load_state(tmp_path / "step_000004")

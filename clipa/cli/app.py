@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from clipa import __version__
 from clipa.errors import ClipaError
@@ -72,6 +73,7 @@ def _load(recipe_path: str, overrides: Optional[List[str]]):
 
 
 def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
+    from clipa.data.spec import data_commands
     from clipa.flops import train_flops_per_sample
     from clipa.model.build import arch_config, native_geometry
     from clipa.train.checkpoint import CheckpointManager
@@ -93,6 +95,7 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
         ("text", f"{geometry.context_length} tokens per caption ({recipe.reduction.text})"),
         ("train FLOPs", f"{flops:.3g} per sample, {flops / full:.2f}x of full length; {flops * steps * recipe.train.global_batch_size:.3g} in total"),
         ("data", recipe.data.train),
+        *(("runs", command) for command in data_commands(recipe.data.train)),
         ("steps", f"{steps} x {recipe.train.global_batch_size} samples = {steps * recipe.train.global_batch_size:,}"),
         ("optimizer", f"AdamW lr {recipe.optim.lr:g}, warmup {recipe.optim.warmup_steps}, {recipe.optim.schedule}, "
                       f"wd {recipe.optim.weight_decay:g}, betas {tuple(recipe.optim.betas)}"),
@@ -100,7 +103,7 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
         ("run directory", str(out_dir)),
     ]
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(key, Text(value))  # recipe values are shown as written, never read as rich markup
     return table
 
 
@@ -112,13 +115,15 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     if stage == "finetune" and not recipe.init.checkpoint:
         raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
-    if resume and dry_run:  # a real run checks it in the trainer, before building anything
+    if dry_run:  # a real run checks these in the trainer (on rank 0, once), before building anything
         from clipa.train.checkpoint import resolve_resume
+        from clipa.train.runlock import check_run_dir
 
-        resume = resolve_resume(resume)
-    if recipe.init.checkpoint:
-        find_weights(recipe.init.checkpoint)  # fail now, not after building the model
-    if dry_run:
+        check_run_dir(run_dir)
+        if resume:
+            resume = resolve_resume(resume)
+        if recipe.init.checkpoint:
+            find_weights(recipe.init.checkpoint)
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
         out.print(_describe(recipe, numbers, stage, run_dir, resume))
         return
@@ -177,6 +182,10 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
+    from clipa.data.spec import data_commands
+
+    for command in data_commands(recipe_obj.data.train):  # a recipe can run commands, like a Makefile
+        out.print(f"data.train runs: {command}", highlight=False, markup=False, soft_wrap=True)
     if recipe_obj.init.checkpoint and not Path(recipe_obj.init.checkpoint).exists():  # often an earlier stage's run
         out.print(f"note: init.checkpoint {recipe_obj.init.checkpoint} does not exist yet", highlight=False)
 
@@ -298,12 +307,16 @@ _OUTPUT = typer.Option(None, "--output", help="Write results as JSON (CLIP_bench
 
 
 def _eval_model(model: str, pretrained: Optional[str], image_size: Optional[int] = None,
-                text_length: Optional[int] = None):
+                text_length: Optional[int] = None, batch_size: int = 1):
     """Join the launcher's process group (torchrun / accelerate launch; none for a plain call) and
     load the model onto its device. Returns (model, whether this process prints and writes)."""
     from clipa.evaluate.models import load_model
     from clipa.evaluate.sharding import join_launcher
 
+    for option, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 1),
+                                 ("--text-length", text_length, 2)):
+        if value is not None and value < least:
+            raise ClipaError(f"{option}: must be >= {least}, got {value}")
     accelerator = join_launcher()
     loaded = load_model(model, pretrained, image_size, text_length)
     loaded.model.to(accelerator.device)
@@ -359,7 +372,7 @@ def zeroshot(model: str = _MODEL,
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
-    loaded, main = _eval_model(model, pretrained, image_size, text_length)
+    loaded, main = _eval_model(model, pretrained, image_size, text_length, batch_size)
     workers = _decode_workers(num_workers)
     results = [run_zeroshot(loaded, name, data_root, templates, batch_size=batch_size, num_workers=workers)
                for name in dataset]
@@ -386,7 +399,7 @@ def retrieval(model: str = _MODEL,
     from clipa.evaluate.retrieval import retrieval as run_retrieval
 
     check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")  # before the model loads
-    loaded, main = _eval_model(model, pretrained, image_size, text_length)
+    loaded, main = _eval_model(model, pretrained, image_size, text_length, batch_size)
     result = run_retrieval(loaded, dataset, data_root, batch_size=batch_size, num_workers=_decode_workers(num_workers))
     if not main:
         return
@@ -414,7 +427,7 @@ def linear_probe_command(model: str = _MODEL,
     """Logistic-regression probe on frozen image features; L2 chosen on a class-stratified validation split."""
     from clipa.evaluate.linear_probe import linear_probe
 
-    loaded, main = _eval_model(model, pretrained)
+    loaded, main = _eval_model(model, pretrained, batch_size=batch_size)
     result = linear_probe(loaded, dataset, data_root, cache, batch_size=batch_size,
                           num_workers=_decode_workers(num_workers))
     if not main:

@@ -218,9 +218,9 @@ class ShardSource:
             if path is not None:
                 raw = open(path, "rb")
             else:
-                from webdataset.gopen import gopen
+                from clipa.data.urls import open_shard
 
-                raw = gopen(url, "rb")
+                raw = open_shard(url)
         except FileNotFoundError as err:
             stats.skip("missing_shard", url, None, err.strerror or str(err))
             return

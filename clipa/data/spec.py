@@ -4,7 +4,7 @@
     "/data/laion/{00000..41407}.tar"              webdataset shards (brace expansion)
     "/data/laion"                                 a folder: every .tar / .tar.gz / .tgz in it
     "pipe:curl -sL https://host/x/{0..99}.tar"    shards read from a shell command's stdout
-    "https://host/x/{0..99}.tar"                  shards over HTTP(S) (webdataset's gopen, curl)
+    "https://host/x/{0..99}.tar"                  shards over HTTP(S) (curl, started without a shell)
     "/data/cc3m/train.csv"                        a CSV/TSV of image paths and captions
     "/data/laion/{00000..41407}.tar@0.7::/data/cc3m/train.csv@0.3"   a weighted mixture
 
@@ -62,6 +62,10 @@ def parse_train(value: str, key: str = "data.train") -> list[SourceSpec]:
                 raise ClipaError(f"{key}: weight without a source in \"{value}\"; write SOURCE@WEIGHT, e.g. {_EXAMPLE}")
             if weight <= 0:
                 raise ClipaError(f"{key}: weight of \"{part}\" must be > 0, got {weight:g}; drop the source instead")
+        if source_kind(part) == "shards":
+            from clipa.data.urls import check_scheme
+
+            check_scheme(part, key)
         specs.append(SourceSpec(part, weight, source_kind(part)))
     if len(specs) > 1 and any(s.kind == "synthetic" for s in specs):
         raise ClipaError(f"{key}: \"synthetic\" cannot be mixed with other sources; write its shards with "
@@ -74,3 +78,10 @@ def expand(pattern: str) -> list[str]:
     import braceexpand  # a webdataset dependency; pure Python
 
     return list(braceexpand.braceexpand(pattern))
+
+
+def data_commands(value: str) -> list[str]:
+    """The programs reading `data.train` will start (clipa/data/urls.py): shown before they run."""
+    from clipa.data.urls import commands
+
+    return commands([s.pattern for s in parse_train(value) if s.kind == "shards"])

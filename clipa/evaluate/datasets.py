@@ -59,7 +59,7 @@ def load_templates(spec: str | None, default) -> list[Callable[[str], str]]:
     path = Path(spec)
     if not path.is_file():
         raise ClipaError(f"--templates: {spec} is neither openai, simple nor a file of templates")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     bad = [line for line in lines if "{c}" not in line]
     if not lines or bad:
         raise ClipaError(f"--templates: {spec} needs one template per line, each with {{c}} for the class name"
@@ -136,7 +136,7 @@ def read_imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
     classnames = [p.name.replace("_", " ") for p in folders]
     names_file = root / "classnames.txt"
     if names_file.is_file():
-        names = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        names = [line.strip() for line in names_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
         if len(names) != len(folders):
             raise ClipaError(f"{names_file}: lists {len(names)} class names but {root} has {len(folders)} "
                              "class folders; give one name per folder, in sorted folder order")
@@ -232,9 +232,9 @@ def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
     names_file = root / "classnames.txt"
     if not names_file.is_file():
         raise ClipaError(f"--data-root: {names_file} is missing (CLIP_benchmark webdataset layout)")
-    classnames = [line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    classnames = [line.strip() for line in names_file.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     template_file = root / "zeroshot_classification_templates.txt"
-    default = [t for t in template_file.read_text(encoding="utf-8").splitlines() if t.strip()] \
+    default = [t for t in template_file.read_text(encoding="utf-8", errors="replace").splitlines() if t.strip()] \
         if template_file.is_file() else ["a photo of a {c}."]
     return ZeroShotData("wds", WdsClassification(root, transform, len(classnames)), classnames,
                         load_templates(templates, default))
@@ -248,8 +248,9 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
     if name == "imagefolder":
         root = _root(data_root, name)
         dataset, classnames = read_imagefolder(root, transform)
-        default = [line for line in (root / "templates.txt").read_text().splitlines() if line.strip()] \
-            if (root / "templates.txt").is_file() else ["a photo of a {c}."]
+        found = root / "templates.txt"
+        lines = found.read_text(encoding="utf-8", errors="replace").splitlines() if found.is_file() else []
+        default = [line for line in lines if line.strip()] or ["a photo of a {c}."]
         return ZeroShotData(name, dataset, classnames, load_templates(templates, default))
     if name == "wds":
         return _wds(_root(data_root, name), transform, templates)

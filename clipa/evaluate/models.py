@@ -26,7 +26,7 @@ from typing import Callable
 import open_clip
 import torch
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, first_line
 from clipa.model.build import (
     arch_config,
     build_tokenizer,
@@ -36,6 +36,7 @@ from clipa.model.build import (
     set_timm_input_size,
     stage_config,
 )
+from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
 from clipa.model.weights import EXPORT_CONFIG, find_weights, load_weights, model_from_checkpoint, read_state_dict
 
 
@@ -59,9 +60,20 @@ def _export_tokenizer(path: Path, context_length: int):
 
 
 def _from_export(path: Path) -> LoadedModel:
-    config = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
+    try:
+        config = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))
+        text_cfg = config["model_cfg"]["text_cfg"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ClipaError(f"--model: {path / EXPORT_CONFIG} is not an open_clip model config ({type(err).__name__}: "
+                         f"{first_line(err, 120)}); export the model again with clipa export") from None
+    # open_clip's get_tokenizer hands these to Hugging Face's from_pretrained: refused unless harmless.
+    check_tokenizer_kwargs(text_cfg, f"--model: {path / EXPORT_CONFIG}")
     # open_clip finds the weights file itself (open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)
-    model = open_clip.create_model(f"local-dir:{path}", device="cpu")
+    try:
+        model = open_clip.create_model(f"local-dir:{path}", device="cpu")
+    except Exception as err:  # noqa: BLE001 - truncated weights, a config open_clip cannot build: a bad folder
+        raise ClipaError(f"--model: {path} does not load with open_clip ({type(err).__name__}: "
+                         f"{first_line(err, 160)}); export the model again or check its files") from None
     model.output_dict = True
     pre = config.get("preprocess_cfg", {})
     image_size = pre.get("size") or config["model_cfg"]["vision_cfg"].get("image_size", 224)
@@ -110,7 +122,11 @@ def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length:
     if length is not None:
         cfg["text_cfg"]["context_length"] = length
     device = next(loaded.model.parameters()).device
-    model = create_model(cfg)
+    try:
+        model = create_model(cfg)
+    except (RuntimeError, MemoryError) as err:  # e.g. --image-size 100000: a position grid of 10^8 tokens
+        raise ClipaError(f"--image-size/--text-length: a {size} px / {length} token model does not fit in memory "
+                         f"({first_line(err, 100)}); choose a smaller size") from None
     load_weights(model, {k: v.cpu() for k, v in loaded.model.state_dict().items()}, key="--model")
     if timm_trunk:
         set_timm_input_size(model.visual, size)

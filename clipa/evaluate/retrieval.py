@@ -84,7 +84,8 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
         if not root.is_file():
             raise ClipaError(f"--data-root: {root} is not a CSV/TSV file")
         delimiter = "\t" if root.suffix.lower() == ".tsv" else ","
-        with open(root, newline="", encoding="utf-8") as f:
+        # Read as training reads CSVs: a BOM is dropped, bytes that are not UTF-8 become U+FFFD.
+        with open(root, newline="", encoding="utf-8-sig", errors="replace") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
             if missing:
@@ -99,7 +100,7 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
         for shard, parts in wds_index(root):
             image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             if image is not None and "txt" in parts:
-                text = _read_at(shard, parts["txt"]).decode()
+                text = _read_at(shard, parts["txt"]).decode("utf-8", errors="replace")
                 loaders.append(functools.partial(_open_member, shard, image))
                 captions.append([c for c in text.splitlines() if c.strip()])
         return loaders, captions

@@ -98,8 +98,11 @@ def zeroshot(loaded: LoadedModel, dataset: str, data_root: str | None = None, te
 
 
 def write_result(result: dict, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise ClipaError(f"--output: cannot write {path} ({err.strerror or err}); choose a writable file path") from None
 
 
 def output_paths(output: str | Path, datasets: list[str]) -> list[Path]:

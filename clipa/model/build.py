@@ -19,6 +19,7 @@ import open_clip
 import torch
 
 from clipa.errors import ClipaError, did_you_mean, first_line
+from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
 
 BUNDLED_CONFIGS = Path(__file__).parent.parent / "model_configs"
 
@@ -49,9 +50,10 @@ def arch_config(arch: str, key: str = "model.arch") -> dict:
             cfg = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ClipaError(f"{key}: {arch} is not valid JSON ({err})") from None
-        cfg = cfg.get("model_cfg", cfg)
-        if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+        cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else cfg
+        if not isinstance(cfg, dict) or not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ClipaError(f"{key}: {arch} lacks embed_dim/vision_cfg/text_cfg of an open_clip model config")
+        check_tokenizer_kwargs(cfg["text_cfg"], f"{key}: {arch}")
         return cfg
     register_configs()
     cfg = open_clip.get_model_config(arch)
@@ -253,7 +255,7 @@ def build_tokenizer(arch: str, context_length: int):
         if arch.endswith(".json"):
             if text_cfg.get("hf_tokenizer_name"):
                 return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
-                                             **text_cfg.get("tokenizer_kwargs", {}))
+                                             **check_tokenizer_kwargs(text_cfg, f"model.arch: {arch}"))
             return open_clip.SimpleTokenizer(context_length=context_length)
         return open_clip.get_tokenizer(arch, context_length=context_length)
     except ImportError as err:  # CLIPA-v2 configs use a BERT tokenizer through Hugging Face transformers

@@ -93,7 +93,11 @@ def model_from_checkpoint(path: Path):
     recipe = read_run_recipe(path)
     geometry, model_cfg = recipe_model_config(recipe)
     model = create_model(model_cfg)
-    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    try:
+        model.load_state_dict(read_state_dict(path, "checkpoint"))
+    except RuntimeError as err:  # shape or name mismatch: the files of two different checkpoints
+        raise ClipaError(f"{path}: its weights do not fit the model its {CONFIG_FILE} describes "
+                         f"({first_line(err, 120)}); the checkpoint is damaged or assembled from two runs") from None
     return model, recipe, geometry, model_cfg
 
 
@@ -138,25 +142,37 @@ def write_safetensors(state_dict: dict, path: Path) -> None:
 
 
 def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
-    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename)."""
+    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
+
+    The temporary and the set-aside names are fixed per destination (one writer per destination:
+    the trainer holds the run lock, `clipa export` needs an empty OUT), so the next export removes
+    what a killed one left behind, and a failed one removes its own.
+    """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists() and not out_dir.exists():
+        old.rename(out_dir)  # killed between the two renames below: the previous export is whole
+    shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    image_size = model_cfg["vision_cfg"]["image_size"]
-    preprocess_cfg = {
-        "size": image_size,
-        "mean": list(open_clip.OPENAI_DATASET_MEAN),
-        "std": list(open_clip.OPENAI_DATASET_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
-    fsync_dir(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        image_size = model_cfg["vision_cfg"]["image_size"]
+        preprocess_cfg = {
+            "size": image_size,
+            "mean": list(open_clip.OPENAI_DATASET_MEAN),
+            "std": list(open_clip.OPENAI_DATASET_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        }
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+        write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old)

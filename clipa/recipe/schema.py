@@ -10,6 +10,7 @@ so this module stays free of torch.
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ QUEUE_KINDS = ("none", "memory_bank", "momentum")
 ZEROSHOT_DATASETS = ("synthetic", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r",
                      "imagenet-a", "wds")
 RETRIEVAL_DATASETS = ("csv", "wds", "synthetic")  # as for `clipa retrieval --dataset`
+_NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,200}$")
 
 
 @dataclass
@@ -119,6 +121,8 @@ class TrainConfig:
     log_every_steps: int = 10
     logit_scale_max: float = 100.0  # CLIP clamps the learned temperature at 100
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
+    # Seconds a process waits for the others in one collective before the run stops (torch's default).
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -253,6 +257,8 @@ def read_toml(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as err:
         # tomllib's message already carries "(at line N, column M)".
         raise ClipaError(f"{path}: TOML syntax error: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ClipaError(f"{path}: not UTF-8 text (byte {err.start}); TOML files are UTF-8, save it as such") from None
 
 
 def read_run_recipe(directory: str | Path) -> Recipe:
@@ -374,6 +380,12 @@ def _check(condition: bool, message: str) -> None:
 def validate(recipe: Recipe) -> None:
     """Checks that need nothing but the recipe itself."""
     r = recipe
+    # The run directory defaults to runs/<name>: a separator, "..", or an absolute path would put
+    # it (and what clipa writes and replaces there) anywhere on the disk.
+    _check(r.name == "" or bool(_NAME.match(r.name)),
+           f"name: {_show(r.name)} is not a plain name; use letters, digits, '.', '_' and '-' (no path "
+           "separators, no \"..\"), and --out to choose where the run directory goes")
+    _check(r.train.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0 seconds, got {r.train.dist_timeout_s}")
     _check(bool(r.model.arch), "model.arch: empty; set an open_clip architecture such as \"ViT-B-16\" or \"clipa-tiny\"")
     _check(r.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups: must be >= 0")
     _check(r.model.lock_text_unlocked_groups >= 0, "model.lock_text_unlocked_groups: must be >= 0")
@@ -509,8 +521,9 @@ def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
 
 
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
-_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
-                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
+_FIXED_ON_RESUME = ("model.arch", "model.image_tower", "reduction.image", "reduction.image_size",
+                    "reduction.mask_ratio", "reduction.text", "reduction.text_length", "train.global_batch_size",
+                    "train.seed", "data.train", "loss.kind", "loss.queue")
 
 
 def _get(recipe, dotted: str):

@@ -9,36 +9,25 @@ a final `step_*` name is always complete. `LATEST` names the newest and is repla
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from clipa.agree import agreed, fault_point
 from clipa.errors import ClipaError, first_line
 from clipa.model.weights import CONFIG_FILE, MODEL_FILE, fsync_dir, fsync_file, model_from_checkpoint, write_safetensors
+from clipa.train.safeload import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "LATEST"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint is renamed aside to .damaged-step_N[-K], never deleted
+READ_TRIES = 3  # an OSError while reading a checkpoint is retried this often before the run stops
 
 
 def checkpoint_step(path: Path) -> int:
@@ -55,6 +44,7 @@ class CheckpointManager:
     def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, barrier=lambda: None):
         self.directory = Path(directory)
         self.keep_last, self.rank, self.barrier = keep_last, rank, barrier
+        self.moved_aside: list[str] = []  # notes for the run's log (latest(quarantine=True))
 
     def complete(self) -> list[Path]:
         if not self.directory.is_dir():
@@ -66,8 +56,8 @@ class CheckpointManager:
         """Finish a same-step save killed between its two renames (see `save`).
 
         Rank 0 puts `.old-step_N` back when the new `step_N` never landed, and deletes it when the
-        new one did. Only the trainer calls this (every process, for the barrier): commands that
-        merely look at a run directory never change it.
+        new one did. Only the trainer calls this, holding the run lock: commands that merely look at
+        a run directory never change it.
         """
         if self.rank == 0 and self.directory.is_dir():
             for old in self.directory.glob(".old-step_*"):
@@ -76,23 +66,31 @@ class CheckpointManager:
                     shutil.rmtree(old, ignore_errors=True)
                 elif all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE)):
                     old.rename(final)
-        self.barrier()
 
-    def latest(self) -> Path | None:
+    def latest(self, quarantine: bool = False) -> Path | None:
         """The newest checkpoint that loads.
 
         A directory with a final `step_*` name is complete by construction (it is renamed into
         place after its files are fsynced), so it is trusted even when a kill came before LATEST
         was updated; LATEST is the pointer for people and tools. A disk can still corrupt a file
-        after the fact: such a checkpoint is skipped with a warning, never chosen.
+        after the fact: such a checkpoint is skipped with a warning, never chosen; with
+        `quarantine` (the trainer's rank 0 only: looking never changes a run directory) it is
+        also renamed aside to `.damaged-step_N`, kept for inspection and out of every later choice.
+        A file that cannot be read at all (EIO, ESTALE) is not damage: `verify` retries and then
+        stops with an error, so a storage hiccup never silently rolls a run back.
         """
         for path in reversed(self.complete()):
             problem = verify(path)
             if problem is None:
                 return path
-            import warnings
-
-            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
+            if quarantine and self.rank == 0:
+                aside = _aside_name(path)
+                path.rename(aside)
+                fsync_dir(self.directory)
+                self.moved_aside.append(f"damaged checkpoint {path} ({first_line(problem, 160)}) moved aside to "
+                                        f"{aside.name}")
+            else:
+                warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
         return None
 
     def check_free_space(self, checkpoint_bytes: int) -> None:
@@ -103,63 +101,79 @@ class CheckpointManager:
             raise ClipaError(f"--out: {self.directory} has {free / 2**30:.2f} GiB free, a checkpoint needs about "
                              f"{checkpoint_bytes / 2**30:.2f} GiB; free some space or choose another --out")
 
-    def save(self, step: int, model_state: dict | None, state: dict | None, config_text: str) -> Path:
-        """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames."""
+    def save(self, step: int, model_state: dict | None, state: dict | None, config_text: str,
+             rolled_back: bool = False) -> Path:
+        """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames.
+
+        `rolled_back`: this run started from an explicit `--resume` to an earlier step, so higher
+        steps belong to the abandoned trajectory and are deleted once this one is in place.
+        """
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
-        old = None
-        try:
+        moved: list[Path] = []  # `.old-step_N` while a same-step save replaces it
+
+        def begin():
+            fault_point("save", self.rank)
             if self.rank == 0:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-            self.barrier()
-            _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt")
-            self.barrier()
-            if self.rank == 0:
-                write_safetensors(model_state, tmp / MODEL_FILE)
-                _crash_point("checkpoint-write", step)
-                _save_fsync(state, tmp / STATE_FILE)
-                (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-                fsync_file(tmp / CONFIG_FILE)
-                fsync_dir(tmp)
-                if final.exists():  # the same step again (e.g. after an explicit --resume rolled back)
-                    # Moved aside, deleted only once the new one is in place: a kill between the two
-                    # renames leaves `.old-step_*`, which `recover` puts back on the next start.
-                    old = self.directory / f".old-step_{step:06d}"
-                    shutil.rmtree(old, ignore_errors=True)
-                    final.rename(old)
-                tmp.rename(final)
-                fsync_dir(self.directory)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-                _crash_point("before-latest", step)
-                pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
-                pointer_tmp.write_text(final.name + "\n")
-                fsync_file(pointer_tmp)
-                os.replace(pointer_tmp, self.directory / LATEST_FILE)
-                fsync_dir(self.directory)
-                self.prune(final)
-        except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError, not OSError
+
+        def finish():
+            if self.rank != 0:
+                return
+            write_safetensors(model_state, tmp / MODEL_FILE)
+            _crash_point("checkpoint-write", step)
+            _save_fsync(state, tmp / STATE_FILE)
+            (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
+            fsync_file(tmp / CONFIG_FILE)
+            fsync_dir(tmp)
+            if final.exists():  # the same step again (e.g. after an explicit --resume rolled back)
+                # Moved aside, deleted only once the new one is in place: a kill between the two
+                # renames leaves `.old-step_*`, which `recover` puts back on the next start.
+                old = self.directory / f".old-step_{step:06d}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                moved.append(old)
+            tmp.rename(final)
+            fsync_dir(self.directory)
+            for old in moved:
+                shutil.rmtree(old, ignore_errors=True)
+            _crash_point("before-latest", step)
+            pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
+            pointer_tmp.write_text(final.name + "\n")
+            fsync_file(pointer_tmp)
+            os.replace(pointer_tmp, self.directory / LATEST_FILE)
+            fsync_dir(self.directory)
+            self.prune(final, drop_newer=rolled_back)
+
+        try:
+            # Each phase ends with every process knowing whether any failed (it doubles as the
+            # barrier): a save error on one process stops all of them with the same message.
+            _agreed_phase(begin)
+            _agreed_phase(lambda: _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt"))
+            _agreed_phase(finish)
+        except ClipaError as err:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if old is not None and old.exists() and not final.exists():
-                    old.rename(final)  # the failed write replaced nothing
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
-            raise ClipaError(f"checkpoint: could not write {final} ({first_line(reason)}); "
-                             f"the earlier checkpoints in {self.directory} are intact. Free space on that disk (or "
-                             "lower checkpoint.keep_last) and rerun the same command to resume") from None
+                for old in moved:
+                    if old.exists() and not final.exists():
+                        old.rename(final)  # the failed write replaced nothing
+            raise ClipaError(f"checkpoint: could not write {final} ({err}); the earlier checkpoints in "
+                             f"{self.directory} are intact. Free space on that disk (or lower checkpoint.keep_last) "
+                             "and rerun the same command to resume") from None
         self.barrier()
         return final
 
-    def prune(self, newest: Path | None = None) -> None:
+    def prune(self, newest: Path | None = None, drop_newer: bool = False) -> None:
         """Keep the newest `keep_last`; `newest` (the one just written) is never deleted.
 
-        Checkpoints with a higher step than `newest` belong to a trajectory abandoned by an explicit
-        `--resume` to an earlier step; they are deleted, else a later automatic resume (which takes the
-        highest step) would jump back onto the abandoned trajectory.
+        With `drop_newer` (only after an explicit `--resume` roll-back), checkpoints with a higher step
+        than `newest` belong to the abandoned trajectory; they are deleted, else a later automatic
+        resume (which takes the highest step) would jump back onto it. Without it a higher step is
+        never deleted: it can only be there because it could not be read a moment ago.
         """
-        if newest is not None:
+        if newest is not None and drop_newer:
             for path in self.complete():
                 if checkpoint_step(path) > checkpoint_step(newest):
                     shutil.rmtree(path, ignore_errors=True)
@@ -172,6 +186,18 @@ class CheckpointManager:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _agreed_phase(work) -> None:
+    """Run `work` on every process; any failure becomes the same one-line ClipaError on all of them."""
+    with agreed():
+        try:
+            work()
+        except ClipaError:
+            raise
+        except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError, not OSError
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+            raise ClipaError(first_line(reason)) from None
+
+
 def _crash_point(where: str, step: int) -> None:
     """Crash-consistency tests kill the process here: CLIPA_CRASH_AT=checkpoint-write:4 (SIGKILL)."""
     target = os.environ.get("CLIPA_CRASH_AT")
@@ -179,8 +205,16 @@ def _crash_point(where: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
-def verify(path: Path) -> str | None:
-    """None if the checkpoint's files load, else what is wrong with them."""
+def _aside_name(path: Path) -> Path:
+    aside = path.with_name(DAMAGED_PREFIX + path.name)
+    n = 1
+    while aside.exists():
+        aside, n = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}"), n + 1
+    return aside
+
+
+def _damage(path: Path) -> str | None:
+    """None if the checkpoint's files read back whole, else what is wrong; OSError propagates."""
     from safetensors import safe_open
 
     try:
@@ -193,9 +227,31 @@ def verify(path: Path) -> str | None:
             bad = archive.testzip()
         if bad is not None:
             return f"{STATE_FILE}: member {bad} is corrupt"
-    except Exception as err:  # noqa: BLE001 - any failure to read means: do not resume from it
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:  # a file gone: that is damage
+        return f"{type(err).__name__}: {err}"
+    except OSError:  # EIO, ESTALE, ...: the storage, not the checkpoint (verify retries)
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever else the readers raise on bad bytes is damage
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def verify(path: Path, tries: int = READ_TRIES, delay_s: float = 1.0) -> str | None:
+    """None if the checkpoint's files load, else what is wrong with them (damage).
+
+    An OSError while reading (EIO, ESTALE on network storage) says nothing about the checkpoint:
+    it is retried `tries` times, then raises a ClipaError (exit 2) rather than passing the
+    checkpoint over, which would roll the run back to an older one without anyone asking.
+    """
+    for attempt in range(tries):
+        try:
+            return _damage(path)
+        except OSError as err:
+            reason = err.strerror or str(err)
+            if attempt + 1 < tries:
+                time.sleep(delay_s * (attempt + 1))
+    raise ClipaError(f"checkpoint: cannot read {path} ({reason}; tried {tries} times); nothing was changed. Check "
+                     "the storage (a network mount that went away, a failing disk) and rerun the same command")
 
 
 def _save_fsync(obj, path: Path) -> None:
@@ -204,13 +260,17 @@ def _save_fsync(obj, path: Path) -> None:
 
 
 def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None]:
-    """(model state dict, training state, this rank's RNG state or None)."""
+    """(model state dict, training state, this rank's RNG state or None).
+
+    Nothing here runs code from the files (safetensors, and `weights_only=True` for the rest), and
+    the training state is memory-mapped: every process of a node reads the same pages.
+    """
     from safetensors.torch import load_file
 
     model_state = load_file(str(checkpoint / MODEL_FILE))
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    state = load_plain(checkpoint / STATE_FILE)
     rng_path = checkpoint / f"rng_rank{rank}.pt"
-    rng = torch.load(rng_path, map_location="cpu", weights_only=False) if rng_path.is_file() else None
+    rng = load_rng(rng_path) if rng_path.is_file() else None
     return model_state, state, rng
 
 
@@ -242,10 +302,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory."""
     from clipa.model.weights import export_open_clip
 
-    path = resolve_resume(checkpoint, key="CHECKPOINT")
-    model, _, _, model_cfg = model_from_checkpoint(path)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ClipaError(f"OUT: {out_dir} is a file; choose a new directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
+    path = resolve_resume(checkpoint, key="CHECKPOINT")
+    model, _, _, model_cfg = model_from_checkpoint(path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return export_open_clip(model, model_cfg, out_dir)

@@ -19,6 +19,7 @@ row, stop the run with the last good checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -28,7 +29,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
+from clipa.agree import agreed, agreed_min, broadcast_value, fault_point
+from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
+from clipa.data.spec import data_commands
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops
@@ -44,6 +47,7 @@ from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
 from clipa.train.optim import build_optimizer, build_scheduler
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
+from clipa.train.runlock import RunLock, check_run_dir
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
@@ -69,12 +73,18 @@ class StageResult:
     skipped_steps: int = 0  # updates skipped for non-finite loss or gradients
 
 
-def _accelerator(precision: str) -> Accelerator:
+def _accelerator(precision: str, timeout_s: int = 1800) -> Accelerator:
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
     on_gpu = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    return Accelerator(cpu=not on_gpu, mixed_precision=mixed)
+    # The process-group timeout bounds how long a process waits for a peer that is gone or stuck.
+    return Accelerator(cpu=not on_gpu, mixed_precision=mixed,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
 
 
 def _total_grad_norm(parameters) -> torch.Tensor:
@@ -131,7 +141,18 @@ class Trainer:
         self.recipe, self.stage = recipe, stage
         self.run_dir = Path(out_dir or Path("runs") / recipe.name)
         self.state = TrainState()
-        self.setup(resume)
+        self.lock: RunLock | None = None
+        try:
+            self.setup(resume)
+        except BaseException:
+            self.close()  # a failed setup leaves the run directory free
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (the OS also releases it if the process dies)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     @property
     def step(self) -> int:
@@ -147,17 +168,25 @@ class Trainer:
         # or a text strategy it cannot do is a recipe error, reported in a second, not after the model.
         self.text_reducer = TextReducer(build_tokenizer(recipe.model.arch, self.geometry.context_length),
                                         recipe.reduction.text, self.geometry.context_length)
-        self.accelerator = accelerator = _accelerator(recipe.train.precision)
+        self.accelerator = accelerator = _accelerator(recipe.train.precision, recipe.train.dist_timeout_s)
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.main = accelerator.is_main_process
+        if self.world > 1 and recipe.data.num_workers < 0:
+            # "auto" is this process's share of its node's cores; nodes can differ, and streaming sources
+            # split their shards by (process, worker): every process must use the same count.
+            workers = agreed_min(resolve_workers(recipe.data.num_workers))
+            recipe = self.recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data,
+                                                                                         num_workers=workers))
         self.micro, self.accumulation = self.spec.layout(self.world)
         init_weights = self._find_start(resume)
-        if self.main:
-            _prepare_run_dir(self.run_dir)
-        accelerator.wait_for_everyone()
-        model, optimizer = self._build_model(init_weights)
         self.notes = []
-        queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
+        with agreed():  # reading weights and state can fail on one process only (its node's view of the files)
+            fault_point("restore", self.rank)
+            model, optimizer = self._build_model(None if init_weights is None else read_state_dict(*init_weights))
+            queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
+            self.config_text = schema.dumps(recipe)
+            if self.main:
+                (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
         self.start_step = self.state.step
         self.queues, self.momentum = self._build_queues(model, queue_state)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
@@ -167,28 +196,40 @@ class Trainer:
             # whose names carry no `_orig_mod.` prefix. Masks change values, never shapes, per stage:
             # one graph per grad mode, no recompilation per step.
             self.model = torch.compile(self.model)
-        self.config_text = schema.dumps(recipe)
-        if self.main:
-            (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
         self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
                                                 self.masker)
 
-    def _find_start(self, resume) -> dict | None:
-        """Where training starts (the resume order in the module docstring); returns init weights, if any."""
+    def _find_start(self, resume) -> tuple[Path, str] | None:
+        """Where training starts (the resume order in the module docstring); returns where init weights are.
+
+        Rank 0 alone owns the run directory (it checks and locks it) and decides where the run starts
+        (verifying that checkpoint once); every process learns the decision, or the same error.
+        """
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.recipe.checkpoint.keep_last, self.rank,
                                              self.accelerator.wait_for_everyone)
-        self.checkpoints.recover()
-        # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
         self.explicit_resume = bool(resume)
-        self.start_from = start_from = resolve_resume(resume) if resume else self.checkpoints.latest()
-        self.replaced = [p.name for p in self.checkpoints.complete()
-                         if resume and checkpoint_step(p) > checkpoint_step(start_from)]
-        if start_from is None and self.stage == "finetune" and not self.recipe.init.checkpoint:
-            raise ClipaError("init.checkpoint: finetune needs weights to start from; set init.checkpoint=runs/NAME "
-                             "(a pretrain run directory, a checkpoint or an exported model)")
-        if start_from is None and self.recipe.init.checkpoint:
-            return read_state_dict(*find_weights(self.recipe.init.checkpoint))
-        return None
+        self.replaced: list[str] = []
+        start_from, init_weights = None, None
+        with agreed():
+            fault_point("setup", self.rank)
+            if self.main:
+                check_run_dir(self.run_dir)
+                explicit = resolve_resume(resume) if resume else None
+                _prepare_run_dir(self.run_dir)
+                self.lock = RunLock(self.run_dir).acquire()
+                self.checkpoints.recover()
+                # An explicit resume wins over the run's own checkpoints: that is how a run rolls back.
+                start_from = explicit or self.checkpoints.latest(quarantine=True)
+                self.replaced = [p.name for p in self.checkpoints.complete()
+                                 if resume and checkpoint_step(p) > checkpoint_step(start_from)]
+                if start_from is None and self.stage == "finetune" and not self.recipe.init.checkpoint:
+                    raise ClipaError("init.checkpoint: finetune needs weights to start from; set "
+                                     "init.checkpoint=runs/NAME (a pretrain run directory, a checkpoint or an "
+                                     "exported model)")
+                if start_from is None and self.recipe.init.checkpoint:
+                    init_weights = find_weights(self.recipe.init.checkpoint)
+        self.start_from, init_weights = broadcast_value((start_from, init_weights))
+        return init_weights
 
     def _build_model(self, init_weights: dict | None):
         recipe = self.recipe
@@ -244,7 +285,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self, signals: StopSignals | None = None) -> StageResult:
-        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now."""
+        """The loop. `signals` comes from `train()`, which listens from before setup; else it listens now.
+        The run directory's lock is released when the loop ends, however it ends."""
+        try:
+            return self._run(signals)
+        finally:
+            self.close()
+
+    def _run(self, signals: StopSignals | None) -> StageResult:
         recipe, accelerator, state = self.recipe, self.accelerator, self.state
         log = self._open_log()
         max_log_scale = math.log(recipe.train.logit_scale_max)
@@ -290,6 +338,12 @@ class Trainer:
     def _open_log(self) -> RunLog:
         log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {self.recipe.name}",
                      start=self.state.step, enabled=self.main)
+        for command in data_commands(self.recipe.data.train):  # a recipe can run commands, like a Makefile
+            log.message(f"data.train runs: {command}")
+        for note in self.checkpoints.moved_aside:
+            log.message(f"note: {note}")
+        if self.lock is not None and self.lock.took_over:
+            log.message(f"note: took over {self.run_dir}'s lock from {self.lock.took_over}, which is gone")
         if self.start_from is not None:
             log.message(f"resuming from {self.start_from}{' (--resume)' if self.explicit_resume else ''} at step "
                         f"{self.state.step}/{self.total_steps}"
@@ -410,7 +464,7 @@ class Trainer:
                                    **loader_layout(self.recipe.data, self.world, self.micro)},
                  "queue": self._queue_state()}
         return self.checkpoints.save(step, self.unwrapped.state_dict() if self.main else None,
-                                     state if self.main else None, self.config_text)
+                                     state if self.main else None, self.config_text, rolled_back=self.explicit_resume)
 
     def _queue_state(self) -> dict | None:
         if self.queues is None:
@@ -466,4 +520,8 @@ def train(recipe: Recipe, stage: str = "pretrain", out_dir: str | Path | None = 
     # Listening from the start: a signal during setup, the final save, export or evaluation stops
     # (or lets finish) cleanly instead of raising KeyboardInterrupt; a second one exits at once.
     with StopSignals() as signals:
-        return Trainer(recipe, stage, out_dir, resume).run(signals)
+        trainer = Trainer(recipe, stage, out_dir, resume)
+        try:
+            return trainer.run(signals)
+        finally:
+            trainer.close()

@@ -1,0 +1,352 @@
+"""The bad-input sweep (issue 18): every command against a catalogue of bad inputs.
+
+Each case runs one `clipa` command in a sandbox folder and asserts: exit 0 or 2; on 2, one line
+`error: ...` on stderr; no traceback (the in-process runner re-raises any exception that is not an
+exit); no file in the sandbox changed except under the output the command was given; and the
+earlier checkpoints of a trained run byte-identical (checked by hash after the sweep).
+
+Cases are generated: every recipe key with a wrong type, every numeric key out of range, and a
+catalogue of bad files (recipes, shards, images, captions, CSVs, weights, checkpoints, model folders,
+evaluation data, outputs). Most are validate/dry-run/eval-level and take about a second.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import struct
+import tarfile
+import typing
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clipa.recipe import schema as recipe_mod
+
+from conftest import run_in_process, tiny_overrides
+
+# --------------------------------------------------------------------------- the sandbox
+
+
+def _jpeg(mode="RGB", size=(24, 24), color=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else None).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _png(mode="RGB", size=(24, 24)):
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_bomb():
+    """A PNG that says it is 40000 x 40000 pixels (1.6 gigapixels) in a few dozen bytes."""
+    header = struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + _chunk(b"IEND", b""))
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _good(i):
+    return [(f"s{i:03d}.jpg", _jpeg()), (f"s{i:03d}.txt", b"a red circle")]
+
+
+BAD_SAMPLES = {
+    "corrupt_jpeg": [("b.jpg", b"\xff\xd8\xff\xe0" + os.urandom(200)), ("b.txt", b"x")],
+    "truncated_jpeg": [("b.jpg", _jpeg(size=(64, 64))[:200]), ("b.txt", b"x")],
+    "corrupt_png": [("b.png", b"\x89PNG\r\n\x1a\n" + os.urandom(100)), ("b.txt", b"x")],
+    "cmyk_jpeg": [("b.jpg", _jpeg("CMYK")), ("b.txt", b"a cmyk image")],
+    "png_16bit": [("b.png", _png("I;16")), ("b.txt", b"a 16-bit image")],
+    "png_rgba": [("b.png", _png("RGBA")), ("b.txt", b"a transparent image")],
+    "decompression_bomb": [("b.png", _png_bomb()), ("b.txt", b"x")],
+    "empty_caption": [("b.jpg", _jpeg()), ("b.txt", b"")],
+    "non_utf8_caption": [("b.jpg", _jpeg()), ("b.txt", b"caf\xe9 \xff\xfe")],
+    "huge_caption": [("b.jpg", _jpeg()), ("b.txt", b"word " * 20_000)],  # 100 kB
+    "malformed_json_caption": [("b.jpg", _jpeg()), ("b.json", b"{not json")],
+    "no_image": [("b.txt", b"caption only")],
+}
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    run = root / "trained"
+    result = run_in_process("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128,
+                                                                             "checkpoint.every_steps": 2}),
+                            "--out", run)
+    assert result.returncode == 0, result.stderr
+    shards = root / "shards"
+    shards.mkdir()
+    for name, members in BAD_SAMPLES.items():  # each bad sample between good ones
+        _tar(shards / f"{name}.tar", _good(0) + members + _good(1))
+    _tar(shards / "empty.tar", [])
+    (shards / "random_bytes.tar").write_bytes(os.urandom(4096))
+    whole = (shards / "cmyk_jpeg.tar").read_bytes()
+    (shards / "truncated.tar").write_bytes(whole[: len(whole) // 2])
+    files = root / "files"
+    files.mkdir()
+    (files / "empty.toml").write_text("")
+    (files / "not_toml.toml").write_text("name = [unclosed\n")
+    (files / "non_utf8.toml").write_bytes(b"name = \"caf\xe9\"\n")
+    (files / "huge.toml").write_text("# " + "x" * 1_000_000 + "\n")
+    (files / "unknown_table.toml").write_text("[modle]\narch = \"clipa-tiny\"\n")
+    (files / "junk.bin").write_bytes(os.urandom(2048))
+    weights = (run / "final" / "open_clip_model.safetensors").read_bytes()
+    (files / "truncated.safetensors").write_bytes(weights[:4096])
+    (files / "empty.safetensors").write_bytes(b"")
+    (files / "no_c.txt").write_text("a photo of a thing\n")
+    (files / "non_utf8_templates.txt").write_bytes(b"a photo of a {c} \xff\n")
+    (files / "points.json").write_text("{not json")
+    (files / "points_shape.json").write_text(json.dumps([{"compute": "a lot", "error": 2}]))
+    (files / "a_file").write_text("I am a file\n")
+    (files / "metrics_garbage").mkdir()
+    (files / "metrics_garbage" / "config.toml").write_text((run / "config.toml").read_text())
+    (files / "metrics_garbage" / "metrics.jsonl").write_bytes(b"{\"step\": 1, \"loss\": \n\xff\xfe garbage\n")
+    csvs = root / "csv"
+    csvs.mkdir()
+    Image.new("RGB", (24, 24)).save(csvs / "ok.png")
+    (csvs / "missing_column.csv").write_text("path,caption\nok.png,a thing\n")
+    (csvs / "missing_images.csv").write_text("filepath,title\nnope.png,a thing\nok.png,ok\n")
+    (csvs / "non_utf8.csv").write_bytes(b"filepath,title\nok.png,caf\xe9\n")
+    (csvs / "empty.csv").write_text("")
+    (csvs / "huge_caption.csv").write_text("filepath,title\nok.png," + "word " * 20_000 + "\n")
+    # model folders and checkpoints that are wrong in one way each
+    models = root / "models"
+    models.mkdir()
+    for name in ("truncated_weights", "config_not_json", "config_no_model_cfg"):
+        shutil.copytree(run / "final", models / name)
+    (models / "truncated_weights" / "open_clip_model.safetensors").write_bytes(weights[:4096])
+    (models / "config_not_json" / "open_clip_config.json").write_text("{")
+    (models / "config_no_model_cfg" / "open_clip_config.json").write_text("{}")
+    for name in ("bad_config", "truncated_state", "other_arch"):
+        shutil.copytree(run / "checkpoints" / "step_000004", models / name / "step_000004")
+    (models / "bad_config" / "step_000004" / "config.toml").write_bytes(b"model = \xff\xfe")
+    state = models / "truncated_state" / "step_000004" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    other = models / "other_arch" / "step_000004" / "config.toml"
+    other.write_text(other.read_text().replace('arch = "clipa-tiny"', 'arch = "clipa-small"'))
+    imagefolder = root / "imagefolder"
+    (imagefolder / "cat").mkdir(parents=True)
+    (imagefolder / "cat" / "bad.jpg").write_bytes(b"not an image")
+    (imagefolder / "dog").mkdir()
+    Image.new("RGB", (24, 24)).save(imagefolder / "dog" / "ok.png")
+    (root / "empty_dir").mkdir()
+    return root
+
+
+def _snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _hashes(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- the catalogue
+
+R = "tiny/pretrain"
+FAST = tiny_overrides()
+
+
+def _recipe_key_cases():
+    """Every recipe key wrong in turn: a wrong type; numbers also negative and huge; strings also empty."""
+    cases = []
+    hints = typing.get_type_hints(recipe_mod.Recipe)
+    for table, table_type in hints.items():
+        if table == "source":
+            continue
+        if not dataclasses.is_dataclass(table_type):
+            fields = {table: table_type}
+            prefix = ""
+        else:
+            fields = typing.get_type_hints(table_type)
+            prefix = f"{table}."
+        for key, tp in fields.items():
+            if dataclasses.is_dataclass(tp):  # loss.queue
+                for sub, sub_tp in typing.get_type_hints(tp).items():
+                    cases += _values(f"{prefix}{key}.{sub}", sub_tp)
+            else:
+                cases += _values(f"{prefix}{key}", tp)
+    return cases
+
+
+def _values(key, tp):
+    wrong = {int: "fast", float: "fast", bool: "maybe", str: "[1, 2]"}.get(tp, "fast")
+    out = [(f"recipe-{key}-wrong-type", ["validate", R, f"{key}={wrong}"])]
+    if tp in (int, float):
+        out.append((f"recipe-{key}-negative", ["validate", R, f"{key}=-7"]))
+        out.append((f"recipe-{key}-huge", ["validate", R, f"{key}=1e300" if tp is float else f"{key}={10**30}"]))
+    if tp is str:
+        out.append((f"recipe-{key}-empty", ["validate", R, f"{key}="]))
+    return out
+
+
+def _data_cases():
+    cases = []
+    for name in [*BAD_SAMPLES, "empty", "random_bytes", "truncated"]:
+        cases.append((f"inspect-shard-{name}", ["data", "inspect", "{root}/shards/" + f"{name}.tar", "--sheet",
+                                                "{out}/sheet.png"]))
+    cases.append(("inspect-json-caption-malformed", ["data", "inspect", "{root}/shards/malformed_json_caption.tar",
+                                                     "--caption-key", "json:caption", "--sheet-count", "0"]))
+    for name in ("missing_column", "missing_images", "non_utf8", "empty", "huge_caption"):
+        cases.append((f"inspect-csv-{name}", ["data", "inspect", "{root}/csv/" + f"{name}.csv", "--sheet-count", "0"]))
+        cases.append((f"retrieval-csv-{name}", ["retrieval", "--model", "{root}/trained", "--dataset", "csv",
+                                                "--data-root", "{root}/csv/" + f"{name}.csv", "--num-workers", "0"]))
+    cases += [
+        ("inspect-missing", ["data", "inspect", "{root}/nope/{0..3}.tar", "--sheet-count", "0"]),
+        ("inspect-dir-without-tars", ["data", "inspect", "{root}/empty_dir", "--sheet-count", "0"]),
+        ("validate-train-missing-csv", ["validate", R, "data.train={root}/nope.csv"]),
+        ("validate-train-weight-zero", ["validate", R, "data.train={root}/shards/empty.tar@0"]),
+        ("validate-train-unknown-scheme", ["validate", R, "data.train=s3://bucket/{0..9}.tar"]),
+        ("dry-run-bad-shards", ["pretrain", R, *FAST, "data.train={root}/shards/random_bytes.tar", "--dry-run",
+                                "--out", "{out}/run"]),
+        ("synth-negative", ["data", "synth", "{out}/synth", "--num-samples", "-1"]),
+        ("synth-out-is-file", ["data", "synth", "{root}/files/a_file", "--num-samples", "4"]),
+    ]
+    return cases
+
+
+def _file_cases():
+    files = "{root}/files"
+    return [
+        ("recipe-missing", ["validate", "{root}/nope.toml"]),
+        ("recipe-is-dir", ["validate", "{root}/empty_dir"]),
+        ("recipe-empty", ["validate", f"{files}/empty.toml"]),
+        ("recipe-not-toml", ["validate", f"{files}/not_toml.toml"]),
+        ("recipe-non-utf8", ["validate", f"{files}/non_utf8.toml"]),
+        ("recipe-huge-comment", ["validate", f"{files}/huge.toml"]),
+        ("recipe-unknown-table", ["validate", f"{files}/unknown_table.toml"]),
+        ("recipe-unknown-shipped", ["validate", "tiny/pretrian"]),
+        ("override-no-equals", ["validate", R, "optim.lr"]),
+        ("override-unknown-key", ["validate", R, "optim.learning_rate=1"]),
+        ("override-huge-value", ["validate", R, "name=" + "x" * 100_000]),
+        ("plan-bad-recipe", ["plan", f"{files}/not_toml.toml"]),
+        ("plan-bad-gpus", ["plan", R, "--gpus", "0"]),
+        ("cp-unknown", ["cp", "nope/recipe", "{out}/r.toml"]),
+        ("init-junk-file", ["pretrain", R, *FAST, f"init.checkpoint={files}/junk.bin", "--dry-run", "--out",
+                            "{out}/run"]),
+        ("init-missing", ["finetune", "tiny/finetune", *FAST, "init.checkpoint={root}/nope", "--dry-run", "--out",
+                          "{out}/run"]),
+        ("image-init-junk", ["validate", R, f"model.image_init={files}/junk.bin"]),
+        ("resume-truncated-state", ["pretrain", R, *FAST, "--resume", "{root}/models/truncated_state/step_000004",
+                                    "--out", "{out}/run"]),
+        ("resume-bad-config", ["pretrain", R, *FAST, "--resume", "{root}/models/bad_config/step_000004", "--out",
+                               "{out}/run"]),
+        ("resume-other-arch", ["pretrain", R, *FAST, "--resume", "{root}/models/other_arch/step_000004", "--out",
+                               "{out}/run"]),
+        ("resume-a-file", ["pretrain", R, *FAST, "--resume", f"{files}/junk.bin", "--out", "{out}/run"]),
+        ("export-missing", ["export", "{root}/nope", "{out}/export"]),
+        ("export-out-is-file", ["export", "{root}/trained", f"{files}/a_file"]),
+        ("export-out-not-empty", ["export", "{root}/trained", "{root}/trained"]),
+        ("export-bad-config", ["export", "{root}/models/bad_config/step_000004", "{out}/export"]),
+        ("export-truncated-state", ["export", "{root}/models/truncated_state/step_000004", "{out}/export"]),
+        ("zeroshot-truncated-weights", ["zeroshot", "--model", "{root}/models/truncated_weights", "--dataset",
+                                        "synthetic"]),
+        ("zeroshot-config-not-json", ["zeroshot", "--model", "{root}/models/config_not_json", "--dataset",
+                                      "synthetic"]),
+        ("zeroshot-config-no-model-cfg", ["zeroshot", "--model", "{root}/models/config_no_model_cfg", "--dataset",
+                                          "synthetic"]),
+        ("zeroshot-checkpoint-bad-config", ["zeroshot", "--model", "{root}/models/bad_config/step_000004",
+                                            "--dataset", "synthetic"]),
+        ("zeroshot-checkpoint-other-arch", ["zeroshot", "--model", "{root}/models/other_arch/step_000004",
+                                            "--dataset", "synthetic"]),
+        ("zeroshot-pretrained-truncated", ["zeroshot", "--model", "clipa-tiny", "--pretrained",
+                                           f"{files}/truncated.safetensors", "--dataset", "synthetic"]),
+        ("zeroshot-pretrained-empty", ["zeroshot", "--model", "clipa-tiny", "--pretrained",
+                                       f"{files}/empty.safetensors", "--dataset", "synthetic"]),
+        ("zeroshot-pretrained-junk", ["zeroshot", "--model", "clipa-tiny", "--pretrained", f"{files}/junk.bin",
+                                      "--dataset", "synthetic"]),
+        ("zeroshot-weights-of-another-arch", ["zeroshot", "--model", "clipa-small", "--pretrained",
+                                              "{root}/trained/final/open_clip_model.safetensors", "--dataset",
+                                              "synthetic"]),
+        ("zeroshot-unknown-dataset", ["zeroshot", "--model", "{root}/trained", "--dataset", "imagenett"]),
+        ("zeroshot-missing-root", ["zeroshot", "--model", "{root}/trained", "--dataset", "imagefolder",
+                                   "--data-root", "{root}/nope"]),
+        ("zeroshot-empty-imagefolder", ["zeroshot", "--model", "{root}/trained", "--dataset", "imagefolder",
+                                        "--data-root", "{root}/empty_dir"]),
+        ("zeroshot-corrupt-image", ["zeroshot", "--model", "{root}/trained", "--dataset", "imagefolder",
+                                    "--data-root", "{root}/imagefolder", "--num-workers", "0"]),
+        ("zeroshot-templates-without-c", ["zeroshot", "--model", "{root}/trained", "--dataset", "synthetic",
+                                          "--templates", f"{files}/no_c.txt"]),
+        ("zeroshot-templates-non-utf8", ["zeroshot", "--model", "{root}/trained", "--dataset", "synthetic",
+                                         "--templates", f"{files}/non_utf8_templates.txt", "--num-workers", "0"]),
+        ("zeroshot-output-under-a-file", ["zeroshot", "--model", "{root}/trained", "--dataset", "synthetic",
+                                          "--output", f"{files}/a_file/result.json", "--num-workers", "0"]),
+        ("zeroshot-batch-size-zero", ["zeroshot", "--model", "{root}/trained", "--dataset", "synthetic",
+                                      "--batch-size", "0"]),
+        ("zeroshot-huge-image-size", ["zeroshot", "--model", "{root}/trained", "--dataset", "synthetic",
+                                      "--image-size", "100000"]),
+        ("zeroshot-text-length-one", ["zeroshot", "--model", "{root}/trained", "--dataset", "synthetic",
+                                      "--text-length", "1"]),
+        ("retrieval-wds-empty", ["retrieval", "--model", "{root}/trained", "--dataset", "wds", "--data-root",
+                                 "{root}/empty_dir"]),
+        ("linear-probe-missing-root", ["linear-probe", "--model", "{root}/trained", "--dataset", "imagefolder",
+                                       "--data-root", "{root}/nope"]),
+        ("report-missing", ["report", "{root}/nope"]),
+        ("report-garbage-metrics", ["report", f"{files}/metrics_garbage", "--out", "{out}/report"]),
+        ("scaling-missing", ["scaling", "fit", "{root}/nope.json", "--plot", "{out}/fit.png"]),
+        ("scaling-not-json", ["scaling", "fit", f"{files}/points.json", "--plot", "{out}/fit.png"]),
+        ("scaling-wrong-shape", ["scaling", "fit", f"{files}/points_shape.json", "--plot", "{out}/fit.png"]),
+        ("bench-zero-steps", ["bench", "--steps", "0"]),
+        ("quickstart-scale-zero", ["quickstart", "--scale", "0", "--out", "{out}/qs"]),
+        ("pretrain-name-escapes", ["pretrain", R, *FAST, "name=../../escaped", "--dry-run"]),
+        ("pretrain-out-not-a-run", ["pretrain", R, *FAST, "--out", "{root}/csv", "--dry-run"]),
+        ("pretrain-out-is-file", ["pretrain", R, *FAST, "--out", f"{files}/a_file"]),
+    ]
+
+
+CASES = _recipe_key_cases() + _data_cases() + _file_cases()
+
+
+@pytest.mark.parametrize("argv", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(sandbox, tmp_path, monkeypatch, argv):
+    out = tmp_path / "out"  # the only place a command may write
+    monkeypatch.chdir(tmp_path)  # default run directories (runs/NAME) land here too
+    args = [a.replace("{root}", str(sandbox)).replace("{out}", str(out)) for a in argv]
+    before = _snapshot(sandbox)
+    result = run_in_process(*args)  # an exception other than an exit propagates: a traceback fails the test
+    assert result.returncode in (0, 2), (result.returncode, result.stdout[-2000:], result.stderr[-2000:])
+    if result.returncode == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert _snapshot(sandbox) == before, "a file outside the command's output changed"
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and out not in p.parents]
+    assert not outside, outside
+
+
+def test_sweep_left_the_trained_checkpoints_byte_identical(sandbox):
+    """Runs after the sweep (file order): hashes now equal hashes of a fresh copy made before any case."""
+    recorded = sandbox.parent / "trained-hashes.json"
+    assert recorded.is_file(), "the sweep's first case records the hashes"
+    assert _hashes(sandbox / "trained" / "checkpoints") == json.loads(recorded.read_text())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _record_hashes(sandbox):
+    (sandbox.parent / "trained-hashes.json").write_text(json.dumps(_hashes(sandbox / "trained" / "checkpoints")))
+
+
+def test_case_count():
+    """The README states how many cases the sweep runs; keep it true."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"{len(CASES)} cases" in readme, len(CASES)
