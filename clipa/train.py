@@ -30,9 +30,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
+from clipa import published
 from clipa import recipe as recipe_mod
-from clipa.checkpoint import (CheckpointManager, checkpoint_step, find_weights, load_state, read_state_dict,
-                              resolve_resume, set_rng_state)
+from clipa.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
@@ -202,7 +202,9 @@ class Trainer:
                              "(a pretrain run directory, a checkpoint or an exported model)")
         init_weights = None
         if start_from is None and recipe.init.checkpoint:
-            init_weights = read_state_dict(*find_weights(recipe.init.checkpoint))
+            # Published weights: the first process downloads into the shared cache, the others then read it.
+            with accelerator.main_process_first():
+                init_weights = published.state_dict(recipe.init.checkpoint, "init.checkpoint")
         if self.main:
             _prepare_run_dir(self.run_dir)
         accelerator.wait_for_everyone()
@@ -215,7 +217,8 @@ class Trainer:
         if init_weights is not None:
             load_weights(model, init_weights)
         if start_from is None and recipe.model.image_init:
-            load_image_tower(model, recipe.model.image_init)
+            with accelerator.main_process_first():
+                load_image_tower(model, recipe.model.image_init, self.model_cfg["vision_cfg"].get("timm_model_name", ""))
         apply_locks(model, recipe.model)
         self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
         if recipe.train.grad_checkpointing:
