@@ -306,7 +306,7 @@ def read_state_dict(path: Path, kind: str) -> dict:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory."""
+    """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory with a model card."""
     from clipa import recipe as recipe_mod
     from clipa.model import create_model, export_open_clip, recipe_model_config
 
@@ -319,4 +319,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return export_open_clip(model, model_cfg, out_dir)
+    from clipa.card import model_card
+
+    readme = model_card(path, recipe, model_cfg, sum(p.numel() for p in model.parameters()), out_dir)
+    return export_open_clip(model, model_cfg, out_dir, readme=readme)

@@ -282,8 +282,13 @@ def write_safetensors(state_dict: dict, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
-    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename)."""
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None) -> Path:
+    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
+
+    A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
+    `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
+    `readme` is the model card (README.md), if any.
+    """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -299,6 +304,12 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
     (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
     write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
+    text_cfg = model_cfg["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], **text_cfg.get("tokenizer_kwargs", {}))
+        tokenizer.tokenizer.save_pretrained(str(tmp))
+    if readme is not None:
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
     _fsync_dir(tmp)
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
