@@ -171,12 +171,12 @@ def _load(spec: str, pretrained: str | None) -> LoadedModel:
             raise ClipaError(f"--model: {spec} is a weights file; pass the architecture as --model and the file as --pretrained")
         return _from_export(where) if kind == "export" else _from_checkpoint(where)
     if not pretrained:
-        if "/" in spec or spec.startswith("."):
-            raise ClipaError(f"--model: {spec} does not exist; give a clipa run directory, an exported model, or an "
-                             "open_clip architecture with --pretrained FILE")
-        arch_config(spec, key="--model")  # names an unknown architecture precisely
         if config_json:
             raise ClipaError(f"--pretrained: {spec} is a model config; give its weights with --pretrained FILE")
+        if "/" in spec or spec.startswith("."):
+            raise ClipaError(f"--model: {spec} does not exist; give a clipa run directory, an exported model, "
+                             "hf-hub:ORG/NAME, or an open_clip architecture with --pretrained FILE or TAG")
+        arch_config(spec, key="--model")  # names an unknown architecture precisely
         from open_clip.pretrained import list_pretrained_tags_by_model
 
         tags = list_pretrained_tags_by_model(spec)
