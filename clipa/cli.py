@@ -84,6 +84,11 @@ def _weights_notes(recipe, run_dir: Path, init_must_exist: bool) -> list[str]:
     # A run resuming from its own checkpoints reads neither init.checkpoint nor image_init.
     fresh = CheckpointManager(run_dir / "checkpoints").latest() is None
     if fresh and recipe.init.checkpoint:
+        pub = published.parse(recipe.init.checkpoint, "init.checkpoint")
+        if pub is not None and pub.cfg.get("quick_gelu") and not cfg.get("quick_gelu"):
+            # open_clip's OpenAI tags: trained with QuickGELU, which only the -quickgelu configs build
+            raise ClipaError(f"init.checkpoint: {pub.spec} was trained with QuickGELU, but model.arch "
+                             f"{recipe.model.arch} uses GELU; set model.arch = \"{pub.name}-quickgelu\"")
         note = published.check_source(recipe.init.checkpoint, "init.checkpoint")
         if note:
             notes.append(f"init.checkpoint {note}")

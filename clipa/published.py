@@ -187,6 +187,14 @@ def _timm(spec: str, key: str) -> Published:
 # --------------------------------------------------------------------------- the local cache
 
 
+def offline() -> bool:
+    """huggingface_hub's offline mode (HF_HUB_OFFLINE, or transformers' TRANSFORMERS_OFFLINE), as it reads it."""
+    from huggingface_hub import constants
+
+    check = getattr(constants, "is_offline_mode", None)  # a function in recent huggingface_hub
+    return bool(check() if check else constants.HF_HUB_OFFLINE)
+
+
 def is_cached(pub: Published) -> bool:
     """Whether every file `pub` needs is in the local cache. Looks only at the disk (never the network)."""
     from huggingface_hub import try_to_load_from_cache
@@ -206,9 +214,7 @@ def cache_note(pub: Published) -> str:
     where = pub.repo or pub.cfg.get("url", "")
     if is_cached(pub):
         return f"{pub.spec}: cached ({where})"
-    from huggingface_hub.constants import is_offline_mode
-
-    if is_offline_mode():
+    if offline():
         return f"{pub.spec}: not cached and HF_HUB_OFFLINE is set; get it first with {pub.how_to_get()}"
     return f"{pub.spec}: not cached; will download on first use ({where})"
 
@@ -217,11 +223,9 @@ def _fetching(pub: Published, key: str):
     """A context for a library call that may download: one-line errors naming the weights and the fix."""
     from contextlib import contextmanager
 
-    from huggingface_hub.constants import is_offline_mode
-
     @contextmanager
     def guard():
-        if is_offline_mode() and not is_cached(pub):
+        if offline() and not is_cached(pub):
             raise ClipaError(f"{key}: {pub.spec} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; get it "
                              f"with {pub.how_to_get()} (on a machine with internet, same HF_HOME), or unset "
                              "HF_HUB_OFFLINE to download it")
@@ -349,11 +353,10 @@ def tokenizer_note(text_cfg: dict) -> str | None:
     if not name or Path(name).exists():
         return None
     from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.constants import is_offline_mode
 
     # transformers' AutoTokenizer starts from tokenizer_config.json
     if isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str):
         return f"tokenizer {name}: cached"
-    if is_offline_mode():
+    if offline():
         return f"tokenizer {name}: not cached and HF_HUB_OFFLINE is set; get it first with `hf download {name}`"
     return f"tokenizer {name}: not cached; will download on first use"

@@ -338,6 +338,8 @@ def test_unknown_names_suggest_the_closest(cli):
                       "--model: hf-hub:just-a-name is not a Hugging Face model id; write hf-hub:ORG/NAME")
     assert_user_error(cli("zeroshot", "--model", "clipa-tiny", "--pretrained", "openai", "--dataset", "synthetic"),
                       "--pretrained: clipa-tiny has no published weights in open_clip")
+    assert_user_error(cli("validate", "tiny/finetune", "model.arch=ViT-B-32", "init.checkpoint=ViT-B-32:openai"),
+                      'init.checkpoint: ViT-B-32:openai was trained with QuickGELU', 'model.arch = "ViT-B-32-quickgelu"')
 
 
 def test_open_clip_train_checkpoint_with_a_model_config_json(world, tmp_path, cli):
