@@ -70,10 +70,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     nlp, model_name = load_reference(args.model)
-    import spacy
     import lemminflect
+    import spacy
 
-    from clipa.pos import NAMES, OTHER, priorities, word_priority, _priority_normalized
+    from clipa.pos import NAMES, OTHER, _priority_normalized, priorities, word_priority
 
     def ref_class(pos: str) -> int:
         return {"NOUN": 0, "PROPN": 0, "ADJ": 1, "VERB": 2}.get(pos, OTHER)
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     print(f"reference : spaCy {spacy.__version__}, pipeline {model_name} "
           f"{nlp.meta.get('version', '?')} (tagger+attribute_ruler, UPOS mapped to 4 classes)")
     print(f"clipa.pos : lemminflect {lemminflect.__version__} lexicon + context-free rules")
-    print(f"captions  : {len(captions)} from {args.captions.relative_to(ROOT) if args.captions.is_relative_to(ROOT) else args.captions}")
+    where = args.captions.relative_to(ROOT) if args.captions.is_relative_to(ROOT) else args.captions
+    print(f"captions  : {len(captions)} from {where}")
     print(f"words     : {n_words} (spaCy tokens, punctuation skipped)")
     print()
     print(f"overall word agreement: {agree}/{n_words} = {agree / n_words:.1%}")

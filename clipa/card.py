@@ -112,7 +112,8 @@ def model_card(checkpoint: Path, recipe, model_cfg: dict, num_params: int, out_d
     earlier, origin = _earlier_stages(recipe)
     stages = earlier + [_describe_stage(recipe, _stage_of(checkpoint), samples)]
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
-    tower = vision.get("timm_model_name") or f"ViT, width {vision.get('width')}, {vision.get('layers')} layers, patch {vision.get('patch_size')}"
+    tower = vision.get("timm_model_name") or (f"ViT, width {vision.get('width')}, {vision.get('layers')} layers, "
+                                              f"patch {vision.get('patch_size')}")
     tokenizer = text.get("hf_tokenizer_name") or "OpenAI BPE (open_clip's SimpleTokenizer)"
     metrics = _final_metrics(run_dir)
     lines = [
@@ -129,9 +130,11 @@ def model_card(checkpoint: Path, recipe, model_cfg: dict, num_params: int, out_d
         "",
         "## Model",
         "",
-        f"- architecture: `{recipe.model.arch}`" + (f" with timm image tower `{recipe.model.image_tower}`" if recipe.model.image_tower else ""),
+        f"- architecture: `{recipe.model.arch}`"
+        + (f" with timm image tower `{recipe.model.image_tower}`" if recipe.model.image_tower else ""),
         f"- image tower: {tower}; input {vision.get('image_size')} px",
-        f"- text tower: width {text.get('width')}, {text.get('layers')} layers, context length {text.get('context_length')}; tokenizer {tokenizer}",
+        f"- text tower: width {text.get('width')}, {text.get('layers')} layers, context length "
+        f"{text.get('context_length')}; tokenizer {tokenizer}",
         f"- embedding dimension {model_cfg.get('embed_dim')}; {num_params / 1e6:.1f}M parameters",
         "",
         "## Training",

@@ -305,7 +305,8 @@ def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Rec
     """FLOPs, accelerator-hours and dollars of each stage and of the pipeline, before you spend them."""
     import json
 
-    from clipa.plan import plan as make_plan, table
+    from clipa.plan import plan as make_plan
+    from clipa.plan import table
 
     result = make_plan(recipes, gpu=gpu, gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
     if as_json:
@@ -459,7 +460,8 @@ def retrieval(model: str = _MODEL,
               output: Optional[Path] = _OUTPUT,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
-    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS, retrieval as run_retrieval
+    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS
+    from clipa.evaluate.retrieval import retrieval as run_retrieval
     from clipa.recipe import did_you_mean
 
     if dataset not in RETRIEVAL_DATASETS:

@@ -57,7 +57,8 @@ def arch_config(arch: str, key: str = "model.arch") -> dict:
     if cfg is None:
         names = open_clip.list_models()
         close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `python -c 'import open_clip; print(open_clip.list_models())'`"
+        hint = (f"; did you mean {', '.join(close)}?" if close
+                else "; see `python -c 'import open_clip; print(open_clip.list_models())'`")
         raise ClipaError(f"{key}: unknown architecture \"{arch}\"{hint}")
     return copy.deepcopy(cfg)
 

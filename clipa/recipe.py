@@ -443,7 +443,8 @@ def validate(recipe: Recipe) -> None:
                f"use e.g. {max(1, round(q.size / t.global_batch_size)) * t.global_batch_size}")
         _check(0.0 <= q.momentum < 1.0, f"loss.queue.momentum: must be in [0, 1), got {q.momentum}")
         _check(q.warmup_steps >= 0, f"loss.queue.warmup_steps: must be >= 0, got {q.warmup_steps}")
-    _check(r.checkpoint.every_steps >= 0, f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {r.checkpoint.every_steps}")
+    _check(r.checkpoint.every_steps >= 0,
+           f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {r.checkpoint.every_steps}")
     _check(r.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {r.checkpoint.keep_last}")
     _check(r.eval.every_steps >= 0, f"eval.every_steps: must be >= 0, got {r.eval.every_steps}")
     for i, name in enumerate(r.eval.zeroshot):

@@ -163,7 +163,8 @@ def run_compute(run: Path, step: int | None = None, _seen: set | None = None) ->
     flops, notes = per_sample * samples, [f"{run.name}: {samples:,} samples x {per_sample:.3g} FLOPs"]
     init = recipe.init.checkpoint
     if init:
-        candidates = [Path(init)] if Path(init).is_absolute() else [Path(init), run.parent.parent / init, run.parent / Path(init).name]
+        candidates = ([Path(init)] if Path(init).is_absolute()
+                      else [Path(init), run.parent.parent / init, run.parent / Path(init).name])
         found = next((r for r in (_run_dir_of(c) for c in candidates) if r is not None), None)
         if found is None:
             notes.append(f"{run.name}: init.checkpoint {init} is not a run directory here; its compute is not counted")

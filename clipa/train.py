@@ -32,7 +32,13 @@ from accelerate.utils import DistributedType, set_seed
 
 from clipa import published
 from clipa import recipe as recipe_mod
-from clipa.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
+from clipa.checkpoint import (
+    CheckpointManager,
+    checkpoint_step,
+    load_state,
+    resolve_resume,
+    set_rng_state,
+)
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
@@ -469,11 +475,11 @@ class Trainer:
 
     def evaluate(self, log: RunLog) -> dict:
         """The recipe's `[eval]` zero-shot and retrieval datasets on the current weights, on every process."""
+        import open_clip
+
         from clipa.evaluate.models import LoadedModel
         from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
-
-        import open_clip
 
         loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
                              self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,

@@ -10,13 +10,13 @@ from accelerate import Accelerator
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_accumulation import GEOMETRY, global_batch  # noqa: E402
-
 from clipa.distributed import leave_process_group  # noqa: E402
 from clipa.loss import LOSSES  # noqa: E402
 from clipa.model import create_model, stage_config  # noqa: E402
 from clipa.reduction import install_patch_masker  # noqa: E402
 from clipa.step import ContrastiveStep  # noqa: E402
+
+from test_accumulation import GEOMETRY, global_batch  # noqa: E402
 
 
 def main(out: str, micro: int, loss_kind: str = "infonce", masked: str = "0") -> None:

@@ -114,6 +114,7 @@ def test_chunked_loss_equals_unchunked(monkeypatch, loss_fn):
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_step_matches_fp32_closely():
     batch = split(global_batch(32), 32)
     loss32, grads32 = gradients(batch)
@@ -235,6 +236,7 @@ def test_grad_checkpointing_on_both_towers_is_exact():
     assert_same_gradients({name: p.grad for name, p in model.named_parameters()}, big)
 
 
+@pytest.mark.slow
 def test_bf16_accumulation_matches_bf16_big_step():
     from accelerate.state import AcceleratorState
 

@@ -19,6 +19,7 @@ from clipa.errors import ClipaError
 from clipa.evaluate.models import load_model
 from clipa.recipe import load_recipe
 from clipa.train import NonFiniteError, Trainer
+
 from conftest import RECIPES
 
 ARGS = ["train.global_batch_size=32", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=2",
@@ -199,6 +200,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in load_model(str(tmp_path / "run")).model.parameters())
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_with_the_last_good_checkpoint(tmp_path):
     recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml",
                          [*ARGS, "train.total_samples=320", "train.max_nonfinite_steps=3"])
@@ -349,6 +351,7 @@ def test_a_save_killed_between_its_renames_is_recovered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000004"]
 
 
+@pytest.mark.slow
 def test_resume_rejects_changes_that_make_another_run(tmp_path):
     first = load_recipe(RECIPES / "tiny" / "pretrain.toml", [*ARGS, "train.total_samples=64"])
     Trainer(first, "pretrain", tmp_path / "run").run()
@@ -411,6 +414,7 @@ def test_export_command_writes_an_open_clip_directory(tmp_path, straight, cli):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_two_process_run_resumes_with_the_same_losses(tmp_path):
     from conftest import run_torchrun
 

@@ -51,7 +51,8 @@ def test_finetune_requires_an_existing_init_checkpoint(cli, tmp_path):
 
 
 def test_unknown_dataset_and_model_exit_2(cli, tmp_path):
-    assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "imagenet-z"), '--dataset: unknown dataset "imagenet-z"; did you mean "imagenet-r"?')
+    assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "imagenet-z"),
+                      '--dataset: unknown dataset "imagenet-z"; did you mean "imagenet-r"?')
     assert_user_error(cli("zeroshot", "--model", "ViT-B-61", "--dataset", "synthetic"), "unknown architecture")
     assert_user_error(cli("zeroshot", "--model", "ViT-B-16", "--dataset", "synthetic"), "--pretrained")
     assert_user_error(cli("zeroshot", "--model", tmp_path, "--dataset", "synthetic"), "holds no model")
@@ -81,6 +82,7 @@ def test_dry_run_prints_resolved_recipe_and_trains_nothing(cli, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
     result = cli("data", "synth", tmp_path / "synth", "--num-samples", 25, "--shard-size", 10, "--eval-per-class", 2)
     assert result.returncode == 0, result.stderr
@@ -96,8 +98,19 @@ def test_data_synth_then_train_view_and_zeroshot_imagefolder(cli, tmp_path):
     classes = [p for p in (tmp_path / "synth" / "eval").iterdir() if p.is_dir()]
     assert len(classes) == 24 and all(len(list(c.glob("*.png"))) == 2 for c in classes)
 
-    run = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", tmp_path / "run")
+    # Train on the shards just written (25 samples, read again each epoch), not on the built-in stream.
+    train_dir = tmp_path / "synth" / "train"
+    run = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"data.train": train_dir}), "--out", tmp_path / "run")
     assert run.returncode == 0, run.stderr
+    assert f'train = "{train_dir}"' in (tmp_path / "run" / "config.toml").read_text()
+    builtin = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", tmp_path / "builtin")
+    assert builtin.returncode == 0, builtin.stderr
+
+    def losses(run_dir):
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [line["loss"] for line in lines if "loss" in line]
+    # Same model, seed and steps: only the data differs, so the losses must too.
+    assert losses(tmp_path / "run") != pytest.approx(losses(tmp_path / "builtin"), rel=1e-4)
     out_json = tmp_path / "zs.json"
     zs = cli("zeroshot", "--model", tmp_path / "run", "--dataset", "imagefolder", "--dataset", "synthetic",
              "--data-root", tmp_path / "synth" / "eval", "--output", out_json)
@@ -120,6 +133,7 @@ def test_v2_recipe_without_transformers_is_a_clear_error(cli, tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_v2_recipe_without_tokenizer_files_offline_is_a_clear_error(tmp_path):
     pytest.importorskip("transformers")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache, no network

@@ -233,12 +233,14 @@ def test_csv_paths_are_relative_to_the_csv(tmp_path, monkeypatch):
     got, loader = batches(r, micro=2, count=2)
     assert sorted(sample_ids(got)) == [0, 1, 2, 3]
     assert loader.skips["missing_file"] == 1
-    with pytest.raises(ClipaError, match=r'data.csv_image_key: column "filepath" is not in .*train.tsv \(columns: path, caption\)'):
+    with pytest.raises(ClipaError,
+                       match=r'data.csv_image_key: column "filepath" is not in .*train.tsv \(columns: path, caption\)'):
         batches(recipe(str(data / "train.tsv")), count=1)
 
 
 def test_a_source_without_usable_samples_stops_the_run(tmp_path):
-    with pytest.raises(ClipaError, match=r"data.train: .*nothing/\{0\.\.3\}.tar yields no usable sample \(4 shards read; missing shard: 4\)"):
+    with pytest.raises(ClipaError,
+                       match=r"data.train: .*nothing/\{0\.\.3\}.tar yields no usable sample \(4 shards read; missing shard: 4\)"):
         batches(recipe(str(tmp_path / "nothing/{0..3}.tar")), count=1)
     write_shard(tmp_path / "00000.tar", 0, 2)
     write_shard(tmp_path / "00001.tar", 2, 2)
@@ -278,9 +280,11 @@ def test_fast_decode_keeps_the_crop_and_decodes_smaller():
     assert looks_like_image(big.getvalue()[:16]) and not looks_like_image(b"<html>")
 
 
+@pytest.mark.slow
 def test_train_and_inspect_on_shards(tmp_path, cli):
     from clipa.data.shards import write_synthetic
     from clipa.train import train
+
     from conftest import RECIPES, tiny_overrides
 
     info = write_synthetic(tmp_path / "synth", num_samples=96, shard_size=24, eval_per_class=0)
@@ -364,12 +368,13 @@ def test_a_dead_source_ends_clipa_pretrain_with_exit_2(tmp_path, cli):
     assert "unreadable shard: 1)" in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
+@pytest.mark.slow
 def test_metrics_count_skips_of_every_process_and_resume_warns_on_a_new_layout(tmp_path, caplog):
     """2 real processes (torchrun) over shards with broken members and a missing shard; then a 1-process resume."""
-    from conftest import RECIPES, run_torchrun, tiny_overrides
-
     from clipa.data.loader import check_resume_layout
     from clipa.train import Trainer
+
+    from conftest import RECIPES, run_torchrun, tiny_overrides
 
     for s in range(7):  # 7.tar is missing; every shard's first sample is broken (bad body or not an image)
         write_shard(tmp_path / f"{s}.tar", s * 6, 6, {s * 6: "truncated" if s % 2 else "garbage"})

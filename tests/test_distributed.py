@@ -28,6 +28,7 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_processes_with_accumulation_match_one_process(tmp_path):
     # 2 processes x micro 16 x 2 accumulation steps  vs  1 process x micro 64
     two = run_torchrun("-m", "clipa", "pretrain", "tiny/pretrain", *COMMON, "train.micro_batch_size=16",
@@ -46,6 +47,7 @@ def test_two_processes_with_accumulation_match_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("loss_kind, masked", [("infonce", "1"), ("siglip", "0")])
+@pytest.mark.slow
 def test_two_process_gradients_equal_one_process(tmp_path, loss_kind, masked):
     from test_accumulation import assert_same_gradients, global_batch, gradients, split
 

@@ -24,6 +24,7 @@ from clipa.evaluate.retrieval import retrieval
 from clipa.evaluate.zeroshot import output_paths, zeroshot
 from clipa.recipe import load_recipe
 from clipa.train import train
+
 from conftest import RECIPES, run_torchrun, tiny_overrides
 
 HELPER = str(Path(__file__).with_name("distributed_eval.py"))
@@ -66,6 +67,7 @@ def test_zeroshot_equals_open_clip_classifier_and_a_plain_loop(trained):
     assert result["metrics"]["acc5"] == pytest.approx(hits5 / total)
 
 
+@pytest.mark.slow
 def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, tmp_path, cli):
     # Two processes each classify half the images; rank 0 alone prints the table and writes the JSON.
     run_dir, eval_dir = trained
@@ -82,6 +84,7 @@ def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, tmp
     assert one_json["metrics"]["num_samples"] == 72
 
 
+@pytest.mark.slow
 def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path):
     run_dir, eval_dir = trained
     folders = sorted(p for p in eval_dir.iterdir() if p.is_dir())
@@ -134,12 +137,22 @@ def test_image_size_and_text_length_rebuild_the_model(trained):
         load_model(str(run_dir), image_size=50)
 
 
-def test_cli_image_size_and_text_length(trained, cli):
+def test_cli_image_size_and_text_length(trained, cli, tmp_path):
     run_dir, eval_dir = trained
     result = cli("zeroshot", "--model", run_dir, "--dataset", "imagefolder", "--data-root", eval_dir,
-                 "--image-size", "48", "--text-length", "16", "--num-workers", "0")
+                 "--image-size", "48", "--text-length", "16", "--num-workers", "0", "--output", tmp_path / "cli.json")
     assert result.returncode == 0, result.stderr
     assert "imagefolder" in result.stdout and "72" in result.stdout
+    written = json.loads((tmp_path / "cli.json").read_text())
+    assert (written["image_size"], written["text_length"]) == (48, 16)
+    # The geometry reached the model: the CLI's numbers are those of the model rebuilt at 48 px / 16 tokens,
+    # and differ from the model's own 32 px / 8 tokens.
+    at_48 = zeroshot(load_model(str(run_dir), image_size=48, text_length=16), "imagefolder", str(eval_dir))["metrics"]
+    native = zeroshot(load_model(str(run_dir)), "imagefolder", str(eval_dir))["metrics"]
+    for metrics in (written["metrics"], at_48, native):
+        del metrics["images_per_s"]
+    assert written["metrics"] == pytest.approx(at_48)
+    assert written["metrics"] != pytest.approx(native)
 
 
 def test_open_clip_bin_directory_and_architecture_with_pretrained_file(trained, tmp_path, cli):

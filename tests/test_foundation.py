@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from clipa.evaluate.models import load_model
-from clipa.model import create_model, native_geometry, arch_config, stage_config
+from clipa.model import arch_config, create_model, native_geometry, stage_config
 from clipa.recipe import load_recipe
 from clipa.train import _accelerator, train
+
 from conftest import RECIPES, run_cli, tiny_overrides
 from test_cli import assert_user_error
 
@@ -93,17 +94,33 @@ def test_the_clipa_console_script_is_installed():
     assert result.returncode == 0 and result.stdout.startswith("clipa "), result.stderr
 
 
+@pytest.mark.slow
 def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
     result = run_cli("quickstart", "--scale", "0.05", "--out", tmp_path / "qs")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.strip().startswith(("│ pretrain", "│ finetune", "| pretrain", "| finetune"))]
+    starts = ("│ pretrain", "│ finetune", "| pretrain", "| finetune")
+    rows = [line for line in result.stdout.splitlines() if line.strip().startswith(starts)]
     assert len(rows) == 2, result.stdout
+    geometry = {"pretrain": (32, 8), "finetune": (64, 32)}  # tiny/pretrain's reduced tokens, tiny/finetune's full
     for stage in ("pretrain", "finetune"):
-        metrics = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())["metrics"]
+        result = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())
+        metrics = result["metrics"]
         assert 0 <= metrics["acc1"] <= metrics["acc5"] <= 1
-        assert (tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors").is_file()
+        # Above chance (1/24) by more than 3 standard errors of a guesser's accuracy on this many images.
+        chance, n = 1 / 24, metrics["num_samples"]
+        assert metrics["acc1"] > chance + 3 * math.sqrt(chance * (1 - chance) / n), (stage, metrics)
+        assert (result["image_size"], result["text_length"]) == geometry[stage]
+        weights = load_file(str(tmp_path / "qs" / stage / "final" / "open_clip_model.safetensors"))
+        image_px, text_tokens = geometry[stage]
+        assert weights["visual.positional_embedding"].shape[0] == (image_px // 8) ** 2 + 1
+        assert weights["positional_embedding"].shape[0] == text_tokens
+        if stage == "pretrain":  # the loss fell over the pretraining
+            lines = [json.loads(line) for line in (tmp_path / "qs" / stage / "metrics.jsonl").read_text().splitlines()]
+            losses = [line["loss"] for line in lines if "loss" in line]
+            assert len(losses) >= 2 and losses[-1] < losses[0] - 0.2, losses
 
 
+@pytest.mark.slow
 def test_a_built_wheel_ships_the_recipes_and_model_configs(tmp_path):
     """A regular (non-editable) install: build the wheel from a copy of the source, unpack it, and run
     clipa from there, so `clipa ls`, `validate` and the bundled model config cannot come from the tree."""
@@ -113,8 +130,9 @@ def test_a_built_wheel_ships_the_recipes_and_model_configs(tmp_path):
     pytest.importorskip("setuptools", reason="building the wheel without isolation needs setuptools")
     root = Path(__file__).resolve().parents[1]
     source = tmp_path / "src"
-    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", ".ci-venv", ".venv", "runs", "build", "*.egg-info",
-                                                               "__pycache__", ".pytest_cache", ".clipa-cache", "benchmarks", "docs"))
+    ignore = shutil.ignore_patterns(".git", ".ci-venv", ".venv", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache",
+                                    ".clipa-cache", "benchmarks", "docs")
+    shutil.copytree(root, source, ignore=ignore)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]

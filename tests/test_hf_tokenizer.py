@@ -17,6 +17,7 @@ from transformers import BertTokenizerFast  # noqa: E402
 
 from clipa.model import arch_config, build_tokenizer  # noqa: E402
 from clipa.reduction import TextReducer  # noqa: E402
+
 from conftest import run_cli  # noqa: E402
 
 WORDS = ("a man riding red bicycle down the street on sunny day two dogs sitting wooden bench small blue "
@@ -77,6 +78,11 @@ def test_random_and_block_keep_the_budget_in_order(hf):
         assert all(token in it for token in kept)
         if strategy == "block":
             assert any(full[i:i + 6] == kept for i in range(len(full) - 5))
+    starts = set()
+    for seed in range(20):  # the block's start is drawn, not pinned at the caption's beginning
+        kept = pieces(hf, TextReducer(hf, "block", 8)([CAPTION], rngs=[np.random.default_rng(seed)])[0])
+        starts.add(next(i for i in range(len(full) - 5) if full[i:i + 6] == kept))
+    assert len(starts) >= 3 and max(starts) > 0, starts
 
 
 def test_syntax_keeps_nouns_first_with_word_pieces_whole(hf):
@@ -87,6 +93,17 @@ def test_syntax_keeps_nouns_first_with_word_pieces_whole(hf):
     assert pieces(hf, TextReducer(hf, "syntax", 7)([caption])[0]) == ["man", "riding", "red", "bicycle", "street"]
 
 
+def test_syntax_skips_a_multi_piece_word_that_does_not_fit(hf):
+    """"bicycles" is two word pieces here (bicycle ##s). With a 2-token body the noun "man" fits, the
+    two-piece noun does not and is skipped whole, and the smaller noun after it still fits."""
+    caption = "a man riding bicycles down the street"
+    assert hf.tokenizer.tokenize("bicycles") == ["bicycle", "##s"]
+    assert pieces(hf, TextReducer(hf, "syntax", 4)([caption])[0]) == ["man", "street"]
+    # one more slot: the pieces stay together, and "street" no longer fits
+    assert pieces(hf, TextReducer(hf, "syntax", 5)([caption])[0]) == ["man", "bicycle", "##s"]
+
+
+@pytest.mark.slow
 def test_model_config_with_a_local_hf_tokenizer_trains_with_syntax(bert_dir, tmp_path):
     config = arch_config("clipa-tiny")
     config["text_cfg"].update(hf_tokenizer_name=str(bert_dir), tokenizer_kwargs={"strip_sep_token": True},

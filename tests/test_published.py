@@ -100,6 +100,7 @@ def world(tmp_path_factory, request):
     from transformers import BertTokenizerFast
 
     from clipa.model import arch_config, create_model
+
     from conftest import run_in_process as cli
 
     tmp = tmp_path_factory.mktemp("published")
@@ -185,6 +186,7 @@ def offline(world):
     return dict(zip(commands, results))
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_hub_repo_evaluates_exactly_like_the_same_weights_from_a_local_file(world):
     """`--model hf-hub:ORG/NAME` through the real entry point, offline, against `--model ARCH --pretrained FILE`."""
     local = world["cli"](*zeroshot_args(world, "clipa-tiny", "local.json", "--pretrained",
@@ -197,6 +199,7 @@ def test_hub_repo_evaluates_exactly_like_the_same_weights_from_a_local_file(worl
     assert json.loads((world["tmp"] / "hub.json").read_text())["pretrained"] == f"hf-hub:{HUB_MODEL}"
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_registered_pretrained_tag_evaluates_and_finetunes(world, offline):
     for name in ("tag", "tag_colon", "finetune_tag"):
         assert offline[name].returncode == 0, (name, offline[name].stderr[-2000:])
@@ -210,6 +213,7 @@ def test_registered_pretrained_tag_evaluates_and_finetunes(world, offline):
     assert f"init.checkpoint hf-hub:{HUB_MODEL}: cached ({HUB_MODEL})" in offline["dry_run_hub"].stdout
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_bert_tokenizer_and_model_config_json_from_the_hub_match_local_files(world, offline):
     """The Hub model's BERT tokenizer comes from the cache by hub id; `--model CFG.json --pretrained FILE`
     (the route for a model config with a weights file) gives the same numbers from local files."""
@@ -220,6 +224,7 @@ def test_bert_tokenizer_and_model_config_json_from_the_hub_match_local_files(wor
     assert metrics(world["tmp"] / "bert_hub.json") == metrics(world["tmp"] / "bert_local.json")
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_models_lists_open_clip_tags_and_marks_the_cached_ones(world, offline):
     assert offline["models"].returncode == 0, offline["models"].stderr
     listing = json.loads(offline["models"].stdout)
@@ -237,6 +242,7 @@ def test_models_lists_open_clip_tags_and_marks_the_cached_ones(world, offline):
     assert_user_error(world["cli"]("models", "ViT-Q-99"), 'FILTER: nothing matches "ViT-Q-99"')
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_offline_misses_are_one_line_naming_the_weights_and_the_fix(offline):
     assert_user_error(offline["miss_tag"], "--model: ViT-B-32:laion2b_s34b_b79k is not in the Hugging Face cache",
                       'hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K --include "open_clip_*"', "HF_HUB_OFFLINE")
@@ -284,6 +290,7 @@ API_CHECKS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_init_checkpoint_from_the_hub_and_a_timm_tag_load_exactly_and_train(world):
     tmp = world["tmp"]
     (tmp / "api.py").write_text(API_CHECKS)
@@ -299,6 +306,7 @@ def test_init_checkpoint_from_the_hub_and_a_timm_tag_load_exactly_and_train(worl
     assert report["timm_pos"] == [1, 1 + 4 * 4, 64]  # 160 px grid resampled to 64 px / patch 16
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_without_network_validate_passes_and_a_download_failure_is_one_line(world, tmp_path):
     """A fresh install: empty cache, not offline, the Hub unreachable (HF_ENDPOINT at a closed local port).
     Every shipped recipe validates; published weights are "not cached; will download on first use"."""
@@ -342,6 +350,7 @@ def test_unknown_names_suggest_the_closest(cli):
                       'init.checkpoint: ViT-B-32:openai was trained with QuickGELU', 'model.arch = "ViT-B-32-quickgelu"')
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_open_clip_train_checkpoint_with_a_model_config_json(world, tmp_path, cli):
     """`--model my_arch.json --pretrained epoch_N.pt`: the state_dict of an open_clip_train checkpoint
     ("module." prefixes from DDP), read weights-only; a pickle that would run code is refused."""
@@ -369,6 +378,7 @@ def test_open_clip_train_checkpoint_with_a_model_config_json(world, tmp_path, cl
                       "is a model config; give its weights with --pretrained FILE")
 
 
+@pytest.mark.slow  # trains two tiny stages and runs the CLI in fresh processes
 def test_export_writes_a_model_card_for_every_stage(world):
     card = (world["export"] / "README.md").read_text()
     assert "library_name: open_clip" in card and "# tiny-finetune" in card

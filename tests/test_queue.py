@@ -12,6 +12,7 @@ from clipa.errors import ClipaError
 from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.recipe import load_recipe
 from clipa.train import Trainer
+
 from conftest import RECIPES, run_torchrun
 
 ARGS = ["train.global_batch_size=16", "train.log_every_steps=1", "data.num_workers=0", "checkpoint.every_steps=2",
@@ -83,6 +84,7 @@ def _accumulated_queue_step(batch, micro, kind, masked):
     from clipa.model import create_model, stage_config
     from clipa.reduction import install_patch_masker
     from clipa.step import ContrastiveStep
+
     from test_accumulation import GEOMETRY, split
 
     torch.manual_seed(0)
@@ -129,6 +131,7 @@ def test_accumulated_queue_step_equals_one_big_step(kind, masked):
 def test_training_with_queues_keeps_gradients_off_the_keys(tmp_path, kind):
     recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", [*ARGS, "train.total_samples=64", f"loss.queue.kind={kind}"])
     trainer = Trainer(recipe, "pretrain", tmp_path / "run")
+    initial = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters()}
     result = trainer.run()
     assert result.steps == 4 and trainer.queues.filled == 48 and trainer.queues.pointer == 16
     assert not trainer.queues.images.requires_grad and not trainer.queues.texts.requires_grad
@@ -137,11 +140,39 @@ def test_training_with_queues_keeps_gradients_off_the_keys(tmp_path, kind):
         assert all(not p.requires_grad and p.grad is None for p in params)
         # the EMA moved towards the online weights but is not equal to them
         online = dict(trainer.unwrapped.named_parameters())
-        moved = [name for name, p in trainer.momentum.model.named_parameters() if not torch.equal(p, online[name])]
-        assert moved
+        ema = dict(trainer.momentum.model.named_parameters())
+        assert any(not torch.equal(ema[name], online[name]) for name in online)
+        # ... and it was updated at all: an encoder left at its starting copy fails here. Every weight the
+        # optimizer moved, the EMA moved in the same direction, by less (decay 0.995 over 4 steps).
+        for name, start in initial.items():
+            online_moved, ema_moved = online[name] - start, ema[name] - start
+            if online_moved.abs().max() > 1e-6:
+                assert ema_moved.abs().max() > 0, f"{name}: momentum encoder never updated"
+                assert ema_moved.norm() < online_moved.norm(), name
+                assert F.cosine_similarity(ema_moved.flatten(), online_moved.flatten(), dim=0) > 0.5, name
+
+
+def test_the_queue_enters_the_trainers_loss(tmp_path):
+    """The same run with and without a memory bank: identical at step 1 (an empty queue adds nothing),
+    different from step 2 on, once the queue's negatives join the loss (warmup_steps=1). A trainer that
+    built the queue but never passed it to the loss fails here."""
+    def losses(name, *extra):
+        recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", [*ARGS, "train.total_samples=64", *extra])
+        Trainer(recipe, "pretrain", tmp_path / name).run()
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+    plain, queued = losses("plain"), losses("queued", "loss.queue.kind=memory_bank")
+    assert sorted(plain) == sorted(queued) == [1, 2, 3, 4]
+    assert queued[1] == pytest.approx(plain[1], rel=1e-6)
+    # Step 2 sees the same weights and batch in both runs (step 1 was identical): the queue's 16 extra
+    # negatives in the softmax make its loss larger. Later steps differ in weights as well.
+    assert queued[2] > plain[2] * 1.01, (plain, queued)
+    assert all(queued[step] != pytest.approx(plain[step], rel=1e-6) for step in (3, 4)), (plain, queued)
 
 
 @pytest.mark.parametrize("kind", ["momentum", "memory_bank"])
+@pytest.mark.slow
 def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
     extra = [*ARGS, "train.total_samples=96", f"loss.queue.kind={kind}"]
     straight = Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", extra), "pretrain", tmp_path / "a")
@@ -167,6 +198,7 @@ def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_two_processes_enqueue_every_process_keys(tmp_path):
     out = tmp_path / "states.pt"
     run_torchrun(Path(__file__).with_name("distributed_queue.py"), out, timeout=300)

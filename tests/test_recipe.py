@@ -2,6 +2,7 @@ import pytest
 
 from clipa import recipe as R
 from clipa.errors import ClipaError
+
 from conftest import RECIPES
 
 
@@ -23,8 +24,8 @@ def test_overrides_are_typed_by_field(tmp_path):
     path = write(tmp_path, "[optim]\nlr = 1e-3\n")
     recipe = R.load_recipe(path, ["optim.lr=3e-4", "train.total_samples=1_000_000", "optim.betas=[0.8, 0.9]",
                                   "train.grad_checkpointing=true", "model.arch=ViT-B-16",
-                                  "train.global_batch_size=512", "eval.zeroshot=synthetic,imagefolder", "eval.data_root=/data/eval",
-                                  "optim.warmup_steps=1e2"])
+                                  "train.global_batch_size=512", "eval.zeroshot=synthetic,imagefolder",
+                                  "eval.data_root=/data/eval", "optim.warmup_steps=1e2"])
     assert recipe.optim.lr == 3e-4 and isinstance(recipe.optim.lr, float)
     assert recipe.train.total_samples == 1_000_000
     assert recipe.optim.betas == [0.8, 0.9]

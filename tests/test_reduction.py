@@ -132,10 +132,14 @@ def test_random_keeps_order_and_count(bpe):
 def test_block_keeps_a_contiguous_span(bpe):
     full = bpe.encode(CAPTION)
     reducer = TextReducer(bpe, "block", 10)
-    for seed in range(5):
+    starts = set()
+    for seed in range(20):
         kept = body(reducer([CAPTION], rngs=[np.random.default_rng(seed)]))
         assert len(kept) == 8
         assert any(full[i:i + 8] == kept for i in range(len(full) - 7))
+        starts.add(next(i for i in range(len(full) - 7) if full[i:i + 8] == kept))
+    # The span's start is drawn over the whole caption, not pinned to the beginning (or any one place).
+    assert len(starts) >= 5 and max(starts) > 0, starts
 
 
 @pytest.mark.parametrize("strategy", ["truncate", "random", "block", "syntax"])
@@ -155,3 +159,16 @@ def test_syntax_keeps_nouns_then_adjectives_then_verbs_in_original_order(bpe):
         "man", "riding", "red", "bicycle", "street"]
     # determiners and prepositions only when everything else fits
     assert "the" not in bpe.decode(body(TextReducer(bpe, "syntax", 9)([caption]))).split()
+
+
+def test_syntax_skips_a_word_that_does_not_fit_and_keeps_smaller_ones(bpe):
+    """A noun of several BPE pieces that no longer fits the budget is skipped whole (never cut), and the
+    greedy pass goes on to later, smaller words of the same priority."""
+    caption = "a man riding a red velocipede down the street"
+    (long_word,) = [w for w in caption.split() if len(bpe.encode(w)) >= 2]
+    assert long_word == "velocipede"
+    # 2 body tokens: "man" (1), then "velocipede" (>= 2 pieces) does not fit and is skipped, "street" (1) fits.
+    assert bpe.decode(body(TextReducer(bpe, "syntax", 4)([caption]))).split() == ["man", "street"]
+    # with room for it, the long noun is kept whole, before any adjective
+    room = 2 + len(bpe.encode(long_word))
+    assert bpe.decode(body(TextReducer(bpe, "syntax", room + 2)([caption]))).split() == ["man", "velocipede", "street"]

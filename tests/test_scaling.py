@@ -1,14 +1,16 @@
 """`clipa scaling fit`: power-law fits of zero-shot error against compute, from JSON or run directories."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
-from conftest import RECIPES
-from test_cli import assert_user_error
 from clipa.errors import ClipaError
 from clipa.scaling import fit_power_law, load_points, t_quantile
+
+from conftest import RECIPES
+from test_cli import assert_user_error
 
 
 def synthetic(alpha, beta, e=0.0, n=10, noise=0.0, seed=0):
@@ -120,8 +122,30 @@ def test_cli_fit_and_plot(cli, tmp_path):
     path.write_text(json.dumps([{"compute": c, "error": e} for c, e in zip(compute, error)]))
     result = cli("scaling", "fit", path, "--offset", "--target-compute", "1e23", "--plot", tmp_path / "fit.png")
     assert result.returncode == 0, result.stderr
-    assert "alpha = -0.0" in result.stdout and "95% CI" in result.stdout and "e     = 0.1" in result.stdout
-    assert "at C = 1e+23 FLOPs" in result.stdout
+    out = result.stdout
+    number = r"(-?[0-9.]+(?:e[+-]?[0-9]+)?)"
+    ci = rf"{number}\s+95% CI \[{number}, {number}\]"
+    fitted = {name: tuple(map(float, re.search(rf"^{name}\s+= {ci}", out, re.M).groups())) for name in ("alpha", "beta", "e")}
+    # The printed fit recovers the generating law (alpha -0.08, beta 10, e 0.15, 0.3 % noise) and its
+    # intervals cover it; a wrong fit or a misprinted value fails here.
+    truth = {"alpha": -0.08, "beta": 10.0, "e": 0.15}
+    tolerance = {"alpha": 0.01, "beta": 2.0, "e": 0.02}
+    for name, (value, low, high) in fitted.items():
+        assert value == pytest.approx(truth[name], abs=tolerance[name]), (name, out)
+        assert low < truth[name] < high and low < value < high, (name, out)
+    alpha, beta, e = (fitted[name][0] for name in ("alpha", "beta", "e"))
+    # the "fitted" column is the printed law at each point's compute (to the 4 printed digits)
+    rows = re.findall(r"points.json\[\d\]\s*│\s*(\S+)\s*│\s*(\S+)\s*│\s*(\S+)", out)
+    assert len(rows) == 8
+    for (c, err, fit), c_true, err_true in zip(rows, compute, error, strict=True):
+        assert float(c) == pytest.approx(c_true, rel=5e-3) and float(err) == pytest.approx(err_true, abs=1e-4)
+        assert float(fit) == pytest.approx(beta * float(c) ** alpha + e, abs=2e-3)
+    predicted = re.search(rf"at C = 1e\+23 FLOPs .*: error {number} \[{number}, {number}\], acc1 {number}", out)
+    assert predicted, out
+    err, low, high, acc1 = map(float, predicted.groups())
+    true_error = 10.0 * 1e23 ** -0.08 + 0.15
+    assert low < true_error < high and err == pytest.approx(true_error, abs=0.005)
+    assert acc1 == pytest.approx(1 - err, abs=1e-4)
     from PIL import Image
 
     with Image.open(tmp_path / "fit.png") as image:

@@ -49,9 +49,10 @@ def test_stream_is_independent_of_workers_and_resumes_exactly():
     serial = [b for b in DataLoader(_stream(num_batches=6), batch_size=None, num_workers=0)]
     parallel = [b for b in DataLoader(_stream(num_batches=6), batch_size=None, num_workers=2)]
     resumed = [b for b in DataLoader(_stream(start_batch=3, num_batches=3), batch_size=None, num_workers=2)]
-    for (xa, ta, _), (xb, tb, _) in zip(serial, parallel):
+    assert len(serial) == len(parallel) == 6 and len(resumed) == 3
+    for (xa, ta, _), (xb, tb, _) in zip(serial, parallel, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
-    for (xa, ta, _), (xb, tb, _) in zip(serial[3:], resumed):
+    for (xa, ta, _), (xb, tb, _) in zip(serial[3:], resumed, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ta, tb)
     assert not torch.equal(serial[0][0], serial[1][0])
 

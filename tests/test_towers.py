@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from clipa.errors import ClipaError
 from clipa.recipe import load_recipe
 from clipa.train import Trainer, train
+
 from conftest import RECIPES, tiny_overrides
 
 
@@ -149,6 +150,7 @@ def test_timm_tower_geometry_comes_from_the_timm_model():
     assert stage_geometry(recipe("model.image_tower=resnet18", "reduction.image_size=40")).image_size == 40
 
 
+@pytest.mark.slow
 def test_timm_tower_loads_a_timm_checkpoint_at_a_reduced_resolution(tmp_path):
     source = timm.create_model("vit_tiny_patch16_224", num_classes=10)
     path = tmp_path / "vit_tiny.safetensors"

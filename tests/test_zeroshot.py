@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from clipa.errors import ClipaError
 from clipa.evaluate.datasets import ZeroShotData, load_templates
 from clipa.evaluate.zeroshot import classify
-from clipa.errors import ClipaError
 
 CLASSES = ["cat", "dog", "bird", "fish", "frog", "lion"]
 

@@ -98,7 +98,8 @@ def _draw_object(canvas: Image.Image, shape: str, color, texture: str, cx, cy, r
 def _background(rng: np.random.Generator, size: int) -> Image.Image:
     base = rng.integers(40, 150, size=3, dtype=np.int16)
     # Uniform integer noise: as good a nuisance as Gaussian here, and several times cheaper to draw.
-    noise = rng.integers(-30, 31, size=(size, size, 1), dtype=np.int16) + rng.integers(-12, 13, size=(size, size, 3), dtype=np.int16)
+    noise = (rng.integers(-30, 31, size=(size, size, 1), dtype=np.int16)
+             + rng.integers(-12, 13, size=(size, size, 3), dtype=np.int16))
     pixels = base[None, None, :] + noise
     if rng.random() < 0.3:  # faint background stripes
         period = rng.integers(4, 12)

@@ -35,8 +35,18 @@ from clipa import published
 from clipa import recipe as recipe_mod
 from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
 from clipa.errors import ClipaError
-from clipa.model import (EXPORT_CONFIG, _set_timm_input_size, arch_config, build_tokenizer, create_model, load_weights,
-                         native_geometry, patch_size, recipe_model_config, stage_config)
+from clipa.model import (
+    EXPORT_CONFIG,
+    _set_timm_input_size,
+    arch_config,
+    build_tokenizer,
+    create_model,
+    load_weights,
+    native_geometry,
+    patch_size,
+    recipe_model_config,
+    stage_config,
+)
 
 
 @dataclass

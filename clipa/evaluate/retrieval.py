@@ -22,12 +22,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clipa.data.synthetic import draw_scene, _rng
+from clipa.data.synthetic import _rng, draw_scene
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
 from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
-from clipa.evaluate.sharding import gather_batches, shard as shard_dataset, shard_range
+from clipa.evaluate.sharding import gather_batches, shard_range
+from clipa.evaluate.sharding import shard as shard_dataset
 from clipa.evaluate.zeroshot import eval_loader
 from clipa.recipe import RETRIEVAL_DATASETS, did_you_mean  # one list for the CLI and recipes
 

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from clipa.data.loader import _one_thread_per_worker
 from clipa.data.transforms import eval_transform
-from clipa.evaluate.datasets import ZeroShotData, load_zeroshot_data
 from clipa.errors import ClipaError
+from clipa.evaluate.datasets import ZeroShotData, load_zeroshot_data
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import shard, sum_over_processes
 

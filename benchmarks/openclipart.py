@@ -1,0 +1,388 @@
+"""OpenClipart: real drawings with human-written titles as clipa's accuracy benchmark.
+
+    python benchmarks/openclipart.py build DATA [--image-size 128]
+    python benchmarks/openclipart.py defaults DATA --arch clipa-tiny --seeds 3 [--samples 30000]
+    python benchmarks/openclipart.py vs-open-clip DATA --arch clipa-tiny --seeds 3
+    python benchmarks/openclipart.py claim DATA --arch clipa-tiny --seeds 3
+    python benchmarks/openclipart.py table RESULTS.jsonl
+
+`build` turns Debian's `openclipart-svg` + `openclipart-png` packages into webdataset shards and
+two held-out evaluations (see openclipart_data.py for the caption rule, the split and the
+classes) and prints the chance levels. Every other command trains with `clipa pretrain` /
+`clipa finetune` (subprocesses, exactly as a user runs them), evaluates with `clipa zeroshot
+--dataset wds` and `clipa retrieval --dataset wds` on the held-out drawings, and appends one JSON
+row per (setting, seed) to `--results` (default DATA/results.jsonl), so an interrupted sweep keeps
+what it measured and `table` summarises any subset: mean, standard deviation and range over seeds.
+
+  defaults       one training default changed at a time from the shipped tiny recipe's settings
+                 (crop area, betas, eps, weight decay, LR, warmup, temperature clamp, text length)
+  vs-open-clip   clipa's default recipe against open_clip_train's defaults on the same shards,
+                 model, samples, batch and LR schedule; then the settings matched one by one
+  claim          full tokens vs CLIPA (low-resolution + short/syntax text, then a short
+                 full-length finetune, with and without masking) at equal training FLOPs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import openclipart_data  # noqa: E402
+
+STAGE_KEYS = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
+              "reduction.text_length")
+
+
+@dataclass
+class Setting:
+    """One training configuration: recipe overrides for one stage, or two stages (pretrain, finetune)."""
+    label: str
+    pretrain: dict
+    finetune: dict | None = None
+    tool: str = "clipa"  # clipa | open_clip
+    group: str = ""
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def overrides(values: dict) -> list[str]:
+    return [f"{key}={toml_value(value)}" for key, value in values.items()]
+
+
+def train_shards(data: Path) -> str:
+    shards = sorted((data / "train").glob("*.tar"))
+    if not shards:
+        raise SystemExit(f"no shards in {data / 'train'}: run `python benchmarks/openclipart.py build {data}` first")
+    return str(data / "train" / f"{{{shards[0].stem}..{shards[-1].stem}}}.tar")
+
+
+def _run(cmd: list[str], what: str) -> str:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed ({result.returncode}): {' '.join(cmd)}\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def clipa_stage(command: str, values: dict, out: Path) -> dict:
+    """Run `clipa pretrain|finetune` with these recipe values; returns the last metrics row and wall time."""
+    base = "tiny/pretrain" if command == "pretrain" else "tiny/finetune"
+    t0 = time.perf_counter()
+    _run([sys.executable, "-m", "clipa", command, base, *overrides(values), "--out", str(out)], f"clipa {command}")
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"wall_s": wall, "final_loss": losses[-1], "first_loss": losses[0],
+            "samples_per_s": statistics.median(r["samples_per_s"] for r in rows if "samples_per_s" in r)}
+
+
+def evaluate(data: Path, model: str, image_size: int = 0) -> dict:
+    """Zero-shot (28 classes) and retrieval (titles) on the held-out drawings."""
+    with tempfile.TemporaryDirectory() as tmp:
+        size = ["--image-size", str(image_size)] if image_size else []
+        _run([sys.executable, "-m", "clipa", "zeroshot", "--model", model, "--dataset", "wds", "--data-root",
+              str(data / "zeroshot"), "--output", f"{tmp}/zs.json", "--num-workers", "0", *size], "clipa zeroshot")
+        _run([sys.executable, "-m", "clipa", "retrieval", "--model", model, "--dataset", "wds", "--data-root",
+              str(data / "retrieval"), "--output", f"{tmp}/ret.json", "--num-workers", "0", *size], "clipa retrieval")
+        zs = json.loads(Path(f"{tmp}/zs.json").read_text())["metrics"]
+        ret = json.loads(Path(f"{tmp}/ret.json").read_text())["metrics"]
+    return {"acc1": zs["acc1"], "acc5": zs["acc5"], "mean_per_class_recall": zs["mean_per_class_recall"],
+            "i2t_r1": ret["text_retrieval_recall@1"], "i2t_r5": ret["text_retrieval_recall@5"],
+            "t2i_r1": ret["image_retrieval_recall@1"], "t2i_r5": ret["image_retrieval_recall@5"]}
+
+
+def train_flops(values: dict, samples: int) -> float:
+    from clipa.flops import train_flops_per_sample
+    from clipa.model import arch_config, native_geometry
+
+    cfg = arch_config(values["model.arch"])
+    native = native_geometry(cfg)
+    size = values.get("reduction.image_size") or native.image_size
+    length = values.get("reduction.text_length") or native.context_length
+    keep = 1.0 - values.get("reduction.mask_ratio", 0.0) if values.get("reduction.image") in ("random", "grid", "block") else 1.0
+    return train_flops_per_sample(cfg, size, length, keep) * samples
+
+
+def run_setting(data: Path, setting: Setting, seed: int, workdir: Path) -> dict:
+    """Train one setting with one seed; evaluate after every stage; remove the run directories."""
+    row = {"label": setting.label, "group": setting.group, "tool": setting.tool, "seed": seed,
+           "notes": setting.notes, "stages": []}
+    runs = []
+    try:
+        stages = [("pretrain", setting.pretrain)] + ([("finetune", setting.finetune)] if setting.finetune else [])
+        previous = None
+        for command, values in stages:
+            out = workdir / f"{setting.group}-{setting.label}-{seed}-{command}".replace(" ", "_").replace("/", "_")
+            shutil.rmtree(out, ignore_errors=True)
+            runs.append(out)
+            values = {"data.train": train_shards(data), "train.seed": seed, "checkpoint.every_steps": 0,
+                      "eval.zeroshot": [], **values}
+            if command == "finetune":
+                values["init.checkpoint"] = str(previous)
+            if setting.tool == "open_clip":
+                from openclipart_open_clip import run_open_clip
+                stage = run_open_clip(values, out)
+                model = stage.pop("model")
+            else:
+                stage = clipa_stage(command, values, out)
+                model = str(out)
+            stage.update(evaluate(data, model))
+            stage.update({"stage": command, "train_flops": train_flops(values, values["train.total_samples"]),
+                          "values": values})
+            row["stages"].append(stage)
+            previous = out
+    finally:
+        for out in runs:
+            shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def sweep(data: Path, settings: list[Setting], seeds: int, results: Path, workdir: Path) -> None:
+    done = {(r["group"], r["label"], r["seed"]) for r in read_results(results)}
+    for seed in range(seeds):  # round-robin over settings, so a cut-short sweep has every setting at low seeds
+        for setting in settings:
+            if (setting.group, setting.label, seed) in done:
+                continue
+            t0 = time.perf_counter()
+            row = run_setting(data, setting, seed, workdir)
+            with results.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            last = row["stages"][-1]
+            print(f"[{setting.group}] {setting.label} seed {seed}: acc1 {last['acc1']:.3f} acc5 {last['acc5']:.3f} "
+                  f"t2i R@1 {last['t2i_r1']:.3f} loss {last['final_loss']:.3f} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _spread(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{mean:.3f} ± {sd:.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (group, setting, stage); mean ± sd [min, max] over seeds."""
+    lines = ["| group | setting | stage | seeds | zero-shot acc1 | mean per-class recall | acc5 | retrieval t2i R@1 | "
+             "i2t R@1 | t2i R@5 | final loss | train TFLOPs | wall s |", "|" + "---|" * 13]
+    keys = list(dict.fromkeys((r["group"], r["label"]) for r in rows))
+    for g, label in keys:
+        runs = [r for r in rows if (r["group"], r["label"]) == (g, label)]
+        for i, stage in enumerate(runs[0]["stages"]):
+            per = [r["stages"][i] for r in runs if len(r["stages"]) > i]
+            flops = sum(r["stages"][j]["train_flops"] for j in range(i + 1) for r in runs[:1])
+            wall = statistics.fmean(sum(s["wall_s"] for s in r["stages"][:i + 1]) for r in runs)
+            lines.append(f"| {g} | {label} | {stage['stage']} | {len(per)} | "
+                         + " | ".join(_spread([s[k] for s in per])
+                                    for k in ("acc1", "mean_per_class_recall", "acc5", "t2i_r1", "i2t_r1", "t2i_r5"))
+                         + f" | {statistics.fmean(s['final_loss'] for s in per):.3f} | {flops / 1e12:.1f} | {wall:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, metric: str = "mean_per_class_recall") -> None:
+    """Accuracy against training FLOPs and against wall time: every run after every stage (dots),
+    the mean over seeds of each setting's last stage (large markers). Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    archs = list(dict.fromkeys(r["stages"][0]["values"]["model.arch"] for r in rows))
+    markers = "os^D"
+    for ai, arch in enumerate(archs):
+        for li, label in enumerate(labels):
+            runs = [r for r in rows if r["label"] == label and r["stages"][0]["values"]["model.arch"] == arch]
+            if not runs:
+                continue
+            color = f"C{li}"
+            for ax, x_of in ((axes[0], lambda r: sum(s["train_flops"] for s in r["stages"]) / 1e12),
+                             (axes[1], lambda r: sum(s["wall_s"] for s in r["stages"]))):
+                xs = [x_of(r) for r in runs]
+                ys = [r["stages"][-1][metric] for r in runs]
+                ax.scatter(xs, ys, color=color, alpha=0.35, s=14, marker=markers[ai % 4])
+                by_group: dict[str, list] = {}
+                for r, x, y in zip(runs, xs, ys):
+                    by_group.setdefault(r["group"], []).append((x, y))
+                points = sorted((statistics.fmean(p[0] for p in v), statistics.fmean(p[1] for p in v))
+                                for v in by_group.values())
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=markers[ai % 4],
+                        markersize=8, label=f"{arch}: {label}" if ax is axes[0] else None)
+    axes[0].set_xlabel("training TFLOPs (analytic, all stages)")
+    axes[1].set_xlabel("wall time, s (this 2-core CPU, all stages)")
+    for ax in axes:
+        ax.set_ylabel(f"zero-shot {metric.replace('_', ' ')} (held-out OpenClipart)")
+        ax.grid(alpha=0.3)
+    fig.legend(loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiments
+
+def tiny_recipe(arch: str, samples: int, batch: int, image_size: int = 0, text_length: int = 0) -> dict:
+    """The shipped tiny pretrain recipe's settings before this benchmark (0 = native geometry)."""
+    return {"model.arch": arch, "reduction.image": "resize", "reduction.image_size": image_size,
+            "reduction.text": "truncate", "reduction.text_length": text_length, "data.crop_scale": [0.6, 1.0], "optim.lr": 2e-3, "optim.warmup_steps": 50,
+            "optim.weight_decay": 0.1, "optim.betas": [0.9, 0.95], "optim.eps": 1e-6,
+            "train.global_batch_size": batch, "train.total_samples": samples, "data.num_workers": 1,
+            "train.log_every_steps": 10}
+
+
+def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
+    """At the tiny pretrain recipe's geometry (32 px, 8 tokens), where CLIPA spends its compute."""
+    base = tiny_recipe(arch, samples, batch, image_size=32, text_length=8)
+    changes = {  # in the order they run (round-robin over seeds: a cut-short sweep has the first ones)
+        "shipped tiny recipe": {},
+        "crop 0.9-1.0 (open_clip_train)": {"data.crop_scale": [0.9, 1.0]},
+        "betas 0.9/0.98": {"optim.betas": [0.9, 0.98]},
+        "eps 1e-8": {"optim.eps": 1e-8},
+        "lr 1e-3": {"optim.lr": 1e-3},
+        "crop 0.4-1.0 (CLIPA)": {"data.crop_scale": [0.4, 1.0]},
+        "weight decay 0.2": {"optim.weight_decay": 0.2},
+        "lr 4e-3": {"optim.lr": 4e-3},
+        "warmup 10": {"optim.warmup_steps": 10},
+        "betas 0.9/0.999": {"optim.betas": [0.9, 0.999]},
+        "temperature clamp 50": {"train.logit_scale_max": 50.0},
+        "text 16 tokens": {"reduction.text_length": 16},
+    }
+    return [Setting(name, {**base, **change}, group=f"defaults {arch}") for name, change in changes.items()]
+
+
+# Chosen on this benchmark (docs/openclipart.md): the training defaults of the tiny/small recipes.
+CLIPA_TINY_DEFAULTS = {"data.crop_scale": [0.6, 1.0], "optim.betas": [0.9, 0.95], "optim.eps": 1e-6,
+                       "optim.weight_decay": 0.1, "optim.lr": 2e-3, "optim.warmup_steps": 50}
+
+
+def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
+    """At the training FLOPs of `samples` at full tokens: full tokens, and CLIPA's two stages.
+
+    CLIPA pretrains at half resolution (a quarter of the image tokens) with 8-token captions, then
+    finetunes at full length for the FLOPs of 20% of the full-token samples (CLIPA-v2 spends
+    4-5% on finetuning at its scale; a tiny budget needs a larger share to adapt to the new patch
+    scale), optionally dropping 30% of the patches while it finetunes as CLIPA-v2 does."""
+    from clipa.model import arch_config, native_geometry
+
+    base = {**tiny_recipe(arch, samples, batch), **CLIPA_TINY_DEFAULTS}
+    base["optim.warmup_steps"] = min(base["optim.warmup_steps"], samples // batch // 5)  # short budgets
+    native = native_geometry(arch_config(arch))
+    low = {"reduction.image_size": native.image_size // 2, "reduction.text_length": 8}
+    full_flops = train_flops(base, samples)
+    group = f"claim {arch} {samples // 1000}k"
+
+    def clipa(text: str, mask: float) -> tuple[dict, dict]:
+        finetune = {**base, "optim.lr": base["optim.lr"] / 4, "optim.warmup_steps": 2}
+        if mask:
+            finetune.update({"reduction.image": "random", "reduction.mask_ratio": mask})
+        ft_samples = int(0.2 * full_flops / train_flops(finetune, 1)) // batch * batch
+        finetune["train.total_samples"] = ft_samples
+        pretrain = {**base, **low, "reduction.text": text}
+        pt_samples = int((full_flops - train_flops(finetune, ft_samples)) / train_flops(pretrain, 1)) // batch * batch
+        pretrain["train.total_samples"] = pt_samples
+        pretrain["optim.warmup_steps"] = min(CLIPA_TINY_DEFAULTS["optim.warmup_steps"], pt_samples // batch // 5)
+        return pretrain, finetune
+
+    return [
+        Setting("full tokens", base, group=group),
+        Setting("CLIPA: 1/2 res + 8 tok truncate, then full", *clipa("truncate", 0.0), group=group),
+        Setting("CLIPA: 1/2 res + 8 tok truncate, then full with 30% masked", *clipa("truncate", 0.3), group=group),
+        Setting("CLIPA: 1/2 res + 8 tok syntax, then full", *clipa("syntax", 0.0), group=group),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="write shards and held-out evaluations from the installed packages")
+    b.add_argument("data")
+    b.add_argument("--image-size", type=int, default=128)
+    b.add_argument("--shard-size", type=int, default=1000)
+    b.add_argument("--package-root", default=str(openclipart_data.OPENCLIPART),
+                   help="where the packages put the drawings (png/ and svg/)")
+    for name in ("defaults", "vs-open-clip", "claim"):
+        p = sub.add_parser(name)
+        p.add_argument("data")
+        p.add_argument("--arch", action="append")
+        p.add_argument("--seeds", type=int, default=3)
+        p.add_argument("--samples", type=int, default=0, help="training samples (default depends on the command)")
+        p.add_argument("--batch", type=int, default=256)
+        p.add_argument("--only", action="append", help="run only settings whose label contains this")
+        p.add_argument("--results", default="")
+        p.add_argument("--workdir", default="")
+        if name == "claim":
+            p.add_argument("--budget", type=float, action="append",
+                           help="compute budgets as multiples of --samples at full tokens (repeatable; default 1)")
+    t = sub.add_parser("table")
+    t.add_argument("results")
+    t.add_argument("--group", default="")
+    t.add_argument("--plot", default="", help="also plot accuracy against FLOPs and wall time (PNG; needs matplotlib)")
+    args = parser.parse_args()
+
+    if args.command == "build":
+        try:
+            summary = openclipart_data.build(Path(args.data), args.image_size, args.shard_size, Path(args.package_root))
+        except openclipart_data.MissingPackages as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        chance = summary["chance"]
+        print(f"{summary['train']} training drawings, {summary['held_out']} held out; zero-shot: "
+              f"{summary['zeroshot_images']} images in {len(summary['zeroshot_classes'])} classes (chance acc1 "
+              f"{chance['zeroshot_acc1']:.3f}, acc5 {chance['zeroshot_acc5']:.3f}, majority class "
+              f"{chance['zeroshot_acc1_majority']:.3f}); retrieval: {summary['retrieval_pairs']} pairs (chance R@1 "
+              f"{chance['retrieval_recall@1']:.4f}, R@5 {chance['retrieval_recall@5']:.4f}); "
+              f"{len(summary['skipped'])} PNGs skipped (over 20 megapixels or unreadable)")
+        return
+    if args.command == "table":
+        rows = [r for r in read_results(Path(args.results)) if not args.group or r["group"].startswith(args.group)]
+        print(table(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
+        return
+
+    data = Path(args.data)
+    results = Path(args.results or data / "results.jsonl")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="clipa-openclipart-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings: list[Setting] = []
+    for arch in args.arch or ["clipa-tiny"]:
+        if args.command == "defaults":
+            settings += defaults_settings(arch, args.samples or 30_000, args.batch)
+        elif args.command == "vs-open-clip":
+            from openclipart_open_clip import vs_open_clip_settings
+            settings += vs_open_clip_settings(arch, args.samples or 30_000, args.batch)
+        else:
+            for budget in args.budget or [1.0]:
+                settings += claim_settings(arch, int((args.samples or 30_000) * budget), args.batch)
+    if args.only:
+        settings = [s for s in settings if any(o in s.label for o in args.only)]
+    sweep(data, settings, args.seeds, results, workdir)
+    print(table([r for r in read_results(results) if r["group"] in {s.group for s in settings}]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""open_clip_train on the OpenClipart shards, and the clipa settings that match it one by one.
+
+open_clip_train (from open_clip_torch; it also needs `pandas` and `webdataset<=0.2.86`, see
+docs/performance.md) runs unchanged through the same two-line wrapper as benchmarks/vs_open_clip.py
+(it does not know clipa's bundled architectures). Its checkpoint is converted to an open_clip
+local directory (config JSON + safetensors) so both tools' models go through the same
+`clipa zeroshot` / `clipa retrieval` evaluation.
+
+Both tools get the same model config, samples, batch and LR schedule (peak LR, linear warmup,
+cosine to 0). open_clip_train keeps its own defaults for everything else: RandomResizedCrop scale
+0.9-1.0 (bicubic), AdamW betas 0.9/0.999 and eps 1e-8 for a model name without "vit" (0.98/1e-6
+with it), weight decay 0.2, epochs over the shards (without replacement) with a 5,000-sample
+shuffle buffer, 1 data worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openclipart import Setting, tiny_recipe
+
+MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "clipa" / "model_configs"
+OPEN_CLIP_WRAPPER = (
+    "import sys, open_clip; open_clip.add_model_config(sys.argv.pop(1)); "
+    "from open_clip_train.main import main; main(sys.argv[1:])"
+)
+TRAIN_DRAWINGS = 7_326  # drawings in train/ (openclipart_data.build); one open_clip_train "epoch"
+
+
+def open_clip_defaults(arch: str) -> dict:
+    vit = "vit" in arch.lower()
+    return {"lr": 5e-4, "beta1": 0.9, "beta2": 0.98 if vit else 0.999, "eps": 1e-6 if vit else 1e-8, "wd": 0.2,
+            "crop_scale": [0.9, 1.0]}
+
+
+def run_open_clip(values: dict, out: Path) -> dict:
+    """Train with open_clip_train; returns wall time, losses, throughput and the exported model dir."""
+    arch, batch, samples = values["model.arch"], values["train.global_batch_size"], values["train.total_samples"]
+    steps = samples // batch
+    epochs = max(1, round(samples / TRAIN_DRAWINGS))
+    per_epoch = steps // epochs * batch  # open_clip_train: steps per epoch = num_samples // batch
+    d = open_clip_defaults(arch)
+    cmd = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(MODEL_CONFIGS),
+           "--train-data", values["data.train"], "--train-num-samples", str(per_epoch), "--dataset-type", "webdataset",
+           "--model", arch, "--batch-size", str(batch), "--epochs", str(epochs), "--precision", "fp32",
+           "--workers", "1", "--lr", str(values.get("optim.lr", d["lr"])), "--wd", str(d["wd"]),
+           "--beta1", str(d["beta1"]), "--beta2", str(d["beta2"]), "--eps", str(d["eps"]), "--warmup", str(values.get("optim.warmup_steps", 0)),
+           "--log-every-n-steps", "10", "--save-frequency", str(epochs), "--logs", str(out.parent),
+           "--name", out.name, "--report-to", "", "--seed", str(values.get("train.seed", 0))]
+    if values.get("reduction.image_size"):
+        cmd += ["--force-image-size", str(values["reduction.image_size"])]
+    if values.get("reduction.text_length"):
+        cmd += ["--force-context-length", str(values["reduction.text_length"])]
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wall = time.perf_counter() - t0
+    if result.returncode != 0:
+        raise RuntimeError(f"open_clip_train failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    text = result.stdout + result.stderr
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([\d.]+)", text)]
+    rates = [float(x) for x in re.findall(r", ([\d.]+)/s, [\d.]+/s/gpu", text)]
+    model = export_checkpoint(arch, out / "checkpoints" / f"epoch_{epochs}.pt", out / "final",
+                              values.get("reduction.image_size", 0), values.get("reduction.text_length", 0))
+    return {"wall_s": wall, "final_loss": losses[-1], "first_loss": losses[0],
+            "samples_per_s": statistics.median(rates) if rates else float("nan"), "model": str(model),
+            "open_clip_epochs": epochs, "open_clip_steps": epochs * (per_epoch // batch)}
+
+
+def export_checkpoint(arch: str, checkpoint: Path, out: Path, image_size: int = 0, context_length: int = 0) -> Path:
+    """open_clip_train checkpoint -> open_clip local directory (what `clipa export` writes), with the
+    geometry it was trained at (the --force-* flags)."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    state = {k.removeprefix("module."): v.contiguous() for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "open_clip_model.safetensors"))
+    config = json.loads((MODEL_CONFIGS / f"{arch}.json").read_text()) if (MODEL_CONFIGS / f"{arch}.json").is_file() \
+        else __import__("open_clip").get_model_config(arch)
+    if image_size:
+        config["vision_cfg"]["image_size"] = image_size
+    if context_length:
+        config["text_cfg"]["context_length"] = context_length
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    checkpoint.unlink()
+    return out
+
+
+def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
+    """open_clip_train's defaults against clipa's tiny recipe settings, then matched one by one.
+
+    Both at half resolution and 16 tokens (`--force-image-size` / `--force-context-length` for
+    open_clip_train), the geometry of CLIPA's pretraining stage and 4x cheaper than full tokens on
+    this CPU; same peak LR and warmup, cosine to 0, batch, samples and model config."""
+    from openclipart import CLIPA_TINY_DEFAULTS
+
+    from clipa.model import arch_config, native_geometry
+
+    group = f"vs-open-clip {arch}"
+    oc = open_clip_defaults(arch)
+    half = native_geometry(arch_config(arch)).image_size // 2
+    ours = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
+    matched = {**ours, "data.crop_scale": oc["crop_scale"], "optim.betas": [oc["beta1"], oc["beta2"]],
+               "optim.eps": oc["eps"], "optim.weight_decay": oc["wd"]}
+    return [
+        Setting("open_clip_train defaults", ours, tool="open_clip", group=group),
+        Setting("clipa tiny recipe settings", ours, group=group),
+        Setting("clipa + open_clip's crop 0.9-1, betas 0.9/0.999, eps 1e-8, wd 0.2", matched, group=group),
+        Setting("clipa + those + open_clip's 5,000-sample shuffle buffer", {**matched, "data.shuffle_buffer": 5000},
+                group=group),
+    ]
