@@ -2,8 +2,8 @@
 
 The command line (`clipa ...`) is a thin layer over plain functions that a notebook can call:
 
-    from clipa.recipe import load_recipe
-    from clipa.train import train
+    from clipa.recipe.schema import load_recipe
+    from clipa.train.trainer import train
     run_dir = train(load_recipe("recipes/tiny/pretrain.toml"), stage="pretrain")
 """
 

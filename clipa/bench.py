@@ -31,12 +31,12 @@ from accelerate import Accelerator
 
 from clipa.data.synthetic import train_sample
 from clipa.flops import image_tokens, train_flops_per_sample
-from clipa.loss import infonce_loss
-from clipa.model import Geometry, arch_config, build_tokenizer, create_model, native_geometry, stage_config
-from clipa.optim import build_optimizer
-from clipa.recipe import OptimConfig
-from clipa.reduction import TextReducer, install_patch_masker, patch_keep_indices
-from clipa.step import ContrastiveStep
+from clipa.model.build import Geometry, arch_config, build_tokenizer, create_model, native_geometry, stage_config
+from clipa.model.reduction import TextReducer, install_patch_masker, patch_keep_indices
+from clipa.recipe.schema import OptimConfig
+from clipa.train.loss import infonce_loss
+from clipa.train.optim import build_optimizer
+from clipa.train.step import ContrastiveStep
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ FLOPs are clipa's analytic model FLOPs (`clipa.flops`: matmuls of both towers, f
 counted over the samples the trainer will actually run (whole steps). Time is
 FLOPs / (peak x MFU): `mfu` is the model-FLOPs utilisation you expect to reach, by default the one
 implied by CLIPA-v2's published H/14 A100-hours (docs/plan.md). The result is plain data in the
-shape DESIGN.md fixes for `clipa plan --json`:
+shape `clipa plan --json` prints (documented in docs/plan.md):
 
     {"stages": [{"recipe", "total_flops", "gpu_hours", "cost", ...}], "total": {"total_flops", "gpu_hours", "cost"}}
 """
@@ -16,7 +16,7 @@ shape DESIGN.md fixes for `clipa plan --json`:
 from __future__ import annotations
 
 from clipa.errors import ClipaError
-from clipa.flops import PEAK_TFLOPS_BF16, image_tokens, match_accelerator, train_flops
+from clipa.flops import PEAK_TFLOPS_BF16, match_accelerator
 
 DEFAULT_GPU = "A100"
 DEFAULT_GPUS = 8
@@ -42,8 +42,8 @@ def accelerator_peak(gpu: str, peak_tflops: float | None = None) -> tuple[str, f
 
 
 def _load(recipe) -> tuple[str, object]:
-    from clipa.recipe import Recipe, load_recipe
-    from clipa.recipes_index import resolve_path
+    from clipa.recipe.index import resolve_path
+    from clipa.recipe.schema import Recipe, load_recipe
 
     if isinstance(recipe, Recipe):
         return recipe.source or recipe.name, recipe
@@ -52,22 +52,16 @@ def _load(recipe) -> tuple[str, object]:
 
 def stage_flops(recipe) -> dict:
     """Tokens and training FLOPs of one recipe (a `Recipe`): per sample and in total."""
-    from clipa.model import recipe_model_config
+    from clipa.stage import Stage
 
-    geometry, cfg = recipe_model_config(recipe)
-    keep_ratio = 1.0 - recipe.reduction.mask_ratio
-    per_sample = train_flops(cfg, geometry.image_size, geometry.context_length, keep_ratio)
-    batch = recipe.train.global_batch_size
-    steps = recipe.train.total_samples // batch
-    samples = steps * batch  # what the trainer runs: whole steps
-    n_img = image_tokens(cfg, geometry.image_size, keep_ratio)
+    stage = Stage.of(recipe)
     return {
-        "name": recipe.name, "arch": recipe.model.arch, "image_size": geometry.image_size,
-        "mask_ratio": recipe.reduction.mask_ratio, "image_tokens": n_img, "text_tokens": geometry.context_length,
-        "tokens_per_sample": n_img + geometry.context_length, "global_batch_size": batch, "steps": steps,
-        "samples": samples, "image_flops_per_sample": per_sample["image"],
-        "text_flops_per_sample": per_sample["text"], "flops_per_sample": per_sample["total"],
-        "total_flops": per_sample["total"] * samples,
+        "name": recipe.name, "arch": recipe.model.arch, "image_size": stage.geometry.image_size,
+        "mask_ratio": recipe.reduction.mask_ratio, "image_tokens": stage.image_tokens,
+        "text_tokens": stage.geometry.context_length, "tokens_per_sample": stage.tokens_per_sample,
+        "global_batch_size": stage.global_batch, "steps": stage.steps, "samples": stage.samples,
+        "image_flops_per_sample": stage.flops["image"], "text_flops_per_sample": stage.flops["text"],
+        "flops_per_sample": stage.flops_per_sample, "total_flops": stage.total_flops,
     }
 
 

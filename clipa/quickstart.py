@@ -13,15 +13,16 @@ from rich.table import Table
 
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import write_result, zeroshot
-from clipa.recipe import load_recipe
-from clipa.recipes_index import resolve_path
-from clipa.train import train
+from clipa.recipe.index import resolve_path
+from clipa.recipe.schema import load_recipe
+from clipa.stage import Stage
+from clipa.train.trainer import train
 
 
 def _scaled(recipe, scale: float) -> None:
     batch = recipe.train.global_batch_size
     recipe.train.total_samples = max(batch, int(recipe.train.total_samples * scale) // batch * batch)
-    steps = recipe.train.total_samples // batch
+    steps = Stage.of(recipe).steps
     recipe.optim.warmup_steps = min(recipe.optim.warmup_steps, max(0, steps // 5))
     recipe.train.log_every_steps = max(1, min(recipe.train.log_every_steps, steps // 5))
 

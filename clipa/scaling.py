@@ -139,19 +139,16 @@ def _run_dir_of(path: Path) -> tuple[Path, int | None] | None:
 def run_compute(run: Path, step: int | None = None, _seen: set | None = None) -> tuple[float, list[str]]:
     """Training FLOPs of a run directory's stage (up to `step`, else the samples it logged), plus
     those of the runs its `init.checkpoint` came from. Returns (FLOPs, notes)."""
-    from clipa.flops import train_flops_per_sample
-    from clipa.model import recipe_model_config
-    from clipa.recipe import read_toml, recipe_from_dict
+    from clipa.recipe.schema import read_run_recipe
+    from clipa.stage import Stage
 
     seen = _seen if _seen is not None else set()
     key = run.resolve()
     if key in seen:
         return 0.0, [f"{run}: init.checkpoint loops back; counted once"]
     seen.add(key)
-    recipe = recipe_from_dict(read_toml(run / "config.toml"))
-    geometry, cfg = recipe_model_config(recipe)
-    per_sample = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length,
-                                        1.0 - recipe.reduction.mask_ratio)
+    recipe = read_run_recipe(run)
+    per_sample = Stage.of(recipe).flops_per_sample
     if step is not None:
         samples = step * recipe.train.global_batch_size
     else:

@@ -39,7 +39,7 @@ def run_in_process(*args):
     """Invoke the Typer app in this process (fast); same exit codes and streams as the command."""
     from typer.testing import CliRunner
 
-    from clipa.cli import app
+    from clipa.cli.app import app
 
     result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
     if result.exception and not isinstance(result.exception, SystemExit):

@@ -13,8 +13,8 @@ import torch
 from accelerate import Accelerator
 
 from clipa.distributed import leave_process_group
-from clipa.model import Geometry, create_model, stage_config
-from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
+from clipa.model.build import Geometry, create_model, stage_config
+from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 
 
 def main(out: str) -> None:

@@ -8,10 +8,10 @@ from open_clip.loss import SigLipLoss
 from clipa.data.loader import TrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import normalize, train_transform
-from clipa.loss import LOSSES, infonce_loss, siglip_loss
-from clipa.model import Geometry, build_tokenizer, create_model, stage_config
-from clipa.reduction import TextReducer, install_patch_masker
-from clipa.step import ContrastiveStep
+from clipa.model.build import Geometry, build_tokenizer, create_model, stage_config
+from clipa.model.reduction import TextReducer, install_patch_masker
+from clipa.train.loss import LOSSES, infonce_loss, siglip_loss
+from clipa.train.step import ContrastiveStep
 
 GEOMETRY = Geometry(32, 8)
 
@@ -97,7 +97,7 @@ def test_infonce_matches_a_direct_computation():
 
 @pytest.mark.parametrize("loss_fn", [infonce_loss, siglip_loss])
 def test_chunked_loss_equals_unchunked(monkeypatch, loss_fn):
-    import clipa.loss
+    import clipa.train.loss
 
     torch.manual_seed(2)
     images = torch.nn.functional.normalize(torch.randn(40, 8), dim=-1).requires_grad_()
@@ -105,7 +105,7 @@ def test_chunked_loss_equals_unchunked(monkeypatch, loss_fn):
     scale, bias = torch.tensor(12.0, requires_grad=True), torch.tensor(-5.0, requires_grad=True)
     whole = loss_fn(images, texts, scale, bias)
     whole_grads = torch.autograd.grad(whole, [images, texts, scale, bias], allow_unused=True)
-    monkeypatch.setattr(clipa.loss, "CHUNK_ROWS", 7)  # 40 rows in 6 uneven chunks
+    monkeypatch.setattr(clipa.train.loss, "CHUNK_ROWS", 7)  # 40 rows in 6 uneven chunks
     chunked = loss_fn(images, texts, scale, bias)
     chunked_grads = torch.autograd.grad(chunked, [images, texts, scale, bias], allow_unused=True)
     torch.testing.assert_close(chunked, whole)
@@ -143,7 +143,7 @@ def validate_cli(*overrides, world_size=None):
     """`clipa validate tiny/pretrain ...` in this process, optionally as if under a launcher's WORLD_SIZE."""
     from typer.testing import CliRunner
 
-    from clipa.cli import app
+    from clipa.cli.app import app
 
     env = {"COLUMNS": "200", "WORLD_SIZE": world_size}  # None unsets it
     result = CliRunner().invoke(app, ["validate", "tiny/pretrain", *overrides], env=env)
@@ -264,7 +264,7 @@ def test_bf16_accumulation_matches_bf16_big_step():
 def test_logit_scale_clamp_bounds_the_temperature():
     import math
 
-    from clipa.step import clamp_logit_scale
+    from clipa.train.step import clamp_logit_scale
 
     model = create_model(stage_config("clipa-tiny", GEOMETRY))
     for value, expected in ((math.log(500.0), math.log(100.0)), (-1.0, 0.0), (2.0, 2.0)):

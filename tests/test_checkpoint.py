@@ -13,12 +13,12 @@ import open_clip
 import pytest
 import torch
 
-from clipa import checkpoint as ckpt
-from clipa.checkpoint import CheckpointManager, export_checkpoint
 from clipa.errors import ClipaError
 from clipa.evaluate.models import load_model
-from clipa.recipe import load_recipe
-from clipa.train import NonFiniteError, Trainer
+from clipa.recipe.schema import load_recipe
+from clipa.train import checkpoint as ckpt
+from clipa.train.checkpoint import CheckpointManager, export_checkpoint
+from clipa.train.trainer import NonFiniteError, Trainer
 
 from conftest import RECIPES
 
@@ -179,8 +179,8 @@ class FaultyStep:
     def __init__(self, trainer, bad):
         self.trainer, self.inner, self.bad = trainer, trainer.contrastive_step, bad
 
-    def __call__(self, micro_batches):
-        loss = self.inner(micro_batches)
+    def __call__(self, micro_batches, loss_fn=None):
+        loss = self.inner(micro_batches, loss_fn)
         if self.bad(self.trainer.step + 1):
             for p in self.trainer.model.parameters():
                 if p.grad is not None:
@@ -368,7 +368,7 @@ def test_resume_rejects_changes_that_make_another_run(tmp_path):
 def test_skipped_fp16_step_backs_off_the_loss_scale_and_clipping_still_works():
     # accelerate makes no grad scaler on CPU, so this drives torch's real GradScaler the way the
     # trainer does: scaled backward, unscale_ (clipping), a non-finite step skipped, the next clipped.
-    from clipa.train import skip_scaled_update
+    from clipa.train.trainer import skip_scaled_update
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)

@@ -23,8 +23,8 @@ from clipa.data.spec import expand, parse_train
 from clipa.data.streams import _Mode
 from clipa.data.transforms import RandomResizedCrop
 from clipa.errors import ClipaError
-from clipa.model import Geometry
-from clipa.recipe import load_recipe
+from clipa.model.build import Geometry
+from clipa.recipe.schema import load_recipe
 
 
 def ids(captions, rngs=None):
@@ -283,7 +283,7 @@ def test_fast_decode_keeps_the_crop_and_decodes_smaller():
 @pytest.mark.slow
 def test_train_and_inspect_on_shards(tmp_path, cli):
     from clipa.data.shards import write_synthetic
-    from clipa.train import train
+    from clipa.train.trainer import train
 
     from conftest import RECIPES, tiny_overrides
 
@@ -372,7 +372,7 @@ def test_a_dead_source_ends_clipa_pretrain_with_exit_2(tmp_path, cli):
 def test_metrics_count_skips_of_every_process_and_resume_warns_on_a_new_layout(tmp_path, caplog):
     """2 real processes (torchrun) over shards with broken members and a missing shard; then a 1-process resume."""
     from clipa.data.loader import check_resume_layout
-    from clipa.train import Trainer
+    from clipa.train.trainer import Trainer
 
     from conftest import RECIPES, run_torchrun, tiny_overrides
 

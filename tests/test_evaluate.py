@@ -22,8 +22,8 @@ from clipa.evaluate.linear_probe import linear_probe
 from clipa.evaluate.models import load_model
 from clipa.evaluate.retrieval import retrieval
 from clipa.evaluate.zeroshot import output_paths, zeroshot
-from clipa.recipe import load_recipe
-from clipa.train import train
+from clipa.recipe.schema import load_recipe
+from clipa.train.trainer import train
 
 from conftest import RECIPES, run_torchrun, tiny_overrides
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipa.evaluate.models import load_model
-from clipa.model import arch_config, create_model, native_geometry, stage_config
-from clipa.recipe import load_recipe
-from clipa.train import _accelerator, train
+from clipa.model.build import arch_config, create_model, native_geometry, stage_config
+from clipa.recipe.schema import load_recipe
+from clipa.train.trainer import _accelerator, train
 
 from conftest import RECIPES, run_cli, tiny_overrides
 from test_cli import assert_user_error

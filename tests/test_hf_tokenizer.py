@@ -15,8 +15,8 @@ pytest.importorskip("transformers")
 import open_clip  # noqa: E402
 from transformers import BertTokenizerFast  # noqa: E402
 
-from clipa.model import arch_config, build_tokenizer  # noqa: E402
-from clipa.reduction import TextReducer  # noqa: E402
+from clipa.model.build import arch_config, build_tokenizer  # noqa: E402
+from clipa.model.reduction import TextReducer  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipa import recipe as R
 from clipa.errors import ClipaError
-from clipa.model import Geometry, arch_config, create_model, load_weights, stage_config, stage_geometry
+from clipa.model.build import Geometry, arch_config, create_model, stage_config, stage_geometry
+from clipa.model.weights import load_weights
+from clipa.recipe import schema as R
 
 
 def tiny(**overrides):

@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from clipa.model import Geometry, create_model, stage_config
-from clipa.optim import build_optimizer
-from clipa.recipe import OptimConfig
+from clipa.model.build import Geometry, create_model, stage_config
+from clipa.recipe.schema import OptimConfig
+from clipa.train.optim import build_optimizer
 
 
 def test_fused_adamw_matches_the_reference_update_with_decay_exclusions():

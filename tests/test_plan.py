@@ -7,7 +7,7 @@ import torch
 
 from clipa import flops
 from clipa import plan as plan_mod
-from clipa.recipe import load_recipe
+from clipa.recipe.schema import load_recipe
 
 from conftest import RECIPES, REPO
 
@@ -39,7 +39,7 @@ def test_flops_match_torch_flop_counter_on_the_tiny_model():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipa.model import Geometry, create_model, stage_config
+    from clipa.model.build import Geometry, create_model, stage_config
 
     cfg = stage_config("clipa-tiny", Geometry(32, 8))
     model = create_model(cfg)
@@ -162,7 +162,7 @@ def test_every_paper_recipe_is_checked():
 
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_recipe_has_the_published_settings(name):
-    from clipa.model import stage_geometry
+    from clipa.model.build import stage_geometry
 
     want = PAPER[name]
     path = RECIPES / f"{name}.toml"
@@ -204,8 +204,8 @@ def test_training_flops_match_torch_flop_counter_at_full_and_reduced_tokens(arch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipa.model import Geometry, create_model, stage_config
-    from clipa.reduction import image_grid, install_patch_masker, patch_keep_indices
+    from clipa.model.build import Geometry, create_model, stage_config
+    from clipa.model.reduction import image_grid, install_patch_masker, patch_keep_indices
 
     cfg = stage_config(arch, Geometry(image_size, text_length))
     model = create_model(cfg)

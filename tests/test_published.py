@@ -99,7 +99,7 @@ def world(tmp_path_factory, request):
     """Two trained stages exported and published into a Hugging Face cache, plus a BERT model and timm weights."""
     from transformers import BertTokenizerFast
 
-    from clipa.model import arch_config, create_model
+    from clipa.model.build import arch_config, create_model
 
     from conftest import run_in_process as cli
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from clipa.errors import ClipaError
-from clipa.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
-from clipa.recipe import load_recipe
-from clipa.train import Trainer
+from clipa.recipe.schema import load_recipe
+from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
+from clipa.train.trainer import Trainer
 
 from conftest import RECIPES, run_torchrun
 
@@ -81,9 +81,9 @@ def _accumulated_queue_step(batch, micro, kind, masked):
     forward, the queue's negatives, the loss over the global batch, then one enqueue."""
     from accelerate import Accelerator
 
-    from clipa.model import create_model, stage_config
-    from clipa.reduction import install_patch_masker
-    from clipa.step import ContrastiveStep
+    from clipa.model.build import create_model, stage_config
+    from clipa.model.reduction import install_patch_masker
+    from clipa.train.step import ContrastiveStep
 
     from test_accumulation import GEOMETRY, split
 

@@ -1,7 +1,7 @@
 import pytest
 
-from clipa import recipe as R
 from clipa.errors import ClipaError
+from clipa.recipe import schema as R
 
 from conftest import RECIPES
 

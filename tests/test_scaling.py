@@ -78,7 +78,7 @@ def test_json_inputs(tmp_path):
 
 def fake_run(root, name, stage_recipe, samples, acc1=None, eval_row=None, overrides=()):
     """A run directory as clipa writes it: config.toml, metrics.jsonl, optionally a zero-shot result."""
-    from clipa.recipe import load_recipe, save
+    from clipa.recipe.schema import load_recipe, save
 
     run = root / name
     run.mkdir(parents=True)
@@ -96,7 +96,7 @@ def fake_run(root, name, stage_recipe, samples, acc1=None, eval_row=None, overri
 
 def test_run_directories_count_every_stage(tmp_path):
     from clipa.flops import train_flops_per_sample
-    from clipa.model import Geometry, stage_config
+    from clipa.model.build import Geometry, stage_config
 
     pre = fake_run(tmp_path / "runs", "pre", "tiny/pretrain.toml", 64_000)
     (pre / "checkpoints" / "step_000100").mkdir(parents=True)  # a step checkpoint holds its own config.toml

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from clipa.errors import ClipaError
-from clipa.recipe import load_recipe
-from clipa.train import Trainer, train
+from clipa.recipe.schema import load_recipe
+from clipa.train.trainer import Trainer, train
 
 from conftest import RECIPES, tiny_overrides
 
@@ -128,7 +128,7 @@ def test_timm_vit_tower_masks_patch_tokens_before_its_blocks(tmp_path):
 
 def test_patch_masker_keeps_every_prefix_token():
     """timm ViTs with register or distillation tokens put them first (num_prefix_tokens); none is dropped."""
-    from clipa.reduction import PatchMasker
+    from clipa.model.reduction import PatchMasker
 
     masker = PatchMasker("random", 0.5, (2, 2), prefix_tokens=3)
     masker.train()
@@ -138,7 +138,7 @@ def test_patch_masker_keeps_every_prefix_token():
 
 
 def test_timm_tower_geometry_comes_from_the_timm_model():
-    from clipa.model import Geometry, stage_geometry
+    from clipa.model.build import Geometry, stage_geometry
 
     with pytest.raises(ClipaError, match=r"reduction.image_size: 40 is not divisible by the patch size 16 of timm "
                                          r"model vit_tiny_patch16_224 \(model.image_tower\); use 32 or 48"):

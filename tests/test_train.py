@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from clipa.checkpoint import CheckpointManager
 from clipa.data.loader import TrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import normalize, train_transform
 from clipa.evaluate.models import load_model
-from clipa.loss import infonce_loss
-from clipa.model import Geometry, build_tokenizer, create_model, stage_config
-from clipa.recipe import load_recipe
-from clipa.reduction import TextReducer
-from clipa.train import train
+from clipa.model.build import Geometry, build_tokenizer, create_model, stage_config
+from clipa.model.reduction import TextReducer
+from clipa.recipe.schema import load_recipe
+from clipa.train.checkpoint import CheckpointManager
+from clipa.train.loss import infonce_loss
+from clipa.train.trainer import train
 
 from conftest import RECIPES, tiny_overrides
 

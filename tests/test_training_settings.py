@@ -8,8 +8,8 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from clipa.recipe import load_recipe
-from clipa.train import Trainer, train
+from clipa.recipe.schema import load_recipe
+from clipa.train.trainer import Trainer, train
 
 from conftest import RECIPES, tiny_overrides
 

@@ -30,7 +30,7 @@ from clipa.data.streams import StreamError, StreamingTrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
 from clipa.errors import ClipaError
-from clipa.reduction import reduce_batch
+from clipa.model.reduction import reduce_batch
 
 _AUGMENT_STREAM = 0xA06
 
@@ -192,10 +192,10 @@ def build_train_loader(recipe, geometry, text_reducer, *, micro_batch: int, proc
                                       exact_resume=data.exact_resume, **common)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                         prefetch_factor=4 if workers else None, persistent_workers=False,
-                        worker_init_fn=_one_thread_per_worker)
+                        worker_init_fn=one_thread_per_worker)
     return TrainLoader(loader)
 
 
-def _one_thread_per_worker(_worker_id: int) -> None:
+def one_thread_per_worker(_worker_id: int) -> None:
     # Workers decode and crop; intra-op threads there would only fight the trainer for cores.
     torch.set_num_threads(1)

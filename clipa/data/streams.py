@@ -1,40 +1,11 @@
 """Streaming sources (shards, CSV rows) as deterministic, splittable, resumable micro-batch streams.
 
-Lanes. Every training process runs W loader workers (W = max(1, data.num_workers)); rank-local
-micro-batch b is built by lane b mod W of that rank, as its (b div W)-th micro-batch. Lane l of
-rank r is stream slot `r * W + l` of `processes * W` slots. Each slot reads its own sample stream:
-
-  epochs    every epoch, each source's units (shards, CSV rows) are permuted by (seed, source,
-            epoch) and dealt round-robin to the slots: within an epoch no unit, hence no sample,
-            reaches two slots. The next epoch reshuffles.
-  resampled (data.resampled) each slot draws units with replacement from its own generator,
-            endlessly: no epochs, no need for more shards than slots.
-  shuffle   a per-slot buffer of data.shuffle_buffer samples mixes samples across the slot's
-            shards (generator seeded by seed, source, epoch, slot); it drains at the end of an epoch.
-  mixture   several sources: each sample of the slot picks its source with probability
-            proportional to the source's weight, from the slot's own generator.
-
-Everything is a function of (seed, slots, slot), never of timing, so a run is reproducible.
-Augmentations still come from the sample's global index (seed, index) as for the synthetic
-source, so they do not depend on the worker count.
-
-Dead sources. A slot that reads a whole epoch of its units, and at least min(100, n) of the
-source's n units, in a row without one usable record (resampled: max(100, n) draws) raises a
-ClipaError naming the source: the data became unreadable after the start-up check, and looping
-over empty epochs would hang the run. In a loader worker the error travels to the training process
-as a `StreamError` item, so the user sees its one-line message, not torch's wrapped traceback.
-
-Resume. A worker that starts at micro-batch b fast-forwards its slot's stream by
-(b div W) * micro samples: it re-reads (without decoding images; for local tars without even
-reading image bytes) what the slot consumed before and replays the same shuffle and mixture
-draws, so the stream continues exactly where the uninterrupted run was. Exact when the number of
-processes, data.num_workers and the micro-batch are unchanged (the checkpoint stores them, and
-the trainer warns when they differ: clipa.data.loader.check_resume_layout); the one exception is
-an image that passed the cheap checks but failed to decode before the resume point: each shifts that slot by
-one sample (see docs/data.md). The cost is reading the headers and captions of every sample the
-slot consumed since the run began (whole samples for pipe:/remote/compressed shards). With
-data.exact_resume=false a resumed worker skips nothing and starts a fresh deterministic stream
-(seeded by the resume position) instead: instant, but samples of the interrupted epoch may repeat.
+Rank r's loader lane l is stream slot r * W + l of processes * W slots (W = max(1, data.num_workers));
+every slot reads its own stream (epochs dealt round-robin, or resampled; a shuffle buffer; a
+weighted mixture), a function of (seed, slots, slot) only, and a resumed worker fast-forwards its
+slot to where the interrupted run was. docs/data.md describes the splitting, shuffling, resume
+(and its cost) and dead-source rules this module implements; a dead source's ClipaError travels
+from a loader worker as a `StreamError` item, so the user sees its one-line message.
 """
 
 from __future__ import annotations
@@ -51,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from clipa.data.sources import Record, SkipStats, decode_crop
 from clipa.errors import ClipaError
-from clipa.reduction import reduce_batch
+from clipa.model.reduction import reduce_batch
 
 log = logging.getLogger("clipa.data")
 

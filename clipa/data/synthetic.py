@@ -52,7 +52,7 @@ _CAPTIONS = (
 _EVAL_STREAM = 0x5EED_E7A1
 
 
-def _rng(*key: int) -> np.random.Generator:
+def scene_rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([k & 0xFFFF_FFFF_FFFF_FFFF for k in key])
 
 
@@ -147,14 +147,14 @@ def draw_scene(rng: np.random.Generator, size: int = 64, label: int | None = Non
 
 
 def train_sample(seed: int, index: int, size: int = 64) -> tuple[Image.Image, str]:
-    image, caption, _ = draw_scene(_rng(seed, index), size)
+    image, caption, _ = draw_scene(scene_rng(seed, index), size)
     return image, caption
 
 
 def eval_sample(seed: int, index: int, size: int = 64) -> tuple[Image.Image, int]:
     """Held-out zero-shot sample `index`: classes cycle so every class has the same count."""
     label = index % len(CLASSNAMES)
-    image, _, _ = draw_scene(_rng(_EVAL_STREAM, seed, index), size, label=label)
+    image, _, _ = draw_scene(scene_rng(_EVAL_STREAM, seed, index), size, label=label)
     return image, label
 
 

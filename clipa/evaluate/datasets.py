@@ -30,8 +30,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from clipa.data.synthetic import SyntheticEvalSet
-from clipa.errors import ClipaError
-from clipa.recipe import ZEROSHOT_DATASETS, did_you_mean
+from clipa.errors import ClipaError, check_one_of
+from clipa.recipe.schema import ZEROSHOT_DATASETS
 
 DATASETS = ZEROSHOT_DATASETS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -129,7 +129,7 @@ def _wordnet_folders(root: Path, dataset: str, synsets: list[str], transform,
     return LabeledImages(items, transform)
 
 
-def _imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
+def read_imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
     folders = _class_folders(root)
     if not folders:
         raise ClipaError(f"--data-root: {root} has no class folders; expected {root}/CLASS/IMAGE.jpg")
@@ -247,7 +247,7 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
         return ZeroShotData(name, dataset, list(dataset.classnames), load_templates(templates, dataset.templates))
     if name == "imagefolder":
         root = _root(data_root, name)
-        dataset, classnames = _imagefolder(root, transform)
+        dataset, classnames = read_imagefolder(root, transform)
         default = [line for line in (root / "templates.txt").read_text().splitlines() if line.strip()] \
             if (root / "templates.txt").is_file() else ["a photo of a {c}."]
         return ZeroShotData(name, dataset, classnames, load_templates(templates, default))
@@ -268,5 +268,5 @@ def load_zeroshot_data(name: str, transform, data_root: str | None = None, templ
         root = _root(data_root, name, (name,))
         names = [IMAGENET_CLASSNAMES[synsets.index(w)] for w in subset]
         return ZeroShotData(name, _wordnet_folders(root, name, subset, transform), names, openai)
-    raise ClipaError(f"--dataset: unknown dataset \"{name}\"{did_you_mean(name, DATASETS)} "
-                     f"(available: {', '.join(DATASETS)})")
+    check_one_of(name, DATASETS, "dataset")
+    raise AssertionError(f"{name} is in DATASETS but has no reader")  # pragma: no cover

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
-from clipa.evaluate.datasets import _imagefolder
+from clipa.evaluate.datasets import read_imagefolder
 from clipa.evaluate.models import LoadedModel
 from clipa.evaluate.sharding import all_true, gather_batches, rank_world, shard
 from clipa.evaluate.zeroshot import eval_loader
@@ -146,7 +146,7 @@ def cached_features(loaded: LoadedModel, dataset: str, data_root: str | None, sp
         if not (Path(data_root) / split).is_dir():
             raise ClipaError(f"--data-root: {Path(data_root) / split} is missing; the linear probe needs train/ and "
                              "test/ class folders")
-        data, classnames = _imagefolder(Path(data_root) / split, transform)
+        data, classnames = read_imagefolder(Path(data_root) / split, transform)
         num_classes = len(classnames)
     features, labels = _features(loaded, data, batch_size, num_workers)
     if rank_world()[0] == 0:  # every process holds the gathered features; one writes them

@@ -9,12 +9,12 @@ Accepted `--model` values:
   my_arch.json --pretrained F   an open_clip model-config JSON plus a weights file (e.g. an open_clip_train
                                 epoch_N.pt: its "state_dict", "module." prefixes dropped; loaded weights-only)
   ViT-B-32 --pretrained TAG     an open_clip pretrained tag (also spelled ViT-B-32:TAG), downloaded and cached
-                                by open_clip through huggingface_hub (clipa.published)
+                                by open_clip through huggingface_hub (clipa.model.published)
   hf-hub:ORG/NAME               an open_clip model on the Hugging Face Hub, likewise
 
 `image_size` / `text_length` evaluate at another geometry than the model's own: the model is rebuilt
 at that geometry and its weights loaded with the position embeddings resized the way finetuning
-does it (`clipa.model.load_weights`: bicubic for the image grid, linear for text), and the tokenizer
+does it (`clipa.model.build.load_weights`: bicubic for the image grid, linear for text), and the tokenizer
 truncates to the new length. Changing only the transform would feed the model a token grid its
 position embedding does not have.
 """
@@ -31,22 +31,18 @@ from typing import Callable
 import open_clip
 import torch
 
-from clipa import published
-from clipa import recipe as recipe_mod
-from clipa.checkpoint import CONFIG_FILE, find_weights, read_state_dict
 from clipa.errors import ClipaError
-from clipa.model import (
-    EXPORT_CONFIG,
-    _set_timm_input_size,
+from clipa.model import published
+from clipa.model.build import (
     arch_config,
     build_tokenizer,
     create_model,
-    load_weights,
     native_geometry,
     patch_size,
-    recipe_model_config,
+    set_timm_input_size,
     stage_config,
 )
+from clipa.model.weights import EXPORT_CONFIG, find_weights, load_weights, model_from_checkpoint, read_state_dict
 
 
 @dataclass
@@ -109,10 +105,7 @@ def _from_published(pub: published.Published) -> LoadedModel:
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
-    recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-    geometry, model_cfg = recipe_model_config(recipe)
-    model = create_model(model_cfg)
-    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    model, recipe, geometry, model_cfg = model_from_checkpoint(path)
     return LoadedModel(model, build_tokenizer(recipe.model.arch, geometry.context_length), geometry.image_size,
                        open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path),
                        model_cfg, functools.partial(build_tokenizer, recipe.model.arch), geometry.context_length)
@@ -121,7 +114,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
 def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length: int | None = None) -> LoadedModel:
     """`loaded` rebuilt to take `image_size` px images and `text_length` tokens (None: unchanged).
 
-    Position embeddings are resized by `clipa.model.load_weights` (open_clip's resizers, as in
+    Position embeddings are resized by `clipa.model.build.load_weights` (open_clip's resizers, as in
     finetuning); a timm image trunk is loaded at its own size and then resampled by timm's
     `set_input_size`, as open_clip's `force_image_size` does.
     """
@@ -150,7 +143,7 @@ def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length:
     model = create_model(cfg)
     load_weights(model, {k: v.cpu() for k, v in loaded.model.state_dict().items()}, key="--model")
     if timm_trunk:
-        _set_timm_input_size(model.visual, size)
+        set_timm_input_size(model.visual, size)
         cfg["vision_cfg"]["image_size"] = size
     tokenizer = loaded.make_tokenizer(length) if length != loaded.context_length else loaded.tokenizer
     return replace(loaded, model=model.to(device), tokenizer=tokenizer, image_size=size, model_cfg=cfg,

@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clipa.data.synthetic import _rng, draw_scene
+from clipa.data.synthetic import draw_scene, scene_rng
 from clipa.data.transforms import eval_transform
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, check_one_of
 from clipa.evaluate.datasets import read_member, wds_index
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import gather_batches, shard_range
 from clipa.evaluate.sharding import shard as shard_dataset
 from clipa.evaluate.zeroshot import eval_loader
-from clipa.recipe import RETRIEVAL_DATASETS, did_you_mean  # one list for the CLI and recipes
+from clipa.recipe.schema import RETRIEVAL_DATASETS  # one list for the CLI and recipes
 
 _RETRIEVAL_STREAM = 0x2E7
 
@@ -75,7 +75,7 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
                synthetic_images: int = 500) -> tuple[list, list[list[str]]]:
     """(image loaders, captions per image)."""
     if dataset == "synthetic":
-        scenes = [draw_scene(_rng(_RETRIEVAL_STREAM, 0, i)) for i in range(synthetic_images)]  # held out
+        scenes = [draw_scene(scene_rng(_RETRIEVAL_STREAM, 0, i)) for i in range(synthetic_images)]  # held out
         return [functools.partial(_given, s[0]) for s in scenes], [[s[1]] for s in scenes]
     if not data_root:
         raise ClipaError(f"--data-root: required for --dataset {dataset}")
@@ -103,8 +103,8 @@ def load_pairs(dataset: str, data_root: str | None, image_column="filepath", cap
                 loaders.append(functools.partial(_open_member, shard, image))
                 captions.append([c for c in text.splitlines() if c.strip()])
         return loaders, captions
-    raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
-                     f"(available: {', '.join(RETRIEVAL_DATASETS)})")
+    check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")
+    raise AssertionError(f"{dataset} is in RETRIEVAL_DATASETS but has no reader")  # pragma: no cover
 
 
 def _read_at(shard: Path, where: tuple[int, int]) -> bytes:

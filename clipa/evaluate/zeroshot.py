@@ -10,7 +10,7 @@ import torch
 from open_clip import build_zero_shot_classifier
 from torch.utils.data import DataLoader, default_collate
 
-from clipa.data.loader import _one_thread_per_worker
+from clipa.data.loader import one_thread_per_worker
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError
 from clipa.evaluate.datasets import ZeroShotData, load_zeroshot_data
@@ -30,7 +30,7 @@ def _collate(batch):
 def eval_loader(dataset, batch_size: int, num_workers: int, collate_fn=_collate) -> DataLoader:
     """Decoding in `num_workers` processes, one thread each (the model gets the cores' threads)."""
     return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=collate_fn,
-                      worker_init_fn=_one_thread_per_worker if num_workers else None)
+                      worker_init_fn=one_thread_per_worker if num_workers else None)
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ import copy
 import torch
 import torch.distributed as dist
 
-from clipa.loss import _ce_sum, _chunked_sum, gather_features
-from clipa.reduction import PatchMasker
+from clipa.model.reduction import PatchMasker
+from clipa.train.loss import gather_features, infonce_against
 
 
 def gather_no_grad(features: torch.Tensor) -> torch.Tensor:
@@ -123,8 +123,4 @@ def queue_infonce_loss(image_features, text_features, logit_scale, keys=None, ne
     if negatives is not None:
         image_columns = torch.cat([image_columns, negatives[0]])
         text_columns = torch.cat([text_columns, negatives[1]])
-    scale = logit_scale.float()
-    n = image_features.shape[0]
-    image_to_text = _chunked_sum(_ce_sum, image_features, text_columns, scale, offset)
-    text_to_image = _chunked_sum(_ce_sum, text_features, image_columns, scale, offset)
-    return 0.5 * (image_to_text + text_to_image) / n
+    return infonce_against(image_features, text_features, image_columns, text_columns, logit_scale, offset)

@@ -19,11 +19,9 @@ import numpy as np
 import torch
 
 from clipa.errors import ClipaError, first_line
-from clipa.model import EXPORT_CONFIG, EXPORT_WEIGHTS, _fsync_dir, write_safetensors
+from clipa.model.weights import CONFIG_FILE, MODEL_FILE, fsync_dir, fsync_file, model_from_checkpoint, write_safetensors
 
-MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
-CONFIG_FILE = "config.toml"
 LATEST_FILE = "LATEST"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -123,8 +121,8 @@ class CheckpointManager:
                 _crash_point("checkpoint-write", step)
                 _save_fsync(state, tmp / STATE_FILE)
                 (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
-                _fsync_file(tmp / CONFIG_FILE)
-                _fsync_dir(tmp)
+                fsync_file(tmp / CONFIG_FILE)
+                fsync_dir(tmp)
                 if final.exists():  # the same step again (e.g. after an explicit --resume rolled back)
                     # Moved aside, deleted only once the new one is in place: a kill between the two
                     # renames leaves `.old-step_*`, which `recover` puts back on the next start.
@@ -132,15 +130,15 @@ class CheckpointManager:
                     shutil.rmtree(old, ignore_errors=True)
                     final.rename(old)
                 tmp.rename(final)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 if old is not None:
                     shutil.rmtree(old, ignore_errors=True)
                 _crash_point("before-latest", step)
                 pointer_tmp = self.directory / f".{LATEST_FILE}.tmp"
                 pointer_tmp.write_text(final.name + "\n")
-                _fsync_file(pointer_tmp)
+                fsync_file(pointer_tmp)
                 os.replace(pointer_tmp, self.directory / LATEST_FILE)
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
                 self.prune(final)
         except Exception as err:  # noqa: BLE001 - torch.save reports a full disk as RuntimeError, not OSError
             if self.rank == 0:
@@ -200,14 +198,9 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _save_fsync(obj, path: Path) -> None:
     torch.save(obj, path)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None]:
@@ -219,9 +212,6 @@ def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None
     rng_path = checkpoint / f"rng_rank{rank}.pt"
     rng = torch.load(rng_path, map_location="cpu", weights_only=False) if rng_path.is_file() else None
     return model_state, state, rng
-
-
-# --------------------------------------------------------------------------- weights to start from
 
 
 def resolve_resume(path: str | Path, key: str = "--resume") -> Path:
@@ -248,78 +238,16 @@ def resolve_resume(path: str | Path, key: str = "--resume") -> Path:
     return checkpoint
 
 
-def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, str]:
-    """Locate weights in a run directory, a step checkpoint, an exported model or a file.
-
-    Returns (path, kind) with kind "export" (open_clip local dir), "checkpoint" (clipa step
-    checkpoint directory) or "file" (a state-dict file). A run directory resolves to its
-    exported `final/` if present, else its newest complete checkpoint.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ClipaError(f"{key}: {path} does not exist; give a clipa run directory, a checkpoint or an exported model")
-    if path.is_file():
-        return path, "file"
-    if (path / EXPORT_CONFIG).is_file():
-        if export_weights_file(path) is not None:
-            return path, "export"
-        raise ClipaError(f"{key}: {path} has {EXPORT_CONFIG} but no weights file next to it ({EXPORT_WEIGHTS}, "
-                         "open_clip_pytorch_model.bin or another .safetensors/.bin/.pth open_clip loads); copy the "
-                         "weights into that directory")
-    if is_complete(path):
-        return path, "checkpoint"
-    if (path / "final" / EXPORT_CONFIG).is_file():
-        return path / "final", "export"
-    latest = CheckpointManager(path / "checkpoints").latest()
-    if latest is not None:
-        return latest, "checkpoint"
-    raise ClipaError(
-        f"{key}: {path} holds no model (no final/, no complete checkpoints/step_*, no {EXPORT_CONFIG}); "
-        "point it at a finished clipa run or an exported model"
-    )
-
-
-def export_weights_file(directory: Path) -> Path | None:
-    """The weights file open_clip's `local-dir:` loading picks in an open_clip directory: clipa's
-    open_clip_model.safetensors, or what a Hugging Face snapshot holds (open_clip_pytorch_model.bin, ...)."""
-    from open_clip.factory import _find_checkpoint_in_dir  # open_clip's own search order and names
-
-    found = _find_checkpoint_in_dir(Path(directory))
-    return Path(found) if found else None
-
-
-def read_state_dict(path: Path, kind: str) -> dict:
-    from open_clip.factory import load_state_dict
-    from safetensors.torch import load_file
-
-    if kind == "export":
-        if (path / EXPORT_WEIGHTS).is_file():
-            return load_file(str(path / EXPORT_WEIGHTS))
-        path = export_weights_file(path)  # e.g. open_clip_pytorch_model.bin: read below like any weights file
-    if kind == "checkpoint":
-        return load_file(str(path / MODEL_FILE))
-    try:
-        return load_state_dict(str(path))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first_line(err, 200)}); give an open_clip, "
-                         "timm or safetensors weights file") from None
-
-
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory with a model card."""
-    from clipa import recipe as recipe_mod
-    from clipa.model import create_model, export_open_clip, recipe_model_config
+    from clipa.model.card import model_card
+    from clipa.model.weights import export_open_clip
 
     path = resolve_resume(checkpoint, key="CHECKPOINT")
-    recipe = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-    _, model_cfg = recipe_model_config(recipe)
-    model = create_model(model_cfg)
-    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    model, recipe, _, model_cfg = model_from_checkpoint(path)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    from clipa.card import model_card
-
     readme = model_card(path, recipe, model_cfg, sum(p.numel() for p in model.parameters()), out_dir)
     return export_open_clip(model, model_cfg, out_dir, readme=readme)

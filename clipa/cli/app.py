@@ -63,23 +63,22 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def _load(recipe_path: str, overrides: Optional[List[str]]):
-    from clipa.model import recipe_model_config
-    from clipa.recipe import load_recipe
-    from clipa.recipes_index import resolve_path
+    from clipa.recipe.index import resolve_path
+    from clipa.recipe.schema import load_recipe
+    from clipa.stage import Stage
 
     recipe = load_recipe(resolve_path(recipe_path), overrides or [])
-    return recipe, recipe_model_config(recipe)[0]  # checks the architecture, geometry and towers
+    return recipe, Stage.of(recipe)  # checks the architecture, geometry and towers
 
 
-def _weights_notes(recipe, run_dir: Path, init_must_exist: bool) -> list[str]:
+def _weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
     """Check every weights source a fresh run of `recipe` would read, downloading nothing; one line each
     on published ones (cached, or will download on first use) and on the Hugging Face tokenizer."""
-    from clipa import published
-    from clipa.checkpoint import CheckpointManager, find_weights
-    from clipa.model import recipe_model_config
-    from clipa.towers import check_image_init
+    from clipa.model import published
+    from clipa.model.towers import check_image_init
+    from clipa.model.weights import find_weights
+    from clipa.train.checkpoint import CheckpointManager
 
-    _, cfg = recipe_model_config(recipe)
     notes = []
     # A run resuming from its own checkpoints reads neither init.checkpoint nor image_init.
     fresh = CheckpointManager(run_dir / "checkpoints").latest() is None
@@ -106,17 +105,16 @@ def _weights_notes(recipe, run_dir: Path, init_must_exist: bool) -> list[str]:
     return notes
 
 
-def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
-    from clipa.checkpoint import CheckpointManager
-    from clipa.flops import image_tokens, train_flops_per_sample
-    from clipa.model import arch_config, native_geometry, recipe_model_config
+def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
+    from clipa.flops import train_flops_per_sample
+    from clipa.model.build import arch_config, native_geometry
+    from clipa.train.checkpoint import CheckpointManager
 
-    _, cfg = recipe_model_config(recipe)  # the model the trainer builds: timm tower, SigLIP bias included
+    geometry, cfg = numbers.geometry, numbers.model_cfg  # the model the trainer builds: timm tower, SigLIP bias included
     native = native_geometry(arch_config(recipe.model.arch))
-    keep_ratio = 1.0 - recipe.reduction.mask_ratio
-    flops = train_flops_per_sample(cfg, geometry.image_size, geometry.context_length, keep_ratio)
+    flops = numbers.flops_per_sample
     full = train_flops_per_sample(cfg, native.image_size, native.context_length)
-    steps = recipe.train.total_samples // recipe.train.global_batch_size
+    steps = numbers.steps
     latest = resume or CheckpointManager(out_dir / "checkpoints").latest()
     start = (f"resume from {latest}" if latest else
              f"weights from {recipe.init.checkpoint}" if recipe.init.checkpoint else "random initialisation")
@@ -124,7 +122,7 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
     rows = [
         ("model", f"{recipe.model.arch} at {geometry.image_size}px (native {native.image_size}), "
                   f"{geometry.context_length} text tokens (native {native.context_length})"),
-        ("image tokens", f"{image_tokens(cfg, geometry.image_size, keep_ratio)} per sample ({recipe.reduction.image}"
+        ("image tokens", f"{numbers.image_tokens} per sample ({recipe.reduction.image}"
                          f"{f', mask ratio {recipe.reduction.mask_ratio:g}' if recipe.reduction.mask_ratio else ''})"),
         ("text", f"{geometry.context_length} tokens per caption ({recipe.reduction.text})"),
         ("train FLOPs", f"{flops:.3g} per sample, {flops / full:.2f}x of full length; {flops * steps * recipe.train.global_batch_size:.3g} in total"),
@@ -141,25 +139,25 @@ def _describe(recipe, geometry, stage: str, out_dir: Path, resume: Path | None =
 
 
 def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
-    from clipa import recipe as recipe_mod
+    from clipa.recipe import schema as recipe_mod
 
-    recipe, geometry = _load(recipe_path, overrides)
+    recipe, numbers = _load(recipe_path, overrides)
     if stage == "finetune" and not recipe.init.checkpoint:
         raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME "
                          "or a published ARCH:TAG / hf-hub:ORG/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
     if resume and dry_run:  # a real run checks it in the trainer, before building anything
-        from clipa.checkpoint import resolve_resume
+        from clipa.train.checkpoint import resolve_resume
 
         resume = resolve_resume(resume)
-    notes = [] if resume else _weights_notes(recipe, run_dir, init_must_exist=True)
+    notes = [] if resume else _weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True)
     if dry_run:
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
-        out.print(_describe(recipe, geometry, stage, run_dir, resume))
+        out.print(_describe(recipe, numbers, stage, run_dir, resume))
         for note in notes:
             out.print(note, highlight=False, markup=False)
         return
-    from clipa.train import train
+    from clipa.train.trainer import train
 
     result = train(recipe, stage, run_dir, resume=resume)
     if result.is_main and not result.stopped_by:
@@ -174,22 +172,20 @@ _RESUME = typer.Option(None, "--resume", help="Resume from this step checkpoint 
 _DRY = typer.Option(False, "--dry-run", help="Print the resolved recipe and what would run; train nothing.")
 
 
-@app.command()
-@user_errors
-def pretrain(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
-             overrides: Optional[List[str]] = _OVERRIDES, out_dir: Optional[Path] = _OUT,
-             resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
-    """Train from scratch (or from init.checkpoint) at reduced tokens."""
-    _train_command("pretrain", recipe, overrides, out_dir, resume, dry_run)
+def _stage_command(stage: str, help_text: str) -> None:
+    """`clipa pretrain` and `clipa finetune`: the same arguments, one trainer, a different stage."""
+
+    def command(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
+                overrides: Optional[List[str]] = _OVERRIDES, out_dir: Optional[Path] = _OUT,
+                resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
+        _train_command(stage, recipe, overrides, out_dir, resume, dry_run)
+
+    command.__doc__ = help_text
+    app.command(stage)(user_errors(command))
 
 
-@app.command()
-@user_errors
-def finetune(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
-             overrides: Optional[List[str]] = _OVERRIDES, out_dir: Optional[Path] = _OUT,
-             resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
-    """Continue from init.checkpoint at full length (position embeddings are interpolated)."""
-    _train_command("finetune", recipe, overrides, out_dir, resume, dry_run)
+_stage_command("pretrain", "Train from scratch (or from init.checkpoint) at reduced tokens.")
+_stage_command("finetune", "Continue from init.checkpoint at full length (position embeddings are interpolated).")
 
 
 @app.command()
@@ -199,16 +195,17 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     """Check a recipe (schema, values, architecture geometry, batch layout) without running anything."""
     import os
 
-    from clipa.recipe import batch_layout
+    from clipa.recipe.schema import batch_layout
 
-    recipe_obj, geometry = _load(recipe, overrides)
+    recipe_obj, numbers = _load(recipe, overrides)
+    geometry = numbers.geometry
     # The batch layout depends on the process count: the launcher's WORLD_SIZE when run under
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
     micro, accumulation = batch_layout(recipe_obj, processes)
     # Published weights are checked by name and looked up in the cache, never downloaded; a local
     # image_init must exist (a run resuming from runs/NAME takes its checkpoint's weights instead).
-    notes = _weights_notes(recipe_obj, Path("runs") / recipe_obj.name, init_must_exist=False)
+    notes = _weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name, init_must_exist=False)
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
@@ -220,7 +217,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
 @user_errors
 def list_recipes() -> None:
     """List the shipped recipes."""
-    from clipa.recipes_index import shipped, summary
+    from clipa.recipe.index import shipped, summary
 
     table = Table("recipe", "about")
     for name, resource in shipped().items():
@@ -233,7 +230,7 @@ def list_recipes() -> None:
 def copy_recipe(name: str = typer.Argument(..., help="Shipped recipe name, e.g. tiny/pretrain."),
                 dest: Path = typer.Argument(..., help="Destination file or directory.")) -> None:
     """Copy a shipped recipe to edit it."""
-    from clipa.recipes_index import copy
+    from clipa.recipe.index import copy
 
     out.print(f"wrote {copy(name, dest)}", highlight=False)
 
@@ -251,7 +248,7 @@ def models_command(filter_text: Optional[str] = typer.Argument(None, metavar="[F
 
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    from clipa import published
+    from clipa.model import published
 
     if timm_models and not filter_text:
         raise ClipaError("FILTER: --timm lists thousands of models; give a filter, e.g. `clipa models --timm vit_base`")
@@ -259,7 +256,7 @@ def models_command(filter_text: Optional[str] = typer.Argument(None, metavar="[F
     if cached_only:
         rows = [r for r in rows if r["cached"]]
     if not rows and not cached_only:
-        from clipa.recipe import did_you_mean
+        from clipa.errors import did_you_mean
 
         names = sorted({r["arch"] for r in published.list_models()})
         raise ClipaError(f"FILTER: nothing matches \"{filter_text}\"{'' if timm_models else did_you_mean(filter_text, names)}"
@@ -283,7 +280,7 @@ def models_command(filter_text: Optional[str] = typer.Argument(None, metavar="[F
 def export(checkpoint: Path = typer.Argument(..., help="A step checkpoint (runs/NAME/checkpoints/step_N) or a run directory."),
            out_dir: Path = typer.Argument(..., metavar="OUT", help="New directory for the open_clip model.")) -> None:
     """Write an open_clip local directory (config + safetensors) from any step checkpoint."""
-    from clipa.checkpoint import export_checkpoint
+    from clipa.train.checkpoint import export_checkpoint
 
     path = export_checkpoint(checkpoint, out_dir)
     out.print(f"wrote {path}; load it with open_clip.create_model_and_transforms(\"local-dir:{path}\")", highlight=False)
@@ -427,14 +424,12 @@ def zeroshot(model: str = _MODEL,
              output: Optional[Path] = _OUTPUT,
              ) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
+    from clipa.errors import check_one_of
     from clipa.evaluate.datasets import DATASETS
     from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
-    from clipa.recipe import did_you_mean
 
     for name in dataset:
-        if name not in DATASETS:
-            raise ClipaError(f"--dataset: unknown dataset \"{name}\"{did_you_mean(name, DATASETS)} "
-                             f"(available: {', '.join(DATASETS)})")
+        check_one_of(name, DATASETS, "dataset")  # before the model loads
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
@@ -460,13 +455,11 @@ def retrieval(model: str = _MODEL,
               output: Optional[Path] = _OUTPUT,
               ) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
+    from clipa.errors import check_one_of
     from clipa.evaluate.retrieval import RETRIEVAL_DATASETS
     from clipa.evaluate.retrieval import retrieval as run_retrieval
-    from clipa.recipe import did_you_mean
 
-    if dataset not in RETRIEVAL_DATASETS:
-        raise ClipaError(f"--dataset: unknown retrieval dataset \"{dataset}\"{did_you_mean(dataset, RETRIEVAL_DATASETS)} "
-                         f"(available: {', '.join(RETRIEVAL_DATASETS)})")
+    check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")  # before the model loads
     loaded, main = _eval_model(model, pretrained, image_size, text_length)
     result = run_retrieval(loaded, dataset, data_root, batch_size=batch_size, num_workers=_decode_workers(num_workers))
     if not main:
@@ -532,7 +525,7 @@ def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", h
     import json
 
     from clipa.bench import run_bench
-    from clipa.model import arch_config
+    from clipa.model.build import arch_config
 
     if steps < 1 or repeats < 1:
         raise ClipaError(f"--steps and --repeats: must be >= 1, got --steps {steps} --repeats {repeats}")
@@ -568,7 +561,7 @@ def data_synth(out_dir: Path = typer.Argument(..., metavar="OUT", help="Output f
     """Write the synthetic data as webdataset shards plus an ImageFolder zero-shot split."""
     from clipa.data.shards import write_synthetic
     from clipa.data.synthetic import CLASSNAMES
-    from clipa.progress import progress_counter
+    from clipa.train.metrics import progress_counter
 
     total = num_samples + eval_per_class * len(CLASSNAMES)
     with progress_counter("writing", total) as advance:

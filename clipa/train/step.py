@@ -1,19 +1,22 @@
 """Forward and backward of one optimizer step over the whole global batch, exact for the contrastive loss.
 
 A contrastive loss does not split into per-micro-batch losses: every row's softmax runs over the
-columns of the *whole* global batch. Summing micro-batch losses (open_clip_train's accumulation)
-trains a different loss with fewer negatives. clipa uses two-pass feature caching (GradCache,
-as in BASIC):
+columns of the *whole* global batch. open_clip_train's accumulation caches every micro-batch's
+features, then re-forwards each micro-batch and computes a loss with its fresh features in place
+of the cached ones (the other micro-batches' cached features serve as negatives), so it computes
+the loss k times, counts the logit-scale gradient once per micro-batch and syncs gradients on every
+micro-step. clipa instead does an exact two-pass re-forward (GradCache, as in BASIC):
 
   1. embed every micro-batch without a graph and keep only the features;
-  2. compute the loss over all features (all processes' columns via all-gather) and its gradient
-     with respect to the features and the temperature;
+  2. compute the loss of the global batch once over all features (all processes' columns via
+     all-gather) and its gradient with respect to the features and the temperature;
   3. re-forward each micro-batch with the same randomness (same patch masks, same dropout RNG)
      and backpropagate the cached feature gradients through it.
 
+The gradient is therefore the gradient of the global-batch loss, not a sum of micro-batch losses.
 Peak memory is one micro-batch's activations plus the fp32 feature gradients of the global batch
 (the features themselves are freed before pass 2). Gradients are synchronised across processes
-only on the last micro-step (`no_sync` before it), and the temperature's gradient is added
+only once, on the last micro-step (`no_sync` before it), and the temperature's gradient is added
 exactly once, on that last micro-step.
 """
 
@@ -47,19 +50,42 @@ class ContrastiveStep:
         with self.accelerator.autocast():
             return self.model(images, texts)
 
-    def _loss(self, out) -> torch.Tensor:
-        return self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+    def __call__(self, micro_batches: list[tuple], loss_fn=None) -> torch.Tensor:
+        """Accumulate the gradients of the global-batch loss into .grad; returns the loss (detached).
 
-    def __call__(self, micro_batches: list[tuple]) -> torch.Tensor:
-        """Accumulate the gradients of the global-batch loss into .grad; returns the loss (detached)."""
+        `loss_fn` is this step's loss (the queue loss closes over this step's keys and negatives);
+        None: the loss given at construction."""
+        loss_fn = loss_fn or self.loss_fn
         if len(micro_batches) == 1:
             out = self._forward(*micro_batches[0])
-            loss = self._loss(out)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
             self.accelerator.backward(loss)
             return loss.detach()
-        return self._cached(micro_batches)
+        return self._cached(micro_batches, loss_fn)
 
-    def _cached(self, micro_batches: list[tuple]) -> torch.Tensor:
+    def _cached(self, micro_batches: list[tuple], loss_fn) -> torch.Tensor:
+        device = self.accelerator.device
+        rng_before, cache, scale, bias = self._embed(micro_batches)  # pass 1
+        rng_after = _rng_state(device)
+
+        # Loss and its gradient over the whole batch, on the cached features and on leaf copies of
+        # the temperature (and bias) as the forward computed them.
+        leaves = [cache[0].requires_grad_(), cache[1].requires_grad_(), scale.detach().float().requires_grad_()]
+        if bias is not None:
+            leaves.append(bias.detach().float().requires_grad_())
+        loss = loss_fn(*leaves[:3], leaves[3] if bias is not None else None)
+        grads = torch.autograd.grad(loss, leaves)
+        # The features are not needed again, only their gradients; the loss's graph still refers
+        # to them, so only the detached value is kept.
+        loss = loss.detach()
+        del leaves, cache, scale, bias
+        self._replay(micro_batches, rng_before, *grads)  # pass 2
+        del grads
+        _set_rng_state(rng_after, device)
+        return loss
+
+    def _embed(self, micro_batches: list[tuple]):
+        """Pass 1: every micro-batch's features without a graph, and the RNG state before each forward."""
         device = self.accelerator.device
         total = sum(images.shape[0] for images, _, _ in micro_batches)
         rng_before, cache = [], None
@@ -81,23 +107,12 @@ class ContrastiveStep:
                 cache[0][rows] = out["image_features"]
                 cache[1][rows] = out["text_features"]
                 del out
-        rng_after = _rng_state(device)
+        return rng_before, cache, scale, bias
 
-        # Loss and its gradient over the whole batch, on the cached features and on leaf copies of
-        # the temperature (and bias) as the forward computed them.
-        leaves = [cache[0].requires_grad_(), cache[1].requires_grad_(), scale.detach().float().requires_grad_()]
-        if bias is not None:
-            leaves.append(bias.detach().float().requires_grad_())
-        loss = self.loss_fn(*leaves[:3], leaves[3] if bias is not None else None)
-        grads = torch.autograd.grad(loss, leaves)
-        # The features are not needed again, only their gradients; the loss's graph still refers
-        # to them, so only the detached value is kept.
-        loss = loss.detach()
-        del leaves, cache, scale, bias
-        grad_images, grad_texts, grad_scale = grads[:3]
-        grad_bias = grads[3] if len(grads) > 3 else None
-        del grads
-
+    def _replay(self, micro_batches: list[tuple], rng_before, grad_images, grad_texts, grad_scale, grad_bias=None):
+        """Pass 2: re-forward each micro-batch with its pass-1 randomness and backpropagate the cached
+        feature gradients; gradients sync on the last micro-step only, where the temperature's is added."""
+        device = self.accelerator.device
         offset = 0
         last = len(micro_batches) - 1
         for i, (images, texts, keep) in enumerate(micro_batches):  # pass 2: replay and backpropagate
@@ -116,8 +131,6 @@ class ContrastiveStep:
                 del out  # the graph lives in `surrogate`; the forward's outputs need not outlive it
                 self.accelerator.backward(surrogate)
                 del surrogate
-        _set_rng_state(rng_after, device)
-        return loss
 
 
 def clamp_logit_scale(model, unwrapped, max_log_scale: float) -> torch.Tensor:

@@ -1,73 +1,14 @@
 """Offline, context-free part-of-speech priorities for the "syntax" text reduction.
 
-CLIPA's "syntax" reduction shortens a caption to L tokens by keeping words in priority
-order -- nouns, then adjectives, then verbs, then everything else -- and keeps the kept
-words in their original order. This module supplies that priority, one word at a time:
+CLIPA's "syntax" reduction keeps a caption's words in priority order (nouns, adjectives, verbs,
+everything else) and emits them in their original order; this module gives each word its class:
 
     NOUN, ADJ, VERB, OTHER = 0, 1, 2, 3      # lower is kept first
-    word_priority("bicycle") == NOUN
     priorities("a man riding a red bicycle".split()) == [3, 0, 2, 3, 1, 0]
 
-Why this source
----------------
-open_clip's syntax tokenizer tags with NLTK, whose tagger model is a run-time download;
-clipa must train fully offline. The category lexicon used here ships inside the PyPI wheel
-of ``lemminflect`` (tested with 0.2.3; ``lemminflect/resources/lemma_lu.csv.gz``, read from
-the installed package, nothing is fetched): about 80k English word forms, each with the
-universal POS categories it can take (NOUN/VERB/ADJ/ADV/AUX), which its author derived from
-the NIH SPECIALIST Lexicon. Licences: lemminflect's code and bundled data files are MIT
-(Copyright 2019 Brad Jascob; LICENSE in the wheel, classifier "MIT License"); the
-SPECIALIST Lexicon it was derived from is released by the U.S. National Library of
-Medicine as an open-source resource under NLM's own terms and conditions. lemminflect's
-only dependency is numpy.
-
-How a word is classified (each word in isolation, like CLIPA's JAX ``noun_tokenize``)
-----------------------------------------------------------------------------------
-1. lowercase; strip surrounding punctuation and a possessive ``'s``. Pieces without a
-   letter (punctuation, digits, also "1950s"/"3rd"), clitics ("'s", "n't") -> OTHER.
-2. a built-in closed-class list -> OTHER: determiners, determiner quantifiers ("some",
-   "each", "both"), prepositions and particles, pronouns, conjunctions, auxiliaries and
-   modals ("is", "has", "can"), numbers as words, "there", "next", "like", negation and
-   degree adverbs ("not", "very"). Quantifying adjectives ("many", "several", "other")
-   are ADJ, as Penn/UD taggers (and CLIPA's NLTK tagger) call them.
-3. an open-class word takes the categories lemminflect's lexicon lists for it; when it can
-   be several, caption-oriented tie-breaks (captions are noun-heavy) decide:
-   * ``-ing`` forms with a verb reading are VERB: in captions "sitting", "holding",
-     "standing" are present participles (VBG), and CLIPA ranks them as verbs. A short list
-     of everyday -ing nouns ("building", "ceiling", "clothing", and the compound heads
-     "living"/"dining"/"parking" of "living room", "dining table", "parking lot") is NOUN.
-   * other inflected verb forms not ending in -s (past tense / participles: "parked",
-     "covered", "filled", "broken") are VERB, except when the word is also a base noun
-     and does not end in -ed/-en ("stove" is not "stave"+past, "ground" not "grind").
-   * a noun reading beats a verb reading ("man", "dog", "table", "plates", "stands").
-   * adjective + noun readings: ADJ when the adjective is gradable (the lexicon has a
-     comparative: "red"/"redder", "young", "small"), or, with no verb reading, when it has
-     an adjective-forming suffix ("polar", "commercial", "giant"); else NOUN ("front",
-     "side", "country"). Colour words are always ADJ. Capitalised lexicon entries reached
-     from lowercase text: "french"/"victorian" ADJ, "christmas" NOUN.
-   * adjective beats verb ("open", "empty"); adverb-only words are OTHER.
-4. words unknown to the lexicon (misspellings, brands, new compounds): suffixes decide --
-   ``-ly`` OTHER, ``-ous/-ful/-ive/-al/-ic/-able/-ible/-less/-ish/-ary`` ADJ,
-   ``-ing/-ed`` VERB -- else NOUN, as unknown caption words are mostly (proper) nouns.
-   A hyphenated word takes the class of its last part ("snow-covered" -> VERB).
-
-Results are cached per word (``functools.lru_cache`` on the raw and on the normalised
-word), so data-loader workers pay the look-up once per distinct word. lemminflect is
-imported lazily on the first call, never at import of this module; its tables load then
-(~0.5 s). lemminflect's own ``__init__`` imports spaCy when spaCy is installed (to register
-token extensions): clipa hides spaCy for that one import so workers do not pay for it.
-
-Measured agreement
-------------------
-Against spaCy 3.8 ``en_core_web_sm`` 3.8.0 (context-sensitive statistical tagger; UPOS
-mapped NOUN+PROPN->NOUN, ADJ->ADJ, VERB->VERB, everything else incl. AUX->OTHER) on 795
-real MS-COCO captions (``benchmarks/data/captions.txt``, 8402 words), word by word:
-96.4% overall (Cohen's kappa 0.942); recall NOUN 97.3%, ADJ 87.7%, VERB 83.8%, OTHER
-99.4%. When captions are cut to their top-4 / top-8 words by priority, 94.7% / 99.5% of
-the words kept here are also kept by the spaCy-based priorities. The main miss is 3rd
-person verbs and bare verbs that are also nouns ("stands", "looks", "set", "cut"), which
-a context-free tagger files as nouns. Details, commands and failure modes:
-docs/syntax_pos.md; re-run with ``python benchmarks/syntax_agreement.py``.
+The lexicon is lemminflect's (MIT, shipped in its wheel, read offline and lazily on the first
+call). The rules, the licences and the measured agreement with spaCy are in docs/syntax_pos.md;
+comments below say why each rule is there.
 """
 
 from __future__ import annotations
@@ -158,7 +99,7 @@ class _NoSpacy(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name, path=None, target=None):  # noqa: D401
         if name == "spacy" or name.startswith("spacy."):
-            raise ImportError("clipa.pos: spacy is not needed by lemminflect here")
+            raise ImportError("clipa.model.pos: spacy is not needed by lemminflect here")
         return None
 
 
@@ -178,7 +119,7 @@ def _lexicon():
                 try:
                     import lemminflect
                 except ImportError as err:
-                    raise ImportError("clipa.pos needs the lemminflect package (its English lexicon "
+                    raise ImportError("clipa.model.pos needs the lemminflect package (its English lexicon "
                                       "ships in the wheel): pip install lemminflect") from err
                 finally:
                     if blocker is not None:

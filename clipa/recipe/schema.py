@@ -3,14 +3,13 @@
 Precedence: command-line `key=value` overrides > recipe file > dataclass defaults.
 Every error names the full key path (`optim.lr: expected float, got "fast"`) and, for unknown
 keys, the closest valid key. Checks that need the model architecture (patch size, context
-length, a timm tower's patch size and maskability) live in `clipa.model.recipe_model_config`,
+length, a timm tower's patch size and maskability) live in `clipa.model.build.recipe_model_config`,
 so this module stays free of torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 import tomli_w
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, did_you_mean
 
 IMAGE_STRATEGIES = ("resize", "random", "grid", "block", "none")
 TEXT_STRATEGIES = ("truncate", "random", "block", "syntax")
@@ -219,8 +218,7 @@ def _coerce(path: str, tp, value):
 
 def _unknown_key(path: str, key: str, valid: list[str]) -> ClipaError:
     full = f"{path}.{key}" if path else key
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{(path + '.') if path else ''}{close[0]}'?" if close else ""
+    hint = did_you_mean(key, valid, cutoff=0.5, quote="'", prefix=f"{path}." if path else "")
     return ClipaError(f"{full}: unknown key{hint} (valid: {', '.join(valid)})")
 
 
@@ -253,6 +251,11 @@ def read_toml(path: str | Path) -> dict:
     except tomllib.TOMLDecodeError as err:
         # tomllib's message already carries "(at line N, column M)".
         raise ClipaError(f"{path}: TOML syntax error: {err}") from None
+
+
+def read_run_recipe(directory: str | Path) -> Recipe:
+    """The recipe a run directory (or one of its step checkpoints) was trained with: its config.toml."""
+    return recipe_from_dict(read_toml(Path(directory) / "config.toml"))
 
 
 def parse_override(text: str) -> tuple[list[str], str]:
@@ -354,12 +357,6 @@ def save(recipe: Recipe, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def did_you_mean(value: str, allowed) -> str:
-    """'; did you mean "x"?' for the closest allowed name, or ''."""
-    close = difflib.get_close_matches(value, list(allowed), n=1)
-    return f"; did you mean \"{close[0]}\"?" if close else ""
 
 
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -507,3 +504,27 @@ def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
             f"train.global_batch_size: {t.global_batch_size} over {processes} gives micro-batches of 1"
         raise ClipaError(f"{key} with loss.kind = \"infonce\" is not supported; use {fix} or loss.kind = \"siglip\"")
     return micro, accumulation
+
+
+# Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
+_FIXED_ON_RESUME = ("model.arch", "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
+                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind", "loss.queue")
+
+
+def _get(recipe, dotted: str):
+    table, key = dotted.split(".")
+    return getattr(getattr(recipe, table), key)
+
+
+def check_resume_compatible(recipe: Recipe, saved: Recipe, where: Path) -> list[str]:
+    """Error on changes that would make the resumed run a different run (`saved`: the recipe of the
+    checkpoint at `where`); list the harmless ones."""
+    for key in _FIXED_ON_RESUME:
+        if _get(saved, key) != _get(recipe, key):
+            raise ClipaError(
+                f"{key}: the checkpoint {where} was made with {_get(saved, key)!r}, the recipe now says "
+                f"{_get(recipe, key)!r}; this cannot change on resume. Use a new --out directory for a new run"
+            )
+    old, new = to_dict(saved), to_dict(recipe)
+    return [f"{table}.{key}" for table, values in new.items() if isinstance(values, dict)
+            for key, value in values.items() if old.get(table, {}).get(key) != value]

@@ -254,7 +254,7 @@ class TextReducer:
             raise ClipaError(f"reduction.text: \"{strategy}\" needs open_clip's BPE tokenizer or a Hugging Face fast "
                              f"tokenizer; this model uses {type(tokenizer).__name__}; use reduction.text=\"truncate\"")
         if strategy == "syntax":
-            from clipa.pos import word_priority
+            from clipa.model.pos import word_priority
 
             self.word_priority = word_priority
 

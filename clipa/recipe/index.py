@@ -6,7 +6,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, did_you_mean
 
 
 def _root():
@@ -42,11 +42,7 @@ def find(name: str):
     key = name[: -len(".toml")] if name.endswith(".toml") else name
     key = key[len("recipes/"):] if key.startswith("recipes/") else key
     if key not in recipes:
-        import difflib
-
-        close = difflib.get_close_matches(key, list(recipes), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ClipaError(f"{name}: no shipped recipe of that name{hint} (see `clipa ls`)")
+        raise ClipaError(f"{name}: no shipped recipe of that name{did_you_mean(key, recipes, quote='')} (see `clipa ls`)")
     return recipes[key]
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from open_clip.model import resize_pos_embed
 
-from clipa import published
-from clipa.checkpoint import find_weights, read_state_dict
 from clipa.errors import ClipaError
+from clipa.model import published
+from clipa.model.weights import find_weights, read_state_dict
 
 _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.", "pre_logits.")
 

@@ -1,12 +1,15 @@
-"""Run output: metrics.jsonl on disk, a rich progress bar on a terminal, plain lines otherwise."""
+"""Run output: metrics.jsonl on disk, a rich progress bar on a terminal, plain lines otherwise; the
+metrics window the training loop fills between two log rows."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -87,3 +90,41 @@ class progress_counter:
     def __exit__(self, *exc):
         if self.bar:
             self.bar.stop()
+
+
+class MetricsWindow:
+    """What the loop accumulates between two log rows; the loss stays on the device (no host sync per step)."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.last_loss = float("nan")
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.loss_sum.zero_()
+        self.losses, self.steps, self.skipped, self.data_wait, self.started = 0, 0, 0, 0.0, now
+
+    def step(self, loss, finite: bool) -> None:
+        self.steps += 1
+        if finite:
+            self.loss_sum += loss.detach()
+            self.losses += 1
+        else:
+            self.skipped += 1
+
+    def row(self, accelerator, batch: int, tokens_per_sample: int, flops_per_sample: float, peak: float | None) -> dict:
+        """Throughput and mean loss of the window (one host sync), then a fresh window.
+
+        Each process's loss covers its own rows, so the mean over processes is the loss of the global batch.
+        """
+        now = time.perf_counter()
+        elapsed = now - self.started  # the log write after this counts in the next window
+        mean = accelerator.reduce(self.loss_sum / max(self.losses, 1), reduction="mean").item()
+        self.last_loss = mean if self.losses else float("nan")
+        samples_per_s = self.steps * batch / elapsed
+        row = {"loss": self.last_loss, "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
+               "tflops": samples_per_s * flops_per_sample / 1e12,
+               "mfu": samples_per_s * flops_per_sample / (peak * accelerator.num_processes) if peak else None,
+               "data_wait_frac": self.data_wait / elapsed, "skipped_steps": self.skipped}
+        self.reset(now)
+        return row

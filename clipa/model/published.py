@@ -136,8 +136,10 @@ def _tag(arch: str, tag: str, key: str, written: str, tag_key: str) -> Published
     import open_clip
     from open_clip import pretrained as registry
 
-    import clipa.model  # noqa: F401 - registers clipa's bundled architectures with open_clip
-    from clipa.recipe import did_you_mean
+    from clipa.errors import did_you_mean
+    from clipa.model.build import register_configs
+
+    register_configs()  # clipa's bundled architectures, known to open_clip by name
 
     if open_clip.get_model_config(arch) is None:
         with_tags = sorted({name for name, _ in registry.list_pretrained()})
@@ -164,7 +166,7 @@ def _timm(spec: str, key: str) -> Published:
     import timm
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
-    from clipa.recipe import did_you_mean
+    from clipa.errors import did_you_mean
 
     name, tag = split_model_name_tag(spec[len(TIMM):])
     if not timm.is_model(name):
@@ -300,7 +302,7 @@ def timm_state_dict(pub: Published, key: str) -> dict:
 
 def state_dict(spec: str, key: str) -> dict:
     """Weights to start from: a local run / checkpoint / export / file, or a published name."""
-    from clipa.checkpoint import find_weights, read_state_dict
+    from clipa.model.weights import find_weights, read_state_dict
 
     pub = parse(spec, key)
     if pub is None:

@@ -63,10 +63,18 @@ def infonce_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     image_features, text_features = image_features.float(), text_features.float()
     all_images, offset = gather_features(image_features)
     all_texts, _ = gather_features(text_features)
+    return infonce_against(image_features, text_features, all_images, all_texts, logit_scale, offset)
+
+
+def infonce_against(image_features: torch.Tensor, text_features: torch.Tensor, image_columns: torch.Tensor,
+                    text_columns: torch.Tensor, logit_scale: torch.Tensor, offset: int) -> torch.Tensor:
+    """Symmetric InfoNCE of this process's (fp32) rows against the given columns: image rows against
+    `text_columns`, text rows against `image_columns`; row i's positive is column offset + i.
+    `infonce_loss` passes the global batch; the queue loss passes the batch plus its queue."""
     scale = logit_scale.float()
     n = image_features.shape[0]
-    image_to_text = _chunked_sum(_ce_sum, image_features, all_texts, scale, offset)
-    text_to_image = _chunked_sum(_ce_sum, text_features, all_images, scale, offset)
+    image_to_text = _chunked_sum(_ce_sum, image_features, text_columns, scale, offset)
+    text_to_image = _chunked_sum(_ce_sum, text_features, image_columns, scale, offset)
     return 0.5 * (image_to_text + text_to_image) / n
 
 

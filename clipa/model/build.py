@@ -9,26 +9,26 @@ linear, as CLIPA does) and the `local-dir:` export format. This module only deci
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
-from clipa.errors import ClipaError, first_line
+from clipa.errors import ClipaError, did_you_mean, first_line
 
-BUNDLED_CONFIGS = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(BUNDLED_CONFIGS)
+BUNDLED_CONFIGS = Path(__file__).parent.parent / "model_configs"
 
-EXPORT_CONFIG = "open_clip_config.json"
-EXPORT_WEIGHTS = "open_clip_model.safetensors"
+
+@functools.cache
+def register_configs() -> None:
+    """Make clipa's bundled architectures (clipa-tiny, ...) known to open_clip by name. Called where a
+    name is looked up, not on import: importing clipa changes no library's registry."""
+    open_clip.add_model_config(BUNDLED_CONFIGS)
+
 
 
 @dataclass(frozen=True)
@@ -53,12 +53,11 @@ def arch_config(arch: str, key: str = "model.arch") -> dict:
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
             raise ClipaError(f"{key}: {arch} lacks embed_dim/vision_cfg/text_cfg of an open_clip model config")
         return cfg
+    register_configs()
     cfg = open_clip.get_model_config(arch)
     if cfg is None:
-        names = open_clip.list_models()
-        close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
-        hint = (f"; did you mean {', '.join(close)}?" if close
-                else "; see `python -c 'import open_clip; print(open_clip.list_models())'`")
+        hint = (did_you_mean(arch, open_clip.list_models(), n=3, quote="")
+                or "; see `python -c 'import open_clip; print(open_clip.list_models())'`")
         raise ClipaError(f"{key}: unknown architecture \"{arch}\"{hint}")
     return copy.deepcopy(cfg)
 
@@ -93,7 +92,7 @@ def timm_tower(name: str) -> TimmTower:
     """
     import timm
 
-    from clipa.reduction import timm_patch_slot
+    from clipa.model.reduction import timm_patch_slot
 
     cfg = timm.models.get_pretrained_cfg(name)
     native = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
@@ -159,7 +158,7 @@ def stage_geometry(recipe) -> Geometry:
 
 def check_masking(recipe, cfg: dict) -> None:
     """A patch-masking strategy needs an image tower with patch tokens; say so before any model is built."""
-    from clipa.reduction import IMAGE_MASKS
+    from clipa.model.reduction import IMAGE_MASKS
 
     red = recipe.reduction
     if red.image not in IMAGE_MASKS or red.mask_ratio == 0.0:
@@ -191,9 +190,8 @@ def _check_timm_name(timm_name: str) -> None:
     import timm
 
     if not timm.is_model(timm_name):
-        close = difflib.get_close_matches(timm_name, timm.list_models(), n=3, cutoff=0.6)
         raise ClipaError(f"model.image_tower: unknown timm model \"{timm_name}\""
-                         + (f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"))
+                         + (did_you_mean(timm_name, timm.list_models(), n=3, quote="") or "; see timm.list_models()"))
 
 
 def with_timm_image_tower(cfg: dict, timm_name: str) -> dict:
@@ -227,11 +225,11 @@ def create_model(model_cfg: dict, device: str | torch.device = "cpu") -> torch.n
     model = model_cls(**cfg)
     model.output_dict = True
     if "timm_model_name" in cfg["vision_cfg"]:
-        _set_timm_input_size(model.visual, cfg["vision_cfg"].get("image_size", 224))
+        set_timm_input_size(model.visual, cfg["vision_cfg"].get("image_size", 224))
     return model.to(device)
 
 
-def _set_timm_input_size(tower, image_size: int) -> None:
+def set_timm_input_size(tower, image_size: int) -> None:
     """open_clip builds timm trunks at their default input size; CLIPA's resize needs another.
 
     timm ViTs resample their position embedding in `set_input_size`; convolutional trunks take
@@ -244,85 +242,6 @@ def _set_timm_input_size(tower, image_size: int) -> None:
     tower.image_size = (image_size, image_size)
 
 
-def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.checkpoint") -> None:
-    """Load weights from another stage, resizing image (bicubic) and text (linear) position embeddings."""
-    state_dict = dict(state_dict)
-    try:
-        resize_pos_embed(state_dict, model)
-        resize_text_pos_embed(state_dict, model)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except (AssertionError, RuntimeError, ValueError) as err:
-        # open_clip's resizers assert on a width change; load_state_dict raises on shape mismatches.
-        reason = first_line(err, 200) or type(err).__name__
-        raise ClipaError(f"{key}: weights do not match the architecture ({reason}); check model.arch against the "
-                         "run or model that produced them") from None
-    if missing or unexpected:
-        raise ClipaError(
-            f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); check model.arch against the run that produced them"
-        )
-
-
-# --------------------------------------------------------------------------- export
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_safetensors(state_dict: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(path))
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None) -> Path:
-    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
-
-    A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
-    `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
-    `readme` is the model card (README.md), if any.
-    """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    image_size = model_cfg["vision_cfg"]["image_size"]
-    preprocess_cfg = {
-        "size": image_size,
-        "mean": list(open_clip.OPENAI_DATASET_MEAN),
-        "std": list(open_clip.OPENAI_DATASET_STD),
-        "interpolation": "bicubic",
-        "resize_mode": "shortest",
-    }
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-    write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
-    text_cfg = model_cfg["text_cfg"]
-    if text_cfg.get("hf_tokenizer_name"):
-        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], **text_cfg.get("tokenizer_kwargs", {}))
-        tokenizer.tokenizer.save_pretrained(str(tmp))
-    if readme is not None:
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-    _fsync_dir(tmp)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_dir)
-    _fsync_dir(out_dir.parent)
-    return out_dir
-
-
 def build_tokenizer(arch: str, context_length: int, text_cfg: dict | None = None):
     """open_clip's tokenizer for the architecture, truncating to the stage's text length.
 
@@ -331,6 +250,7 @@ def build_tokenizer(arch: str, context_length: int, text_cfg: dict | None = None
     tokenizer (CLIPA-v2's bert-base-uncased) comes from the Hugging Face cache, downloaded by
     transformers on first use. `arch` may be `hf-hub:ORG/NAME` with the repository's `text_cfg` given.
     """
+    register_configs()  # clipa's bundled configs, for get_tokenizer too
     text_cfg = text_cfg if text_cfg is not None else arch_config(arch)["text_cfg"]
     name = text_cfg.get("hf_tokenizer_name")
     try:

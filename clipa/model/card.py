@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipa import published
+from clipa.model import published
 
 _MAX_STAGES = 10  # a chain of init.checkpoint runs longer than this is cut (and a cycle cannot loop)
 
@@ -38,7 +38,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
-    from clipa.model import stage_geometry
+    from clipa.model.build import stage_geometry
 
     geometry = stage_geometry(recipe)
     red = recipe.reduction
@@ -50,8 +50,9 @@ def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
 
 def _earlier_stages(recipe) -> tuple[list[tuple[str, int]], str]:
     """Table rows of the stages before this one (oldest first) and where the first one started."""
-    from clipa import recipe as recipe_mod
-    from clipa.checkpoint import CONFIG_FILE, CheckpointManager, checkpoint_step, find_weights
+    from clipa.model.weights import CONFIG_FILE, find_weights
+    from clipa.recipe.schema import read_run_recipe
+    from clipa.train.checkpoint import CheckpointManager, checkpoint_step
 
     rows, origin, seen = [], "random initialisation", set()
     current = recipe
@@ -79,7 +80,7 @@ def _earlier_stages(recipe) -> tuple[list[tuple[str, int]], str]:
             origin = f"`{source}`"
             break
         seen.add(where.resolve())
-        current = recipe_mod.recipe_from_dict(recipe_mod.tomllib.loads((where / CONFIG_FILE).read_text(encoding="utf-8")))
+        current = read_run_recipe(where)
         samples = checkpoint_step(where) * current.train.global_batch_size
         rows.insert(0, _describe_stage(current, _stage_of(where), samples))
         origin = "random initialisation"
@@ -105,7 +106,7 @@ def _final_metrics(run_dir: Path) -> list[str]:
 
 def model_card(checkpoint: Path, recipe, model_cfg: dict, num_params: int, out_dir: Path) -> str:
     """The README.md text for an export of `checkpoint` (a step checkpoint of a clipa run)."""
-    from clipa.checkpoint import checkpoint_step
+    from clipa.train.checkpoint import checkpoint_step
 
     run_dir = checkpoint.parent.parent
     samples = checkpoint_step(checkpoint) * recipe.train.global_batch_size

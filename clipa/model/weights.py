@@ -1,0 +1,177 @@
+"""Weight files: finding them (run directory, step checkpoint, open_clip export, plain file), reading
+them, loading them into a model of another stage's geometry, and writing open_clip exports.
+
+A step checkpoint's training state belongs to `clipa.train.checkpoint`; this module reads only its
+weights and recipe, so evaluation and pretrained towers need nothing from the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+
+from clipa.errors import ClipaError, first_line
+
+EXPORT_CONFIG = "open_clip_config.json"
+EXPORT_WEIGHTS = "open_clip_model.safetensors"
+MODEL_FILE = "model.safetensors"  # a step checkpoint's weights
+CONFIG_FILE = "config.toml"  # the recipe of a run directory and of each of its step checkpoints
+
+
+def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, str]:
+    """Locate weights in a run directory, a step checkpoint, an exported model or a file.
+
+    Returns (path, kind) with kind "export" (open_clip local dir), "checkpoint" (clipa step
+    checkpoint directory) or "file" (a state-dict file). A run directory resolves to its
+    exported `final/` if present, else its newest complete checkpoint.
+    """
+    # The checkpoint manager owns the layout of a run's checkpoints/ (imported here, not at the top:
+    # it writes weights with this module).
+    from clipa.train.checkpoint import CheckpointManager, is_complete
+
+    path = Path(path)
+    if not path.exists():
+        raise ClipaError(f"{key}: {path} does not exist; give a clipa run directory, a checkpoint or an exported model")
+    if path.is_file():
+        return path, "file"
+    if (path / EXPORT_CONFIG).is_file():
+        if export_weights_file(path) is not None:
+            return path, "export"
+        raise ClipaError(f"{key}: {path} has {EXPORT_CONFIG} but no weights file next to it ({EXPORT_WEIGHTS}, "
+                         "open_clip_pytorch_model.bin or another .safetensors/.bin/.pth open_clip loads); copy the "
+                         "weights into that directory")
+    if is_complete(path):
+        return path, "checkpoint"
+    if (path / "final" / EXPORT_CONFIG).is_file():
+        return path / "final", "export"
+    latest = CheckpointManager(path / "checkpoints").latest()
+    if latest is not None:
+        return latest, "checkpoint"
+    raise ClipaError(
+        f"{key}: {path} holds no model (no final/, no complete checkpoints/step_*, no {EXPORT_CONFIG}); "
+        "point it at a finished clipa run or an exported model"
+    )
+
+
+def export_weights_file(directory: Path) -> Path | None:
+    """The weights file open_clip's `local-dir:` loading picks in an open_clip directory: clipa's
+    open_clip_model.safetensors, or what a Hugging Face snapshot holds (open_clip_pytorch_model.bin, ...)."""
+    from open_clip.factory import _find_checkpoint_in_dir  # open_clip's own search order and names
+
+    found = _find_checkpoint_in_dir(Path(directory))
+    return Path(found) if found else None
+
+
+def read_state_dict(path: Path, kind: str) -> dict:
+    from open_clip.factory import load_state_dict
+    from safetensors.torch import load_file
+
+    if kind == "export":
+        if (path / EXPORT_WEIGHTS).is_file():
+            return load_file(str(path / EXPORT_WEIGHTS))
+        path = export_weights_file(path)  # e.g. open_clip_pytorch_model.bin: read below like any weights file
+    if kind == "checkpoint":
+        return load_file(str(path / MODEL_FILE))
+    try:
+        return load_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first_line(err, 200)}); give an open_clip, "
+                         "timm or safetensors weights file") from None
+
+
+def model_from_checkpoint(path: Path):
+    """(model, recipe, geometry, model config) of a step checkpoint: its recipe rebuilds the model it trained."""
+    from clipa.model.build import create_model, recipe_model_config
+    from clipa.recipe.schema import read_run_recipe
+
+    recipe = read_run_recipe(path)
+    geometry, model_cfg = recipe_model_config(recipe)
+    model = create_model(model_cfg)
+    model.load_state_dict(read_state_dict(path, "checkpoint"))
+    return model, recipe, geometry, model_cfg
+
+
+def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.checkpoint") -> None:
+    """Load weights from another stage, resizing image (bicubic) and text (linear) position embeddings."""
+    state_dict = dict(state_dict)
+    try:
+        resize_pos_embed(state_dict, model)
+        resize_text_pos_embed(state_dict, model)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except (AssertionError, RuntimeError, ValueError) as err:
+        # open_clip's resizers assert on a width change; load_state_dict raises on shape mismatches.
+        reason = first_line(err, 200) or type(err).__name__
+        raise ClipaError(f"{key}: weights do not match the architecture ({reason}); check model.arch against the "
+                         "run or model that produced them") from None
+    if missing or unexpected:
+        raise ClipaError(
+            f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); check model.arch against the run that produced them"
+        )
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_safetensors(state_dict: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path))
+    fsync_file(path)
+
+
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None) -> Path:
+    """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
+
+    A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
+    `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
+    `readme` is the model card (README.md), if any.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    image_size = model_cfg["vision_cfg"]["image_size"]
+    preprocess_cfg = {
+        "size": image_size,
+        "mean": list(open_clip.OPENAI_DATASET_MEAN),
+        "std": list(open_clip.OPENAI_DATASET_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
+    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
+    text_cfg = model_cfg["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], **text_cfg.get("tokenizer_kwargs", {}))
+        tokenizer.tokenizer.save_pretrained(str(tmp))
+    if readme is not None:
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+    fsync_dir(tmp)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_dir)
+    fsync_dir(out_dir.parent)
+    return out_dir

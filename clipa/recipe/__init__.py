@@ -1,0 +1,1 @@
+"""Recipes: the validated dataclasses a run is described by (`schema`) and the recipes shipped with clipa (`index`)."""

@@ -1,0 +1,72 @@
+"""The code layout stays what the README promises: packages by concern, no private names across modules."""
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIPA = ROOT / "clipa"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(CLIPA.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def _private_imports(path: Path, module: str) -> list[str]:
+    """`from clipa.x import _name` (or `alias._name` on a clipa module imported as an alias) where clipa.x is not
+    `module` itself."""
+    bad, aliases = [], set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clipa"):
+            aliases |= {a.asname or a.name for a in node.names if not a.name[0].isupper()}
+            if node.module != module:
+                bad += [f"{path.name}:{node.lineno} imports {node.module}.{a.name}"
+                        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            bad.append(f"{path.name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return bad
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    bad = [line for module, path in _modules().items() for line in _private_imports(path, module)]
+    assert not bad, "\n".join(bad)
+
+
+def test_the_check_sees_a_private_import(tmp_path):
+    # The check above must be able to fail: both spellings of a private import are reported, public names are not.
+    f = tmp_path / "m.py"
+    f.write_text("from clipa.data import loader\nfrom clipa.data.loader import _one_thread_per_worker, resolve_workers\n"
+                 "loader._one_thread_per_worker(0)\nloader.resolve_workers(1)\n")
+    found = _private_imports(f, "clipa.other")
+    assert len(found) == 2 and all("_one_thread_per_worker" in line for line in found)
+    assert _private_imports(f, "clipa.data.loader") == ["m.py:3 uses loader._one_thread_per_worker"]
+
+
+def test_every_package_is_in_the_wheel():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in CLIPA.rglob("__init__.py")}
+    assert folders <= listed, f"add {sorted(folders - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_readme_layout_map_matches_the_tree():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## How the code is laid out", 1)[1].split("\n## ", 1)[0]
+    packages = sorted(p.parent.name for p in CLIPA.glob("*/__init__.py") if p.parent.name != "model_configs")
+    for name in packages:
+        assert f"`clipa/{name}/`" in section, f"README 'How the code is laid out' misses clipa/{name}/"
+    for mentioned in set(re.findall(r"`clipa/(\w+)/`", section)):
+        assert (CLIPA / mentioned).is_dir(), f"README 'How the code is laid out' names clipa/{mentioned}/, which does not exist"
