@@ -40,7 +40,7 @@ RUNNER = textwrap.dedent(f"""
     # built by its own helper exactly like the shipped hf_hub entries ("org/name/" = the default file).
     pretrained._PRETRAINED.setdefault("clipa-tiny", {{}})["{TAG}"] = pretrained._pcfg(hf_hub="{HUB_MODEL}/")
     from typer.testing import CliRunner
-    from clipa.cli import app
+    from clipa.cli.app import app
     results = []
     for args in json.loads(sys.argv[1]):
         r = CliRunner().invoke(app, args, env={{"COLUMNS": "200"}})
