@@ -71,6 +71,7 @@ def test_caption_rule_on_real_metadata():
     assert "animal" in keywords and "architetto francesco rollandin" not in keywords
 
 
+@pytest.mark.slow  # reads the metadata of all 8,121 drawings (about 15 s)
 def test_split_is_by_drawing_and_deterministic():
     drawings = oc.find_drawings()
     assert len(drawings) > 8000
