@@ -34,11 +34,11 @@ def child(arch: str, image_size: int, text_length: int, device: str, global_batc
     import torch
     from accelerate import Accelerator
 
-    from clipa.loss import infonce_loss
-    from clipa.model import Geometry, create_model, stage_config
-    from clipa.optim import build_optimizer
-    from clipa.recipe import OptimConfig
-    from clipa.step import ContrastiveStep
+    from clipa.model.build import Geometry, create_model, stage_config
+    from clipa.recipe.schema import OptimConfig
+    from clipa.train.loss import infonce_loss
+    from clipa.train.optim import build_optimizer
+    from clipa.train.step import ContrastiveStep
 
     torch.manual_seed(0)
     cfg = stage_config(arch, Geometry(image_size, text_length))
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not (args.image_size and args.text_length):
-        from clipa.model import arch_config, native_geometry
+        from clipa.model.build import arch_config, native_geometry
 
         native = native_geometry(arch_config(args.arch))
         args.image_size = args.image_size or native.image_size

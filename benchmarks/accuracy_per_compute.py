@@ -26,10 +26,10 @@ from pathlib import Path
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import zeroshot
 from clipa.flops import train_flops_per_sample
-from clipa.model import arch_config
-from clipa.recipe import load_recipe
-from clipa.recipes_index import resolve_path
-from clipa.train import train
+from clipa.model.build import arch_config
+from clipa.recipe.index import resolve_path
+from clipa.recipe.schema import load_recipe
+from clipa.train.trainer import train
 
 BATCH = 256
 # (image px, text tokens, fraction of patches kept) of each stage

@@ -18,7 +18,7 @@ import torch
 from clipa.data.transforms import eval_transform
 from clipa.evaluate.datasets import load_zeroshot_data
 from clipa.evaluate.zeroshot import classify
-from clipa.model import arch_config, build_tokenizer, create_model, native_geometry, stage_config
+from clipa.model.build import arch_config, build_tokenizer, create_model, native_geometry, stage_config
 
 
 def main() -> None:

@@ -50,9 +50,9 @@ def write_shards(out: Path, samples: int, source_size: int) -> str:
 
 def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches: int):
     from clipa.data.loader import build_train_loader
-    from clipa.model import Geometry, build_tokenizer
-    from clipa.recipe import load_recipe
-    from clipa.reduction import TextReducer
+    from clipa.model.build import Geometry, build_tokenizer
+    from clipa.model.reduction import TextReducer
+    from clipa.recipe.schema import load_recipe
 
     recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}", "data.shuffle_buffer=500",
                                 f"data.fast_decode={'true' if fast else 'false'}", "data.crop_scale=[0.4, 1.0]"])
@@ -91,10 +91,10 @@ def loader_wall(train: str, size: int, fast: bool, workers: int, micro: int, bat
 
 def step_speed(size: int, micro: int, steps: int) -> float:
     from clipa.data.transforms import normalize
-    from clipa.loss import infonce_loss
-    from clipa.model import Geometry, create_model, stage_config
-    from clipa.optim import build_optimizer
-    from clipa.recipe import OptimConfig
+    from clipa.model.build import Geometry, create_model, stage_config
+    from clipa.recipe.schema import OptimConfig
+    from clipa.train.loss import infonce_loss
+    from clipa.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = create_model(stage_config("clipa-tiny", Geometry(size, 32)))
@@ -116,8 +116,8 @@ def step_speed(size: int, micro: int, steps: int) -> float:
 
 
 def end_to_end(train: str, size: int, workers: int, batch: int, steps: int) -> dict:
-    from clipa.recipe import load_recipe
-    from clipa.train import train as run_train
+    from clipa.recipe.schema import load_recipe
+    from clipa.train.trainer import train as run_train
 
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(None, [

@@ -112,7 +112,7 @@ def evaluate(data: Path, model: str, image_size: int = 0) -> dict:
 
 def train_flops(values: dict, samples: int) -> float:
     from clipa.flops import train_flops_per_sample
-    from clipa.model import arch_config, native_geometry
+    from clipa.model.build import arch_config, native_geometry
 
     cfg = arch_config(values["model.arch"])
     native = native_geometry(cfg)
@@ -286,7 +286,7 @@ def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     finetunes at full length for the FLOPs of 20% of the full-token samples (CLIPA-v2 spends
     4-5% on finetuning at its scale; a tiny budget needs a larger share to adapt to the new patch
     scale), optionally dropping 30% of the patches while it finetunes as CLIPA-v2 does."""
-    from clipa.model import arch_config, native_geometry
+    from clipa.model.build import arch_config, native_geometry
 
     base = {**tiny_recipe(arch, samples, batch), **CLIPA_TINY_DEFAULTS}
     base["optim.warmup_steps"] = min(base["optim.warmup_steps"], samples // batch // 5)  # short budgets

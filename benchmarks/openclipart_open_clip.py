@@ -102,7 +102,7 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     this CPU; same peak LR and warmup, cosine to 0, batch, samples and model config."""
     from openclipart import CLIPA_TINY_DEFAULTS
 
-    from clipa.model import arch_config, native_geometry
+    from clipa.model.build import arch_config, native_geometry
 
     group = f"vs-open-clip {arch}"
     oc = open_clip_defaults(arch)

@@ -21,9 +21,9 @@ from pathlib import Path
 def child(out: str, batch: int, steps: int, kind: str, size: int) -> None:
     from clipa.evaluate.models import load_model
     from clipa.evaluate.zeroshot import zeroshot
-    from clipa.recipe import load_recipe
-    from clipa.recipes_index import resolve_path
-    from clipa.train import train
+    from clipa.recipe.index import resolve_path
+    from clipa.recipe.schema import load_recipe
+    from clipa.train.trainer import train
 
     overrides = [f"train.global_batch_size={batch}", f"train.total_samples={batch * steps}", "checkpoint.every_steps=0",
                  "train.log_every_steps=20", "optim.warmup_steps=20", f"loss.queue.kind={kind}"]

@@ -17,9 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import zeroshot
-from clipa.recipe import load_recipe
-from clipa.recipes_index import resolve_path
-from clipa.train import train
+from clipa.recipe.index import resolve_path
+from clipa.recipe.schema import load_recipe
+from clipa.train.trainer import train
 
 COMMON = ["checkpoint.every_steps=0", "train.log_every_steps=20", "optim.warmup_steps=10"]
 

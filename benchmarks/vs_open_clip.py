@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from clipa.flops import measure_matmul_peak, train_flops_per_sample
-from clipa.model import arch_config, native_geometry
+from clipa.model.build import arch_config, native_geometry
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "clipa" / "model_configs"
 OPEN_CLIP_WRAPPER = (
