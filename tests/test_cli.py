@@ -64,11 +64,9 @@ def test_ls_cp_validate_shipped_recipes(cli, tmp_path):
     assert listing.returncode == 0
     shipped = sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*.toml"))
     assert shipped, "no recipes found"
-    weights = tmp_path / "tower.safetensors"  # LiT/BASIC recipes name a local tower file, as a user supplies it
-    weights.touch()
-    for name in shipped:
+    for name in shipped:  # as shipped: published weights are checked by name, never downloaded
         assert name in listing.stdout
-        assert cli("validate", RECIPES / f"{name}.toml", f"model.image_init={weights}").returncode == 0
+        assert cli("validate", RECIPES / f"{name}.toml").returncode == 0
     copied = cli("cp", "tiny/pretrain", tmp_path)
     assert copied.returncode == 0
     assert (tmp_path / "pretrain.toml").read_text() == (RECIPES / "tiny" / "pretrain.toml").read_text()
@@ -143,4 +141,4 @@ def test_v2_recipe_without_tokenizer_files_offline_is_a_clear_error(tmp_path):
                              str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "cannot load the Hugging Face tokenizer 'bert-base-uncased'" in result.stderr
-    assert "huggingface-cli download bert-base-uncased" in result.stderr
+    assert "hf download bert-base-uncased" in result.stderr

@@ -179,7 +179,7 @@ def test_tower_errors_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["model.image_init={missing}"], ["model.image_init:", "nope.safetensors does not exist", "nothing is downloaded"]),
+    (["model.image_init={missing}"], ["model.image_init:", "nope.safetensors does not exist", "timm:NAME.TAG"]),
     (["model.image_tower=vit_tiny_patch16_224", "reduction.image_size=40"],
      ["reduction.image_size: 40 is not divisible by the patch size 16 of timm model vit_tiny_patch16_224", "use 32 or 48"]),
     (["model.image_tower=resnet18", "reduction.image=block", "reduction.mask_ratio=0.5"],

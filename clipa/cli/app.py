@@ -72,6 +72,40 @@ def _load(recipe_path: str, overrides: Optional[List[str]]):
     return recipe, Stage.of(recipe)  # checks the architecture, geometry and towers
 
 
+def _weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
+    """Check every weights source a fresh run of `recipe` would read, downloading nothing; one line each
+    on published ones (cached, or will download on first use) and on the Hugging Face tokenizer."""
+    from clipa.model import published
+    from clipa.model.towers import check_image_init
+    from clipa.model.weights import find_weights
+    from clipa.train.checkpoint import CheckpointManager
+
+    notes = []
+    # A run resuming from its own checkpoints reads neither init.checkpoint nor image_init.
+    fresh = CheckpointManager(run_dir / "checkpoints").latest() is None
+    if fresh and recipe.init.checkpoint:
+        pub = published.parse(recipe.init.checkpoint, "init.checkpoint")
+        if pub is not None and pub.cfg.get("quick_gelu") and not cfg.get("quick_gelu"):
+            # open_clip's OpenAI tags: trained with QuickGELU, which only the -quickgelu configs build
+            raise ClipaError(f"init.checkpoint: {pub.spec} was trained with QuickGELU, but model.arch "
+                             f"{recipe.model.arch} uses GELU; set model.arch = \"{pub.name}-quickgelu\"")
+        note = published.check_source(recipe.init.checkpoint, "init.checkpoint")
+        if note:
+            notes.append(f"init.checkpoint {note}")
+        elif init_must_exist:
+            find_weights(recipe.init.checkpoint)  # fail now, not after building the model
+        elif not Path(recipe.init.checkpoint).exists():  # often an earlier stage's run
+            notes.append(f"init.checkpoint {recipe.init.checkpoint} does not exist yet")
+    if fresh and recipe.model.image_init:
+        note = check_image_init(recipe.model.image_init, cfg["vision_cfg"].get("timm_model_name", ""))
+        if note:
+            notes.append(f"model.image_init {note}")
+    tokenizer = published.tokenizer_note(cfg["text_cfg"])
+    if tokenizer:
+        notes.append(tokenizer)
+    return notes
+
+
 def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = None) -> Table:
     from clipa.data.spec import data_commands
     from clipa.flops import train_flops_per_sample
@@ -108,12 +142,12 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
 
 
 def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
-    from clipa.model.weights import find_weights
     from clipa.recipe import schema as recipe_mod
 
     recipe, numbers = _load(recipe_path, overrides)
     if stage == "finetune" and not recipe.init.checkpoint:
-        raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME")
+        raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME "
+                         "or a published ARCH:TAG / hf-hub:ORG/NAME")
     run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
     if dry_run:  # a real run checks these in the trainer (on rank 0, once), before building anything
         from clipa.train.checkpoint import resolve_resume
@@ -122,16 +156,20 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
         check_run_dir(run_dir)
         if resume:
             resume = resolve_resume(resume)
-        if recipe.init.checkpoint:
-            find_weights(recipe.init.checkpoint)
+    # Weights are checked by name (published ones looked up in the cache, never downloaded) before
+    # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
+    notes = [] if resume else _weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True)
+    if dry_run:
         out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
         out.print(_describe(recipe, numbers, stage, run_dir, resume))
+        for note in notes:
+            out.print(note, highlight=False, markup=False)
         return
     from clipa.train.trainer import train
 
     result = train(recipe, stage, run_dir, resume=resume)
     if result.is_main and not result.stopped_by:
-            out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
+        out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
                   f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
 
 
@@ -173,12 +211,9 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
     micro, accumulation = batch_layout(recipe_obj, processes)
-    from clipa.model.towers import check_image_init
-    from clipa.train.checkpoint import CheckpointManager
-
-    # A fresh run fails without its image_init; one resuming from runs/NAME takes its checkpoint's weights.
-    if not CheckpointManager(Path("runs") / recipe_obj.name / "checkpoints").latest():
-        check_image_init(recipe_obj.model.image_init)
+    # Published weights are checked by name and looked up in the cache, never downloaded; a local
+    # image_init must exist (a run resuming from runs/NAME takes its checkpoint's weights instead).
+    notes = _weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name, init_must_exist=False)
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
@@ -186,8 +221,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
 
     for command in data_commands(recipe_obj.data.train):  # a recipe can run commands, like a Makefile
         out.print(f"data.train runs: {command}", highlight=False, markup=False, soft_wrap=True)
-    if recipe_obj.init.checkpoint and not Path(recipe_obj.init.checkpoint).exists():  # often an earlier stage's run
-        out.print(f"note: init.checkpoint {recipe_obj.init.checkpoint} does not exist yet", highlight=False)
+    for note in notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
 
 
 @app.command("ls")
@@ -210,6 +245,46 @@ def copy_recipe(name: str = typer.Argument(..., help="Shipped recipe name, e.g. 
     from clipa.recipe.index import copy
 
     out.print(f"wrote {copy(name, dest)}", highlight=False)
+
+
+@app.command("models")
+@user_errors
+def models_command(filter_text: Optional[str] = typer.Argument(None, metavar="[FILTER]",
+                                                               help="Show names containing this (e.g. CLIPA, ViT-B-32)."),
+                   as_json: bool = typer.Option(False, "--json", help="Print {\"cache_dir\", \"models\": [...]} as JSON."),
+                   timm_models: bool = typer.Option(False, "--timm", help="List timm's pretrained image models "
+                                                    "instead (for model.image_init = \"timm:NAME.TAG\"); needs FILTER."),
+                   cached_only: bool = typer.Option(False, "--cached", help="Only those in the local cache.")) -> None:
+    """Published weights by name (open_clip's pretrained tags), marking those already in the local cache."""
+    import json
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from clipa.model import published
+
+    if timm_models and not filter_text:
+        raise ClipaError("FILTER: --timm lists thousands of models; give a filter, e.g. `clipa models --timm vit_base`")
+    rows = published.list_timm(filter_text) if timm_models else published.list_models(filter_text or "")
+    if cached_only:
+        rows = [r for r in rows if r["cached"]]
+    if not rows and not cached_only:
+        from clipa.errors import did_you_mean
+
+        names = sorted({r["arch"] for r in published.list_models()})
+        raise ClipaError(f"FILTER: nothing matches \"{filter_text}\"{'' if timm_models else did_you_mean(filter_text, names)}"
+                         "; `clipa models` lists everything")
+    if as_json:
+        print(json.dumps({"cache_dir": str(HF_HUB_CACHE), "models": rows}, indent=2))
+        return
+    table = Table("name (ARCH:TAG)" if not timm_models else "name (model.image_init)", "Hugging Face repository",
+                  "cached", title=f"published weights{f' matching {filter_text!r}' if filter_text else ''}")
+    for r in rows:
+        table.add_row(r["name"], r["hf_hub"] or "-", "yes" if r["cached"] else "-")
+    out.print(table)
+    cached = sum(r["cached"] for r in rows)
+    out.print(f"{len(rows)} listed, {cached} in the cache ({HF_HUB_CACHE}). Use them as --model ARCH --pretrained TAG, "
+              "init.checkpoint = \"ARCH:TAG\" or model.image_init = \"timm:NAME.TAG\"; downloads go to that cache.",
+              highlight=False, markup=False)
 
 
 @app.command("export")
@@ -291,8 +366,10 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
 
 
 # Options shared by the evaluation commands (zeroshot, retrieval, linear-probe).
-_MODEL = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, or an architecture with --pretrained.")
-_PRETRAINED = typer.Option(None, "--pretrained", help="Weights file for an architecture name.")
+_MODEL = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, hf-hub:ORG/NAME, ARCH:TAG, or an "
+                      "architecture / model-config JSON with --pretrained.")
+_PRETRAINED = typer.Option(None, "--pretrained", help="Weights for an architecture: a published tag (clipa models ARCH) "
+                           "or a weights file (e.g. an open_clip_train epoch_N.pt).")
 _IMAGE_SIZE = typer.Option(None, "--image-size", help="Evaluate at this resolution (the image position embedding "
                            "is resized, as finetuning does).")
 _TEXT_LENGTH = typer.Option(None, "--text-length", help="Tokens per prompt/caption (the text position embedding is "

@@ -59,10 +59,15 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def eval_transform(image_size: int, mean=None, std=None):
+def eval_transform(image_size: int, mean=None, std=None, interpolation: str = "bicubic",
+                   resize_mode: str = "shortest"):
+    """open_clip's eval preprocessing; a published model's own interpolation and resize mode (CLIPA-v2:
+    bilinear squash) matter for reproducing its numbers."""
     return open_clip.image_transform(
         image_size,
         is_train=False,
         mean=mean or open_clip.OPENAI_DATASET_MEAN,
         std=std or open_clip.OPENAI_DATASET_STD,
+        interpolation=interpolation,
+        resize_mode=resize_mode,
     )

@@ -133,7 +133,7 @@ def _cache_key(loaded: LoadedModel, dataset: str, data_root: str | None, split: 
 def cached_features(loaded: LoadedModel, dataset: str, data_root: str | None, split: str, cache_dir: Path,
                     batch_size: int = 256, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     size = loaded.image_size
-    transform = eval_transform(size, loaded.mean, loaded.std)
+    transform = eval_transform(size, loaded.mean, loaded.std, loaded.interpolation, loaded.resize_mode)
     path = cache_dir / f"{_cache_key(loaded, dataset, data_root, split, size)}.pt"
     if all_true(path.is_file()):  # every process must agree, or some would wait in the gather forever
         cached = torch.load(path, weights_only=True)

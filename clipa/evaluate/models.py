@@ -6,6 +6,11 @@ Accepted `--model` values:
   runs/NAME/final, local-dir:P  an exported open_clip local directory (open_clip_model.safetensors, or
                                 open_clip_pytorch_model.bin and the other names open_clip looks for)
   ViT-B-16 --pretrained F       an open_clip architecture (or clipa-tiny) plus a local weights file
+  my_arch.json --pretrained F   an open_clip model-config JSON plus a weights file (e.g. an open_clip_train
+                                epoch_N.pt: its "state_dict", "module." prefixes dropped; loaded weights-only)
+  ViT-B-32 --pretrained TAG     an open_clip pretrained tag (also spelled ViT-B-32:TAG), downloaded and cached
+                                by open_clip through huggingface_hub (clipa.model.published)
+  hf-hub:ORG/NAME               an open_clip model on the Hugging Face Hub, likewise
 
 `image_size` / `text_length` evaluate at another geometry than the model's own: the model is rebuilt
 at that geometry and its weights loaded with the position embeddings resized the way finetuning
@@ -27,6 +32,7 @@ import open_clip
 import torch
 
 from clipa.errors import ClipaError, first_line
+from clipa.model import published
 from clipa.model.build import (
     arch_config,
     build_tokenizer,
@@ -53,6 +59,10 @@ class LoadedModel:
     model_cfg: dict | None = field(default=None, repr=False)
     make_tokenizer: Callable[[int], object] | None = field(default=None, repr=False)
     context_length: int | None = None
+    # open_clip's eval preprocessing beyond mean/std: CLIPA-v2's published weights were evaluated with a
+    # bilinear squash, OpenAI/LAION's with a bicubic shortest-side resize and center crop.
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
 
 
 def _export_tokenizer(path: Path, context_length: int):
@@ -83,7 +93,27 @@ def _from_export(path: Path) -> LoadedModel:
     return LoadedModel(model, _export_tokenizer(path, context_length), int(image_size),
                        tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                        tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), str(path), str(path),
-                       config["model_cfg"], functools.partial(_export_tokenizer, path), context_length)
+                       config["model_cfg"], functools.partial(_export_tokenizer, path), context_length,
+                       pre.get("interpolation", "bicubic"), pre.get("resize_mode", "shortest"))
+
+
+def _from_published(pub: published.Published) -> LoadedModel:
+    """An open_clip tag or Hub repository: open_clip fetches config and weights into the Hugging Face
+    cache (or finds them there); the model is built and loaded the way every other source is."""
+    found = published.fetch_open_clip(pub, "--model")
+    model_cfg = copy.deepcopy(found.model_cfg)
+    geometry = native_geometry(model_cfg)
+    model = create_model(model_cfg)
+    load_weights(model, read_state_dict(found.weights, "file"), key="--model")
+    make_tokenizer = functools.partial(build_tokenizer, found.tokenizer_name, text_cfg=model_cfg["text_cfg"])
+    pre = found.preprocess
+    size = pre.get("size") or geometry.image_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return LoadedModel(model, make_tokenizer(geometry.context_length), int(size),
+                       tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), pub.spec, pub.spec, model_cfg,
+                       make_tokenizer, geometry.context_length, pre.get("interpolation", "bicubic"),
+                       pre.get("resize_mode", "shortest"))
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
@@ -143,12 +173,16 @@ def load_model(spec: str, pretrained: str | None = None, image_size: int | None 
 
 
 def _load(spec: str, pretrained: str | None) -> LoadedModel:
+    pub = published.parse(spec, "--model", pretrained)
+    if pub is not None:
+        return _from_published(pub)
     if spec.startswith("local-dir:"):
         spec = spec[len("local-dir:"):]
         if not (Path(spec) / EXPORT_CONFIG).is_file():
             raise ClipaError(f"--model: {spec} has no {EXPORT_CONFIG}; export a model with clipa first")
     path = Path(spec)
-    if path.exists():
+    config_json = spec.endswith(".json") and path.is_file()  # a model config, whose weights come with --pretrained
+    if path.exists() and not config_json:
         if pretrained:
             raise ClipaError(f"--pretrained: only used with an architecture name; {spec} already holds weights")
         where, kind = find_weights(path, key="--model")
@@ -156,12 +190,18 @@ def _load(spec: str, pretrained: str | None) -> LoadedModel:
             raise ClipaError(f"--model: {spec} is a weights file; pass the architecture as --model and the file as --pretrained")
         return _from_export(where) if kind == "export" else _from_checkpoint(where)
     if not pretrained:
+        if config_json:
+            raise ClipaError(f"--pretrained: {spec} is a model config; give its weights with --pretrained FILE")
         if "/" in spec or spec.startswith("."):
-            raise ClipaError(f"--model: {spec} does not exist; give a clipa run directory, an exported model, or an "
-                             "open_clip architecture with --pretrained FILE")
+            raise ClipaError(f"--model: {spec} does not exist; give a clipa run directory, an exported model, "
+                             "hf-hub:ORG/NAME, or an open_clip architecture with --pretrained FILE or TAG")
         arch_config(spec, key="--model")  # names an unknown architecture precisely
-        raise ClipaError(f"--pretrained: {spec} is an architecture; give its weights with --pretrained FILE "
-                         "(clipa never downloads weights)")
+        from open_clip.pretrained import list_pretrained_tags_by_model
+
+        tags = list_pretrained_tags_by_model(spec)
+        raise ClipaError(f"--pretrained: {spec} is an architecture; give its weights with --pretrained FILE"
+                         + (f" or a published tag ({', '.join(tags[:6])}{', ...' if len(tags) > 6 else ''}; "
+                            f"`clipa models {spec}`)" if tags else ""))
     if not Path(pretrained).is_file():
         raise ClipaError(f"--pretrained: {pretrained} is not a file")
     cfg = arch_config(spec, key="--model")

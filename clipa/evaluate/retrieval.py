@@ -149,7 +149,8 @@ def retrieval(loaded: LoadedModel, dataset: str, data_root: str | None = None, i
     size = loaded.image_size
     start = time.perf_counter()
     indices, features = [], []
-    images = _Images(loaders, eval_transform(size, loaded.mean, loaded.std))
+    transform = eval_transform(size, loaded.mean, loaded.std, loaded.interpolation, loaded.resize_mode)
+    images = _Images(loaders, transform)
     for batch, index in eval_loader(shard_dataset(images), batch_size, num_workers, collate_fn=_collate):
         if batch is not None:
             features.append(model.encode_image(batch.to(device), normalize=True).float().cpu())

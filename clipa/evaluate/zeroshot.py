@@ -87,7 +87,8 @@ def zeroshot(loaded: LoadedModel, dataset: str, data_root: str | None = None, te
     position embeddings, see `at_geometry`); in a process group the data is split over processes."""
     loaded = at_geometry(loaded, image_size, text_length)
     size = loaded.image_size
-    data = load_zeroshot_data(dataset, eval_transform(size, loaded.mean, loaded.std), data_root, templates)
+    transform = eval_transform(size, loaded.mean, loaded.std, loaded.interpolation, loaded.resize_mode)
+    data = load_zeroshot_data(dataset, transform, data_root, templates)
     metrics = classify(loaded.model, loaded.tokenizer, data, batch_size=batch_size, num_workers=num_workers)
     return {
         "dataset": dataset, "model": loaded.name, "pretrained": loaded.pretrained,

@@ -244,25 +244,29 @@ def set_timm_input_size(tower, image_size: int) -> None:
     tower.image_size = (image_size, image_size)
 
 
-def build_tokenizer(arch: str, context_length: int):
+def build_tokenizer(arch: str, context_length: int, text_cfg: dict | None = None):
     """open_clip's tokenizer for the architecture, truncating to the stage's text length.
 
     The default (OpenAI BPE) tokenizer ships inside open_clip, so nothing is downloaded; the
-    "truncate" reduction is exactly its behaviour: keep the first tokens, end with EOT.
+    "truncate" reduction is exactly its behaviour: keep the first tokens, end with EOT. A Hugging Face
+    tokenizer (CLIPA-v2's bert-base-uncased) comes from the Hugging Face cache, downloaded by
+    transformers on first use. `arch` may be `hf-hub:ORG/NAME` with the repository's `text_cfg` given.
     """
-    text_cfg = arch_config(arch)["text_cfg"]  # registers clipa's configs for get_tokenizer too
+    register_configs()  # clipa's bundled configs, for get_tokenizer too
+    text_cfg = text_cfg if text_cfg is not None else arch_config(arch)["text_cfg"]
+    name = text_cfg.get("hf_tokenizer_name")
     try:
         if arch.endswith(".json"):
-            if text_cfg.get("hf_tokenizer_name"):
-                return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length,
-                                             **check_tokenizer_kwargs(text_cfg, f"model.arch: {arch}"))
+            if name:
+                return open_clip.tokenizer.HFTokenizer(name, context_length=context_length,
+                                                       **check_tokenizer_kwargs(text_cfg, f"model.arch: {arch}"))
             return open_clip.SimpleTokenizer(context_length=context_length)
         return open_clip.get_tokenizer(arch, context_length=context_length)
     except ImportError as err:  # CLIPA-v2 configs use a BERT tokenizer through Hugging Face transformers
-        raise ClipaError(f"model.arch: {arch} uses the Hugging Face tokenizer {text_cfg.get('hf_tokenizer_name')!r}, "
+        raise ClipaError(f"model.arch: {arch} uses the Hugging Face tokenizer {name!r}, "
                          f"which needs `pip install 'clipa[hf]'` (transformers) ({err})") from None
     except OSError as err:  # not in the Hugging Face cache, and offline (or no such tokenizer)
-        name = text_cfg.get("hf_tokenizer_name")
         raise ClipaError(f"model.arch: {arch}: cannot load the Hugging Face tokenizer {name!r} ({first_line(err)}); "
-                         f"download it once with `huggingface-cli download {name}` or point `hf_tokenizer_name` in a "
-                         "model-config JSON (model.arch=PATH.json) at a local tokenizer directory") from None
+                         f"download it once with `hf download {name}` (or unset HF_HUB_OFFLINE), or point "
+                         "`hf_tokenizer_name` in a model-config JSON (model.arch=PATH.json) at a local tokenizer "
+                         "directory") from None

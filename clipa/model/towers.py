@@ -1,10 +1,11 @@
-"""Starting from pretrained towers (BASIC / LiT): image-tower weights from a file, and locking.
+"""Starting from pretrained towers (BASIC / LiT): image-tower weights, and locking.
 
 BASIC initialises the image tower from a classifier pretrained on a large labelled set and then
 trains both towers contrastively; LiT locks the pretrained image tower and trains only the text
 side. open_clip provides the timm tower adapter and the locking (`lock_image_tower`,
-`lock_text_tower`); this module loads the weights (no downloads: a local file or another clipa
-model) and applies the recipe's locks. Locked parameters get requires_grad=False, so they have no
+`lock_text_tower`); this module loads the weights (a published timm tag `timm:NAME.TAG`, which timm
+downloads and caches, an open_clip `ARCH:TAG` / `hf-hub:` model whose image tower is taken, a local
+file, or another clipa model) and applies the recipe's locks. Locked parameters get requires_grad=False, so they have no
 gradients and no optimizer state.
 """
 
@@ -16,30 +17,49 @@ import torch
 from open_clip.model import resize_pos_embed
 
 from clipa.errors import ClipaError
+from clipa.model import published
 from clipa.model.weights import find_weights, read_state_dict
 
 _HEAD_PREFIXES = ("head.", "fc.", "classifier.", "head_drop.", "pre_logits.")
 
 
-def check_image_init(source: str) -> None:
-    """A missing image_init is an error before any work: clipa never downloads weights."""
-    if source and not Path(source).exists():
-        raise ClipaError(f"model.image_init: {source} does not exist; give a timm checkpoint, a safetensors/.pt "
-                         "state dict, or a clipa run / exported model whose image tower to use (nothing is downloaded)")
+def check_image_init(source: str, timm_tower: str = "") -> str | None:
+    """Check model.image_init before any work, without downloading: a published name must resolve (and a
+    timm tag must be of the recipe's timm tower), a local path must exist. Returns a line saying whether
+    published weights are cached (None for a local path)."""
+    if not source:
+        return None
+    pub = published.parse(source, "model.image_init")
+    if pub is None:
+        if not Path(source).exists():
+            raise ClipaError(f"model.image_init: {source} does not exist; give a published timm tag (timm:NAME.TAG), "
+                             "a timm checkpoint, a safetensors/.pt state dict, or a clipa run / exported model whose "
+                             "image tower to use")
+        return None
+    if pub.kind == "timm" and pub.name != timm_tower:
+        fix = (f"set model.image_tower = \"{pub.name}\"" if not timm_tower else
+               f"use timm:{timm_tower}.TAG or model.image_tower = \"{pub.name}\"")
+        raise ClipaError(f"model.image_init: {source} holds timm {pub.name} weights, but the image tower is "
+                         f"{'timm ' + timm_tower if timm_tower else 'open_clip' + chr(39) + 's own'}; {fix}")
+    return published.cache_note(pub)
 
 
-def _source_state_dict(source: str) -> dict:
-    check_image_init(source)
+def _source_state_dict(source: str, timm_tower: str) -> dict:
+    check_image_init(source, timm_tower)
+    pub = published.parse(source, "model.image_init")
+    if pub is not None:
+        return published.state_dict(source, "model.image_init")
     path = Path(source)
     if path.is_dir():
         return read_state_dict(*find_weights(path, key="model.image_init"))
     return read_state_dict(path, "file")
 
 
-def load_image_tower(model: torch.nn.Module, source: str) -> int:
-    """Load image-tower weights into `model.visual`; returns how many tensors were loaded."""
-    state = _source_state_dict(source)
+def load_image_tower(model: torch.nn.Module, source: str, timm_tower: str = "") -> int:
+    """Load image-tower weights into `model.visual` (a timm tower named `timm_tower`, or open_clip's own);
+    returns how many tensors were loaded."""
     tower = model.visual
+    state = _source_state_dict(source, timm_tower)
     if any(k.startswith("visual.") for k in state):  # a whole CLIP model: take its image tower
         state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     timm_tower = hasattr(tower, "trunk")

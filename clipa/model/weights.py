@@ -17,6 +17,7 @@ import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 from clipa.errors import ClipaError, first_line
+from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
 
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
@@ -141,12 +142,16 @@ def write_safetensors(state_dict: dict, path: Path) -> None:
     fsync_file(path)
 
 
-def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path) -> Path:
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None) -> Path:
     """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
 
     The temporary and the set-aside names are fixed per destination (one writer per destination:
     the trainer holds the run lock, `clipa export` needs an empty OUT), so the next export removes
     what a killed one left behind, and a failed one removes its own.
+
+    A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
+    `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
+    `readme` is the model card (README.md), if any.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -168,6 +173,13 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
         write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
+        text_cfg = model_cfg["text_cfg"]
+        if text_cfg.get("hf_tokenizer_name"):
+            tokenizer = open_clip.tokenizer.HFTokenizer(
+                text_cfg["hf_tokenizer_name"], **check_tokenizer_kwargs(text_cfg, "model_cfg"))
+            tokenizer.tokenizer.save_pretrained(str(tmp))
+        if readme is not None:
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
         fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -299,7 +299,8 @@ def resolve_resume(path: str | Path, key: str = "--resume") -> Path:
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory."""
+    """Any step checkpoint (or a run directory's newest) -> an open_clip `local-dir:` directory with a model card."""
+    from clipa.model.card import model_card
     from clipa.model.weights import export_open_clip
 
     out_dir = Path(out_dir)
@@ -308,6 +309,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ClipaError(f"OUT: {out_dir} exists and is not empty; choose a new directory")
     path = resolve_resume(checkpoint, key="CHECKPOINT")
-    model, _, _, model_cfg = model_from_checkpoint(path)
+    model, recipe, _, model_cfg = model_from_checkpoint(path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return export_open_clip(model, model_cfg, out_dir)
+    readme = model_card(path, recipe, model_cfg, sum(p.numel() for p in model.parameters()), out_dir)
+    return export_open_clip(model, model_cfg, out_dir, readme=readme)

@@ -35,10 +35,11 @@ from clipa.data.spec import data_commands
 from clipa.data.transforms import normalize
 from clipa.errors import ClipaError
 from clipa.flops import device_peak_flops
+from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
 from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.model.towers import apply_locks, load_image_tower
-from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights, read_state_dict
+from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights
 from clipa.recipe import schema
 from clipa.recipe.schema import Recipe, check_resume_compatible, read_run_recipe
 from clipa.stage import Stage
@@ -182,7 +183,7 @@ class Trainer:
         self.notes = []
         with agreed():  # reading weights and state can fail on one process only (its node's view of the files)
             fault_point("restore", self.rank)
-            model, optimizer = self._build_model(None if init_weights is None else read_state_dict(*init_weights))
+            model, optimizer = self._build_model(init_weights)
             queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
             self.config_text = schema.dumps(recipe)
             if self.main:
@@ -199,7 +200,7 @@ class Trainer:
         self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
                                                 self.masker)
 
-    def _find_start(self, resume) -> tuple[Path, str] | None:
+    def _find_start(self, resume) -> dict | None:
         """Where training starts (the resume order in the module docstring); returns where init weights are.
 
         Rank 0 alone owns the run directory (it checks and locks it) and decides where the run starts
@@ -227,9 +228,15 @@ class Trainer:
                                      "init.checkpoint=runs/NAME (a pretrain run directory, a checkpoint or an "
                                      "exported model)")
                 if start_from is None and self.recipe.init.checkpoint:
-                    init_weights = find_weights(self.recipe.init.checkpoint)
+                    init_weights = self.recipe.init.checkpoint
+                    if published.parse(init_weights, "init.checkpoint") is None:
+                        find_weights(init_weights)  # a local path that is wrong fails here, on every process
         self.start_from, init_weights = broadcast_value((start_from, init_weights))
-        return init_weights
+        if init_weights is None:
+            return None
+        # Published weights: the first process downloads into the shared cache, the others then read it.
+        with self.accelerator.main_process_first():
+            return published.state_dict(init_weights, "init.checkpoint")
 
     def _build_model(self, init_weights: dict | None):
         recipe = self.recipe
@@ -241,7 +248,9 @@ class Trainer:
         if init_weights is not None:
             load_weights(model, init_weights)
         if self.start_from is None and recipe.model.image_init:
-            load_image_tower(model, recipe.model.image_init)
+            # Published weights: the first process downloads into the shared cache, the others then read it.
+            with self.accelerator.main_process_first():
+                load_image_tower(model, recipe.model.image_init, self.model_cfg["vision_cfg"].get("timm_model_name", ""))
         apply_locks(model, recipe.model)
         self.masker = install_patch_masker(model, recipe.reduction.image, recipe.reduction.mask_ratio)
         if recipe.train.grad_checkpointing:

@@ -1,0 +1,180 @@
+"""The model card (`README.md`) that `clipa export` writes beside the open_clip files.
+
+It says what the folder holds (architecture, geometry, parameters), how it was made (every recipe
+stage back through `init.checkpoint`, with its data and samples), what the run measured last (loss
+and any zero-shot / retrieval evaluations), and how to load it with open_clip from the folder
+(`local-dir:`) or after `hf upload` (`hf-hub:`). Everything comes from the run's own files
+(config.toml, metrics.jsonl); nothing is looked up online.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clipa.model import published
+
+_MAX_STAGES = 10  # a chain of init.checkpoint runs longer than this is cut (and a cycle cannot loop)
+
+
+def _stage_of(checkpoint: Path) -> str:
+    """pretrain / finetune, from the run's metrics (the recipe itself does not say)."""
+    metrics = checkpoint.parent.parent / "metrics.jsonl"
+    for row in _rows(metrics):
+        if "stage" in row:
+            return row["stage"]
+    return "stage"
+
+
+def _rows(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill: the rest still counts
+                continue
+    return rows
+
+
+def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
+    from clipa.model.build import stage_geometry
+
+    geometry = stage_geometry(recipe)
+    red = recipe.reduction
+    image = f"{geometry.image_size} px ({red.image}" + (f", {red.mask_ratio:g} of patches masked" if red.mask_ratio else "") + ")"
+    seen = f"{samples_seen:,} of {recipe.train.total_samples:,}"
+    return (f"| {stage} `{recipe.name}` | {image} | {geometry.context_length} tokens ({red.text}) | "
+            f"{recipe.train.global_batch_size:,} | {seen} | {recipe.optim.lr:g} | `{recipe.data.train}` |"), samples_seen
+
+
+def _earlier_stages(recipe) -> tuple[list[tuple[str, int]], str]:
+    """Table rows of the stages before this one (oldest first) and where the first one started."""
+    from clipa.model.weights import CONFIG_FILE, find_weights
+    from clipa.recipe.schema import read_run_recipe
+    from clipa.train.checkpoint import CheckpointManager, checkpoint_step
+
+    rows, origin, seen = [], "random initialisation", set()
+    current = recipe
+    for _ in range(_MAX_STAGES):
+        source = current.init.checkpoint
+        if current.model.image_init:
+            origin = f"random initialisation; image tower from `{current.model.image_init}`"
+        if not source:
+            break
+        if published.parse(source, "init.checkpoint") is not None:
+            origin = f"published weights `{source}`"
+            break
+        try:
+            where, kind = find_weights(source)
+        except Exception:  # noqa: BLE001 - an earlier run since moved away: say where it came from
+            origin = f"`{source}` (not found when exported)"
+            break
+        if kind == "export":  # a run's final/: its newest checkpoint holds the recipe
+            latest = CheckpointManager(where.parent / "checkpoints").latest()
+            if latest is None:
+                origin = f"`{source}`"
+                break
+            where = latest
+        if kind == "file" or not (where / CONFIG_FILE).is_file() or where.resolve() in seen:
+            origin = f"`{source}`"
+            break
+        seen.add(where.resolve())
+        current = read_run_recipe(where)
+        samples = checkpoint_step(where) * current.train.global_batch_size
+        rows.insert(0, _describe_stage(current, _stage_of(where), samples))
+        origin = "random initialisation"
+    return rows, origin
+
+
+def _final_metrics(run_dir: Path) -> list[str]:
+    """The last training loss and the last value of every evaluation the run logged."""
+    last: dict[str, tuple[int, float]] = {}
+    for row in _rows(run_dir / "metrics.jsonl"):
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and (key == "loss" or key.startswith(("zeroshot/", "retrieval/"))):
+                last[key] = (row.get("step", 0), value)
+    lines = [f"| {key} | {value:.4f} | {step} |" for key, (step, value) in sorted(last.items())]
+    for path in sorted(run_dir.glob("zeroshot_*.json")):  # clipa zeroshot --output files kept in the run
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+            lines.append(f"| zeroshot {result['dataset']} acc1 | {result['metrics']['acc1']:.4f} | final |")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return lines
+
+
+def model_card(checkpoint: Path, recipe, model_cfg: dict, num_params: int, out_dir: Path) -> str:
+    """The README.md text for an export of `checkpoint` (a step checkpoint of a clipa run)."""
+    from clipa.train.checkpoint import checkpoint_step
+
+    run_dir = checkpoint.parent.parent
+    samples = checkpoint_step(checkpoint) * recipe.train.global_batch_size
+    earlier, origin = _earlier_stages(recipe)
+    stages = earlier + [_describe_stage(recipe, _stage_of(checkpoint), samples)]
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    tower = vision.get("timm_model_name") or (f"ViT, width {vision.get('width')}, {vision.get('layers')} layers, "
+                                              f"patch {vision.get('patch_size')}")
+    tokenizer = text.get("hf_tokenizer_name") or "OpenAI BPE (open_clip's SimpleTokenizer)"
+    metrics = _final_metrics(run_dir)
+    lines = [
+        "---",
+        "library_name: open_clip",
+        "pipeline_tag: zero-shot-image-classification",
+        "tags: [clip, clipa, open_clip]",
+        "---",
+        "",
+        f"# {recipe.name}",
+        "",
+        f"A CLIP model trained with clipa (CLIPA inverse-scaling recipes: few tokens first, full length briefly), "
+        f"exported from `{checkpoint}` in open_clip's format.",
+        "",
+        "## Model",
+        "",
+        f"- architecture: `{recipe.model.arch}`"
+        + (f" with timm image tower `{recipe.model.image_tower}`" if recipe.model.image_tower else ""),
+        f"- image tower: {tower}; input {vision.get('image_size')} px",
+        f"- text tower: width {text.get('width')}, {text.get('layers')} layers, context length "
+        f"{text.get('context_length')}; tokenizer {tokenizer}",
+        f"- embedding dimension {model_cfg.get('embed_dim')}; {num_params / 1e6:.1f}M parameters",
+        "",
+        "## Training",
+        "",
+        f"Started from {origin}. Stages, oldest first:",
+        "",
+        "| stage | image | text | batch | samples seen | peak lr | data |",
+        "|---|---|---|---|---|---|---|",
+        *(row for row, _ in stages),
+        "",
+        f"Samples seen in all: {sum(seen for _, seen in stages):,}.",
+        "",
+        "## Final metrics",
+        "",
+        *(["| metric | value | step |", "|---|---|---|", *metrics] if metrics else ["The run logged no metrics."]),
+        "",
+        "## Load it",
+        "",
+        "```python",
+        "import open_clip",
+        "",
+        f'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{out_dir}")',
+        f'tokenizer = open_clip.get_tokenizer("local-dir:{out_dir}")',
+        "```",
+        "",
+        "Publish the folder and load it back from the Hugging Face Hub:",
+        "",
+        "```bash",
+        f"hf upload ORG/NAME {out_dir} .",
+        "clipa zeroshot --model hf-hub:ORG/NAME --dataset imagenet --data-root /data/imagenet",
+        "```",
+        "",
+        "```python",
+        'model, _, preprocess = open_clip.create_model_and_transforms("hf-hub:ORG/NAME")',
+        'tokenizer = open_clip.get_tokenizer("hf-hub:ORG/NAME")',
+        "```",
+        "",
+        'Finetune it further with clipa: `init.checkpoint = "hf-hub:ORG/NAME"` (or this folder\'s path).',
+        "",
+    ]
+    return "\n".join(lines)
+
