@@ -32,14 +32,15 @@ def metrics_of(run_dir):
 @pytest.mark.slow
 def test_synth_shards_pretrain_finetune_zeroshot_linear_probe_through_the_cli(tmp_path):
     data = tmp_path / "synth"
-    ok(run_cli("data", "synth", data, "--num-samples", 4096, "--shard-size", 1024, "--eval-per-class", 8))
+    ok(run_cli("data", "synth", data, "--num-samples", 4096, "--shard-size", 1024, "--eval-per-class", 16))
     shards = sorted((data / "train").glob("*.tar"))
     assert len(shards) == 4
-    # The linear probe's train/ and test/ class folders: the written eval images, 5 and 3 per class.
+    # The linear probe's train/ and test/ class folders: the written eval images, 10 and 6 per class
+    # (5 and 3 left the probe's test accuracy within noise of chance).
     for folder in sorted(p for p in (data / "eval").iterdir() if p.is_dir()):
         images = sorted(folder.glob("*.png"))
-        assert len(images) == 8
-        for split, part in (("train", images[:5]), ("test", images[5:])):
+        assert len(images) == 16
+        for split, part in (("train", images[:10]), ("test", images[10:])):
             (tmp_path / "probe" / split / folder.name).mkdir(parents=True)
             for image in part:
                 shutil.copy(image, tmp_path / "probe" / split / folder.name / image.name)
@@ -62,13 +63,13 @@ def test_synth_shards_pretrain_finetune_zeroshot_linear_probe_through_the_cli(tm
                     "--num-workers", 0, "--output", tmp_path / "zs.json"))
     result = json.loads((tmp_path / "zs.json").read_text())
     assert (result["image_size"], result["text_length"]) == (64, 32)  # the finetune's geometry
-    assert result["metrics"]["num_samples"] == 192
-    assert above_chance(result["metrics"]["acc1"], CHANCE, 192), result["metrics"]  # > 0.085
-    assert above_chance(result["metrics"]["acc5"], 5 * CHANCE, 192), result["metrics"]  # > 0.297
+    assert result["metrics"]["num_samples"] == 384
+    assert above_chance(result["metrics"]["acc1"], CHANCE, 384), result["metrics"]  # > 0.073
+    assert above_chance(result["metrics"]["acc5"], 5 * CHANCE, 384), result["metrics"]  # > 0.271
     assert "zero-shot classification" in zs.stdout
 
     ok(run_cli("linear-probe", "--model", fine, "--dataset", "imagefolder", "--data-root", tmp_path / "probe",
                "--num-workers", 0, "--cache", tmp_path / "cache", "--output", tmp_path / "lp.json"))
     probe = json.loads((tmp_path / "lp.json").read_text())
-    assert (probe["metrics"]["num_train"], probe["metrics"]["num_test"]) == (120, 72)
-    assert above_chance(probe["metrics"]["acc1"], CHANCE, 72), probe["metrics"]  # > 0.112
+    assert (probe["metrics"]["num_train"], probe["metrics"]["num_test"]) == (240, 144)
+    assert above_chance(probe["metrics"]["acc1"], CHANCE, 144), probe["metrics"]  # > 0.092

@@ -153,6 +153,8 @@ for _m, _arch in (("l14", "ViT-L-14-CLIPA"), ("h14", "ViT-H-14-CLIPA"), ("bigg14
                                                base=4e-7, warmup=800, samples=524_288_000, init=f"vit_{_m}/pretrain_84")
     PAPER[f"vit_{_m}/finetune_336"] = dict(arch=_arch, px=336, mask=0.4, text="truncate", length=32, batch=16_384,
                                            base=1e-7, warmup=1_600, samples=131_072_000, init=f"vit_{_m}/finetune_224")
+# The FT336 stage again, started from CLIPA-v2's released L/14 weights (a published ARCH:TAG).
+PAPER["vit_l14/finetune_336_released"] = dict(PAPER["vit_l14/finetune_336"], init="ViT-L-14-CLIPA:datacomp1b")
 
 
 def test_every_paper_recipe_is_checked():
@@ -188,7 +190,9 @@ def test_paper_recipe_has_the_published_settings(name):
     assert lines[0].startswith("# accelerate launch --multi_gpu --num_processes 8 -m clipa ")
     assert lines[0].endswith(f" recipes/{name}.toml")
     assert (" pretrain " if "pretrain" in name else " finetune ") in lines[0]
-    if want["init"]:
+    if want["init"] and ":" in want["init"]:  # published weights by name
+        assert r.init.checkpoint == want["init"]
+    elif want["init"]:
         previous = load_recipe(RECIPES / f"{want['init']}.toml")
         assert r.init.checkpoint == f"runs/{previous.name}"
     else:
