@@ -112,8 +112,8 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
                "optim.eps": oc["eps"], "optim.weight_decay": oc["wd"]}
     return [
         Setting("open_clip_train defaults", ours, tool="open_clip", group=group),
-        Setting("clipa tiny recipe settings", ours, group=group),
-        Setting("clipa + open_clip's crop 0.9-1, betas 0.9/0.999, eps 1e-8, wd 0.2", matched, group=group),
+        Setting("clipa default settings (crop 0.9-1)", ours, group=group),
+        Setting("clipa + open_clip's betas 0.9/0.999, eps 1e-8, wd 0.2", matched, group=group),
         Setting("clipa + those + open_clip's 5,000-sample shuffle buffer", {**matched, "data.shuffle_buffer": 5000},
                 group=group),
     ]
