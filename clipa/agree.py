@@ -69,11 +69,28 @@ def agreed_min(value: int) -> int:
     return int(t.item())
 
 
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` is a collective failing because another process of the group is gone: torch's
+    distributed errors (DistError and its subclasses), or the RuntimeError that gloo raises when a
+    peer's connection closes."""
+    dist = torch.distributed
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("[gloo" in text.lower() or "connection closed by peer" in text.lower()
+                                              or "connection reset by peer" in text.lower())
+
+
 def fault_point(where: str, rank: int) -> None:
     """Tests inject trouble on one process: CLIPA_FAIL_AT=setup:1 raises a ClipaError at `setup` on rank 1;
-    CLIPA_HANG_AT=setup:1 makes rank 1 stop answering there (a stuck process)."""
+    CLIPA_HANG_AT=setup:1 makes rank 1 stop answering there (a stuck process); CLIPA_KILL_AT=step3:1
+    kills rank 1 with SIGKILL after its third step (the OOM killer, a node failure)."""
     if os.environ.get("CLIPA_FAIL_AT") == f"{where}:{rank}":
         raise ClipaError(f"injected failure at {where} on process {rank} (CLIPA_FAIL_AT)")
+    if os.environ.get("CLIPA_KILL_AT") == f"{where}:{rank}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("CLIPA_HANG_AT") == f"{where}:{rank}":
         import time
 

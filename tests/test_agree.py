@@ -89,3 +89,30 @@ def test_a_hung_process_ends_the_run_within_dist_timeout(tmp_path):
 
     assert "train.dist_timeout_s" in errors[0] and f'File "{Path(clipa.__file__).parent}' not in result.stderr
     assert "exitcode  : 2" in result.stderr  # torchrun's summary: rank 0 ended with exit 2, not a crash
+
+
+@pytest.mark.parametrize("trouble", ["CLIPA_KILL_AT", "CLIPA_FAIL_AT"])
+def test_a_process_lost_mid_training_ends_the_other_with_one_line_and_the_run_resumes(tmp_path, trouble):
+    """Rank 1 is SIGKILLed (OOM killer, node failure) or fails after step 3 of 6, with no launcher to end
+    rank 0: rank 0 learns of it in its next collective and exits 2 with one line naming the last
+    checkpoint; the same command then resumes from it and finishes."""
+    run = tmp_path / "run"
+    args = ["pretrain", "tiny/pretrain", *tiny_overrides(**{"checkpoint.every_steps": 2}),
+            "train.dist_timeout_s=300", "--out", run]
+    procs = launch_two(args, tmp_path, ({}, {trouble: "step3:1"}))
+    (_, err0), (_, err1) = (p.communicate(timeout=280) for p in procs)
+    codes = [p.returncode for p in procs]
+    assert codes == [2, -9 if trouble == "CLIPA_KILL_AT" else 2], (codes, err0[-2000:], err1[-2000:])
+    errors = [line for line in err0.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err0, err0[-3000:]
+    assert errors[0].startswith("error: process 0: another process of this run stopped during step 4"), errors
+    assert "step_000002" in errors[0] and "Resume by running the same command" in errors[0], errors
+    if trouble == "CLIPA_FAIL_AT":
+        assert "injected failure at step3 on process 1" in err1 and "Traceback" not in err1
+    # the same command, both processes healthy: resumes from step 2 and finishes
+    procs = launch_two(args, tmp_path)
+    outs = [p.communicate(timeout=280) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps[-1] == 6 and (run / "final").is_dir()

@@ -29,11 +29,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from clipa.agree import agreed, agreed_min, broadcast_value, fault_point
+from clipa.agree import agreed, agreed_min, broadcast_value, fault_point, peer_lost
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
 from clipa.data.spec import data_commands
 from clipa.data.transforms import normalize
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, first_line
 from clipa.flops import device_peak_flops
 from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
@@ -298,6 +298,14 @@ class Trainer:
         The run directory's lock is released when the loop ends, however it ends."""
         try:
             return self._run(signals)
+        except Exception as err:
+            if self.world > 1 and peer_lost(err):
+                # Another process died or raised mid-step; this one learns of it as a gloo/NCCL error in
+                # the next collective. Its own log has the cause; this process's report is one line.
+                raise ClipaError(f"process {self.rank}: another process of this run stopped during step "
+                                 f"{self.state.step + 1} ({first_line(err, 120)}); its log says why. Last "
+                                 f"checkpoint: {self.checkpoints.latest() or 'none'}. {self._resume_hint}") from None
+            raise
         finally:
             self.close()
 
@@ -332,6 +340,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 temperature = clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
                 state.finished(finite)
+                fault_point(f"step{state.step}", self.rank)
                 window.step(loss, finite)
                 log.advance()
                 self._stop_if_nonfinite(log)
