@@ -82,6 +82,10 @@ def _accelerator(precision: str, timeout_s: int = 1800) -> Accelerator:
     on_gpu = torch.cuda.is_available()
     if precision == "auto":
         precision = "bf16" if on_gpu else "fp32"
+    if precision == "fp16" and not on_gpu:
+        # accelerate has no fp16 autocast on CPU: it would train in fp32 while the log said fp16.
+        raise ClipaError('train.precision: "fp16" needs a GPU (on CPU accelerate trains fp32 without saying so); '
+                         'use "bf16" or "fp32" here')
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     # The process-group timeout bounds how long a process waits for a peer that is gone or stuck.
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed,
