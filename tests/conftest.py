@@ -3,8 +3,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The suite tests CPU behaviour (bitwise resume, 2-process gloo groups on one device, fp32 timings).
+# On a machine with CUDA the trainer would move to the GPU and those tests would fail for the wrong
+# reason, so the GPUs are hidden from this process and every process it starts, before torch looks
+# for them. Tests marked `gpu` get them back through the `gpu_env` fixture (`pytest --gpu`).
+GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
@@ -58,3 +65,31 @@ def tiny_overrides(**extra):
             "optim.warmup_steps": 1, "data.num_workers": 0, "checkpoint.every_steps": 0}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true", help="run the tests marked gpu (needs CUDA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run `python -m pytest --gpu -m gpu` on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_env():
+    """The environment with the machine's GPUs visible again, for a `gpu` test's subprocesses. With
+    --gpu on a machine without CUDA the test fails instead of passing without having run."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if GPU_DEVICES is None:
+        env.pop("CUDA_VISIBLE_DEVICES")
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = GPU_DEVICES
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"], env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode == 0 and int(probe.stdout.strip() or 0) > 0, "--gpu given, but torch sees no CUDA device"
+    return env
