@@ -19,6 +19,7 @@ import open_clip
 import torch
 
 from clipa.errors import ClipaError, did_you_mean, first_line
+from clipa.model.posemb import set_sincos
 from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
 
 BUNDLED_CONFIGS = Path(__file__).parent.parent / "model_configs"
@@ -228,6 +229,8 @@ def create_model(model_cfg: dict, device: str | torch.device = "cpu") -> torch.n
     model.output_dict = True
     if "timm_model_name" in cfg["vision_cfg"]:
         set_timm_input_size(model.visual, cfg["vision_cfg"].get("image_size", 224))
+    elif cfg["vision_cfg"].get("pos_embed_type") == "sin_cos_2d":
+        set_sincos(model)  # CLIPA-v2's formula, not open_clip's MAE one (clipa.model.posemb)
     return model.to(device)
 
 

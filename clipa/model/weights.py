@@ -17,6 +17,7 @@ import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 from clipa.errors import ClipaError, first_line
+from clipa.model.posemb import refresh_sincos
 from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
 
 EXPORT_CONFIG = "open_clip_config.json"
@@ -119,6 +120,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.chec
             f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "
             f"{unexpected[:3]}); check model.arch against the run that produced them"
         )
+    refresh_sincos(model)  # a fixed sin-cos grid is recomputed for this resolution, never interpolated
 
 
 def fsync_file(path: Path) -> None:

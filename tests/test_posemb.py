@@ -1,0 +1,72 @@
+"""Fixed 2-D sin-cos image position embeddings as CLIPA-v2 trains them (issue 21, part 2)."""
+
+import json
+import math
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clipa.model.posemb import sincos_2d
+
+from conftest import REPO, tiny_overrides
+
+
+def test_formula_is_big_visions_posemb_sincos_2d():
+    width, grid = 16, 3
+    pos = sincos_2d(grid, width)
+    assert pos.shape == (1 + grid * grid, width)
+    assert torch.equal(pos[0], torch.zeros(width))  # the class token gets zeros
+    quarter = width // 4
+    omega = [10_000 ** (-i / (quarter - 1)) for i in range(quarter)]  # 1 ... 1e-4: D/4 - 1 in the denominator
+    for row in range(grid):
+        for col in range(grid):
+            got = pos[1 + row * grid + col]  # patches row by row
+            want = ([math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
+                    + [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega])
+            assert got.tolist() == pytest.approx(want, abs=1e-6)
+    # not open_clip's MAE formula (denominator D/4, rows first), which CLIPA's JAX runs did not use
+    from open_clip.pos_embed import get_2d_sincos_pos_embed
+
+    assert not torch.allclose(pos, torch.from_numpy(get_2d_sincos_pos_embed(width, grid, cls_token=True)).float())
+
+
+def sincos_arch(tmp_path):
+    cfg = json.loads((REPO / "clipa" / "model_configs" / "clipa-tiny.json").read_text())
+    cfg["vision_cfg"]["pos_embed_type"] = "sin_cos_2d"  # open_clip's key, honoured by clipa
+    path = tmp_path / "tiny-sincos.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def image_pos(run_dir):
+    return load_file(str(run_dir / "final" / "open_clip_model.safetensors"))["visual.positional_embedding"]
+
+
+@pytest.mark.slow
+def test_sincos_stays_fixed_is_recomputed_per_stage_and_exports_load_in_open_clip(tmp_path, cli):
+    arch = sincos_arch(tmp_path)
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128}), f"model.arch={arch}",
+                 "--out", pre)
+    assert result.returncode == 0, result.stderr
+    assert torch.equal(image_pos(pre), sincos_2d(4, 128))  # 32 px / patch 8; trained, yet unchanged
+    result = cli("finetune", "tiny/finetune", *tiny_overrides(**{"train.total_samples": 64}), f"model.arch={arch}",
+                 f"init.checkpoint={pre}", "--out", fine)
+    assert result.returncode == 0, result.stderr
+    # 64 px: the exact 8x8 grid, not the 4x4 one interpolated
+    assert torch.equal(image_pos(fine), sincos_2d(8, 128))
+
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{fine / 'final'}")
+    assert torch.equal(model.visual.positional_embedding.detach(), sincos_2d(8, 128))
+    assert not model.visual.positional_embedding.requires_grad
+    from clipa.evaluate.models import load_model
+
+    ours = load_model(str(fine / "final")).model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(images), ours.encode_image(images), atol=1e-6)
+    # evaluated at another size (`clipa zeroshot --image-size 32`), the grid is recomputed too
+    assert torch.equal(load_model(str(fine / "final"), image_size=32).model.visual.positional_embedding.detach(),
+                       sincos_2d(4, 128))
