@@ -10,7 +10,9 @@ other tracker accelerate knows (`[log] trackers`), from rank 0, through accelera
   to the same W&B / MLflow run (TensorBoard appends to `RUN_DIR/tensorboard/`). A metric is sent only
   for steps after the last one already in metrics.jsonl: the steps a killed run logged after its last
   checkpoint are trained again but not sent twice (trackers keep the first value; metrics.jsonl, and
-  so `clipa report`, the last).
+  so `clipa report`, the last). A SIGKILL can still cost a tracker the rows its own library had not
+  yet written (W&B holds the newest steps in memory and in its service process): a gap, never a
+  duplicate.
 - Failure never costs training: a tracker that fails to start or to log is warned about once and
   skipped or retried silently; metrics.jsonl has every row either way.
 
@@ -148,8 +150,8 @@ class Trackers:
 
     def __init__(self, recipe, stage: str, run_dir: Path, metrics: Path):
         self.run_dir, self.active, self.failed, self.finished = Path(run_dir), [], set(), False
-        self.sent = _last_steps(metrics)
         self.state = _read_state(self.run_dir)
+        self.sent = _last_steps(metrics)  # per metric, the last step the trackers have
         config = hyperparameters(recipe, stage)
         for name in recipe.log.trackers:
             try:
@@ -163,12 +165,12 @@ class Trackers:
 
     def _start(self, name: str, recipe, stage: str):
         log, cls = recipe.log, _known()[name]
-        state = self.state.setdefault(name, {})
+        state = self.state.get(name, {})
         if name == "tensorboard":
             tracker = cls(TENSORBOARD_DIR, str(self.run_dir))  # writes RUN_DIR/tensorboard/
         elif name == "wandb":
             if "id" not in state:  # stored before the run starts: a kill at any later point resumes it
-                state["id"] = os.urandom(4).hex()
+                self.state[name] = state = {"id": os.urandom(4).hex()}
                 _write_state(self.run_dir, self.state)
             tracker = cls(log.project, id=state["id"], resume="allow", name=run_name(recipe), tags=log.tags or None,
                           job_type=stage, dir=str(self.run_dir))
@@ -181,7 +183,7 @@ class Trackers:
             tracker = cls(log.project)
         tracker.start()
         if name == "mlflow" and "run_id" not in state:
-            state["run_id"] = tracker.active_run.info.run_id
+            self.state[name] = {"run_id": tracker.active_run.info.run_id}
             _write_state(self.run_dir, self.state)
         return tracker
 
@@ -189,7 +191,8 @@ class Trackers:
         _err.print(f"warning: log.trackers: {text}", markup=False)
 
     def log(self, row: dict) -> None:
-        """The row's finite numbers at its step, except those metrics.jsonl already had at or after it."""
+        """The row's finite numbers at its step, except those a tracker already has at or after that step
+        (sent by an earlier attempt of this run, or earlier in this one)."""
         step = int(row["step"])
         values = {key: value for key, value in row.items()
                   if key != "step" and isinstance(value, (int, float)) and math.isfinite(value)
