@@ -125,6 +125,7 @@ def _train(out: Path, *extra):
                           "--out", out)
 
 
+@pytest.mark.slow  # W&B's service and a zero-shot evaluation: about 35 s here
 def test_tensorboard_and_wandb_hold_exactly_the_metrics_rows(tmp_path):
     out = tmp_path / "run"
     result = _train(out, 'log.trackers=["tensorboard", "wandb"]', 'log.tags=["smoke", "tiny"]',
@@ -229,7 +230,7 @@ def test_a_tracker_that_raises_never_stops_training(tmp_path, request):
     assert "broken did not start (ConnectionError: service unreachable)" in warnings[0]
     assert "flaky failed at step 2 (OSError: [Errno 28] No space left on device)" in warnings[1]
     assert [c for c in flaky.calls if c[0] == "log"] == [("log", 1), ("log", 2), ("log", 3)]  # still tried
-    assert ("loss", 3) in _tensorboard(out)  # the others are not held up by the failing one
+    _approx(_tensorboard(out), _expected(out))  # the others are not held up by the failing one
 
 
 def test_a_resumed_run_sends_only_steps_after_those_already_in_metrics_jsonl(tmp_path):

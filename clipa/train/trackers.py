@@ -181,7 +181,8 @@ class Trackers:
             tracker = cls(log.project, str(self.run_dir))
         else:
             tracker = cls(log.project)
-        tracker.start()
+        if hasattr(tracker, "start"):  # older accelerate starts a tracker in its constructor
+            tracker.start()
         if name == "mlflow" and "run_id" not in state:
             self.state[name] = {"run_id": tracker.active_run.info.run_id}
             _write_state(self.run_dir, self.state)
