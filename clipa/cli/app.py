@@ -110,6 +110,7 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
     from clipa.data.spec import data_commands
     from clipa.flops import train_flops_per_sample
     from clipa.model.build import arch_config, native_geometry
+    from clipa.train import trackers
     from clipa.train.checkpoint import CheckpointManager
 
     geometry, cfg = numbers.geometry, numbers.model_cfg  # the model the trainer builds: timm tower, SigLIP bias included
@@ -135,6 +136,7 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
                       f"wd {recipe.optim.weight_decay:g}, betas {tuple(recipe.optim.betas)}"),
         ("start", start),
         ("run directory", str(out_dir)),
+        ("trackers", trackers.describe(recipe)),
     ]
     for key, value in rows:
         table.add_row(key, Text(value))  # recipe values are shown as written, never read as rich markup
@@ -152,8 +154,10 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     if dry_run:  # a real run checks these in the trainer (on rank 0, once), before building anything
         from clipa.train.checkpoint import resolve_resume
         from clipa.train.runlock import check_run_dir
+        from clipa.train.trackers import check_trackers
 
         check_run_dir(run_dir)
+        check_trackers(recipe.log)
         if resume:
             resume = resolve_resume(resume)
     # Weights are checked by name (published ones looked up in the cache, never downloaded) before
@@ -214,6 +218,9 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     # Published weights are checked by name and looked up in the cache, never downloaded; a local
     # image_init must exist (a run resuming from runs/NAME takes its checkpoint's weights instead).
     notes = _weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name, init_must_exist=False)
+    from clipa.train import trackers
+
+    trackers.check_trackers(recipe_obj.log)
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
@@ -221,6 +228,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
 
     for command in data_commands(recipe_obj.data.train):  # a recipe can run commands, like a Makefile
         out.print(f"data.train runs: {command}", highlight=False, markup=False, soft_wrap=True)
+    if recipe_obj.log.trackers:
+        out.print(f"trackers: {trackers.describe(recipe_obj)}", highlight=False, markup=False, soft_wrap=True)
     for note in notes:
         out.print(f"note: {note}", highlight=False, markup=False)
 

@@ -164,6 +164,16 @@ class InitConfig:
 
 
 @dataclass
+class LogConfig:
+    # Experiment trackers the metrics rows also go to, through accelerate: "tensorboard", "wandb",
+    # "mlflow", or any tracker accelerate knows (or that was registered with it). Empty = metrics.jsonl only.
+    trackers: list[str] = field(default_factory=list)
+    project: str = "clipa"  # W&B project, MLflow experiment
+    run_name: str = ""  # the tracker run's display name; "" = the recipe name
+    tags: list[str] = field(default_factory=list)  # W&B tags, MLflow tags
+
+
+@dataclass
 class Recipe:
     name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,6 +185,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # Where the recipe came from (not part of the TOML schema).
     source: str = field(default="", metadata={"internal": True})
 
@@ -467,6 +478,8 @@ def validate(recipe: Recipe) -> None:
         if name != "synthetic" and not r.eval.retrieval_data_root:
             raise ClipaError(f"eval.retrieval_data_root: needed by eval.retrieval[{i}] = \"{name}\"; set the CSV/TSV "
                              "file or the webdataset folder")
+    _check(len(set(r.log.trackers)) == len(r.log.trackers), f"log.trackers: {r.log.trackers} names a tracker twice")
+    _check(bool(r.log.project.strip()), "log.project: empty; set the W&B project / MLflow experiment, e.g. \"clipa\"")
 
 
 def _or(values) -> str:

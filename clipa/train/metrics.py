@@ -25,8 +25,10 @@ def _clean(value):
 class RunLog:
     """Writes metrics for the main process; other processes get a silent instance."""
 
-    def __init__(self, path: Path | None, total: int, description: str, *, start: int = 0, enabled: bool = True):
+    def __init__(self, path: Path | None, total: int, description: str, *, start: int = 0, enabled: bool = True,
+                 trackers=None):
         self.enabled = enabled
+        self.trackers = trackers  # clipa.train.trackers.Trackers: each row also goes to TensorBoard, W&B, ...
         self.file = open(path, "a", encoding="utf-8") if (enabled and path) else None
         self.progress = None
         if enabled and sys.stdout.isatty():
@@ -47,6 +49,8 @@ class RunLog:
         if self.file:
             self.file.write(json.dumps({k: _clean(v) for k, v in metrics.items()}) + "\n")
             self.file.flush()
+        if self.trackers:
+            self.trackers.log(metrics)
         if line:
             if self.progress:
                 self.progress.update(self.task, status=line)
@@ -62,6 +66,8 @@ class RunLog:
             self.progress.stop()
         if self.file:
             self.file.close()
+        if self.trackers:
+            self.trackers.finish()
 
 
 class progress_counter:

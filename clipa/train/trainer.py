@@ -52,6 +52,7 @@ from clipa.train.runlock import RunLock, check_run_dir
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
+from clipa.train.trackers import Trackers, check_trackers
 
 STAGES = ("pretrain", "finetune")
 
@@ -219,6 +220,7 @@ class Trainer:
             fault_point("setup", self.rank)
             if self.main:
                 check_run_dir(self.run_dir)
+                check_trackers(self.recipe.log)  # a missing tracker library stops the run before any work
                 explicit = resolve_resume(resume) if resume else None
                 _prepare_run_dir(self.run_dir)
                 self.lock = RunLock(self.run_dir).acquire()
@@ -358,8 +360,11 @@ class Trainer:
         return self._finish(log, time.perf_counter() - t_start, window.last_loss)
 
     def _open_log(self) -> RunLog:
-        log = RunLog(self.run_dir / "metrics.jsonl", self.total_steps, f"{self.stage} {self.recipe.name}",
-                     start=self.state.step, enabled=self.main)
+        metrics = self.run_dir / "metrics.jsonl"
+        trackers = Trackers(self.recipe, self.stage, self.run_dir, metrics) if self.main and self.recipe.log.trackers \
+            else None
+        log = RunLog(metrics, self.total_steps, f"{self.stage} {self.recipe.name}", start=self.state.step,
+                     enabled=self.main, trackers=trackers)
         for command in data_commands(self.recipe.data.train):  # a recipe can run commands, like a Makefile
             log.message(f"data.train runs: {command}")
         for note in self.checkpoints.moved_aside:
