@@ -43,7 +43,8 @@ def accelerator_peak(gpu: str, peak_tflops: float | None = None) -> tuple[str, f
 
 def _load(recipe) -> tuple[str, object]:
     from clipa.recipe.index import resolve_path
-    from clipa.recipe.schema import Recipe, load_recipe
+    from clipa.recipe.load import load_recipe
+    from clipa.recipe.schema import Recipe
 
     if isinstance(recipe, Recipe):
         return recipe.source or recipe.name, recipe

@@ -14,7 +14,7 @@ from rich.table import Table
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import write_result, zeroshot
 from clipa.recipe.index import resolve_path
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.stage import Stage
 from clipa.train.trainer import train
 

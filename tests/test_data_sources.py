@@ -24,7 +24,7 @@ from clipa.data.streams import _Mode
 from clipa.data.transforms import RandomResizedCrop
 from clipa.errors import ClipaError
 from clipa.model.build import Geometry
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 
 
 def ids(captions, rngs=None):

@@ -7,7 +7,7 @@ import torch
 
 from clipa import flops
 from clipa import plan as plan_mod
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 
 from conftest import RECIPES, REPO
 

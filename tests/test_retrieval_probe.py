@@ -9,7 +9,7 @@ from clipa.errors import ClipaError
 from clipa.evaluate.linear_probe import accuracy, choose_l2, fit_logistic, linear_probe, stratified_split
 from clipa.evaluate.models import load_model
 from clipa.evaluate.retrieval import load_pairs, recall_at_k, retrieval
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
 from conftest import RECIPES, tiny_overrides

@@ -65,7 +65,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _load(recipe_path: str, overrides: Optional[List[str]]):
     from clipa.recipe.index import resolve_path
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
     from clipa.stage import Stage
 
     recipe = load_recipe(resolve_path(recipe_path), overrides or [])
@@ -142,7 +142,7 @@ def _describe(recipe, numbers, stage: str, out_dir: Path, resume: Path | None = 
 
 
 def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
-    from clipa.recipe import schema as recipe_mod
+    from clipa.recipe.load import dumps
 
     recipe, numbers = _load(recipe_path, overrides)
     if stage == "finetune" and not recipe.init.checkpoint:
@@ -160,7 +160,7 @@ def _train_command(stage: str, recipe_path: str, overrides, out_dir, resume, dry
     # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
     notes = [] if resume else _weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True)
     if dry_run:
-        out.print(recipe_mod.dumps(recipe), markup=False, highlight=False)
+        out.print(dumps(recipe), markup=False, highlight=False)
         out.print(_describe(recipe, numbers, stage, run_dir, resume))
         for note in notes:
             out.print(note, highlight=False, markup=False)
@@ -203,7 +203,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     """Check a recipe (schema, values, architecture geometry, batch layout) without running anything."""
     import os
 
-    from clipa.recipe.schema import batch_layout
+    from clipa.recipe.checks import batch_layout
 
     recipe_obj, numbers = _load(recipe, overrides)
     geometry = numbers.geometry
