@@ -70,3 +70,27 @@ def test_readme_layout_map_matches_the_tree():
         assert f"`clipa/{name}/`" in section, f"README 'How the code is laid out' misses clipa/{name}/"
     for mentioned in set(re.findall(r"`clipa/(\w+)/`", section)):
         assert (CLIPA / mentioned).is_dir(), f"README 'How the code is laid out' names clipa/{mentioned}/, which does not exist"
+
+
+def test_tables_are_built_in_one_module():
+    """The CLI only parses, calls and renders: every rich Table in clipa is built in clipa/cli/render.py."""
+    render = CLIPA / "cli" / "render.py"
+    bad = []
+    for path in sorted(CLIPA.rglob("*.py")):
+        if path == render:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "rich.table":
+                bad.append(f"{path.relative_to(CLIPA)}:{node.lineno} imports rich.table")
+    assert not bad, "\n".join(bad)
+    assert "from rich.table import Table" in render.read_text()
+
+
+def test_data_does_not_import_train():
+    """Dependencies point one way: data/ feeds the trainer and evaluation, and imports neither."""
+    bad = []
+    for path in sorted((CLIPA / "data").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("clipa.train", "clipa.evaluate")):
+                bad.append(f"{path.name}:{node.lineno} imports {node.module}")
+    assert not bad, "\n".join(bad)
