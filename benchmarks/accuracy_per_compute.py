@@ -28,7 +28,7 @@ from clipa.evaluate.zeroshot import zeroshot
 from clipa.flops import train_flops_per_sample
 from clipa.model.build import arch_config
 from clipa.recipe.index import resolve_path
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
 BATCH = 256

@@ -52,7 +52,7 @@ def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches
     from clipa.data.loader import build_train_loader
     from clipa.model.build import Geometry, build_tokenizer
     from clipa.model.reduction import TextReducer
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
 
     recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}", "data.shuffle_buffer=500",
                                 f"data.fast_decode={'true' if fast else 'false'}", "data.crop_scale=[0.4, 1.0]"])
@@ -116,7 +116,7 @@ def step_speed(size: int, micro: int, steps: int) -> float:
 
 
 def end_to_end(train: str, size: int, workers: int, batch: int, steps: int) -> dict:
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
     from clipa.train.trainer import train as run_train
 
     with tempfile.TemporaryDirectory() as tmp:

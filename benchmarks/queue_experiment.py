@@ -22,7 +22,7 @@ def child(out: str, batch: int, steps: int, kind: str, size: int) -> None:
     from clipa.evaluate.models import load_model
     from clipa.evaluate.zeroshot import zeroshot
     from clipa.recipe.index import resolve_path
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
     from clipa.train.trainer import train
 
     overrides = [f"train.global_batch_size={batch}", f"train.total_samples={batch * steps}", "checkpoint.every_steps=0",

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import zeroshot
 from clipa.recipe.index import resolve_path
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
 COMMON = ["checkpoint.every_steps=0", "train.log_every_steps=20", "optim.warmup_steps=10"]

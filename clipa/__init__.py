@@ -2,7 +2,7 @@
 
 The command line (`clipa ...`) is a thin layer over plain functions that a notebook can call:
 
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
     from clipa.train.trainer import train
     run_dir = train(load_recipe("recipes/tiny/pretrain.toml"), stage="pretrain")
 """

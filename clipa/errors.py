@@ -29,3 +29,8 @@ def check_one_of(value: str, allowed, what: str, key: str = "--dataset") -> None
     """`value` is one of `allowed`, or a one-line error naming `key` and suggesting the closest."""
     if value not in allowed:
         raise ClipaError(f"{key}: unknown {what} \"{value}\"{did_you_mean(value, allowed)} (available: {', '.join(allowed)})")
+
+
+def shown(value: object) -> str:
+    """A value as an error message quotes it: strings in double quotes, anything else as its repr."""
+    return f'"{value}"' if isinstance(value, str) else repr(value)

@@ -43,7 +43,8 @@ def accelerator_peak(gpu: str, peak_tflops: float | None = None) -> tuple[str, f
 
 def _load(recipe) -> tuple[str, object]:
     from clipa.recipe.index import resolve_path
-    from clipa.recipe.schema import Recipe, load_recipe
+    from clipa.recipe.load import load_recipe
+    from clipa.recipe.schema import Recipe
 
     if isinstance(recipe, Recipe):
         return recipe.source or recipe.name, recipe
@@ -97,34 +98,4 @@ def plan(recipes, gpu: str = DEFAULT_GPU, gpus: int = DEFAULT_GPUS, mfu: float =
 def implied_mfu(total_flops: float, gpu_hours: float, peak_tflops: float) -> float:
     """The MFU at which `total_flops` take `gpu_hours` (to calibrate against a published cost)."""
     return total_flops / (gpu_hours * 3600.0 * peak_tflops * 1e12)
-
-
-def _count(x: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= size:
-            return f"{x / size:.3g}{unit}"
-    return f"{x:g}"
-
-
-def table(result: dict):
-    """A rich table of a plan, one row per stage and a total."""
-    from rich.table import Table
-
-    first = result["stages"][0]
-    title = (f"clipa plan: {first['gpus']} x {first['gpu']} ({first['peak_tflops']:g} TFLOP/s bf16 peak) at "
-             f"MFU {first['mfu']:g}, ${first['price_per_gpu_hour']:g} per accelerator-hour")
-    t = Table("stage", "model", "img tok", "txt tok", "GFLOPs/sample (img+txt)", "samples", "FLOPs", "GPU-hours",
-              "wall hours", "cost", title=title)
-    for s in result["stages"]:
-        mask = f", mask {s['mask_ratio']:g}" if s["mask_ratio"] else ""
-        t.add_row(s["name"], f"{s['arch']} @ {s['image_size']}px{mask}", str(s["image_tokens"]), str(s["text_tokens"]),
-                  f"{s['flops_per_sample'] / 1e9:.1f} ({s['image_flops_per_sample'] / 1e9:.1f}+"
-                  f"{s['text_flops_per_sample'] / 1e9:.1f})",
-                  _count(s["samples"]), f"{s['total_flops']:.3g}", f"{s['gpu_hours']:,.0f}", f"{s['wall_hours']:,.1f}",
-                  f"${s['cost']:,.0f}")
-    tot = result["total"]
-    t.add_row("total", "", "", "", "", _count(sum(s["samples"] for s in result["stages"])), f"{tot['total_flops']:.3g}",
-              f"{tot['gpu_hours']:,.0f}", f"{tot['gpu_hours'] / first['gpus']:,.1f}", f"${tot['cost']:,.0f}",
-              style="bold")
-    return t
 

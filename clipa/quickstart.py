@@ -1,7 +1,8 @@
 """`clipa quickstart`: the whole CLIPA pipeline on the built-in data, on a CPU, in minutes.
 
 pretrain (recipes/tiny/pretrain: 32 px, 8 tokens) -> zero-shot -> finetune (recipes/tiny/finetune:
-64 px, 32 tokens, position embeddings interpolated) -> zero-shot, then one table.
+64 px, 32 tokens, position embeddings interpolated) -> zero-shot; one row per stage for the table
+`clipa quickstart` prints.
 """
 
 from __future__ import annotations
@@ -9,12 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rich.table import Table
-
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import write_result, zeroshot
 from clipa.recipe.index import resolve_path
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.stage import Stage
 from clipa.train.trainer import train
 
@@ -48,13 +47,3 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0) 
                      "samples_per_s": result.samples_per_s, "wall_s": wall, "loss": result.final_loss})
         init = str(run_dir)
     return rows
-
-
-def format_table(rows: list[dict]) -> Table:
-    table = Table("stage", "image px", "text tokens", "samples", "final loss", "zero-shot acc1", "acc5", "chance",
-                  "samples/s", "wall time", title="clipa quickstart (synthetic data, 24 classes)")
-    for r in rows:
-        table.add_row(r["stage"], str(r["image_size"]), str(r["text_length"]), f"{r['samples']:,}",
-                      f"{r['loss']:.3f}", f"{r['acc1']:.3f}", f"{r['acc5']:.3f}", f"{r['chance']:.3f}",
-                      f"{r['samples_per_s']:.0f}", f"{r['wall_s']:.0f} s")
-    return table

@@ -139,7 +139,7 @@ def _run_dir_of(path: Path) -> tuple[Path, int | None] | None:
 def run_compute(run: Path, step: int | None = None, _seen: set | None = None) -> tuple[float, list[str]]:
     """Training FLOPs of a run directory's stage (up to `step`, else the samples it logged), plus
     those of the runs its `init.checkpoint` came from. Returns (FLOPs, notes)."""
-    from clipa.recipe.schema import read_run_recipe
+    from clipa.recipe.load import read_run_recipe
     from clipa.stage import Stage
 
     seen = _seen if _seen is not None else set()

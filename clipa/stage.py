@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from clipa.flops import image_tokens, train_flops
 from clipa.model.build import Geometry, recipe_model_config
-from clipa.recipe.schema import Recipe, batch_layout
+from clipa.recipe.checks import batch_layout
+from clipa.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)

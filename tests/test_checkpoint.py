@@ -15,7 +15,7 @@ import torch
 
 from clipa.errors import ClipaError
 from clipa.evaluate.models import load_model
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager, export_checkpoint
 from clipa.train.trainer import NonFiniteError, Trainer

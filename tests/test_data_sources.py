@@ -17,14 +17,15 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clipa.data.decode import decode_crop, draft_factor, looks_like_image
 from clipa.data.loader import build_train_loader
-from clipa.data.sources import ReadOptions, Record, ShardSource, SkipStats, decode_crop, draft_factor, looks_like_image
+from clipa.data.sources import ReadOptions, Record, ShardSource, SkipStats
 from clipa.data.spec import expand, parse_train
 from clipa.data.streams import _Mode
 from clipa.data.transforms import RandomResizedCrop
 from clipa.errors import ClipaError
 from clipa.model.build import Geometry
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 
 
 def ids(captions, rngs=None):
@@ -215,8 +216,8 @@ def test_fast_forward_reads_what_the_full_reader_reads(tmp_path):
             crop = RandomResizedCrop(8)
             for x, y in zip(a, b):
                 if x.key != "000003":
-                    assert torch.equal(decode_crop(x, crop, np.random.default_rng(0)),
-                                       decode_crop(y, crop, np.random.default_rng(0)))
+                    assert torch.equal(decode_crop(x.image, crop, np.random.default_rng(0)),
+                                       decode_crop(y.image, crop, np.random.default_rng(0)))
 
 
 def test_csv_paths_are_relative_to_the_csv(tmp_path, monkeypatch):
@@ -271,8 +272,8 @@ def test_fast_decode_keeps_the_crop_and_decodes_smaller():
     record = Record("k", "mem", big.getvalue(), "sample 1")
     crop = RandomResizedCrop(32, (0.5, 1.0))
     slow_rng, fast_rng = np.random.default_rng(1), np.random.default_rng(1)
-    slow = decode_crop(record, crop, slow_rng, fast=False)
-    fast = decode_crop(record, crop, fast_rng, fast=True)
+    slow = decode_crop(record.image, crop, slow_rng, fast=False)
+    fast = decode_crop(record.image, crop, fast_rng, fast=True)
     assert slow.shape == fast.shape == (3, 32, 32) and slow.dtype == torch.uint8
     assert slow_rng.random() == fast_rng.random()  # same draws: same crop box
     assert (slow.float() - fast.float()).abs().mean() < 12
@@ -312,7 +313,7 @@ def test_train_and_inspect_on_shards(tmp_path, cli):
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
     """Long names (ustar prefix, GNU longname, pax path), other member types, and gzip, against tarfile."""
-    from clipa.data.sources import _TarStream, tar_members
+    from clipa.data.tar import TarStream, tar_members
 
     path = tmp_path / "t.tar"
     names = ["d/" + "x" * 120 + "/000001.jpg", "d/" + "x" * 120 + "/000001.txt", "short.txt", "é/ü.jpg"]
@@ -325,9 +326,9 @@ def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
             tar.addfile(info, io.BytesIO(data))
     expected = [(m.name, m.offset_data, m.size) for m in tarfile.open(path) if m.isreg()]
     with open(path, "rb") as f:
-        assert list(tar_members(_TarStream(f, os.path.getsize(path)))) == expected
+        assert list(tar_members(TarStream(f, os.path.getsize(path)))) == expected
     with open(path, "rb") as f:  # as a pipe would deliver it
-        assert list(tar_members(_TarStream(io.BytesIO(f.read())))) == expected
+        assert list(tar_members(TarStream(io.BytesIO(f.read())))) == expected
     write_shard(tmp_path / "s.tar", 0, 3)
     (tmp_path / "s.tgz").write_bytes(gzip.compress((tmp_path / "s.tar").read_bytes()))
     plain = [r.caption for r in ShardSource(parse_train(str(tmp_path / "s.tar"))[0], ReadOptions()).read(0, SkipStats())]
@@ -448,9 +449,9 @@ def test_fast_decode_uses_pil_draft(monkeypatch):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3)).astype(np.uint8)).save(big, format="JPEG")
     record = Record("k", "mem", big.getvalue(), "sample 1")
     crop = RandomResizedCrop(16, (0.9, 1.0))  # a crop of ~240 px for 16 px: 1/8 scale
-    decode_crop(record, crop, np.random.default_rng(1), fast=False)
+    decode_crop(record.image, crop, np.random.default_rng(1), fast=False)
     assert calls == []
-    out = decode_crop(record, crop, np.random.default_rng(1), fast=True)
+    out = decode_crop(record.image, crop, np.random.default_rng(1), fast=True)
     assert calls == [((32, 32), (32, 32))] and out.shape == (3, 16, 16)  # decoded at 32x32, not 256x256
 
 

@@ -22,7 +22,7 @@ from clipa.evaluate.linear_probe import linear_probe
 from clipa.evaluate.models import load_model
 from clipa.evaluate.retrieval import retrieval
 from clipa.evaluate.zeroshot import output_paths, zeroshot
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
 from conftest import RECIPES, run_torchrun, tiny_overrides

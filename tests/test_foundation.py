@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from clipa.evaluate.models import load_model
 from clipa.model.build import arch_config, create_model, native_geometry, stage_config
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import _accelerator, train
 
 from conftest import RECIPES, run_cli, tiny_overrides

@@ -70,3 +70,58 @@ def test_readme_layout_map_matches_the_tree():
         assert f"`clipa/{name}/`" in section, f"README 'How the code is laid out' misses clipa/{name}/"
     for mentioned in set(re.findall(r"`clipa/(\w+)/`", section)):
         assert (CLIPA / mentioned).is_dir(), f"README 'How the code is laid out' names clipa/{mentioned}/, which does not exist"
+
+
+def test_tables_are_built_in_one_module():
+    """The CLI only parses, calls and renders: every rich Table in clipa is built in clipa/cli/render.py."""
+    render = CLIPA / "cli" / "render.py"
+    bad = []
+    for path in sorted(CLIPA.rglob("*.py")):
+        if path == render:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module == "rich.table":
+                bad.append(f"{path.relative_to(CLIPA)}:{node.lineno} imports rich.table")
+    assert not bad, "\n".join(bad)
+    assert "from rich.table import Table" in render.read_text()
+
+
+def test_data_does_not_import_train():
+    """Dependencies point one way: data/ feeds the trainer and evaluation, and imports neither."""
+    bad = []
+    for path in sorted((CLIPA / "data").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("clipa.train", "clipa.evaluate")):
+                bad.append(f"{path.name}:{node.lineno} imports {node.module}")
+    assert not bad, "\n".join(bad)
+
+
+def _repo_texts():
+    for folder in ("clipa", "tests", "benchmarks", "recipes", "docs", ".ci"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".toml", ".md", "") and path.is_file():
+                yield path, path.read_text(encoding="utf-8", errors="replace")
+    for name in ("README.md", "CHANGELOG.md", "pyproject.toml"):
+        yield ROOT / name, (ROOT / name).read_text(encoding="utf-8")
+
+
+def test_cited_documents_and_traps_exist():
+    """A reader can follow every `docs/X.md` the repository cites, and every "trap N" to its item."""
+    traps = (ROOT / "docs" / "clipa_recipes.md").read_text().split("\n## Traps\n", 1)[1]
+    numbered = {int(n) for n in re.findall(r"^(\d+)\. ", traps, re.M)}
+    assert numbered == set(range(1, len(numbered) + 1)) and len(numbered) >= 14
+    bad = []
+    for path, text in _repo_texts():
+        name = path.relative_to(ROOT)
+        if path == Path(__file__).resolve():
+            continue
+        if name.as_posix() != "docs/clipa_recipes.md":  # its docs/ paths are other repositories' (open_clip's)
+            bad += [f"{name} cites {doc}" for doc in set(re.findall(r"\bdocs/[\w./-]+\.md", text))
+                    if not (ROOT / doc).is_file()]
+        bad += [f"{name} cites {doc}" for doc in ("DESIGN.md", "CLIPA_RECIPES") if doc in text]
+        if path.suffix in (".toml", ".py"):
+            cited = {int(n) for group in re.findall(r"\b[Tt]raps? (\d+(?:, \d+)*)", text) for n in group.split(", ")}
+            bad += [f"{name} cites trap {n}" for n in sorted(cited - numbered)]
+            if cited and "docs/clipa_recipes.md" not in text:
+                bad.append(f"{name} cites traps without saying where they are (docs/clipa_recipes.md)")
+    assert not bad, "\n".join(bad)

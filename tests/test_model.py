@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from clipa.errors import ClipaError
 from clipa.model.build import Geometry, arch_config, create_model, stage_config, stage_geometry
 from clipa.model.weights import load_weights
-from clipa.recipe import schema as R
+from clipa.recipe.load import load_recipe
 
 
 def tiny(**overrides):
-    return R.load_recipe(None, ["model.arch=clipa-tiny", *[f"{k}={v}" for k, v in overrides.items()]])
+    return load_recipe(None, ["model.arch=clipa-tiny", *[f"{k}={v}" for k, v in overrides.items()]])
 
 
 def test_stage_geometry_defaults_and_reduction():
@@ -46,7 +46,7 @@ def test_arch_from_json_path(tmp_path):
 
     path = tmp_path / "my-model.json"
     path.write_text(json.dumps(arch_config("clipa-tiny")))
-    assert stage_geometry(R.load_recipe(None, [f"model.arch={path}"])) == Geometry(64, 32)
+    assert stage_geometry(load_recipe(None, [f"model.arch={path}"])) == Geometry(64, 32)
 
 
 def test_finetune_weights_are_interpolated_from_pretrain_geometry():

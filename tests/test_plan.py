@@ -7,7 +7,7 @@ import torch
 
 from clipa import flops
 from clipa import plan as plan_mod
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 
 from conftest import RECIPES, REPO
 
@@ -132,7 +132,7 @@ def test_custom_peak():
 
 # --------------------------------------------------------------------------- shipped paper recipes
 
-# Published settings (docs: /work/shared/CLIPA_RECIPES.md): arch, px, mask, text, text length,
+# Published settings (docs/clipa_recipes.md): arch, px, mask, text, text length,
 # global batch, base lr per 256 samples, warmup steps, samples, init stage.
 V2_PRE = dict(px=84, mask=0.0, text="syntax", length=8, batch=65_536, warmup=3_200, samples=12_811_670_000, init=None)
 PAPER = {
@@ -177,12 +177,12 @@ def test_paper_recipe_has_the_published_settings(name):
     assert r.reduction.image == ("random" if want["mask"] else "resize")
     assert r.reduction.text == want["text"]
     assert r.train.global_batch_size == want["batch"]
-    # trap 1: LR = base x (batch // 256), integer division
+    # docs/clipa_recipes.md, trap 1: LR = base x (batch // 256), integer division
     assert r.optim.lr == pytest.approx(want["base"] * (want["batch"] // 256), rel=1e-9)
     assert r.optim.warmup_steps == want["warmup"]
     assert r.train.total_samples == want["samples"]
     assert r.optim.betas == [0.9, 0.95] and r.optim.weight_decay == 0.2 and r.optim.schedule == "cosine"
-    assert r.optim.eps == (1e-6 if name.startswith("vit_b16") else 1e-8)  # torch v1 vs JAX v2 (trap 8)
+    assert r.optim.eps == (1e-6 if name.startswith("vit_b16") else 1e-8)  # torch v1 vs JAX v2 (docs/clipa_recipes.md, trap 8)
     assert r.train.precision == "bf16" and r.data.train != "synthetic"
     per_process = r.train.global_batch_size // 8
     assert per_process % r.train.micro_batch_size == 0  # 8 GPUs as launched

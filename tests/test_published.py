@@ -261,7 +261,7 @@ API_CHECKS = textwrap.dedent("""
     import torch
     from open_clip.model import resize_pos_embed, resize_text_pos_embed
     from safetensors.torch import load_file
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
     from clipa.train.trainer import Trainer
 
     recipes, out, hub_weights, timm_weights, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from clipa.errors import ClipaError
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.train.trainer import Trainer
 

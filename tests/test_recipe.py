@@ -1,7 +1,9 @@
 import pytest
 
 from clipa.errors import ClipaError
-from clipa.recipe import schema as R
+from clipa.recipe.checks import batch_layout
+from clipa.recipe.load import load_recipe, save, to_dict
+from clipa.recipe.schema import Recipe
 
 from conftest import RECIPES
 
@@ -13,7 +15,7 @@ def write(tmp_path, text, name="r.toml"):
 
 
 def test_defaults_and_name_from_file(tmp_path):
-    recipe = R.load_recipe(write(tmp_path, "[model]\narch = 'clipa-tiny'\n", "my-run.toml"))
+    recipe = load_recipe(write(tmp_path, "[model]\narch = 'clipa-tiny'\n", "my-run.toml"))
     assert recipe.name == "my-run"
     assert recipe.model.arch == "clipa-tiny"
     assert recipe.optim.betas == [0.9, 0.95]
@@ -22,7 +24,7 @@ def test_defaults_and_name_from_file(tmp_path):
 
 def test_overrides_are_typed_by_field(tmp_path):
     path = write(tmp_path, "[optim]\nlr = 1e-3\n")
-    recipe = R.load_recipe(path, ["optim.lr=3e-4", "train.total_samples=1_000_000", "optim.betas=[0.8, 0.9]",
+    recipe = load_recipe(path, ["optim.lr=3e-4", "train.total_samples=1_000_000", "optim.betas=[0.8, 0.9]",
                                   "train.grad_checkpointing=true", "model.arch=ViT-B-16",
                                   "train.global_batch_size=512", "eval.zeroshot=synthetic,imagefolder",
                                   "eval.data_root=/data/eval", "optim.warmup_steps=1e2"])
@@ -34,13 +36,13 @@ def test_overrides_are_typed_by_field(tmp_path):
     assert recipe.eval.zeroshot == ["synthetic", "imagefolder"]
     assert recipe.optim.warmup_steps == 100
     # an int where a float is expected is accepted and stored as float
-    assert R.load_recipe(path, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_recipe(path, ["optim.lr=1"]).optim.lr == 1.0
 
 
 def test_override_precedence_over_file(tmp_path):
     path = write(tmp_path, "[train]\nseed = 5\n")
-    assert R.load_recipe(path).train.seed == 5
-    assert R.load_recipe(path, ["train.seed=7"]).train.seed == 7
+    assert load_recipe(path).train.seed == 5
+    assert load_recipe(path, ["train.seed=7"]).train.seed == 7
 
 
 @pytest.mark.parametrize("text, override, expected", [
@@ -63,41 +65,41 @@ def test_override_precedence_over_file(tmp_path):
 ])
 def test_errors_name_the_key(tmp_path, text, override, expected):
     with pytest.raises(ClipaError) as info:
-        R.load_recipe(write(tmp_path, text), [override] if override else [])
+        load_recipe(write(tmp_path, text), [override] if override else [])
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_missing_file_and_syntax_error_line(tmp_path):
     with pytest.raises(ClipaError, match="recipe file not found"):
-        R.load_recipe(tmp_path / "nope.toml")
+        load_recipe(tmp_path / "nope.toml")
     bad = write(tmp_path, "[optim]\nlr = 1e-3\nwarmup_steps = = 3\n")
     with pytest.raises(ClipaError, match=r"TOML syntax error.*line 3"):
-        R.load_recipe(bad)
+        load_recipe(bad)
 
 
 def test_resolved_recipe_round_trips(tmp_path):
-    recipe = R.load_recipe(RECIPES / "tiny" / "pretrain.toml", ["optim.lr=1e-4"])
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", ["optim.lr=1e-4"])
     out = tmp_path / "config.toml"
-    R.save(recipe, out)
-    again = R.load_recipe(out)
-    assert R.to_dict(again) == R.to_dict(recipe)
+    save(recipe, out)
+    again = load_recipe(out)
+    assert to_dict(again) == to_dict(recipe)
 
 
 def test_batch_layout_derives_accumulation():
-    recipe = R.Recipe()
+    recipe = Recipe()
     recipe.train.global_batch_size = 64
-    assert R.batch_layout(recipe, 2) == (32, 1)
+    assert batch_layout(recipe, 2) == (32, 1)
     recipe.train.micro_batch_size = 8
-    assert R.batch_layout(recipe, 2) == (8, 4)
-    assert R.batch_layout(recipe, 1) == (8, 8)
+    assert batch_layout(recipe, 2) == (8, 4)
+    assert batch_layout(recipe, 1) == (8, 8)
     recipe.train.micro_batch_size = 12
     with pytest.raises(ClipaError, match="not divisible by train.micro_batch_size"):
-        R.batch_layout(recipe, 2)
+        batch_layout(recipe, 2)
     recipe.train.micro_batch_size = 1
     with pytest.raises(ClipaError, match="train.micro_batch_size: 1 with loss.kind"):
-        R.batch_layout(recipe, 2)
+        batch_layout(recipe, 2)
     recipe.train.micro_batch_size = 0
     recipe.train.global_batch_size = 63
     with pytest.raises(ClipaError, match="not divisible by the 2 processes"):
-        R.batch_layout(recipe, 2)
+        batch_layout(recipe, 2)

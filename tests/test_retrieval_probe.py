@@ -5,11 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
+from clipa.data.decode import decode_image
 from clipa.errors import ClipaError
 from clipa.evaluate.linear_probe import accuracy, choose_l2, fit_logistic, linear_probe, stratified_split
 from clipa.evaluate.models import load_model
 from clipa.evaluate.retrieval import load_pairs, recall_at_k, retrieval
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
 from conftest import RECIPES, tiny_overrides
@@ -44,9 +45,9 @@ def test_csv_pairs_group_captions_and_resolve_relative_paths(tmp_path):
         writer = csv.writer(f)
         writer.writerow(["filepath", "title"])
         writer.writerows([["img/a.png", "first of a"], ["img/b.png", "only b"], ["img/a.png", "second of a"]])
-    loaders, captions = load_pairs("csv", str(tmp_path / "pairs.csv"))
+    images, captions = load_pairs("csv", str(tmp_path / "pairs.csv"))
     assert captions == [["first of a", "second of a"], ["only b"]]
-    assert loaders[0]().size == (8, 8)
+    assert decode_image(images[0]).size == (8, 8)
     with pytest.raises(ClipaError, match="has no column 'caption'"):
         load_pairs("csv", str(tmp_path / "pairs.csv"), caption_column="caption")
 
@@ -100,9 +101,9 @@ def test_wds_pairs_read_several_captions_per_image(tmp_path):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    loaders, captions = load_pairs("wds", str(tmp_path))
+    images, captions = load_pairs("wds", str(tmp_path))
     assert captions == [[f"cap {i} a", f"cap {i} b"] for i in range(3)]
-    assert np.asarray(loaders[2]().convert("RGB"))[0, 0].tolist() == [100, 100, 100]
+    assert np.asarray(decode_image(images[2]))[0, 0].tolist() == [100, 100, 100]
     with pytest.raises(ClipaError, match="no shards in"):
         load_pairs("wds", str(tmp_path / "test" / "nothing"))
 

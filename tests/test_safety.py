@@ -260,7 +260,7 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
 
 def test_the_lock_is_released_when_a_run_fails_in_this_process(tmp_path):
     from clipa.recipe.index import resolve_path
-    from clipa.recipe.schema import load_recipe
+    from clipa.recipe.load import load_recipe
     from clipa.train.runlock import RunLock
     from clipa.train.trainer import Trainer
 

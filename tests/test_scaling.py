@@ -78,7 +78,7 @@ def test_json_inputs(tmp_path):
 
 def fake_run(root, name, stage_recipe, samples, acc1=None, eval_row=None, overrides=()):
     """A run directory as clipa writes it: config.toml, metrics.jsonl, optionally a zero-shot result."""
-    from clipa.recipe.schema import load_recipe, save
+    from clipa.recipe.load import load_recipe, save
 
     run = root / name
     run.mkdir(parents=True)

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipa.errors import ClipaError
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import Trainer, train
 
 from conftest import RECIPES, tiny_overrides

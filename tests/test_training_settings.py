@@ -8,7 +8,7 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from clipa.recipe.schema import load_recipe
+from clipa.recipe.load import load_recipe
 from clipa.train.trainer import Trainer, train
 
 from conftest import RECIPES, tiny_overrides

@@ -9,7 +9,6 @@ sheet of the first images with their captions.
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 from collections import Counter
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from clipa.data.sources import SHARD_REASONS, ReadOptions, SkipStats, build_sources, draft_factor, image_bytes
+from clipa.data.decode import open_rgb
+from clipa.data.sources import SHARD_REASONS, ReadOptions, SkipStats, build_sources
 from clipa.data.spec import parse_train
 from clipa.errors import ClipaError
 
@@ -64,12 +64,7 @@ class _Summary:
 
 def _decode(record) -> tuple[Image.Image, str, tuple[int, int]]:
     """(image decoded at no less than thumbnail size, format, full size from the header)."""
-    with Image.open(io.BytesIO(image_bytes(record))) as image:
-        fmt, size = image.format, image.size
-        factor = draft_factor(size[0], size[1], _THUMB)
-        if fmt == "JPEG" and factor > 1:
-            image.draft("RGB", (size[0] // factor, size[1] // factor))
-        return image.convert("RGB"), fmt, size
+    return open_rgb(record.image, _THUMB)
 
 
 def inspect_dataset(path: str, options: ReadOptions | None = None, max_samples: int = 0, sheet: Path | None = None,

@@ -20,19 +20,16 @@ import logging
 import os
 from collections import Counter
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipa.data.sources import SHARD_REASONS, ReadOptions, build_sources, check_not_empty
 from clipa.data.spec import parse_train
-from clipa.data.streams import StreamError, StreamingTrainStream
+from clipa.data.streams import StreamError, StreamingTrainStream, sample_indices, sample_rng
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
 from clipa.errors import ClipaError
 from clipa.model.reduction import reduce_batch
-
-_AUGMENT_STREAM = 0xA06
 
 
 class TrainStream(IterableDataset):
@@ -45,14 +42,10 @@ class TrainStream(IterableDataset):
         self.seed, self.start_batch, self.num_batches = seed, start_batch, num_batches
         self.mask = mask  # (strategy, grid, ratio) or None
 
-    def indices(self, b: int) -> range:
-        first = b * self.micro_batch * self.processes + self.rank * self.micro_batch
-        return range(first, first + self.micro_batch)
-
     def batch(self, b: int):
         images, captions, rngs = [], [], []
-        for index in self.indices(b):
-            rng = np.random.default_rng([self.seed, index, _AUGMENT_STREAM])
+        for index in sample_indices(b, self.micro_batch, self.processes, self.rank):
+            rng = sample_rng(self.seed, index)
             image, caption = self.source.sample(index)
             images.append(self.transform(image, rng))
             captions.append(caption)

@@ -1,4 +1,4 @@
-"""Reading training pairs from webdataset shards and CSV/TSV files, checking and decoding them.
+"""Reading training pairs from webdataset shards and CSV/TSV files, and checking them.
 
 A source is a list of *units* that can be dealt out to loader streams: the shards of a shard
 pattern, the rows of a CSV. `source.read(unit, stats)` yields `Record`s: the key, where it came
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import bisect
 import bz2
-import csv
 import gzip
-import io
 import json
 import logging
 import lzma
@@ -36,12 +34,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlparse
 
-import numpy as np
-import torch
-from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
+from clipa.data.csvfile import MissingColumn, read_csv
+from clipa.data.decode import ImageRef, decode_image, looks_like_image
 from clipa.data.spec import SourceSpec, expand
+from clipa.data.tar import Prefixed, TarError, TarStream, samples, tar_members
 from clipa.errors import ClipaError
 
 log = logging.getLogger("clipa.data")
@@ -49,8 +47,6 @@ log = logging.getLogger("clipa.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's formats, in the order we pick one
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_shard")
-# A shard's own files (webdataset's __index__ etc.) are never samples.
-_META = re.compile(r"__[^/]*__($|/)")
 _LOG_LIMIT = 100  # per process; the rest are counted (and logged at DEBUG) so a bad dataset cannot flood the log
 
 
@@ -74,7 +70,7 @@ class ReadOptions:
 class Record:
     key: str
     where: str  # shard URL or CSV path, for messages
-    image: bytes | tuple  # bytes, or (path, offset, size) read on demand; size -1 = the whole file
+    image: ImageRef  # bytes, or (path, offset, size) read on demand (clipa.data.decode)
     caption: str
 
 
@@ -104,13 +100,6 @@ class SkipStats:
         new = self.counts - self._taken
         self._taken = Counter(self.counts)
         return dict(new)
-
-
-def looks_like_image(head: bytes) -> bool:
-    """The first bytes carry a signature PIL can decode (JPEG, PNG, WebP, GIF, BMP)."""
-    return (head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n"
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[:6] in (b"GIF87a", b"GIF89a")
-            or head[:2] == b"BM")
 
 
 def _clean_caption(text) -> tuple[str | None, str | None]:
@@ -160,23 +149,8 @@ class ShardSource:
 
     def read(self, unit: int, stats: SkipStats, light: Callable[[], bool] = lambda: False) -> Iterator[Record]:
         url = self.urls[unit]
-        key, group = None, {}
-        for name, data, head in self._members(url, stats, light):
-            # webdataset's key rule (so open_clip's too): the key ends at the first dot of the file name.
-            prefix, ext = base_plus_ext(name)
-            if prefix is None:
-                continue
-            ext = ext.lower()
-            # A new key, or a repeated extension under the same key, starts a new sample (as
-            # open_clip's tolerant grouping does) instead of raising like webdataset's.
-            if prefix != key or ext in group:
-                if key is not None:
-                    record = self._record(key, group, url, stats)
-                    if record is not None:
-                        yield record
-                key, group = prefix, {}
-            group[ext] = (data, head)
-        if key is not None:
+        members = ((name, (data, head)) for name, data, head in self._members(url, stats, light))
+        for key, group in samples(members):
             record = self._record(key, group, url, stats)
             if record is not None:
                 yield record
@@ -232,10 +206,10 @@ class ShardSource:
             head = raw.read(6)
             decompress = {b"\x1f\x8b": gzip.GzipFile, b"BZ": bz2.BZ2File, b"\xfd7": lzma.LZMAFile}.get(head[:2])
             if path is not None and decompress is None:
-                tar = _TarStream(raw, os.fstat(raw.fileno()).st_size)  # seekable: light mode can skip image bodies
+                tar = TarStream(raw, os.fstat(raw.fileno()).st_size)  # seekable: light mode can skip image bodies
             else:
-                body = _Prefixed(head, raw)
-                tar = _TarStream(decompress(fileobj=body) if decompress else body)
+                body = Prefixed(head, raw)
+                tar = TarStream(decompress(fileobj=body) if decompress else body)
             for item in self._tar_items(tar, path, light):
                 last = item[0]
                 yield item
@@ -259,10 +233,8 @@ class ShardSource:
     def _ext(name: str) -> str | None:
         return (base_plus_ext(name)[1] or "").lower()
 
-    def _tar_items(self, tar: "_TarStream", path: str | None, light: Callable[[], bool]):
+    def _tar_items(self, tar: TarStream, path: str | None, light: Callable[[], bool]):
         for name, offset, size in tar_members(tar):
-            if _META.match(name):
-                continue
             ext = self._ext(name)
             if ext not in self.needed:
                 yield name, None, b""
@@ -278,120 +250,6 @@ class ShardSource:
                 if len(data) != size:
                     raise TarError(f"unexpected end of data in {name}")
                 yield name, data, data[:16]
-
-
-# --------------------------------------------------------------------------- tar reading
-# A small tar reader instead of tarfile: it parses the three header fields a sample needs (name,
-# size, type; ustar, GNU long names, pax), never reads a byte it does not need, and works the same
-# on a seekable file and on a pipe. On img2dataset-style shards it is ~5x faster than tarfile,
-# which matters most when a resumed worker fast-forwards through millions of headers.
-
-
-class TarError(Exception):
-    pass
-
-
-class _Prefixed:
-    """A read-only stream: `prefix`, then the rest of `raw` (the bytes peeked to detect compression)."""
-
-    def __init__(self, prefix: bytes, raw):
-        self.prefix, self.raw = prefix, raw
-
-    def read(self, n: int = -1) -> bytes:
-        if not self.prefix:
-            return self.raw.read(n)
-        if n is not None and 0 <= n <= len(self.prefix):
-            out, self.prefix = self.prefix[:n], self.prefix[n:]
-            return out
-        out, self.prefix = self.prefix, b""
-        return out + self.raw.read(-1 if n is None or n < 0 else n - len(out))
-
-
-class _TarStream:
-    """Forward-only access to tar bytes; `size` is known (and skips seek) for local files."""
-
-    def __init__(self, f, size: int | None = None):
-        self.f, self.size, self.pos = f, size, 0
-        if size is not None:
-            f.seek(0)
-
-    def read(self, n: int) -> bytes:
-        data = self.f.read(n)
-        self.pos += len(data)
-        return data
-
-    def skip_to(self, offset: int) -> None:
-        if offset == self.pos:
-            return
-        if self.size is not None:
-            self.f.seek(offset)
-            self.pos = offset
-            return
-        while self.pos < offset:
-            chunk = self.f.read(min(offset - self.pos, 1 << 20))
-            if not chunk:
-                return  # the next header read finds the end
-            self.pos += len(chunk)
-
-
-def _number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:  # GNU base-256, for members over 8 GiB
-        return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.strip(b" \0") or b"0", 8)
-    except ValueError:
-        raise TarError(f"bad number {field!r} in a tar header") from None
-
-
-def _pax(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    try:
-        while pos < len(data) and data[pos:pos + 1] != b"\0":
-            space = data.index(b" ", pos)
-            length = int(data[pos:space])
-            key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-            out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-            pos += length
-    except ValueError:
-        raise TarError("bad pax header") from None
-    return out
-
-
-def tar_members(tar: _TarStream):
-    """(name, data offset, size) of every regular file; raises TarError on a damaged archive."""
-    offset, long_name, pax, global_pax = 0, None, {}, {}
-    while True:
-        tar.skip_to(offset)
-        block = tar.read(512)
-        if len(block) < 512:
-            if block.strip(b"\0"):
-                raise TarError(f"header cut short at byte {offset}")
-            return
-        if not block.strip(b"\0"):
-            return  # end-of-archive blocks
-        if block[257:262] != b"ustar":  # the magic every tar writer since 1988 sets; else verify the checksum
-            stored, rest = _number(block[148:156]), block[:148] + block[156:]
-            unsigned = sum(rest) + 256
-            if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in rest):
-                raise TarError(f"not a tar header at byte {offset}")
-        kind, size = block[156:157], _number(block[124:136])
-        data = offset + 512
-        if kind in (b"x", b"g"):
-            records = _pax(tar.read(size))
-            (pax if kind == b"x" else global_pax).update(records)
-        elif kind == b"L":  # GNU long name
-            long_name = tar.read(size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        else:
-            size = int(pax.get("size", global_pax.get("size", size)))
-            if kind in (b"0", b"\0", b"7"):
-                name = pax.get("path") or long_name
-                if name is None:
-                    name = block[:100].split(b"\0", 1)[0]
-                    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
-                    name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
-                yield name, data, size
-            pax, long_name = {}, None
-        offset = data + (size + 511) // 512 * 512
 
 
 # --------------------------------------------------------------------------- CSV / TSV
@@ -419,33 +277,20 @@ class CsvSource:
         if not path.is_file():
             raise ClipaError(f"data.train: CSV file {path} not found; check the path (relative paths are "
                              "resolved from the current directory)")
-        separator = o.csv_separator or ("\t" if path.suffix.lower() == ".tsv" else ",")
-        csv.field_size_limit(2**31 - 1)  # alt-text can be long; csv's default 128 KiB limit raises
-        base = path.resolve().parent
+        try:
+            rows = read_csv(path, o.csv_image_key, o.csv_caption_key, o.csv_separator)
+        except MissingColumn as err:
+            if err.header is None:
+                raise ClipaError(f"data.train: {path} is empty; it needs a header row with "
+                                 f"{o.csv_image_key} and {o.csv_caption_key} columns") from None
+            key = "data.csv_image_key" if err.column == o.csv_image_key else "data.csv_caption_key"
+            raise ClipaError(f"{key}: column \"{err.column}\" is not in {path} (columns: {', '.join(err.header)}); "
+                             f"set {key}=<column name>" + ("" if err.separator != "," or len(err.header) > 1 else
+                             "; for a tab-separated file name it .tsv or set data.csv_separator")) from None
         self.starts.append(len(self.images))
         self.files.append(str(path))
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f, delimiter=separator)
-            header = next(reader, None)
-            if header is None:
-                raise ClipaError(f"data.train: {path} is empty; it needs a header row with "
-                                 f"{o.csv_image_key} and {o.csv_caption_key} columns")
-            header = [h.strip() for h in header]
-            columns = []
-            for key, value in (("data.csv_image_key", o.csv_image_key), ("data.csv_caption_key", o.csv_caption_key)):
-                if value not in header:
-                    raise ClipaError(f"{key}: column \"{value}\" is not in {path} (columns: {', '.join(header)}); "
-                                     f"set {key}=<column name>" + ("" if separator != "," or len(header) > 1 else
-                                     "; for a tab-separated file name it .tsv or set data.csv_separator"))
-                columns.append(header.index(value))
-            image_col, caption_col = columns
-            for row in reader:
-                if not row:
-                    continue
-                image = row[image_col].strip() if image_col < len(row) else ""
-                # Relative image paths are relative to the CSV's folder, so a dataset folder can move.
-                self.images.append(str(base / image) if image and not os.path.isabs(image) else image)
-                self.captions.append(row[caption_col] if caption_col < len(row) else None)
+        self.images += [image for image, _ in rows]
+        self.captions += [caption for _, caption in rows]
 
     def __len__(self) -> int:
         return len(self.images)
@@ -483,61 +328,6 @@ def build_sources(specs: list[SourceSpec], options: ReadOptions) -> list:
     return [CsvSource(s, options) if s.kind == "csv" else ShardSource(s, options) for s in specs]
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-def image_bytes(record: Record) -> bytes:
-    if isinstance(record.image, bytes):
-        return record.image
-    path, offset, size = record.image
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read() if size < 0 else f.read(size)
-    if size >= 0 and len(data) != size:
-        raise OSError(f"{path} is shorter than its tar header says")
-    return data
-
-
-def draft_factor(box_w: float, box_h: float, size: int) -> int:
-    """The largest JPEG DCT reduction (8, 4, 2 or 1) that still leaves the crop >= `size` pixels."""
-    factor = 8
-    while factor > 1 and (box_w < size * factor or box_h < size * factor):
-        factor //= 2
-    return factor
-
-
-def decode_crop(record: Record, crop, rng: np.random.Generator, fast: bool = True) -> torch.Tensor:
-    """Decode, random-resized-crop and resize one image to uint8 [3, S, S].
-
-    The crop box is drawn from the full-resolution size in the header, before any pixel is
-    decoded, so the augmentation is the same with and without `fast`. With `fast`, a JPEG whose
-    crop is at least 2x the target is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL `draft`),
-    which skips most of the inverse DCT and the pixel traffic: the big win at 64-112 px.
-    """
-    with Image.open(io.BytesIO(image_bytes(record))) as image:
-        width, height = image.size
-        box = crop.box(width, height, rng)
-        if fast and image.format == "JPEG":
-            factor = draft_factor(box[2] - box[0], box[3] - box[1], crop.size)
-            if factor > 1:
-                image.draft("RGB", (width // factor, height // factor))
-                sx, sy = width / image.size[0], height / image.size[1]
-                box = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
-        rgb = image.convert("RGB")
-        out = rgb.resize((crop.size, crop.size), Image.BICUBIC, box=box)
-    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
-
-
-def decode_full(record: Record, max_side: int = 0) -> Image.Image:
-    """Decode the whole image (every byte: a truncated body raises); JPEGs at reduced scale if `max_side`."""
-    with Image.open(io.BytesIO(image_bytes(record))) as image:
-        if max_side and image.format == "JPEG":
-            factor = draft_factor(image.size[0], image.size[1], max_side)
-            if factor > 1:
-                image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
-        return image.convert("RGB")
-
-
 def check_not_empty(source, options: ReadOptions | None = None) -> None:
     """Stop before training when a source has no usable sample at all, naming it.
 
@@ -549,7 +339,7 @@ def check_not_empty(source, options: ReadOptions | None = None) -> None:
     for unit in range(len(source)):
         for record in source.read(unit, stats):
             try:
-                decode_full(record, max_side=8)
+                decode_image(record.image, max_side=8)
                 return
             except Exception:  # noqa: BLE001 - any decode failure: try the next sample
                 stats.skip("corrupt_image", record.where, record.key)

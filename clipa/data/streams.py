@@ -20,20 +20,32 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipa.data.sources import Record, SkipStats, decode_crop
+from clipa.data.decode import decode_crop
+from clipa.data.sources import Record, SkipStats
 from clipa.errors import ClipaError
 from clipa.model.reduction import reduce_batch
 
 log = logging.getLogger("clipa.data")
 
 # Stream identifiers mixed into the generator seeds, so the draws of one purpose never repeat
-# another's. _AUGMENT_STREAM is the loader's (per-sample augmentations).
+# another's. _AUGMENT_STREAM is the per-sample augmentations' (`sample_rng`).
 _AUGMENT_STREAM = 0xA06
 _ORDER_STREAM = 0x0DE5
 _BUFFER_STREAM = 0xB0F
 _RESAMPLE_STREAM = 0x5A3
 _MIX_STREAM = 0x313
 _SESSION_STREAM = 0x5E55
+
+
+def sample_indices(b: int, micro_batch: int, processes: int, rank: int) -> range:
+    """The sample indices of micro-batch `b` of process `rank` (the layout in clipa/data/loader.py)."""
+    first = b * micro_batch * processes + rank * micro_batch
+    return range(first, first + micro_batch)
+
+
+def sample_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator of every random choice about sample `index` (crop, caption tokens, kept patches)."""
+    return np.random.default_rng([seed, index, _AUGMENT_STREAM])
 
 
 class _Mode:
@@ -200,14 +212,13 @@ class StreamingTrainStream(IterableDataset):
         return mixed(streams, [s.weight for s in self.sources], rng)
 
     def batch(self, b: int, records: Iterator[Record], stats: SkipStats):
-        first = b * self.micro_batch * self.processes + self.rank * self.micro_batch
         images, captions, rngs = [], [], []
-        for index in range(first, first + self.micro_batch):
+        for index in sample_indices(b, self.micro_batch, self.processes, self.rank):
             while True:
                 record = next(records)
-                rng = np.random.default_rng([self.seed, index, _AUGMENT_STREAM])
+                rng = sample_rng(self.seed, index)
                 try:
-                    images.append(decode_crop(record, self.transform, rng, self.fast))
+                    images.append(decode_crop(record.image, self.transform, rng, self.fast))
                     break
                 except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                     # The next sample of the stream takes this place, with a fresh generator for this index.

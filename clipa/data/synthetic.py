@@ -48,8 +48,9 @@ _CAPTIONS = (
     "there is a {look} at the {pos}{rest}",
     "a {look} at the {pos}{rest}",
 )
-# Evaluation scenes use a disjoint seed space from training scenes.
+# Evaluation scenes use seed spaces disjoint from training scenes: zero-shot classes, retrieval pairs.
 _EVAL_STREAM = 0x5EED_E7A1
+_RETRIEVAL_STREAM = 0x2E7
 
 
 def scene_rng(*key: int) -> np.random.Generator:
@@ -156,6 +157,12 @@ def eval_sample(seed: int, index: int, size: int = 64) -> tuple[Image.Image, int
     label = index % len(CLASSNAMES)
     image, _, _ = draw_scene(scene_rng(_EVAL_STREAM, seed, index), size, label=label)
     return image, label
+
+
+def retrieval_sample(index: int) -> tuple[Image.Image, str]:
+    """Held-out retrieval pair `index` (image, caption)."""
+    image, caption, _ = draw_scene(scene_rng(_RETRIEVAL_STREAM, 0, index))
+    return image, caption
 
 
 class SyntheticSource:

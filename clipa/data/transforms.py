@@ -11,6 +11,8 @@ import open_clip
 import torch
 from PIL import Image
 
+from clipa.data.decode import crop_resize
+
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
 
@@ -43,10 +45,7 @@ class RandomResizedCrop:
         return left, top, left + side, top + side
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
-        image = image.convert("RGB")
-        box = self.box(*image.size, rng if rng is not None else np.random.default_rng())
-        image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return crop_resize(image, self, rng if rng is not None else np.random.default_rng(), fast=False)
 
 
 def train_transform(image_size: int, crop_scale=(0.4, 1.0)) -> RandomResizedCrop:

@@ -29,7 +29,10 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from PIL import Image
 from torch.utils.data import Dataset
 
+from clipa.data.decode import ImageRef, decode_image, read_bytes
+from clipa.data.sources import IMAGE_EXTS
 from clipa.data.synthetic import SyntheticEvalSet
+from clipa.data.tar import TarError, index_tar
 from clipa.errors import ClipaError, check_one_of
 from clipa.recipe.schema import ZEROSHOT_DATASETS
 
@@ -67,23 +70,29 @@ def load_templates(spec: str | None, default) -> list[Callable[[str], str]]:
     return [template_callable(line) for line in lines]
 
 
-class LabeledImages(Dataset):
-    """(path, label) pairs; an image that fails to decode yields None (skipped and counted)."""
+class EvalImages(Dataset):
+    """(image, target) items -> (transformed image, target); the image is a PIL image or a reference that
+    `clipa.data.decode` reads (a file, a tar member). One that fails to decode yields None (skipped and
+    counted)."""
 
-    def __init__(self, items: list[tuple[Path, int]], transform):
+    def __init__(self, items: list[tuple[Image.Image | ImageRef, object]], transform):
         self.items, self.transform = items, transform
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
-        path, label = self.items[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+        image, target = self.items[index]
+        try:  # PIL decodes lazily: a truncated file fails in convert(), so it is inside the try
+            image = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image)
         except (OSError, ValueError, Image.DecompressionBombError):
             return None
-        return self.transform(image), label
+        return self.transform(image), target
+
+
+def file_ref(path: Path | str) -> ImageRef:
+    """A reference to a whole image file."""
+    return (str(path), 0, -1)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -114,7 +123,7 @@ def _timm_synsets(filename: str) -> list[str]:
 
 
 def _wordnet_folders(root: Path, dataset: str, synsets: list[str], transform,
-                    named_by: str = "WordNet id") -> LabeledImages:
+                    named_by: str = "WordNet id") -> EvalImages:
     """Folders named by WordNet id (or class index), labelled by their position in `synsets`; all must be present."""
     index = {wnid: i for i, wnid in enumerate(synsets)}
     folders = {p.name: p for p in _class_folders(root)}
@@ -125,11 +134,11 @@ def _wordnet_folders(root: Path, dataset: str, synsets: list[str], transform,
     if missing:
         raise ClipaError(f"--data-root: {root} lacks {len(missing)} of the {len(synsets)} class folders of "
                          f"{dataset} (first missing: {missing[0]}/); the split must be complete")
-    items = [(path, index[w]) for w in synsets for path in _images_in(folders[w])]
-    return LabeledImages(items, transform)
+    items = [(file_ref(path), index[w]) for w in synsets for path in _images_in(folders[w])]
+    return EvalImages(items, transform)
 
 
-def read_imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
+def read_imagefolder(root: Path, transform) -> tuple[EvalImages, list[str]]:
     folders = _class_folders(root)
     if not folders:
         raise ClipaError(f"--data-root: {root} has no class folders; expected {root}/CLASS/IMAGE.jpg")
@@ -141,91 +150,61 @@ def read_imagefolder(root: Path, transform) -> tuple[LabeledImages, list[str]]:
             raise ClipaError(f"{names_file}: lists {len(names)} class names but {root} has {len(folders)} "
                              "class folders; give one name per folder, in sorted folder order")
         classnames = names
-    items = [(path, label) for label, folder in enumerate(folders) for path in _images_in(folder)]
+    items = [(file_ref(path), label) for label, folder in enumerate(folders) for path in _images_in(folder)]
     if not items:
         raise ClipaError(f"--data-root: {root} has class folders but no images ({', '.join(IMAGE_SUFFIXES)})")
-    return LabeledImages(items, transform), classnames
+    return EvalImages(items, transform), classnames
 
 
 def wds_index(root: Path) -> list[tuple[Path, dict[str, tuple[int, int]]]]:
     """CLIP_benchmark's webdataset split under `root` (test/*.tar, else *.tar), indexed once:
-    (shard, {extension: (byte offset, size)}) per sample, so a sample is read with two seeks."""
-    import tarfile
-
+    (shard, {extension: (byte offset, size)}) per sample, so a sample is read with one seek."""
     shards = sorted((root / "test").glob("*.tar")) or sorted(root.glob("*.tar"))
     if not shards:
         raise ClipaError(f"--data-root: no shards in {root / 'test'} (expected test/0.tar, ...)")
     samples = []
     for shard in shards:
-        members: dict[str, dict[str, tuple[int, int]]] = {}
         try:
-            with tarfile.open(shard) as tar:
-                for member in tar.getmembers():
-                    if member.isfile() and "." in Path(member.name).name:
-                        key, ext = member.name.split(".", 1)
-                        members.setdefault(key, {})[ext.lower()] = (member.offset_data, member.size)
-        except (OSError, tarfile.TarError) as err:
+            samples += [(shard, parts) for _, parts in index_tar(shard)]
+        except (OSError, TarError) as err:
             raise ClipaError(f"--data-root: cannot read shard {shard} ({err})") from None
-        samples += [(shard, parts) for parts in members.values()]
     return samples
 
 
-def read_member(f, where: tuple[int, int]) -> bytes:
-    f.seek(where[0])
-    return f.read(where[1])
+def wds_image(shard: Path, parts: dict[str, tuple[int, int]]) -> ImageRef | None:
+    """The sample's image member (the first of training's IMAGE_EXTS it has), or None."""
+    where = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
+    return None if where is None else (str(shard), *where)
 
 
-class WdsClassification(Dataset):
+def wds_text(shard: Path, where: tuple[int, int]) -> str:
+    return read_bytes((str(shard), *where)).decode("utf-8", errors="replace")
+
+
+def wds_classification(root: Path, transform, num_classes: int | None = None) -> EvalImages:
     """CLIP_benchmark's webdataset classification split with random access (see `wds_index`),
     so the split can be sharded across processes like any map-style dataset.
 
     Labels are read and checked against the class names up front (a few bytes per sample): a label
     outside classnames.txt is a broken dataset, named with its shard, not a crash mid-evaluation."""
+    items = []
+    for shard, parts in wds_index(root):
+        image = wds_image(shard, parts)
+        if image is not None and "cls" in parts:
+            items.append((image, _label(wds_text(shard, parts["cls"]).strip(), shard, root, num_classes)))
+    return EvalImages(items, transform)
 
-    def __init__(self, root: Path, transform, num_classes: int | None = None):
-        self.transform, self.items = transform, []
-        current, f = None, None  # samples come shard by shard: one file open at a time
-        try:
-            for shard, parts in wds_index(root):
-                image = next((parts[e] for e in ("webp", "jpg", "jpeg", "png") if e in parts), None)
-                if image is None or "cls" not in parts:
-                    continue
-                if shard != current:
-                    if f is not None:
-                        f.close()
-                    f, current = open(shard, "rb"), shard
-                text = read_member(f, parts["cls"]).decode(errors="replace").strip()
-                self.items.append((shard, image, self._label(text, shard, root, num_classes)))
-        finally:
-            if f is not None:
-                f.close()
 
-    @staticmethod
-    def _label(text: str, shard: Path, root: Path, num_classes: int | None) -> int:
-        try:
-            label = int(text)
-        except ValueError:
-            raise ClipaError(f"--data-root: {shard}: a .cls member holds {text!r}, not a class index") from None
-        if num_classes is not None and not 0 <= label < num_classes:
-            raise ClipaError(f"--data-root: {shard}: label {label} is outside the {num_classes} classes of "
-                             f"{root / 'classnames.txt'} (valid: 0..{num_classes - 1}); the shards and "
-                             "classnames.txt belong to different datasets")
-        return label
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        import io
-
-        shard, image_at, label = self.items[index]
-        try:
-            with open(shard, "rb") as f:
-                with Image.open(io.BytesIO(read_member(f, image_at))) as image:
-                    image = image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None
-        return self.transform(image), label
+def _label(text: str, shard: Path, root: Path, num_classes: int | None) -> int:
+    try:
+        label = int(text)
+    except ValueError:
+        raise ClipaError(f"--data-root: {shard}: a .cls member holds {text!r}, not a class index") from None
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ClipaError(f"--data-root: {shard}: label {label} is outside the {num_classes} classes of "
+                         f"{root / 'classnames.txt'} (valid: 0..{num_classes - 1}); the shards and "
+                         "classnames.txt belong to different datasets")
+    return label
 
 
 def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
@@ -236,7 +215,7 @@ def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
     template_file = root / "zeroshot_classification_templates.txt"
     default = [t for t in template_file.read_text(encoding="utf-8", errors="replace").splitlines() if t.strip()] \
         if template_file.is_file() else ["a photo of a {c}."]
-    return ZeroShotData("wds", WdsClassification(root, transform, len(classnames)), classnames,
+    return ZeroShotData("wds", wds_classification(root, transform, len(classnames)), classnames,
                         load_templates(templates, default))
 
 

@@ -12,105 +12,54 @@ Datasets (several captions per image supported, COCO/Flickr style):
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from clipa.data.synthetic import draw_scene, scene_rng
+from clipa.data.csvfile import MissingColumn, read_csv
+from clipa.data.synthetic import retrieval_sample
 from clipa.data.transforms import eval_transform
 from clipa.errors import ClipaError, check_one_of
-from clipa.evaluate.datasets import read_member, wds_index
+from clipa.evaluate.datasets import EvalImages, file_ref, wds_image, wds_index, wds_text
 from clipa.evaluate.models import LoadedModel, at_geometry
 from clipa.evaluate.sharding import gather_batches, shard_range
 from clipa.evaluate.sharding import shard as shard_dataset
 from clipa.evaluate.zeroshot import eval_loader
 from clipa.recipe.schema import RETRIEVAL_DATASETS  # one list for the CLI and recipes
 
-_RETRIEVAL_STREAM = 0x2E7
-
-
-class _Images(Dataset):
-    """(transformed image, index); None for an image that cannot be decoded (skipped and counted)."""
-
-    def __init__(self, loaders, transform):
-        self.loaders, self.transform = loaders, transform
-
-    def __len__(self):
-        return len(self.loaders)
-
-    def __getitem__(self, i):
-        try:  # PIL decodes lazily: a truncated file fails in convert(), so it is inside the try
-            image = self.loaders[i]().convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
-            return None
-        return self.transform(image), i
-
-
-# Loaders are module-level functions bound with functools.partial (not lambdas), so the dataset
-# pickles into DataLoader workers under any multiprocessing start method.
-def _from_file(path: Path):
-    return functools.partial(_open_file, path)
-
-
-def _open_file(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def _open_member(shard: Path, where: tuple[int, int]) -> Image.Image:
-    return Image.open(io.BytesIO(_read_at(shard, where)))
-
-
-def _given(image: Image.Image) -> Image.Image:
-    return image
-
 
 def load_pairs(dataset: str, data_root: str | None, image_column="filepath", caption_column="title",
                synthetic_images: int = 500) -> tuple[list, list[list[str]]]:
-    """(image loaders, captions per image)."""
+    """(images, captions per image): an image is a PIL image or a reference `clipa.data.decode` reads."""
     if dataset == "synthetic":
-        scenes = [draw_scene(scene_rng(_RETRIEVAL_STREAM, 0, i)) for i in range(synthetic_images)]  # held out
-        return [functools.partial(_given, s[0]) for s in scenes], [[s[1]] for s in scenes]
+        scenes = [retrieval_sample(i) for i in range(synthetic_images)]  # held out
+        return [image for image, _ in scenes], [[caption] for _, caption in scenes]
     if not data_root:
         raise ClipaError(f"--data-root: required for --dataset {dataset}")
     root = Path(data_root)
     if dataset == "csv":
         if not root.is_file():
             raise ClipaError(f"--data-root: {root} is not a CSV/TSV file")
-        delimiter = "\t" if root.suffix.lower() == ".tsv" else ","
-        # Read as training reads CSVs: a BOM is dropped, bytes that are not UTF-8 become U+FFFD.
-        with open(root, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
-            missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ClipaError(f"--data-root: {root} has no column {missing[0]!r} (columns: {reader.fieldnames})")
-            captions: dict[Path, list[str]] = {}
-            for row in reader:
-                path = Path(row[image_column])
-                captions.setdefault(path if path.is_absolute() else root.parent / path, []).append(row[caption_column])
-        return [_from_file(p) for p in captions], list(captions.values())
+        try:  # read as training reads CSVs; rows that share an image path are that image's captions
+            rows = read_csv(root, image_column, caption_column)
+        except MissingColumn as err:
+            raise ClipaError(f"--data-root: {root} has no column {err.column!r} (columns: {err.header})") from None
+        captions: dict[str, list[str]] = {}
+        for image, caption in rows:
+            if caption is not None:
+                captions.setdefault(image, []).append(caption)
+        return [file_ref(p) for p in captions], list(captions.values())
     if dataset == "wds":
-        loaders, captions = [], []
+        images, captions = [], []
         for shard, parts in wds_index(root):
-            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            image = wds_image(shard, parts)
             if image is not None and "txt" in parts:
-                text = _read_at(shard, parts["txt"]).decode("utf-8", errors="replace")
-                loaders.append(functools.partial(_open_member, shard, image))
-                captions.append([c for c in text.splitlines() if c.strip()])
-        return loaders, captions
+                images.append(image)
+                captions.append([c for c in wds_text(shard, parts["txt"]).splitlines() if c.strip()])
+        return images, captions
     check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")
     raise AssertionError(f"{dataset} is in RETRIEVAL_DATASETS but has no reader")  # pragma: no cover
-
-
-def _read_at(shard: Path, where: tuple[int, int]) -> bytes:
-    with open(shard, "rb") as f:
-        return read_member(f, where)
 
 
 def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -141,8 +90,8 @@ def retrieval(loaded: LoadedModel, dataset: str, data_root: str | None = None, i
     """Recall@1/5/10 of `loaded` on a named dataset (CLIP_benchmark-shaped result). In a process
     group each process encodes every world-th image and caption; features are gathered in order."""
     loaded = at_geometry(loaded, image_size, text_length)
-    loaders, captions = load_pairs(dataset, data_root)
-    if not loaders:
+    pairs, captions = load_pairs(dataset, data_root)
+    if not pairs:
         raise ClipaError(f"--data-root: {data_root} holds no image-caption pairs")
     model = loaded.model.eval()
     device = next(model.parameters()).device
@@ -150,7 +99,7 @@ def retrieval(loaded: LoadedModel, dataset: str, data_root: str | None = None, i
     start = time.perf_counter()
     indices, features = [], []
     transform = eval_transform(size, loaded.mean, loaded.std, loaded.interpolation, loaded.resize_mode)
-    images = _Images(loaders, transform)
+    images = EvalImages([(image, i) for i, image in enumerate(pairs)], transform)
     for batch, index in eval_loader(shard_dataset(images), batch_size, num_workers, collate_fn=_collate):
         if batch is not None:
             features.append(model.encode_image(batch.to(device), normalize=True).float().cpu())
@@ -174,7 +123,7 @@ def retrieval(loaded: LoadedModel, dataset: str, data_root: str | None = None, i
         text_index.append(torch.tensor(chunk))
     _, text_features = gather_batches(text_index, text_features)
     metrics = recall_at_k(image_features, text_features, torch.tensor(owners))
-    metrics.update(num_images=len(kept), num_texts=len(texts), skipped_images=len(loaders) - len(kept),
+    metrics.update(num_images=len(kept), num_texts=len(texts), skipped_images=len(pairs) - len(kept),
                    seconds=time.perf_counter() - start)
     return {"dataset": dataset, "model": loaded.name, "pretrained": loaded.pretrained, "task": "zeroshot_retrieval",
             "metrics": metrics, "language": "en", "image_size": size, "text_length": loaded.context_length}

@@ -51,7 +51,7 @@ def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
 def _earlier_stages(recipe) -> tuple[list[tuple[str, int]], str]:
     """Table rows of the stages before this one (oldest first) and where the first one started."""
     from clipa.model.weights import CONFIG_FILE, find_weights
-    from clipa.recipe.schema import read_run_recipe
+    from clipa.recipe.load import read_run_recipe
     from clipa.train.checkpoint import CheckpointManager, checkpoint_step
 
     rows, origin, seen = [], "random initialisation", set()

@@ -90,7 +90,7 @@ def read_state_dict(path: Path, kind: str) -> dict:
 def model_from_checkpoint(path: Path):
     """(model, recipe, geometry, model config) of a step checkpoint: its recipe rebuilds the model it trained."""
     from clipa.model.build import create_model, recipe_model_config
-    from clipa.recipe.schema import read_run_recipe
+    from clipa.recipe.load import read_run_recipe
 
     recipe = read_run_recipe(path)
     geometry, model_cfg = recipe_model_config(recipe)

@@ -1,1 +1,2 @@
-"""Recipes: the validated dataclasses a run is described by (`schema`) and the recipes shipped with clipa (`index`)."""
+"""Recipes: the dataclasses a run is described by (`schema`), reading and overriding them (`load`), the checks
+(`checks`: values, batch layout, resume compatibility) and the recipes shipped with clipa (`index`)."""

@@ -1,19 +1,16 @@
-"""Run output: metrics.jsonl on disk, a rich progress bar on a terminal, plain lines otherwise; the
-metrics window the training loop fills between two log rows."""
+"""Run output: metrics.jsonl on disk, progress on the console (clipa/progress.py); the metrics window the
+training loop fills between two log rows."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=False)
+from clipa.progress import console, progress_bar
 
 
 def _clean(value):
@@ -30,13 +27,7 @@ class RunLog:
         self.enabled = enabled
         self.trackers = trackers  # clipa.train.trackers.Trackers: each row also goes to TensorBoard, W&B, ...
         self.file = open(path, "a", encoding="utf-8") if (enabled and path) else None
-        self.progress = None
-        if enabled and sys.stdout.isatty():
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=console)
-            self.task = self.progress.add_task(description, total=total, completed=start, status="")
-            self.progress.start()
+        self.progress, self.task = progress_bar(description, total, start, status=True) if enabled else (None, None)
         self.description, self.total = description, total
 
     def advance(self, n: int = 1) -> None:
@@ -68,34 +59,6 @@ class RunLog:
             self.file.close()
         if self.trackers:
             self.trackers.finish()
-
-
-class progress_counter:
-    """`with progress_counter("writing", total) as advance: ... advance(1)` — bar or plain lines."""
-
-    def __init__(self, description: str, total: int, every: int = 0):
-        self.description, self.total, self.done = description, total, 0
-        self.every = every or max(1, total // 10)
-        self.bar = None
-
-    def __enter__(self):
-        if sys.stdout.isatty():
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task(self.description, total=self.total)
-            self.bar.start()
-        return self.advance
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar:
-            self.bar.advance(self.task, n)
-        elif self.done % self.every < n or self.done == self.total:
-            print(f"{self.description} {self.done}/{self.total}", flush=True)
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
 
 
 class MetricsWindow:

@@ -98,7 +98,7 @@ def hyperparameters(recipe, stage: str) -> dict:
     """The resolved recipe as flat `table.key` values (lists as JSON text, which every tracker takes),
     plus the stage and clipa's version."""
     from clipa import __version__
-    from clipa.recipe.schema import to_dict
+    from clipa.recipe.load import to_dict
 
     flat = {}
 

@@ -40,8 +40,9 @@ from clipa.model.build import build_tokenizer, create_model
 from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.model.towers import apply_locks, load_image_tower
 from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights
-from clipa.recipe import schema
-from clipa.recipe.schema import Recipe, check_resume_compatible, read_run_recipe
+from clipa.recipe.checks import check_resume_compatible
+from clipa.recipe.load import dumps, read_run_recipe
+from clipa.recipe.schema import Recipe
 from clipa.stage import Stage
 from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.train.loss import LOSSES
@@ -190,7 +191,7 @@ class Trainer:
             fault_point("restore", self.rank)
             model, optimizer = self._build_model(init_weights)
             queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
-            self.config_text = schema.dumps(recipe)
+            self.config_text = dumps(recipe)
             if self.main:
                 (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
         self.start_step = self.state.step

@@ -1,0 +1,177 @@
+"""`clipa pretrain`, `finetune`, `validate`, `export` and `quickstart`: recipes in, runs out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from clipa.cli.render import dry_run_table, line, out, quickstart_table, user_errors
+from clipa.errors import ClipaError
+
+OVERRIDES = typer.Argument(None, help="key=value overrides, e.g. optim.lr=1e-3 train.total_samples=1e6")
+_OUT = typer.Option(None, "--out", help="Run directory (default runs/<name>).")
+_RESUME = typer.Option(None, "--resume", help="Resume from this step checkpoint (or a run directory's newest), "
+                       "even if the run has newer ones: those are replaced as it continues.")
+_DRY = typer.Option(False, "--dry-run", help="Print the resolved recipe and what would run; train nothing.")
+
+
+def load(recipe_path: str, overrides: Optional[List[str]]):
+    from clipa.recipe.index import resolve_path
+    from clipa.recipe.load import load_recipe
+    from clipa.stage import Stage
+
+    recipe = load_recipe(resolve_path(recipe_path), overrides or [])
+    return recipe, Stage.of(recipe)  # checks the architecture, geometry and towers
+
+
+def weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
+    """Check every weights source a fresh run of `recipe` would read, downloading nothing; one line each
+    on published ones (cached, or will download on first use) and on the Hugging Face tokenizer."""
+    from clipa.model import published
+    from clipa.model.towers import check_image_init
+    from clipa.model.weights import find_weights
+    from clipa.train.checkpoint import CheckpointManager
+
+    notes = []
+    # A run resuming from its own checkpoints reads neither init.checkpoint nor image_init.
+    fresh = CheckpointManager(run_dir / "checkpoints").latest() is None
+    if fresh and recipe.init.checkpoint:
+        pub = published.parse(recipe.init.checkpoint, "init.checkpoint")
+        if pub is not None and pub.cfg.get("quick_gelu") and not cfg.get("quick_gelu"):
+            # open_clip's OpenAI tags: trained with QuickGELU, which only the -quickgelu configs build
+            raise ClipaError(f"init.checkpoint: {pub.spec} was trained with QuickGELU, but model.arch "
+                             f"{recipe.model.arch} uses GELU; set model.arch = \"{pub.name}-quickgelu\"")
+        note = published.check_source(recipe.init.checkpoint, "init.checkpoint")
+        if note:
+            notes.append(f"init.checkpoint {note}")
+        elif init_must_exist:
+            find_weights(recipe.init.checkpoint)  # fail now, not after building the model
+        elif not Path(recipe.init.checkpoint).exists():  # often an earlier stage's run
+            notes.append(f"init.checkpoint {recipe.init.checkpoint} does not exist yet")
+    if fresh and recipe.model.image_init:
+        note = check_image_init(recipe.model.image_init, cfg["vision_cfg"].get("timm_model_name", ""))
+        if note:
+            notes.append(f"model.image_init {note}")
+    tokenizer = published.tokenizer_note(cfg["text_cfg"])
+    if tokenizer:
+        notes.append(tokenizer)
+    return notes
+
+
+def _dry_run(recipe, numbers, stage: str, run_dir: Path, resume: Path | None, notes: list[str]) -> None:
+    from clipa.data.spec import data_commands
+    from clipa.flops import train_flops_per_sample
+    from clipa.model.build import arch_config, native_geometry
+    from clipa.recipe.load import dumps
+    from clipa.train import trackers
+    from clipa.train.checkpoint import CheckpointManager
+
+    native = native_geometry(arch_config(recipe.model.arch))
+    full = train_flops_per_sample(numbers.model_cfg, native.image_size, native.context_length)
+    latest = resume or CheckpointManager(run_dir / "checkpoints").latest()
+    start = (f"resume from {latest}" if latest else
+             f"weights from {recipe.init.checkpoint}" if recipe.init.checkpoint else "random initialisation")
+    out.print(dumps(recipe), markup=False, highlight=False)
+    out.print(dry_run_table(recipe, stage, numbers, native, full, start, run_dir, data_commands(recipe.data.train),
+                            trackers.describe(recipe)))
+    for note in notes:
+        out.print(note, highlight=False, markup=False)
+
+
+def _train(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
+    recipe, numbers = load(recipe_path, overrides)
+    if stage == "finetune" and not recipe.init.checkpoint:
+        raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME "
+                         "or a published ARCH:TAG / hf-hub:ORG/NAME")
+    run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
+    if dry_run:  # a real run checks these in the trainer (on rank 0, once), before building anything
+        from clipa.train.checkpoint import resolve_resume
+        from clipa.train.runlock import check_run_dir
+        from clipa.train.trackers import check_trackers
+
+        check_run_dir(run_dir)
+        check_trackers(recipe.log)
+        if resume:
+            resume = resolve_resume(resume)
+    # Weights are checked by name (published ones looked up in the cache, never downloaded) before
+    # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
+    notes = [] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True)
+    if dry_run:
+        _dry_run(recipe, numbers, stage, run_dir, resume, notes)
+        return
+    from clipa.train.trainer import train
+
+    result = train(recipe, stage, run_dir, resume=resume)
+    if result.is_main and not result.stopped_by:
+        out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
+                  f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
+
+
+def _stage_command(stage: str, help_text: str):
+    """`clipa pretrain` and `clipa finetune`: the same arguments, one trainer, a different stage."""
+
+    def command(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
+                overrides: Optional[List[str]] = OVERRIDES, out_dir: Optional[Path] = _OUT,
+                resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
+        _train(stage, recipe, overrides, out_dir, resume, dry_run)
+
+    command.__doc__ = help_text
+    return user_errors(command)
+
+
+pretrain = _stage_command("pretrain", "Train from scratch (or from init.checkpoint) at reduced tokens.")
+finetune = _stage_command("finetune", "Continue from init.checkpoint at full length (position embeddings are interpolated).")
+
+
+@user_errors
+def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name."),
+             overrides: Optional[List[str]] = OVERRIDES) -> None:
+    """Check a recipe (schema, values, architecture geometry, batch layout) without running anything."""
+    from clipa.data.spec import data_commands
+    from clipa.recipe.checks import batch_layout
+    from clipa.train import trackers
+
+    recipe_obj, numbers = load(recipe, overrides)
+    geometry = numbers.geometry
+    # The batch layout depends on the process count: the launcher's WORLD_SIZE when run under
+    # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
+    processes = int(os.environ.get("WORLD_SIZE") or 1)
+    micro, accumulation = batch_layout(recipe_obj, processes)
+    # Published weights are checked by name and looked up in the cache, never downloaded; a local
+    # image_init must exist (a run resuming from runs/NAME takes its checkpoint's weights instead).
+    notes = weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name, init_must_exist=False)
+    trackers.check_trackers(recipe_obj.log)
+    out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
+              f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
+              f"{accumulation} accumulation x {processes} process(es)", highlight=False)
+    for command in data_commands(recipe_obj.data.train):  # a recipe can run commands, like a Makefile
+        line(f"data.train runs: {command}")
+    if recipe_obj.log.trackers:
+        line(f"trackers: {trackers.describe(recipe_obj)}")
+    for note in notes:
+        out.print(f"note: {note}", highlight=False, markup=False)
+
+
+@user_errors
+def export(checkpoint: Path = typer.Argument(..., help="A step checkpoint (runs/NAME/checkpoints/step_N) or a run directory."),
+           out_dir: Path = typer.Argument(..., metavar="OUT", help="New directory for the open_clip model.")) -> None:
+    """Write an open_clip local directory (config + safetensors) from any step checkpoint."""
+    from clipa.train.checkpoint import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out_dir)
+    out.print(f"wrote {path}; load it with open_clip.create_model_and_transforms(\"local-dir:{path}\")", highlight=False)
+
+
+@user_errors
+def quickstart(out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", help="Where the two runs go."),
+               scale: float = typer.Option(1.0, "--scale",
+                                           help="Fraction of the recipes' samples to train on (for a quicker look).")) -> None:
+    """Pretrain -> finetune -> zero-shot on the built-in synthetic data, on a CPU, in minutes."""
+    from clipa.quickstart import run_quickstart
+
+    if not 0 < scale <= 1:
+        raise ClipaError(f"--scale: must be in (0, 1], got {scale}")
+    out.print(quickstart_table(run_quickstart(out_dir, scale=scale)))

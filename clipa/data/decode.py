@@ -1,0 +1,84 @@
+"""The one decode path, for training and evaluation: image bytes (or a reference into a file) -> RGB,
+and the training crop. An image reference is the bytes themselves or (path, offset, size), read on
+demand; size -1 is the whole file."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+ImageRef = bytes | tuple  # the bytes, or (path, byte offset, size); size -1 = the whole file
+
+
+def looks_like_image(head: bytes) -> bool:
+    """The first bytes carry a signature PIL can decode (JPEG, PNG, WebP, GIF, BMP)."""
+    return (head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n"
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or head[:6] in (b"GIF87a", b"GIF89a")
+            or head[:2] == b"BM")
+
+
+def read_bytes(image: ImageRef) -> bytes:
+    """The bytes of a reference (an image, or any tar member); OSError when the file is shorter than the reference says."""
+    if isinstance(image, bytes):
+        return image
+    path, offset, size = image
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read() if size < 0 else f.read(size)
+    if size >= 0 and len(data) != size:
+        raise OSError(f"{path} is shorter than its tar header says")
+    return data
+
+
+def draft_factor(box_w: float, box_h: float, size: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2 or 1) that still leaves the crop >= `size` pixels."""
+    factor = 8
+    while factor > 1 and (box_w < size * factor or box_h < size * factor):
+        factor //= 2
+    return factor
+
+
+def crop_resize(image: Image.Image, crop, rng: np.random.Generator, fast: bool = True) -> torch.Tensor:
+    """Random-resized-crop (`crop`: a `RandomResizedCrop`) and resize one image to uint8 [3, S, S].
+
+    The crop box is drawn from the full-resolution size in the header, before any pixel is
+    decoded, so the augmentation is the same with and without `fast`. With `fast`, a JPEG whose
+    crop is at least 2x the target is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL `draft`),
+    which skips most of the inverse DCT and the pixel traffic: the big win at 64-112 px.
+    """
+    width, height = image.size
+    box = crop.box(width, height, rng)
+    if fast and image.format == "JPEG":
+        factor = draft_factor(box[2] - box[0], box[3] - box[1], crop.size)
+        if factor > 1:
+            image.draft("RGB", (width // factor, height // factor))
+            sx, sy = width / image.size[0], height / image.size[1]
+            box = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
+    out = image.convert("RGB").resize((crop.size, crop.size), Image.BICUBIC, box=box)
+    return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
+
+
+def decode_crop(image: ImageRef, crop, rng: np.random.Generator, fast: bool = True) -> torch.Tensor:
+    """Decode one referenced image and crop it (`crop_resize`)."""
+    with Image.open(io.BytesIO(read_bytes(image))) as opened:
+        return crop_resize(opened, crop, rng, fast)
+
+
+def open_rgb(image: ImageRef, max_side: int = 0) -> tuple[Image.Image, str | None, tuple[int, int]]:
+    """(the whole image as RGB, its format, its full size from the header). Every byte is decoded, so a
+    truncated body raises; a JPEG is decoded at reduced scale when `max_side` leaves room for it."""
+    with Image.open(io.BytesIO(read_bytes(image))) as opened:
+        fmt, size = opened.format, opened.size
+        if max_side and fmt == "JPEG":
+            factor = draft_factor(size[0], size[1], max_side)
+            if factor > 1:
+                opened.draft("RGB", (size[0] // factor, size[1] // factor))
+        return opened.convert("RGB"), fmt, size
+
+
+def decode_image(image: ImageRef, max_side: int = 0) -> Image.Image:
+    """The whole image as RGB (see `open_rgb`)."""
+    return open_rgb(image, max_side)[0]
