@@ -212,6 +212,11 @@ def recipe_model_config(recipe) -> tuple[Geometry, dict]:
     cfg = stage_config(recipe.model.arch, geometry, recipe.loss.kind)
     if recipe.model.image_tower:
         cfg = with_timm_image_tower(cfg, recipe.model.image_tower)
+    if recipe.model.pos_embed != "auto":
+        if "timm_model_name" in cfg["vision_cfg"]:
+            raise ClipaError(f"model.pos_embed: \"{recipe.model.pos_embed}\" applies to open_clip ViT image towers; "
+                             f"the timm tower {cfg['vision_cfg']['timm_model_name']} keeps its own; use \"auto\"")
+        cfg["vision_cfg"]["pos_embed_type"] = {"learned": "learnable", "sincos2d": "sin_cos_2d"}[recipe.model.pos_embed]
     check_masking(recipe, cfg)
     return geometry, cfg
 

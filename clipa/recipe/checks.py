@@ -11,6 +11,7 @@ from clipa.errors import ClipaError, did_you_mean, shown
 from clipa.recipe.schema import (
     IMAGE_STRATEGIES,
     LOSS_KINDS,
+    POS_EMBEDS,
     PRECISIONS,
     QUEUE_KINDS,
     RETRIEVAL_DATASETS,
@@ -68,6 +69,7 @@ def _check_name(name: str) -> None:
 def _check_model(m: ModelConfig) -> None:
     _check(bool(m.arch), "model.arch: empty; set an open_clip architecture such as \"ViT-B-16\" or \"clipa-tiny\"")
     _check(m.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups: must be >= 0")
+    _one_of("model.pos_embed", m.pos_embed, POS_EMBEDS)
     _check(m.lock_text_unlocked_groups >= 0, "model.lock_text_unlocked_groups: must be >= 0")
     _check(not (m.lock_image and m.lock_text and not m.lock_image_unlocked_groups
                 and not m.lock_text_unlocked_groups),

@@ -16,6 +16,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 LOSS_KINDS = ("infonce", "siglip")
 QUEUE_KINDS = ("none", "memory_bank", "momentum")
+POS_EMBEDS = ("auto", "learned", "sincos2d")
 ZEROSHOT_DATASETS = ("synthetic", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r",
                      "imagenet-a", "wds")
 RETRIEVAL_DATASETS = ("csv", "wds", "synthetic")  # as for `clipa retrieval --dataset`
@@ -39,6 +40,11 @@ class ModelConfig:
     lock_image_freeze_norm: bool = True
     lock_text: bool = False  # freeze the text tower
     lock_text_unlocked_groups: int = 0  # ...except its last N groups: projection, last block + final LN, earlier blocks
+    # Image position embeddings: "sincos2d" = CLIPA-v2's fixed 2-D sin-cos grid, not trained and
+    # recomputed for each stage's resolution; "learned" = trained, interpolated between stages (a
+    # learned stage after a sincos2d one starts from the grid, resized bicubically); "auto" = what
+    # the architecture's config says (open_clip's vision_cfg.pos_embed_type, learned if absent).
+    pos_embed: str = "auto"
 
 
 @dataclass
