@@ -59,6 +59,9 @@ def test_synth_shards_pretrain_finetune_zeroshot_linear_probe_through_the_cli(tm
     ok(run_cli("finetune", "tiny/finetune", *common, f"data.train={data / 'train'}", f"init.checkpoint={pre}",
                "train.total_samples=256", "train.log_every_steps=1", "--out", fine))
 
+    card = (fine / "final" / "README.md").read_text()  # a run's final/ carries the export's model card
+    assert "# tiny-finetune" in card and "local-dir:" in card and "tiny-pretrain" in card, card[:2000]
+
     zs = ok(run_cli("zeroshot", "--model", fine, "--dataset", "imagefolder", "--data-root", data / "eval",
                     "--num-workers", 0, "--output", tmp_path / "zs.json"))
     result = json.loads((tmp_path / "zs.json").read_text())

@@ -459,9 +459,13 @@ class Trainer:
         return stop
 
     def _finish(self, log: RunLog, wall: float, last_loss: float) -> StageResult:
-        self.save_checkpoint(wall)
-        if self.main:
-            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final")
+        saved = self.save_checkpoint(wall)
+        if self.main:  # final/ gets the same model card as `clipa export` writes
+            from clipa.model.card import model_card
+
+            card = model_card(Path(saved), self.recipe, self.model_cfg,
+                              sum(p.numel() for p in self.unwrapped.parameters()), self.run_dir / "final")
+            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final", readme=card)
         if self.evaluates:
             self.evaluate(log)
         self.accelerator.wait_for_everyone()
