@@ -55,7 +55,7 @@ def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches
     from clipa.recipe.load import load_recipe
 
     recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}", "data.shuffle_buffer=500",
-                                f"data.fast_decode={'true' if fast else 'false'}", "data.crop_scale=[0.4, 1.0]"])
+                                f"data.fast_decode={'true' if fast else 'false'}", "data.augment.scale=[0.4, 1.0]"])
     reducer = TextReducer(build_tokenizer("clipa-tiny", 32), "truncate", 32)
     return iter(build_train_loader(recipe, Geometry(size, 32), reducer, micro_batch=micro, processes=1, rank=0,
                                    start_batch=0, num_batches=batches))

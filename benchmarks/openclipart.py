@@ -248,7 +248,7 @@ def plot(rows: list[dict], path: Path, metric: str = "mean_per_class_recall") ->
 def tiny_recipe(arch: str, samples: int, batch: int, image_size: int = 0, text_length: int = 0) -> dict:
     """The shipped tiny pretrain recipe's settings before this benchmark (0 = native geometry)."""
     return {"model.arch": arch, "reduction.image": "resize", "reduction.image_size": image_size,
-            "reduction.text": "truncate", "reduction.text_length": text_length, "data.crop_scale": [0.6, 1.0], "optim.lr": 2e-3, "optim.warmup_steps": 50,
+            "reduction.text": "truncate", "reduction.text_length": text_length, "data.augment.scale": [0.6, 1.0], "optim.lr": 2e-3, "optim.warmup_steps": 50,
             "optim.weight_decay": 0.1, "optim.betas": [0.9, 0.95], "optim.eps": 1e-6,
             "train.global_batch_size": batch, "train.total_samples": samples, "data.num_workers": 1,
             "train.log_every_steps": 10}
@@ -259,11 +259,11 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     base = tiny_recipe(arch, samples, batch, image_size=32, text_length=8)
     changes = {  # in the order they run (round-robin over seeds: a cut-short sweep has the first ones)
         "shipped tiny recipe": {},
-        "crop 0.9-1.0 (open_clip_train)": {"data.crop_scale": [0.9, 1.0]},
+        "crop 0.9-1.0 (open_clip_train)": {"data.augment.scale": [0.9, 1.0]},
         "betas 0.9/0.98": {"optim.betas": [0.9, 0.98]},
         "eps 1e-8": {"optim.eps": 1e-8},
         "lr 1e-3": {"optim.lr": 1e-3},
-        "crop 0.4-1.0 (CLIPA)": {"data.crop_scale": [0.4, 1.0]},
+        "crop 0.4-1.0 (CLIPA)": {"data.augment.scale": [0.4, 1.0]},
         "weight decay 0.2": {"optim.weight_decay": 0.2},
         "lr 4e-3": {"optim.lr": 4e-3},
         "warmup 10": {"optim.warmup_steps": 10},
@@ -276,7 +276,7 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
 
 # Chosen on this benchmark (docs/openclipart.md): the training defaults of the tiny recipes
 # (crop 0.9-1.0 replaced the synthetic-tuned 0.6-1.0; the rest measured no better or worse).
-CLIPA_TINY_DEFAULTS = {"data.crop_scale": [0.9, 1.0], "optim.betas": [0.9, 0.95], "optim.eps": 1e-6,
+CLIPA_TINY_DEFAULTS = {"data.augment.scale": [0.9, 1.0], "optim.betas": [0.9, 0.95], "optim.eps": 1e-6,
                        "optim.weight_decay": 0.1, "optim.lr": 2e-3, "optim.warmup_steps": 50}
 
 

@@ -108,7 +108,7 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     oc = open_clip_defaults(arch)
     half = native_geometry(arch_config(arch)).image_size // 2
     ours = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
-    matched = {**ours, "data.crop_scale": oc["crop_scale"], "optim.betas": [oc["beta1"], oc["beta2"]],
+    matched = {**ours, "data.augment.scale": oc["crop_scale"], "optim.betas": [oc["beta1"], oc["beta2"]],
                "optim.eps": oc["eps"], "optim.weight_decay": oc["wd"]}
     return [
         Setting("open_clip_train defaults", ours, tool="open_clip", group=group),

@@ -172,7 +172,7 @@ def _recipe_key_cases():
     cases = []
     hints = typing.get_type_hints(recipe_mod.Recipe)
     for table, table_type in hints.items():
-        if table == "source":
+        if table in ("source", "notes"):  # internal, not recipe keys
             continue
         if not dataclasses.is_dataclass(table_type):
             fields = {table: table_type}

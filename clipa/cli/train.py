@@ -98,7 +98,7 @@ def _train(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) ->
             resume = resolve_resume(resume)
     # Weights are checked by name (published ones looked up in the cache, never downloaded) before
     # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
-    notes = [] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True)
+    notes = recipe.notes + ([] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True))
     if dry_run:
         _dry_run(recipe, numbers, stage, run_dir, resume, notes)
         return
@@ -142,7 +142,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     micro, accumulation = batch_layout(recipe_obj, processes)
     # Published weights are checked by name and looked up in the cache, never downloaded; a local
     # image_init must exist (a run resuming from runs/NAME takes its checkpoint's weights instead).
-    notes = weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name, init_must_exist=False)
+    notes = recipe_obj.notes + weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name,
+                                             init_must_exist=False)
     trackers.check_trackers(recipe_obj.log)
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "

@@ -42,7 +42,8 @@ def draft_factor(box_w: float, box_h: float, size: int) -> int:
 
 
 def crop_resize(image: Image.Image, crop, rng: np.random.Generator, fast: bool = True) -> torch.Tensor:
-    """Random-resized-crop (`crop`: a `RandomResizedCrop`) and resize one image to uint8 [3, S, S].
+    """Random-resized-crop (`crop`: a `RandomResizedCrop`) and resize one image to uint8 [3, S, S], then
+    the crop's own augmentations (flip, colour jitter, grayscale) on the resized image.
 
     The crop box is drawn from the full-resolution size in the header, before any pixel is
     decoded, so the augmentation is the same with and without `fast`. With `fast`, a JPEG whose
@@ -57,7 +58,7 @@ def crop_resize(image: Image.Image, crop, rng: np.random.Generator, fast: bool =
             image.draft("RGB", (width // factor, height // factor))
             sx, sy = width / image.size[0], height / image.size[1]
             box = (box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy)
-    out = image.convert("RGB").resize((crop.size, crop.size), Image.BICUBIC, box=box)
+    out = crop.augment(image.convert("RGB").resize((crop.size, crop.size), crop.resample, box=box), rng)
     return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
 

@@ -176,7 +176,7 @@ def build_train_loader(recipe, geometry, text_reducer, *, micro_batch: int, proc
     source = build_source(recipe)
     common = dict(micro_batch=micro_batch, processes=processes, rank=rank, seed=recipe.train.seed,
                   start_batch=start_batch, num_batches=num_batches, mask=mask)
-    transform = train_transform(geometry.image_size, data.crop_scale)
+    transform = train_transform(geometry.image_size, data.augment)
     if isinstance(source, SyntheticSource):
         stream = TrainStream(source, transform, text_reducer, **common)
     else:

@@ -1,4 +1,4 @@
-"""Image transforms: a uint8 random-resized crop for training, open_clip's resize + center crop for eval.
+"""Image transforms: a uint8 random-resized crop and the `[data.augment]` ops for training, open_clip's eval transform.
 
 Training images travel from the loader workers as uint8 (4x less to copy between processes than
 float32) and are normalised on the device, in one vectorised op per batch, as big_vision does.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import open_clip
 import torch
+import torchvision.transforms.v2.functional as F
 from PIL import Image
 
 from clipa.data.decode import crop_resize
@@ -18,16 +19,26 @@ STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
 
 
 class RandomResizedCrop:
-    """CLIPA's "resize" reduction: crop a random area (scale) and resize straight to `size`.
+    """CLIPA's "resize" reduction: crop a random area (scale) and resize straight to `size`, then the
+    per-sample augmentations of `[data.augment]`: flip, colour jitter, grayscale.
 
-    One PIL resize with a crop box (bicubic) replaces torchvision's crop + resize + ToTensor, which
-    matters when a 2-core machine must feed hundreds of samples per second. The crop is drawn
-    from the sample's own generator (torchvision's algorithm: ten tries at a random area and
-    aspect ratio, then a center crop), so it does not depend on which worker makes the batch.
+    One PIL resize with a crop box (bicubic, or bilinear; PIL antialiases both when shrinking)
+    replaces torchvision's crop + resize + ToTensor, which matters when a 2-core machine must feed
+    hundreds of samples per second. The crop is drawn from the sample's own generator
+    (torchvision's algorithm: ten tries at a random area and aspect ratio, then a center crop), so
+    it does not depend on which worker makes the batch; so is every later draw, made after the
+    crop's and only for the augmentations that are on (the defaults draw nothing more). Flip,
+    jitter and grayscale act on the resized image, as open_clip's pipeline does (crop first): the
+    same result as on the source, at a fraction of the pixels.
     """
 
-    def __init__(self, size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3)):
+    def __init__(self, size: int, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), interpolation: str = "bicubic",
+                 hflip_prob: float = 0.0, color_jitter=(0.0, 0.0, 0.0, 0.0), color_jitter_prob: float = 0.0,
+                 gray_scale_prob: float = 0.0):
         self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+        self.hflip_prob, self.color_jitter = hflip_prob, tuple(color_jitter)
+        self.color_jitter_prob, self.gray_scale_prob = color_jitter_prob, gray_scale_prob
 
     def box(self, width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
         area = width * height
@@ -44,12 +55,40 @@ class RandomResizedCrop:
         left, top = (width - side) // 2, (height - side) // 2
         return left, top, left + side, top + side
 
+    def augment(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """Flip, colour jitter (torchvision's ColorJitter: the four ops in a random order, each factor
+        uniform in its range) and grayscale of the resized image, drawn from `rng` in that order."""
+        if self.hflip_prob and rng.random() < self.hflip_prob:
+            image = F.horizontal_flip(image)
+        if self.color_jitter_prob and rng.random() < self.color_jitter_prob:
+            b, c, s, h = self.color_jitter
+            order = rng.permutation(4)
+            factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
+                       rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
+            for op in order:
+                if self.color_jitter[op]:
+                    image = _JITTER[op](image, float(factors[op]))
+        if self.gray_scale_prob and rng.random() < self.gray_scale_prob:
+            image = F.rgb_to_grayscale(image, num_output_channels=3)
+        return image
+
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         return crop_resize(image, self, rng if rng is not None else np.random.default_rng(), fast=False)
 
 
-def train_transform(image_size: int, crop_scale=(0.4, 1.0)) -> RandomResizedCrop:
-    return RandomResizedCrop(image_size, crop_scale)
+_JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+
+
+def train_transform(image_size: int, augment=None) -> RandomResizedCrop:
+    """The training transform of `[data.augment]` (an `AugmentConfig`; None = its defaults)."""
+    if augment is None:
+        from clipa.recipe.schema import AugmentConfig
+
+        augment = AugmentConfig()
+    elif isinstance(augment, (tuple, list)):  # a crop scale alone
+        return RandomResizedCrop(image_size, augment)
+    return RandomResizedCrop(image_size, augment.scale, augment.ratio, augment.interpolation, augment.hflip_prob,
+                             augment.color_jitter, augment.color_jitter_prob, augment.gray_scale_prob)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from pathlib import Path
 from clipa.errors import ClipaError, did_you_mean, shown
 from clipa.recipe.schema import (
     IMAGE_STRATEGIES,
+    INTERPOLATIONS,
     LOSS_KINDS,
     POS_EMBEDS,
     PRECISIONS,
@@ -91,11 +92,28 @@ def _check_data(d: DataConfig) -> None:
            "e.g. \"title\"")
     _check(len(d.csv_separator) <= 1, f"data.csv_separator: expected one character or \"\" (by extension), "
            f"got {shown(d.csv_separator)}; write a tab as \"\\t\"")
-    _check(
-        len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-        f"data.crop_scale: expected [min, max] with 0 < min <= max <= 1, got {d.crop_scale}",
-    )
     _check(d.synthetic_image_size >= 8, f"data.synthetic_image_size: must be >= 8, got {d.synthetic_image_size}")
+    _check_augment(d.augment)
+
+
+def _check_augment(a) -> None:
+    p = "data.augment"
+    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1,
+           f"{p}.scale: expected [min, max] with 0 < min <= max <= 1, got {a.scale}")
+    _check(len(a.ratio) == 2 and 0 < a.ratio[0] <= a.ratio[1],
+           f"{p}.ratio: expected [min, max] aspect ratios with 0 < min <= max, got {a.ratio}")
+    _one_of(f"{p}.interpolation", a.interpolation, INTERPOLATIONS)
+    for key in ("hflip_prob", "color_jitter_prob", "gray_scale_prob"):
+        value = getattr(a, key)
+        _check(0 <= value <= 1, f"{p}.{key}: must be in [0, 1], got {value}")
+    j = a.color_jitter
+    _check(len(j) == 4 and all(x >= 0 for x in j) and j[3] <= 0.5,
+           f"{p}.color_jitter: expected [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, got {j}")
+    _check(not (any(j) and a.color_jitter_prob == 0),
+           f"{p}.color_jitter: {j} never applies while {p}.color_jitter_prob is 0; set it (open_clip uses 0.8)")
+    _check(not (a.color_jitter_prob and not any(j)),
+           f"{p}.color_jitter_prob: {a.color_jitter_prob} with {p}.color_jitter all 0 changes nothing; set "
+           f"{p}.color_jitter, e.g. [0.4, 0.4, 0.4, 0.1]")
 
 
 def _check_reduction(r: ReductionConfig) -> None:

@@ -21,7 +21,7 @@ import tomli_w
 
 from clipa.errors import ClipaError, did_you_mean, shown
 from clipa.recipe.checks import validate
-from clipa.recipe.schema import Recipe
+from clipa.recipe.schema import RENAMED, Recipe
 
 # --------------------------------------------------------------------------- tables from TOML values
 
@@ -144,9 +144,54 @@ def _parse_value(raw: str, tp):
     return raw
 
 
+def _field_type(dotted: str):
+    cls = Recipe
+    for key in dotted.split("."):
+        cls = _hints(cls)[key]
+    return cls
+
+
+def _pop(table: dict, dotted: str):
+    *tables, key = dotted.split(".")
+    for name in tables:
+        table = table.get(name)
+        if not isinstance(table, dict):
+            return None
+    return table.pop(key, None)
+
+
+def _renamed(table: dict) -> list[str]:
+    """Move each old key (`RENAMED`) the raw table sets to its new place; one note per move. Setting
+    both the old and the new key is an error naming both."""
+    notes = []
+    for old, new in RENAMED.items():
+        value = _pop(table, old)
+        if value is None:
+            continue
+        *tables, key = new.split(".")
+        node = table
+        for name in tables:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ClipaError(f"{'.'.join(tables)}: expected a table in the recipe file")
+        if key in node:
+            raise ClipaError(f"{old}, {new}: both set; {old} is the old name of {new}, keep only {new}")
+        node[key] = value
+        notes.append(f"{old} is deprecated: read as {new}; rename it in the recipe")
+    return notes
+
+
 def apply_override(table: dict, override: str) -> None:
     """Apply one `key=value` override to a raw recipe table, typed by the field it names."""
     keys, raw = parse_override(override)
+    dotted = ".".join(keys)
+    if dotted in RENAMED:  # kept under its old name; `_renamed` moves it with the recipe file's own
+        *tables, key = keys
+        node = table
+        for name in tables:
+            node = node.setdefault(name, {})
+        node[key] = _parse_value(raw, _field_type(RENAMED[dotted]))
+        return
     cls, node, path = Recipe, table, ""
     for i, key in enumerate(keys):
         fields = _fields(cls)
@@ -173,7 +218,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     table = read_toml(path) if path is not None else {}
     for override in overrides:
         apply_override(table, override)
+    notes = _renamed(table)
     recipe = _build(Recipe, table)
+    recipe.notes = notes
     if path is not None:
         recipe.source = str(path)
         if not recipe.name:
@@ -183,7 +230,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def recipe_from_dict(table: dict) -> Recipe:
+    notes = _renamed(table)
     recipe = _build(Recipe, table)
+    recipe.notes = notes
     validate(recipe)
     return recipe
 
