@@ -109,6 +109,8 @@ def test_a_process_lost_mid_training_ends_the_other_with_one_line_and_the_run_re
     assert "step_000002" in errors[0] and "Resume by running the same command" in errors[0], errors
     if trouble == "CLIPA_FAIL_AT":
         assert "injected failure at step3 on process 1" in err1 and "Traceback" not in err1
+    if trouble == "CLIPA_FAIL_AT":
+        return  # the resume below is the same for both causes; run it once (CI time)
     # the same command, both processes healthy: resumes from step 2 and finishes
     procs = launch_two(args, tmp_path)
     outs = [p.communicate(timeout=280) for p in procs]

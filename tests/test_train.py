@@ -38,7 +38,8 @@ def heldout_loss(model, geometry):
 
 
 def test_short_run_lowers_the_loss(tmp_path):
-    recipe = pretrain_recipe(**{"train.global_batch_size": 64, "train.total_samples": 64 * 40, "optim.lr": 1e-3,
+    # 60 steps: with the recipes' crop area 0.9-1.0 (was 0.6-1.0) 40 steps lowered the held-out loss by 0.26
+    recipe = pretrain_recipe(**{"train.global_batch_size": 64, "train.total_samples": 64 * 60, "optim.lr": 1e-3,
                                 "optim.warmup_steps": 3})
     geometry = Geometry(32, 8)
     torch.manual_seed(recipe.train.seed)
@@ -48,7 +49,7 @@ def test_short_run_lowers_the_loss(tmp_path):
     after = heldout_loss(load_model(str(result.run_dir)).model, geometry)
     assert after < before - 0.3, (before, after)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 20  # a line every 2 steps
+    assert len(lines) == 30  # a line every 2 steps
     mfu = [json.loads(line)["mfu"] for line in lines]
     assert all(0 < m < 1 for m in mfu)  # on a CPU: against the measured fp32 matmul peak
     assert (tmp_path / "run" / "config.toml").is_file()
