@@ -120,31 +120,29 @@ class Checker:
         return Check(f"kill + resume ({self.label})", "PASS" if diff <= tolerance and a.keys() == b.keys() else "FAIL",
                      f"max |loss diff| {diff:.2e}", f"killed after step {kill_at}, tolerance {tolerance:g}")
 
-    def compile(self) -> Check:
-        precision = "bf16" if self.cuda else "fp32"
-        eager = self.runs.get(precision)
-        compiled, result = self.run("compiled", f"train.precision={precision}", "train.compile=true")
-        if result.returncode or eager is None:
-            return Check(f"compile ({self.label})", "FAIL", "run failed", _failed(result))
-        a, b = losses(eager), losses(compiled)
+    def against(self, name: str, reference: str, run_name: str, *extra: str, launcher: list[str] | None = None,
+                detail: str = "") -> Check:
+        """A run with `extra` overrides against the stored `reference` run: loss parity and samples/s ratio."""
+        one = self.runs.get(reference)
+        other, result = self.run(run_name, f"train.precision={reference}", *extra, launcher=launcher)
+        if result.returncode or one is None:
+            return Check(f"{name} ({self.label})", "FAIL", "run failed", _failed(result))
+        a, b = losses(one), losses(other)
         diff = max(abs(a[s] - b[s]) for s in a)
-        speed = steady(compiled, "samples_per_s") / steady(eager, "samples_per_s")
-        return Check(f"compile ({self.label})", "PASS" if diff < 0.05 else "FAIL",
-                     f"max |loss diff| {diff:.4f}, samples/s x{speed:.2f}", "median steps (compilation in the first) vs eager")
+        speed = steady(other, "samples_per_s") / steady(one, "samples_per_s")
+        return Check(f"{name} ({self.label})", "PASS" if diff < 0.05 else "FAIL",
+                     f"max |loss diff| {diff:.4f}, samples/s x{speed:.2f}", detail)
+
+    def compile(self) -> Check:
+        return self.against("compile", "bf16" if self.cuda else "fp32", "compiled", "train.compile=true",
+                            detail="median steps (compilation in the first) vs eager")
 
     def ddp(self, devices: int) -> Check:
         if devices < 2:
             return Check(f"DDP ({self.label})", "SKIP", "one device", "needs 2+ GPUs")
-        one = self.runs.get("bf16")
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(devices), "-m"]
-        many, result = self.run("ddp", "train.precision=bf16", launcher=launcher)
-        if result.returncode or one is None:
-            return Check(f"DDP ({self.label})", "FAIL", "run failed", _failed(result))
-        a, b = losses(one), losses(many)
-        diff = max(abs(a[s] - b[s]) for s in a)
-        speed = steady(many, "samples_per_s") / steady(one, "samples_per_s")
-        return Check(f"DDP x{devices} ({self.label})", "PASS" if diff < 0.05 else "FAIL",
-                     f"max |loss diff| {diff:.4f}, samples/s x{speed:.2f}", "against one process, same global batch")
+        return self.against(f"DDP x{devices}", "bf16", "ddp", launcher=launcher,
+                            detail="against one process, same global batch")
 
 
 def loader_check(work: Path, sizes: list[int], micro: int, batches: int, step_rates: dict[int, float]) -> list[Check]:
