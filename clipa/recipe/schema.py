@@ -129,6 +129,9 @@ class OptimConfig:
     eps: float = 1e-6
     schedule: str = "cosine"  # cosine (to 0 after warmup) | constant (after warmup)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # Token and position embedding tables take weight decay (CLIP / open_clip: every matrix but gains and
+    # biases); false = only layers' weight matrices decay, as CLIPA's JAX code does (decay mask `.*/kernel`).
+    decay_embeddings: bool = True
 
 
 @dataclass
