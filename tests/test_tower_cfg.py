@@ -3,6 +3,7 @@ norm settings) set from a recipe over the architecture's own config, checked aga
 and exported as a plain open_clip config."""
 
 import json
+import math
 
 import open_clip
 import pytest
@@ -115,3 +116,35 @@ def test_vision_fields_on_a_timm_tower_are_refused(cli):
     result = cli("validate", "tiny/pretrain", "model.image_tower=vit_tiny_patch16_224", "model.vision_cfg.no_ln_pre=true")
     assert result.returncode == 2 and "model.vision_cfg: sets open_clip ViT fields, but the image tower is timm's" \
         in result.stderr, result.stderr
+
+
+V2_TRAINING = [*CLIPA_V2, "model.pos_embed=sincos2d", "train.logit_scale_max=inf", "optim.decay_embeddings=false",
+               "data.augment.interpolation=bilinear", "data.augment.color_jitter=[0.32, 0.32, 0.32, 0.08]",
+               "data.augment.color_jitter_prob=0.8", "data.augment.gray_scale_prob=0.2"]
+
+
+@pytest.mark.slow
+def test_a_clipa_v2_style_pipeline_trains_and_exports_to_open_clip(tmp_path, cli):
+    """What the v2 recipes set, on the tiny model: pretrain at 32 px / 8 tokens, finetune at 64 px with masking,
+    the export loads in plain open_clip with the same towers and outputs."""
+    from clipa.evaluate.models import load_model
+
+    from conftest import tiny_overrides
+
+    pre, fine = tmp_path / "pre", tmp_path / "fine"
+    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 64}), *V2_TRAINING,
+                 "--out", pre)
+    assert result.returncode == 0, result.stderr
+    result = cli("finetune", "tiny/finetune", *tiny_overrides(**{"train.total_samples": 64}), *V2_TRAINING,
+                 f"init.checkpoint={pre}", "--out", fine)
+    assert result.returncode == 0, result.stderr
+    config = json.loads((fine / "final" / "open_clip_config.json").read_text())["model_cfg"]
+    assert config["vision_cfg"]["act_kwargs"] == {"approximate": "tanh"} and config["text_cfg"]["pool_type"] == "last"
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{fine / 'final'}")
+    ours = load_model(str(fine / "final")).model.eval()
+    images, tokens = torch.randn(2, 3, 64, 64), torch.randint(1, 400, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval().encode_image(images), ours.encode_image(images), atol=1e-6)
+        assert torch.allclose(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-6)
+    metrics = [json.loads(line) for line in (fine / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
