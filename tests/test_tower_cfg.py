@@ -148,3 +148,12 @@ def test_a_clipa_v2_style_pipeline_trains_and_exports_to_open_clip(tmp_path, cli
         assert torch.allclose(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-6)
     metrics = [json.loads(line) for line in (fine / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_weights_of_other_towers_are_refused_naming_the_tables():
+    from clipa.model.weights import load_weights
+
+    _, cfg = recipe_model_config(load_recipe(TINY, ["model.vision_cfg.no_ln_pre=true"]))
+    no_ln_pre = create_model(cfg).state_dict()
+    with pytest.raises(ClipaError, match=r"missing \['visual.ln_pre.weight'.*model.vision_cfg / text_cfg"):
+        load_weights(create_model(recipe_model_config(load_recipe(TINY))[1]), no_ln_pre)
