@@ -135,6 +135,7 @@ PUBLISHED: dict[str, list[tuple]] = {
     "vit_b16/pretrain_112": B16_COMMON + [
         ("reduction.image", "resize", f"{B_PT}: --force-image-size 112, no patch dropout"),
         ("reduction.image_size", 112, f"{B_PT}: --force-image-size 112"),
+        ("reduction.mask_ratio", 0.0, f"{B_PT}: no --force-patch-dropout"),
         ("train.global_batch_size", 65_536, f"{B_PT}: --batch-size 8192 x torchrun --nproc_per_node 8"),
         ("optim.lr", 2.048e-3, f"{B_PT}: --lr 2.048e-3"),
         ("lr_base", 8e-6, f"{B_PT}: --lr 2.048e-3 at batch 65,536 (trap 1)"),
