@@ -100,6 +100,9 @@ def test_tables_survive_config_toml_and_cannot_change_on_resume(tmp_path):
                                                    "embeddings are model.pos_embed"),
     ("model.vision_cfg.patch_dropout=0.5", "reduction.mask_ratio"),
     ("model.text_cfg.context_length=8", "reduction.text_length"),
+    ("model.vision_cfg.patch_size=4", "model.vision_cfg.patch_size: not settable here: the tower's size belongs to "
+                                      "the architecture: give a model-config JSON as model.arch"),
+    ("model.text_cfg.width=64", "model.text_cfg.width: not settable here: the tower's size"),
     ("model.vision_cfg.output_tokens=true", "model.vision_cfg.output_tokens: not settable here"),
     ("model.text_cfg.embed_cls=true", "model.text_cfg.embed_cls: not settable here"),
     ("model.text_cfg.hf_model_name=bert-base-uncased", "model.text_cfg.hf_model_name: not settable here"),

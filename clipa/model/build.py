@@ -206,10 +206,13 @@ def with_timm_image_tower(cfg: dict, timm_name: str) -> dict:
     return cfg
 
 
-# open_clip config fields that `model.vision_cfg` / `model.text_cfg` may not set, and why: another recipe key
-# owns them, or clipa's training (pooled features, its FLOP count, its text reductions) cannot use them.
+_SIZE = "the tower's size belongs to the architecture: give a model-config JSON as model.arch"
+# open_clip config fields that `model.vision_cfg` / `model.text_cfg` may not set, and why: the architecture or
+# another recipe key owns them, or clipa's training (pooled features, its FLOP count, its text reductions)
+# cannot use them. The tables are for how a tower computes, not how big it is.
 _REFUSED = {
     "vision_cfg": {
+        **dict.fromkeys(("layers", "width", "head_width", "mlp_ratio", "patch_size"), _SIZE),
         "image_size": "the stage's resolution is reduction.image_size",
         "patch_dropout": "patches are dropped by reduction.image and reduction.mask_ratio",
         "pos_embed_type": "position embeddings are model.pos_embed (\"learned\" | \"sincos2d\")",
@@ -219,6 +222,8 @@ _REFUSED = {
         "attn_pooler_heads": "clipa trains CLIP towers, not CoCa's attentional pooler",
     },
     "text_cfg": {
+        **dict.fromkeys(("layers", "width", "heads", "mlp_ratio", "vocab_size"), _SIZE),
+        "proj_type": "the text features are projected to the joint space the loss compares (open_clip's \"linear\")",
         "context_length": "the stage's text length is reduction.text_length",
         "output_tokens": "clipa trains on the pooled features",
         "embed_cls": "CoCa's appended class token is not part of clipa's text reductions or FLOP count",
@@ -232,7 +237,10 @@ _REFUSED_PREFIX = {"vision_cfg": ("timm_", "a timm image tower is model.image_to
                    "text_cfg": ("hf_", "a Hugging Face text tower belongs to the architecture: use a model-config "
                                 "JSON as model.arch")}
 # Values open_clip accepts that give a CLIP model a pooled feature (its 'none' returns every token).
+_BLOCKS = (("default", "custom"), "custom = open_clip's CustomResidualAttentionBlock, which qk_norm / scale_* need")
 _CHOICES = {
+    ("vision_cfg", "block_type"): _BLOCKS,
+    ("text_cfg", "block_type"): _BLOCKS,
     ("vision_cfg", "pool_type"): (("tok", "avg"), "tok = the class token, avg = the mean of the patch tokens"),
     ("text_cfg", "pool_type"): (("argmax", "last", "first", "eos"),
                                 "argmax = where the highest token id is (OpenAI's end token), last / first = that "
