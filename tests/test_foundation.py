@@ -72,19 +72,19 @@ def test_architecture_plus_weights_file_loads_those_weights(tmp_path):
     assert json.loads(out.read_text())["pretrained"] == str(tmp_path / "tiny.safetensors")
 
 
-def test_weights_of_another_architecture_or_not_weights_at_all_exit_2(tmp_path):
+def test_weights_of_another_architecture_or_not_weights_at_all_exit_2(tmp_path, cli):
     _random_weights("clipa-tiny", tmp_path / "tiny.safetensors")
-    assert_user_error(run_cli("zeroshot", "--model", "clipa-small", "--pretrained", tmp_path / "tiny.safetensors",
-                              "--dataset", "synthetic"),
+    assert_user_error(cli("zeroshot", "--model", "clipa-small", "--pretrained", tmp_path / "tiny.safetensors",
+                          "--dataset", "synthetic"),
                       "--pretrained: weights do not match the architecture")
-    assert_user_error(run_cli("finetune", "tiny/finetune", "model.arch=clipa-small",
-                              f"init.checkpoint={tmp_path / 'tiny.safetensors'}", "--out", tmp_path / "run"),
+    assert_user_error(cli("finetune", "tiny/finetune", "model.arch=clipa-small",
+                          f"init.checkpoint={tmp_path / 'tiny.safetensors'}", "--out", tmp_path / "run"),
                       "init.checkpoint: weights do not match the architecture")
     (tmp_path / "notes.pt").write_text("not a weights file\nsecond line\n")
-    assert_user_error(run_cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "notes.pt",
-                              "--dataset", "synthetic"), "cannot read weights")
-    assert_user_error(run_cli("zeroshot", "--model", "ViT-B-61", "--pretrained", tmp_path / "notes.pt",
-                              "--dataset", "synthetic"), '--model: unknown architecture "ViT-B-61"')
+    assert_user_error(cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "notes.pt",
+                          "--dataset", "synthetic"), "cannot read weights")
+    assert_user_error(cli("zeroshot", "--model", "ViT-B-61", "--pretrained", tmp_path / "notes.pt",
+                          "--dataset", "synthetic"), '--model: unknown architecture "ViT-B-61"')
 
 
 def test_the_clipa_console_script_is_installed():
