@@ -177,7 +177,7 @@ def test_paper_recipe_launches_as_its_header_says_and_chains_its_stages(name):
         assert r.init.checkpoint == f"runs/{previous.name}"
     else:
         assert r.init.checkpoint == ""
-    if name == "vit_b16/pretrain_112":  # inferred, not published (trap 12): 2,000 ImageNet epochs
+    if name == "vit_b16/pretrain_112":  # inferred, not published (trap 12, docs/clipa_recipes.md): 2,000 ImageNet epochs
         assert r.train.total_samples == 2_000 * 1_281_167
 
 

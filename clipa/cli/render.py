@@ -50,7 +50,7 @@ def line(text: str) -> None:
 
 def dry_run_table(recipe, stage: str, numbers, native, full_flops: float, start: str, out_dir: Path,
                   data_commands: list[str], trackers: str) -> Table:
-    from clipa.model.build import tower_summary
+    from clipa.model.tower_cfg import tower_summary
 
     geometry, flops, steps = numbers.geometry, numbers.flops_per_sample, numbers.steps
     batch = recipe.train.global_batch_size

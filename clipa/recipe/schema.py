@@ -50,7 +50,7 @@ class ModelConfig:
     # final_ln_after_pool, act_kwargs, norm_kwargs; text pool_type "argmax" | "last" | "first" | "eos",
     # no_causal_mask, pad_id, eos_id. Keys other recipe keys own (image_size, context_length, patch_dropout,
     # pos_embed_type, timm_*/hf_*/tokenizer fields) are refused; checked against open_clip in
-    # clipa.model.build.tower_overrides.
+    # clipa.model.tower_cfg.tower_overrides.
     vision_cfg: dict = field(default_factory=dict)
     text_cfg: dict = field(default_factory=dict)
 
