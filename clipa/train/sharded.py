@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path, PurePath
 
 import torch
@@ -115,7 +116,9 @@ def read_model_state(directory: Path) -> dict[str, torch.Tensor]:
                 for key, md in metadata.state_dict_metadata.items()
                 if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     state = {"model": template}
-    load(state, directory, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that no process group means one process: that is the intent
+        warnings.simplefilter("ignore", UserWarning)
+        load(state, directory, no_dist=True)
     return state["model"]
 
 
