@@ -1,7 +1,9 @@
 """train.shard = "fsdp" on a real 2-process gloo group: FSDP2 trains like DDP, accumulates exactly, its
-sharded checkpoints survive SIGKILL and resume at another number of processes, final/ is a plain
-open_clip model, and a sharded checkpoint that asks for code is refused."""
+sharded checkpoints survive SIGKILL and resume at another number of processes, bf16 with offload and
+in-training evaluation work, final/ is a plain open_clip model, and a sharded checkpoint that asks
+for code is refused."""
 
+import json
 import os
 import pickle
 import shutil
@@ -99,16 +101,27 @@ def test_resume_on_one_process_and_bf16_offload_without_reshard(tmp_path, fsdp_r
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5)
     assert sorted(p.name for p in (one / "checkpoints" / "step_000006" / SHARDED_DIR).glob("*.distcp")) == \
         ["__0_0.distcp"]
-    # bf16 autocast with CPU offload and no resharding after forward, on two processes: finite and
-    # within bf16's rounding of the fp32 run over its first 3 steps.
+    # bf16 autocast with CPU offload and no resharding after forward, on two processes, evaluated
+    # zero-shot during training: finite and within bf16's rounding of the fp32 run over 3 steps.
     bf16 = tmp_path / "bf16"
     run_torchrun(*FSDP, "train.total_samples=96", "train.precision=bf16", "train.fsdp.cpu_offload=true",
-                 "train.fsdp.reshard_after_forward=false", "--out", bf16, cwd=tmp_path)
+                 "train.fsdp.reshard_after_forward=false", "eval.every_steps=2", 'eval.zeroshot=["synthetic"]',
+                 "--out", bf16, cwd=tmp_path)
     low = trajectory(bf16)
     assert low.keys() == {1, 2, 3}
     for step in low:
         assert abs(low[step] - straight[step]) < 0.05, (step, low[step], straight[step])
     assert load_file(str(bf16 / "final" / "open_clip_model.safetensors"))["logit_scale"].dtype == torch.float32
+    # The evaluation at the end saw the whole final weights: it equals a separate one of final/.
+    from clipa.evaluate.models import load_model
+    from clipa.evaluate.zeroshot import zeroshot
+
+    rows = [json.loads(line) for line in (bf16 / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "zeroshot/synthetic/acc1" in r]
+    assert [r["step"] for r in evals] == [2, 3]
+    final = zeroshot(load_model(str(bf16 / "final")), "synthetic")["metrics"]
+    for metric in ("acc1", "acc5", "mean_per_class_recall"):
+        assert evals[-1][f"zeroshot/synthetic/{metric}"] == pytest.approx(final[metric], abs=1e-6)
 
 
 def run_one(*args):
@@ -165,7 +178,6 @@ def test_sharded_checkpoint_that_asks_for_code_is_refused(tmp_path, fsdp_run, cl
     (["train.shard=fsdp", "train.precision=fp16"], 'train.precision: "fp16" with train.shard = "fsdp"'),
     (["train.shard=fsdp", "train.compile=true"], "train.compile: true with train.shard"),
     (["train.shard=fsdp", "loss.queue.kind=momentum", "loss.queue.size=256"], 'loss.queue.kind: "momentum"'),
-    (["train.shard=fsdp", 'eval.zeroshot=["synthetic"]'], "eval.zeroshot: evaluation during training"),
 ])
 def test_fsdp_recipe_errors_exit_2_with_one_line(cli, overrides, key):
     result = cli("validate", "tiny/pretrain", *overrides)

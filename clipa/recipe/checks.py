@@ -174,10 +174,6 @@ def _check_shard(recipe: Recipe) -> None:
     _check(recipe.loss.queue.kind != "momentum",
            f'loss.queue.kind: "momentum" {refuse} (the EMA encoder would be a full unsharded copy); use '
            '"memory_bank" or train.shard=ddp')
-    for key in ("zeroshot", "retrieval"):
-        _check(not getattr(recipe.eval, key),
-               f"eval.{key}: evaluation during training {refuse} yet; drop eval.{key} and evaluate final/ afterwards "
-               f"(clipa zeroshot --model runs/NAME), or use train.shard=ddp")
 
 
 def _check_loss(loss: LossConfig, global_batch_size: int) -> None:

@@ -153,6 +153,16 @@ class Fsdp:
         sharded.load(state, directory)
         set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
+    def whole_copy(self, build) -> torch.nn.Module:
+        """An unsharded copy of the model on this process's device (`build()` makes the blank one): every
+        process gathers the whole weights (collective), e.g. for evaluation. Building draws no random
+        numbers from the training's generators."""
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        with torch.random.fork_rng(devices=[]):
+            copy = build()
+        copy.load_state_dict(state)
+        return copy.to(self.device)
+
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict on process 0, in CPU memory (empty elsewhere); collective: the
         shards are gathered one tensor at a time, so no process holds more than the result."""

@@ -547,7 +547,10 @@ class Trainer:
         from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
 
-        loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
+        # Under FSDP evaluation runs on a whole copy on every process (each evaluates its share of the data,
+        # unequal in batches, which sharded forwards could not be); it lives for this evaluation only.
+        model = self.fsdp.whole_copy(lambda: create_model(self.model_cfg)) if self.fsdp is not None else self.unwrapped
+        loaded = LoadedModel(model, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
                              self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
                              self.recipe.model.arch, str(self.run_dir))
         row = {"step": self.step, "samples": self.step * self.spec.global_batch, "stage": self.stage}
