@@ -168,8 +168,22 @@ def test_sharded_checkpoint_that_asks_for_code_is_refused(tmp_path, fsdp_run, cl
     from clipa.train.sharded import SafeLoadPlanner
 
     with pytest.raises(pickle.UnpicklingError):
-        SafeLoadPlanner().load_bytes(None, io.BytesIO(pickle.dumps(_Payload(marker))))
+        SafeLoadPlanner().load_bytes(None, io.BytesIO(pickle.dumps(_Payload(marker), protocol=2)))
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_truncated_shard_is_damage_and_never_chosen(tmp_path, fsdp_run, cli):
+    from clipa.train.checkpoint import CheckpointManager
+
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(fsdp_run / "checkpoints", copy)
+    shard = copy / "step_000006" / SHARDED_DIR / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="__1_0.distcp is truncated"):
+        assert CheckpointManager(copy).latest().name == "step_000004"
+    result = cli("export", copy / "step_000006", tmp_path / "export")
+    assert result.returncode == 2 and "is damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("overrides, key", [

@@ -32,23 +32,26 @@ from clipa.errors import ClipaError, first_line
 SHARDED_DIR = "sharded"  # inside a step checkpoint: the DCP directory
 METADATA_FILE = ".metadata"
 
-# What a DCP `.metadata` pickle may name: nothing callable but constructors of inert values.
-_METADATA_MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem"}
-_PATHS = {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"}
+# What a DCP `.metadata` pickle may name: DCP's inert metadata records (dataclasses and one enum, whose
+# construction has no side effects), paths, and torch's dtypes, layouts and Size. Nothing else: no
+# function, and no other class of these modules (e.g. `FileSystemWriter` creates directories).
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata",
+                                              "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        if module in _METADATA_MODULES and not name.startswith("__"):
-            found = super().find_class(module, name)
-            if isinstance(found, type):  # dataclasses and enums of DCP's metadata, never a function
-                return found
-        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        elif module == "torch.serialization" and name == "_get_layout":  # a lookup in torch's layouts, by name
-            return torch.serialization._get_layout
-        elif module == "pathlib" and name in _PATHS:
+        if name in _ALLOWED.get(module, ()):
             return super().find_class(module, name)
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if module == "torch.serialization" and name == "_get_layout":  # a lookup in torch's layouts, by name
+            return torch.serialization._get_layout
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
 
 
