@@ -15,6 +15,8 @@ user runs it) and says PASS, FAIL or SKIP with its number:
   DDP               every visible GPU under torchrun against one process (same global batch)
   FSDP              train.shard=fsdp on every visible GPU (one process with one GPU) against one
                     unsharded process, same global batch (on CPU tests/test_fsdp.py runs it on gloo)
+  vs bare open_clip clipa's samples/s against open_clip's model, ClipLoss and AdamW stepped in a
+                    bare loop at the same geometry, batch and precision (what the trainer costs)
   throughput        samples/s and MFU (against the GPU's bf16 peak; on CPU a measured fp32 peak)
                     from metrics.jsonl at CLIPA's pretraining and finetuning geometries
   loader            the training loader's samples/s from JPEG shards at those sizes against the
@@ -76,6 +78,7 @@ def _failed(result: subprocess.CompletedProcess) -> str:
 class Checker:
     def __init__(self, work: Path, arch: str, image_size: int, text_length: int, batch: int, steps: int, cuda: bool):
         self.work, self.cuda, self.steps = work, cuda, steps
+        self.arch, self.image_size, self.text_length, self.batch = arch, image_size, text_length, batch
         self.base = [f"model.arch={arch}", f"reduction.image_size={image_size}", f"reduction.text_length={text_length}",
                      f"train.global_batch_size={batch}", f"train.total_samples={batch * steps}",
                      "train.log_every_steps=1", "optim.warmup_steps=1", "checkpoint.every_steps=0",
@@ -103,6 +106,22 @@ class Checker:
                               f"{steady(run, 'samples_per_s'):.1f} samples/s, MFU {steady(run, 'mfu'):.3f}",
                               "median over the logged steps after the first"))
         return rows
+
+    def bare_open_clip(self) -> Check:
+        """clipa's training step against open_clip's model, ClipLoss and AdamW with no trainer around them."""
+        key = "bf16" if self.cuda else "fp32"
+        if key not in self.runs:
+            return Check(f"vs bare open_clip ({self.label})", "FAIL", "no clipa run to compare")
+        bare = bare_open_clip_rate(self.arch, self.image_size, self.text_length, self.batch, max(3, self.steps),
+                                   "cuda" if self.cuda else "cpu", bf16=self.cuda)
+        ratio = steady(self.runs[key], "samples_per_s") / bare
+        # On CUDA clipa's step must be within 10% of the bare one. On CPU the loader decodes in the
+        # training process (num_workers 0), so clipa's rate includes data: only a gross regression fails.
+        floor = 0.9 if self.cuda else 0.25
+        return Check(f"vs bare open_clip ({self.label})", "PASS" if ratio >= floor else "FAIL",
+                     f"clipa / bare samples/s x{ratio:.2f} (bare {bare:.1f}/s)",
+                     f"same model, batch and precision; PASS at x{floor:g} or more"
+                     + ("" if self.cuda else " (CPU: clipa's rate includes decoding)"))
 
     def resume(self) -> Check:
         precision = "bf16" if self.cuda else "fp32"
@@ -151,6 +170,40 @@ class Checker:
                             detail="sharded per block, against one unsharded process")
 
 
+def bare_open_clip_rate(arch: str, image_size: int, text_length: int, batch: int, steps: int, device: str,
+                        bf16: bool) -> float:
+    """Samples/s of a bare open_clip training step (fastest of `steps` after a warm-up step)."""
+    import open_clip
+    import torch
+
+    from clipa.model.build import Geometry, arch_config, create_model, native_geometry, stage_config
+
+    native = native_geometry(arch_config(arch))
+    geometry = Geometry(image_size or native.image_size, text_length or native.context_length)
+    torch.manual_seed(0)
+    model = create_model(stage_config(arch, geometry), device=device).train()  # open_clip's CLIP, random init
+    loss_fn = open_clip.ClipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, geometry.image_size, geometry.image_size, device=device)
+    texts = torch.randint(1, 1000, (batch, geometry.context_length), device=device)
+    times = []
+    for i in range(steps + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = model(images, texts)
+            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first step pays for allocations (and autotuning)
+            times.append(time.perf_counter() - t0)
+    return batch / min(times)
+
+
 def loader_check(work: Path, sizes: list[int], micro: int, batches: int, step_rates: dict[int, float]) -> list[Check]:
     from loader_speed import loader_wall, write_shards
 
@@ -173,6 +226,7 @@ def run_checks(archs: list[tuple[str, int, int]], batch: int, steps: int, loader
     for index, (arch, image_size, text_length) in enumerate(archs):
         checker = Checker(work, arch, image_size, text_length, batch, steps, cuda)
         checks += checker.precision()
+        checks.append(checker.bare_open_clip())
         if "bf16" in checker.runs:
             key = "bf16" if cuda else "fp32"
             step_rates[image_size] = steady(checker.runs[key], "samples_per_s")

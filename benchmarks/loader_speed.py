@@ -1,6 +1,7 @@
 """Does the data loader keep up with the training step? Loader samples/s vs step samples/s.
 
     python benchmarks/loader_speed.py [--workers 2] [--sizes 224 112 64] [--source-size 256] [--train]
+    python benchmarks/loader_speed.py --cores-per-gpu vit_l14/pretrain_84 vit_h14/pretrain_84 [--gpu A100]
 
 Writes JPEG shards of the synthetic scenes at `--source-size` px (once, cached in `--out`), then
 runs clipa's real training loader (build_train_loader: shard streaming, shuffle buffer, decode,
@@ -17,6 +18,11 @@ micro-batch of the same size:
   end-to-end   (--train) `clipa pretrain` at the smallest size on the shards with `--workers`
                workers: samples/s and the fraction of time the step waited for data.
 
+  cores per GPU  (--cores-per-gpu RECIPE...) what each recipe's stage needs per accelerator: the
+               planner's samples/s per GPU (`clipa plan` at --gpu and --mfu) over one worker's
+               measured samples/s at that recipe's image size, crop and text reduction, plus one
+               core for the training process itself.
+
 The loader keeps up when its samples/s exceeds the step's. Where workers and the step share the
 same few cores (a 2-core CPU), what loading costs the step is the loader's CPU time per sample
 against the step's, and the end-to-end row is the direct answer.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -48,25 +55,29 @@ def write_shards(out: Path, samples: int, source_size: int) -> str:
     return info["train"]
 
 
-def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches: int):
+def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches: int,
+            crop_scale=(0.4, 1.0), text: tuple[str, int] = ("truncate", 32)):
     from clipa.data.loader import build_train_loader
     from clipa.model.build import Geometry, build_tokenizer
     from clipa.model.reduction import TextReducer
     from clipa.recipe.load import load_recipe
 
     recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}", "data.shuffle_buffer=500",
-                                f"data.fast_decode={'true' if fast else 'false'}", "data.augment.scale=[0.4, 1.0]"])
-    reducer = TextReducer(build_tokenizer("clipa-tiny", 32), "truncate", 32)
-    return iter(build_train_loader(recipe, Geometry(size, 32), reducer, micro_batch=micro, processes=1, rank=0,
+                                f"data.fast_decode={'true' if fast else 'false'}",
+                                f"data.augment.scale=[{crop_scale[0]}, {crop_scale[1]}]"])
+    # clipa-tiny's BPE tokenizer for every recipe: the published models' tokenizers (CLIPA-v2's BERT) are
+    # downloads, and what the loader spends on a caption is the reduction, not the vocabulary.
+    reducer = TextReducer(build_tokenizer("clipa-tiny", 77), text[0], text[1])
+    return iter(build_train_loader(recipe, Geometry(size, text[1]), reducer, micro_batch=micro, processes=1, rank=0,
                                    start_batch=0, num_batches=batches))
 
 
-def loader_cpu(train: str, size: int, fast: bool, micro: int, batches: int) -> float:
+def loader_cpu(train: str, size: int, fast: bool, micro: int, batches: int, **stage) -> float:
     """Samples per CPU-second of an in-process loader (= one worker on a free core)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a worker; idle OpenMP threads spinning would count as CPU time
     try:
-        it = _loader(train, size, fast, 0, micro, batches + 1)
+        it = _loader(train, size, fast, 0, micro, batches + 1, **stage)
         next(it)  # shuffle-buffer fill
         t0 = time.process_time()
         for _ in range(batches):
@@ -131,6 +142,27 @@ def end_to_end(train: str, size: int, workers: int, batch: int, steps: int) -> d
     return {"samples_per_s": last["samples_per_s"], "data_wait_frac": last["data_wait_frac"]}
 
 
+def cores_per_gpu(train: str, recipes: list[str], gpu: str, mfu: float, micro: int, batches: int) -> list[dict]:
+    """Per recipe: the planner's samples/s per accelerator against one loader worker's measured samples/s."""
+    from clipa.plan import plan
+    from clipa.recipe.index import resolve_path
+    from clipa.recipe.load import load_recipe
+
+    rows = []
+    for name in recipes:
+        recipe = load_recipe(resolve_path(name))
+        stage = plan([recipe], gpu=gpu, gpus=1, mfu=mfu)["stages"][0]
+        per_gpu = stage["samples"] / (stage["gpu_hours"] * 3600.0)
+        per_worker = loader_cpu(train, stage["image_size"], recipe.data.fast_decode, micro, batches,
+                                crop_scale=tuple(recipe.data.augment.scale),
+                                text=(recipe.reduction.text, stage["text_tokens"]))
+        rows.append({"recipe": name, "model": stage["arch"], "image_size": stage["image_size"],
+                     "text": f"{recipe.reduction.text} {stage['text_tokens']}", "gpu": stage["gpu"], "mfu": mfu,
+                     "samples_per_s_per_gpu": per_gpu, "worker_samples_per_s": per_worker,
+                     "workers_per_gpu": per_gpu / per_worker, "cores_per_gpu": math.ceil(per_gpu / per_worker) + 1})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "clipa-loader-bench")
@@ -143,9 +175,25 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per size")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved loader rounds; the best is reported")
     parser.add_argument("--train", action="store_true", help="also run the end-to-end training at the smallest size")
+    parser.add_argument("--cores-per-gpu", nargs="+", metavar="RECIPE", default=[],
+                        help="instead: the decoding cores each recipe's stage needs per accelerator")
+    parser.add_argument("--gpu", default="A100", help="accelerator for --cores-per-gpu (as `clipa plan --gpu`)")
+    parser.add_argument("--mfu", type=float, default=0.27, help="model-FLOPs utilisation for --cores-per-gpu")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     train = write_shards(args.out, args.samples, args.source_size)
+    if args.cores_per_gpu:
+        rows = cores_per_gpu(train, args.cores_per_gpu, args.gpu, args.mfu, args.micro, args.batches)
+        print(f"\n{args.source_size}px JPEG shards; one worker = one core; GPU samples/s from `clipa plan` at MFU "
+              f"{args.mfu:g}\n")
+        print(f"| recipe | model @ px | text | {args.gpu} samples/s (plan) | one worker samples/s | workers per GPU | "
+              "cores per GPU (+1 trainer) |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['recipe']} | {r['model']} @ {r['image_size']} | {r['text']} | {r['samples_per_s_per_gpu']:.0f} | "
+                  f"{r['worker_samples_per_s']:.0f} | {r['workers_per_gpu']:.1f} | {r['cores_per_gpu']} |")
+        print(json.dumps(rows))
+        return
 
     rows = []
     for size in args.sizes:

@@ -296,12 +296,12 @@ def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     full_flops = train_flops(base, samples)
     group = f"claim {arch} {samples // 1000}k"
 
-    def clipa(text: str, mask: float) -> tuple[dict, dict]:
-        finetune = {**base, "optim.lr": base["optim.lr"] / 4, "optim.warmup_steps": 2}
+    def clipa(text: str, mask: float, share: float = 0.2, lr_div: float = 4) -> tuple[dict, dict]:
+        finetune = {**base, "optim.lr": base["optim.lr"] / lr_div, "optim.warmup_steps": 2}
         # the tiny finetune recipe masks 30%; the unmasked variant says so explicitly
         finetune.update({"reduction.image": "random", "reduction.mask_ratio": mask} if mask else
                         {"reduction.image": "resize", "reduction.mask_ratio": 0.0})
-        ft_samples = int(0.2 * full_flops / train_flops(finetune, 1)) // batch * batch
+        ft_samples = int(share * full_flops / train_flops(finetune, 1)) // batch * batch
         finetune["train.total_samples"] = ft_samples
         pretrain = {**base, **low, "reduction.text": text}
         pt_samples = int((full_flops - train_flops(finetune, ft_samples)) / train_flops(pretrain, 1)) // batch * batch
@@ -314,6 +314,10 @@ def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         Setting("CLIPA: 1/2 res + 8 tok truncate, then full", *clipa("truncate", 0.0), group=group),
         Setting("CLIPA: 1/2 res + 8 tok truncate, then full with 30% masked", *clipa("truncate", 0.3), group=group),
         Setting("CLIPA: 1/2 res + 8 tok syntax, then full", *clipa("syntax", 0.0), group=group),
+        # the finetune recipe: how much of the budget, at what LR (run with --only "finetune")
+        Setting("CLIPA truncate, finetune 10% of FLOPs", *clipa("truncate", 0.0, share=0.1), group=group),
+        Setting("CLIPA truncate, finetune 35% of FLOPs", *clipa("truncate", 0.0, share=0.35), group=group),
+        Setting("CLIPA truncate, finetune at the pretrain LR", *clipa("truncate", 0.0, lr_div=1), group=group),
     ]
 
 

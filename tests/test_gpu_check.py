@@ -19,7 +19,9 @@ def test_gpu_check_cpu_mode_runs_every_check_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     status = {c["name"].split(" (")[0]: c["status"] for c in report["checks"]}
     assert status["bf16 vs fp32"] == status["kill + resume"] == "PASS", report
-    assert status["throughput fp32"] == status["throughput bf16"] == "PASS"
+    assert status["throughput fp32"] == status["throughput bf16"] == status["vs bare open_clip"] == "PASS"
+    bare = next(c for c in report["checks"] if c["name"].startswith("vs bare open_clip"))
+    assert "clipa / bare samples/s x" in bare["value"]
     assert status["FSDP"] == status["DDP"] == status["compile"] == "SKIP"  # CUDA-only here, said so, never a pass
     assert {"loader 32px", "loader 64px"} <= set(status)
     resume = next(c for c in report["checks"] if c["name"].startswith("kill + resume"))

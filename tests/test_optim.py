@@ -35,3 +35,17 @@ def test_fused_adamw_matches_the_reference_update_with_decay_exclusions():
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
     assert decay and len(decay) < len(names)
+
+
+def test_decay_embeddings_false_leaves_only_layer_matrices_decayed_as_clipa_jax():
+    model = create_model(stage_config("clipa-tiny", Geometry(32, 8)))
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(**kwargs):
+        return {names[id(p)] for p in build_optimizer(model, OptimConfig(**kwargs)).param_groups[0]["params"]}
+
+    clip_rule, jax_rule = decayed(), decayed(decay_embeddings=False)
+    embeddings = {"token_embedding.weight", "positional_embedding", "visual.positional_embedding"}
+    assert embeddings <= clip_rule  # CLIP / open_clip decay every matrix, tables included
+    assert clip_rule - jax_rule == embeddings
+    assert {"visual.conv1.weight", "visual.proj", "text_projection"} <= jax_rule  # JAX kernels: still decayed

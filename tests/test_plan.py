@@ -132,29 +132,20 @@ def test_custom_peak():
 
 # --------------------------------------------------------------------------- shipped paper recipes
 
-# Published settings (docs/clipa_recipes.md): arch, px, mask, text, text length,
-# global batch, base lr per 256 samples, warmup steps, samples, init stage.
-V2_PRE = dict(px=84, mask=0.0, text="syntax", length=8, batch=65_536, warmup=3_200, samples=12_811_670_000, init=None)
+# What each shipped paper recipe is: its architecture and the stage it starts from. Its published numbers
+# (resolution, masking, text, batch, LR, warmup, samples, optimiser, augmentation, towers) are pinned, with
+# the released file of each, in tests/test_published_configs.py: one table, not two.
 PAPER = {
-    "vit_b16/pretrain_112": dict(arch="ViT-B-16", px=112, mask=0.0, text="truncate", length=16, batch=65_536, base=8e-6,
-                                 warmup=782, samples=2_562_334_000, init=None),
-    "vit_b16/finetune_224": dict(arch="ViT-B-16", px=224, mask=0.0, text="truncate", length=16, batch=8_192, base=8e-7,
-                                 warmup=3_072, samples=131_072_000, init="vit_b16/pretrain_112"),
-    "vit_l14/pretrain_84": dict(V2_PRE, arch="ViT-L-14-CLIPA", base=8e-6),
-    "vit_h14/pretrain_84": dict(V2_PRE, arch="ViT-H-14-CLIPA", base=8e-6),
-    "vit_h14/pretrain_70": dict(V2_PRE, arch="ViT-H-14-CLIPA", base=8e-6, px=70),
-    "vit_bigg14/pretrain_84": dict(V2_PRE, arch="ViT-bigG-14-CLIPA", base=4e-6),
-    "vit_bigg14/finetune_224": dict(arch="ViT-bigG-14-CLIPA", px=224, mask=0.4, text="truncate", length=32, batch=16_384,
-                                    base=4e-7, warmup=0, samples=524_288_000, init="vit_bigg14/pretrain_84"),
+    "vit_b16/pretrain_112": dict(arch="ViT-B-16", init=None),
+    "vit_b16/finetune_224": dict(arch="ViT-B-16", init="vit_b16/pretrain_112"),
+    "vit_h14/pretrain_70": dict(arch="ViT-H-14-CLIPA", init=None),
+    # The FT336 stage again, started from CLIPA-v2's released L/14 weights (a published ARCH:TAG).
+    "vit_l14/finetune_336_released": dict(arch="ViT-L-14-CLIPA", init="ViT-L-14-CLIPA:datacomp1b"),
 }
 for _m, _arch in (("l14", "ViT-L-14-CLIPA"), ("h14", "ViT-H-14-CLIPA"), ("bigg14", "ViT-bigG-14-CLIPA")):
-    if _m != "bigg14":
-        PAPER[f"vit_{_m}/finetune_224"] = dict(arch=_arch, px=224, mask=0.3, text="truncate", length=32, batch=32_768,
-                                               base=4e-7, warmup=800, samples=524_288_000, init=f"vit_{_m}/pretrain_84")
-    PAPER[f"vit_{_m}/finetune_336"] = dict(arch=_arch, px=336, mask=0.4, text="truncate", length=32, batch=16_384,
-                                           base=1e-7, warmup=1_600, samples=131_072_000, init=f"vit_{_m}/finetune_224")
-# The FT336 stage again, started from CLIPA-v2's released L/14 weights (a published ARCH:TAG).
-PAPER["vit_l14/finetune_336_released"] = dict(PAPER["vit_l14/finetune_336"], init="ViT-L-14-CLIPA:datacomp1b")
+    PAPER[f"vit_{_m}/pretrain_84"] = dict(arch=_arch, init=None)
+    PAPER[f"vit_{_m}/finetune_224"] = dict(arch=_arch, init=f"vit_{_m}/pretrain_84")
+    PAPER[f"vit_{_m}/finetune_336"] = dict(arch=_arch, init=f"vit_{_m}/finetune_224")
 
 
 def test_every_paper_recipe_is_checked():
@@ -163,26 +154,15 @@ def test_every_paper_recipe_is_checked():
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_paper_recipe_has_the_published_settings(name):
+def test_paper_recipe_launches_as_its_header_says_and_chains_its_stages(name):
     from clipa.model.build import stage_geometry
 
     want = PAPER[name]
     path = RECIPES / f"{name}.toml"
-    recipe = load_recipe(path)
-    geometry = stage_geometry(recipe)  # what `clipa validate` checks
-    r = recipe
+    r = load_recipe(path)
+    geometry = stage_geometry(r)  # what `clipa validate` checks
     assert r.model.arch == want["arch"]
-    assert geometry.image_size == want["px"] and geometry.context_length == want["length"]
-    assert r.reduction.mask_ratio == want["mask"]
-    assert r.reduction.image == ("random" if want["mask"] else "resize")
-    assert r.reduction.text == want["text"]
-    assert r.train.global_batch_size == want["batch"]
-    # docs/clipa_recipes.md, trap 1: LR = base x (batch // 256), integer division
-    assert r.optim.lr == pytest.approx(want["base"] * (want["batch"] // 256), rel=1e-9)
-    assert r.optim.warmup_steps == want["warmup"]
-    assert r.train.total_samples == want["samples"]
-    assert r.optim.betas == [0.9, 0.95] and r.optim.weight_decay == 0.2 and r.optim.schedule == "cosine"
-    assert r.optim.eps == (1e-6 if name.startswith("vit_b16") else 1e-8)  # torch v1 vs JAX v2 (docs/clipa_recipes.md, trap 8)
+    assert (geometry.image_size, geometry.context_length) == (r.reduction.image_size, r.reduction.text_length)
     assert r.train.precision == "bf16" and r.data.train != "synthetic"
     per_process = r.train.global_batch_size // 8
     assert per_process % r.train.micro_batch_size == 0  # 8 GPUs as launched
@@ -197,6 +177,8 @@ def test_paper_recipe_has_the_published_settings(name):
         assert r.init.checkpoint == f"runs/{previous.name}"
     else:
         assert r.init.checkpoint == ""
+    if name == "vit_b16/pretrain_112":  # inferred, not published (trap 12): 2,000 ImageNet epochs
+        assert r.train.total_samples == 2_000 * 1_281_167
 
 
 @pytest.mark.parametrize("arch, image_size, text_length, mask_ratio", [

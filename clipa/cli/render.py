@@ -50,6 +50,8 @@ def line(text: str) -> None:
 
 def dry_run_table(recipe, stage: str, numbers, native, full_flops: float, start: str, out_dir: Path,
                   data_commands: list[str], trackers: str) -> Table:
+    from clipa.model.build import tower_summary
+
     geometry, flops, steps = numbers.geometry, numbers.flops_per_sample, numbers.steps
     batch = recipe.train.global_batch_size
     table = Table(title=f"clipa {stage} {recipe.name} (dry run: nothing is trained)", show_header=False)
@@ -59,6 +61,7 @@ def dry_run_table(recipe, stage: str, numbers, native, full_flops: float, start:
         ("image tokens", f"{numbers.image_tokens} per sample ({recipe.reduction.image}"
                          f"{f', mask ratio {recipe.reduction.mask_ratio:g}' if recipe.reduction.mask_ratio else ''})"),
         ("text", f"{geometry.context_length} tokens per caption ({recipe.reduction.text})"),
+        ("towers", tower_summary(numbers.model_cfg)),
         ("train FLOPs", f"{flops:.3g} per sample, {flops / full_flops:.2f}x of full length; "
                         f"{flops * steps * batch:.3g} in total"),
         ("data", recipe.data.train),

@@ -117,12 +117,13 @@ def load_weights(model: torch.nn.Module, state_dict: dict, key: str = "init.chec
     except (AssertionError, RuntimeError, ValueError) as err:
         # open_clip's resizers assert on a width change; load_state_dict raises on shape mismatches.
         reason = first_line(err, 200) or type(err).__name__
-        raise ClipaError(f"{key}: weights do not match the architecture ({reason}); check model.arch against the "
-                         "run or model that produced them") from None
+        raise ClipaError(f"{key}: weights do not match the architecture ({reason}); check model.arch (and "
+                         "model.vision_cfg / text_cfg) against the run or model that produced them") from None
     if missing or unexpected:
         raise ClipaError(
             f"{key}: weights do not match the architecture (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); check model.arch against the run that produced them"
+            f"{unexpected[:3]}); check model.arch (and model.vision_cfg / text_cfg) against the run that produced "
+            "them"
         )
     refresh_sincos(model)  # a fixed sin-cos grid is recomputed for this resolution, never interpolated
 

@@ -266,10 +266,10 @@ def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
 
 
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
-_FIXED_ON_RESUME = ("model.arch", "model.image_tower", "reduction.image", "reduction.image_size",
-                    "reduction.mask_ratio", "reduction.text", "reduction.text_length", "train.global_batch_size",
-                    "train.seed", "data.train", "loss.kind", "loss.queue",
-                    "train.shard")  # a DDP checkpoint holds one weights file, an FSDP one DCP shards
+_FIXED_ON_RESUME = ("model.arch", "model.image_tower", "model.vision_cfg", "model.text_cfg", "model.pos_embed",
+                    "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
+                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind",
+                    "loss.queue", "train.shard")  # a DDP checkpoint holds one weights file, an FSDP one DCP shards
 
 
 def _get(recipe, dotted: str):

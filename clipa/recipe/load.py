@@ -47,6 +47,10 @@ def _coerce(path: str, tp, value):
         if not isinstance(value, list):
             raise ClipaError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
         return [_coerce(f"{path}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is dict:  # an open_clip config table (model.vision_cfg); its keys are checked against open_clip
+        if isinstance(value, dict):
+            return value
+        raise ClipaError(f"{path}: expected a [{path}] table of open_clip config fields, got {shown(value)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -207,6 +211,17 @@ def apply_override(table: dict, override: str) -> None:
             if not isinstance(node, dict):
                 raise ClipaError(f"{path}: expected a table in the recipe file")
             cls = tp
+        elif tp is dict and not last:  # a key inside an open_clip config table: model.vision_cfg.pool_type=avg
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ClipaError(f"{path}: expected a table in the recipe file")
+            *inner, leaf = keys[i + 1:]
+            for name in inner:
+                node = node.setdefault(name, {})
+                if not isinstance(node, dict):
+                    raise ClipaError(f"{path}.{name}: is not a table, cannot set {'.'.join(keys)}")
+            node[leaf] = _parse_value(raw, None)
+            return
         elif not last:
             raise ClipaError(f"{path}: is not a table, cannot set {'.'.join(keys)}")
         else:

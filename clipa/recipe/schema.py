@@ -46,6 +46,14 @@ class ModelConfig:
     # learned stage after a sincos2d one starts from the grid, resized bicubically); "auto" = what
     # the architecture's config says (open_clip's vision_cfg.pos_embed_type, learned if absent).
     pos_embed: str = "auto"
+    # open_clip tower details over the architecture's own config (its vision_cfg / text_cfg), by open_clip's
+    # field names: e.g. vision pool_type "tok" (CLS) | "avg" (GAP over patches), no_ln_pre,
+    # final_ln_after_pool, act_kwargs, norm_kwargs; text pool_type "argmax" | "last" | "first" | "eos",
+    # no_causal_mask, pad_id, eos_id. Keys other recipe keys own (image_size, context_length, patch_dropout,
+    # pos_embed_type, timm_*/hf_*/tokenizer fields) are refused; checked against open_clip in
+    # clipa.model.build.tower_overrides.
+    vision_cfg: dict = field(default_factory=dict)
+    text_cfg: dict = field(default_factory=dict)
 
 
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -122,6 +130,9 @@ class OptimConfig:
     eps: float = 1e-6
     schedule: str = "cosine"  # cosine (to 0 after warmup) | constant (after warmup)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    # Token and position embedding tables take weight decay (CLIP / open_clip: every matrix but gains and
+    # biases); false = only layers' weight matrices decay, as CLIPA's JAX code does (decay mask `.*/kernel`).
+    decay_embeddings: bool = True
 
 
 @dataclass

@@ -6,9 +6,16 @@ import math
 
 import torch
 
+# Embedding tables by parameter name: open_clip's text tokens and positions, image positions; timm's image positions.
+_EMBEDDINGS = ("token_embedding.weight", "positional_embedding", "pos_embed")
 
-def no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    """Gains, biases, the logit scale (and any 0-/1-D tensor) take no weight decay, as in CLIP."""
+
+def no_decay(name: str, param: torch.nn.Parameter, decay_embeddings: bool = True) -> bool:
+    """Gains, biases, the logit scale (and any 0-/1-D tensor) take no weight decay, as in CLIP. With
+    `decay_embeddings` False the token and position embedding tables take none either, so only the weight
+    matrices of layers decay, as in CLIPA's JAX code (its decay mask is `.*/kernel`)."""
+    if not decay_embeddings and name.endswith(_EMBEDDINGS):
+        return True
     return param.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
 
 
@@ -16,7 +23,7 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.AdamW:
     decay, other = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (other if no_decay(name, param) else decay).append(param)
+            (other if no_decay(name, param, optim_cfg.decay_embeddings) else decay).append(param)
     groups = [
         {"params": decay, "weight_decay": optim_cfg.weight_decay},
         {"params": other, "weight_decay": 0.0},
