@@ -1,7 +1,7 @@
 """train.shard = "fsdp" on a real 2-process gloo group: FSDP2 trains like DDP, accumulates exactly, its
-sharded checkpoints survive SIGKILL and resume at another number of processes, bf16 with offload and
-in-training evaluation work, final/ is a plain open_clip model, and a sharded checkpoint that asks
-for code is refused."""
+sharded checkpoints survive SIGKILL and resume at another number of processes, CPU offload,
+evaluation and bf16 work, final/ is a plain open_clip model, and a sharded checkpoint that asks for
+code is refused."""
 
 import json
 import os
@@ -21,9 +21,9 @@ from clipa.train.sharded import SHARDED_DIR
 from conftest import run_torchrun
 
 # 2 processes x micro-batch 8 x 2 accumulation steps, random patch masks (RNG replayed in pass 2),
-# gradients clipped (the tiny model's norm starts near 12), 6 steps, a checkpoint every 2.
+# gradients clipped (the tiny model's norm starts near 12), 4 steps, a checkpoint every 2.
 ARGS = ["-m", "clipa", "pretrain", "tiny/pretrain", "train.global_batch_size=32", "train.micro_batch_size=8",
-        "train.total_samples=192", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=1",
+        "train.total_samples=128", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=1",
         "optim.grad_clip=1.0", "checkpoint.every_steps=2", "checkpoint.keep_last=10", "reduction.image=random",
         "reduction.mask_ratio=0.5"]
 FSDP = [*ARGS, "train.shard=fsdp"]
@@ -39,7 +39,7 @@ def fsdp_run(tmp_path_factory):
 def test_fsdp_trains_like_ddp_with_sharded_checkpoints(tmp_path, fsdp_run):
     run_torchrun(*ARGS, "--out", tmp_path / "ddp", cwd=tmp_path)
     fsdp, ddp = trajectory(fsdp_run), trajectory(tmp_path / "ddp")
-    assert fsdp.keys() == ddp.keys() == set(range(1, 7))
+    assert fsdp.keys() == ddp.keys() == {1, 2, 3, 4}
     # Same math, different reductions (reduce-scatter vs all-reduce): equal to float rounding.
     for step in ddp:
         assert fsdp[step] == pytest.approx(ddp[step], rel=1e-5), step
@@ -79,50 +79,54 @@ def test_fsdp_accumulated_gradients_equal_one_process(tmp_path):
 @pytest.mark.slow
 def test_sigkill_while_checkpointing_then_resume_gives_the_uninterrupted_run(tmp_path, fsdp_run):
     out = tmp_path / "run"
-    # Process 0 dies after every process wrote its shards of step 4, before the checkpoint is renamed.
+    # Process 0 dies after every process wrote its shards of the last step's checkpoint (4), before it
+    # is renamed; step 2's is the one to resume from.
     killed = run_torchrun(*FSDP, "--out", out, cwd=tmp_path, env={"CLIPA_CRASH_AT": "checkpoint-write:4"},
                           check=False)
     assert killed.returncode != 0 and "Signal 9 (SIGKILL)" in killed.stderr
     assert not (out / "final").exists() and (out / "checkpoints" / ".tmp-step_000004").is_dir()
     resumed = run_torchrun(*FSDP, "--out", out, cwd=tmp_path)
-    assert "resuming from" in resumed.stdout and "step 2/6" in resumed.stdout
+    assert "resuming from" in resumed.stdout and "step 2/4" in resumed.stdout
     assert trajectory(out) == trajectory(fsdp_run)  # gloo and FSDP's reductions are deterministic on CPU
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
 @pytest.mark.slow
-def test_resume_on_one_process_and_bf16_offload_without_reshard(tmp_path, fsdp_run):
-    # Two processes' shards, resumed by one process (DCP reshards on load): steps 5 and 6 replay.
+def test_resume_on_one_process_with_offload_and_evaluation_then_bf16(tmp_path, fsdp_run):
+    # Two processes' shards resumed by one process (DCP reshards on load), with the options that move
+    # memory, not numbers (CPU offload, no resharding after forward), and a zero-shot evaluation at the
+    # end: steps 3 and 4 replay the 2-process run.
     one = tmp_path / "one"
-    result = run_one(*FSDP, "--out", one, "--resume", fsdp_run / "checkpoints" / "step_000004")
-    assert "at step 4/6" in result.stdout
+    result = run_one(*FSDP, "train.micro_batch_size=16", "train.fsdp.cpu_offload=true",
+                     "train.fsdp.reshard_after_forward=false", 'eval.zeroshot=["synthetic"]', "--out", one,
+                     "--resume", fsdp_run / "checkpoints" / "step_000002")
+    assert "at step 2/4" in result.stdout
     straight, resumed = trajectory(fsdp_run), trajectory(one)
-    assert resumed.keys() == {5, 6}
+    assert resumed.keys() == {3, 4}
     for step in resumed:
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5)
-    assert sorted(p.name for p in (one / "checkpoints" / "step_000006" / SHARDED_DIR).glob("*.distcp")) == \
+    assert sorted(p.name for p in (one / "checkpoints" / "step_000004" / SHARDED_DIR).glob("*.distcp")) == \
         ["__0_0.distcp"]
-    # bf16 autocast with CPU offload and no resharding after forward, on two processes, evaluated
-    # zero-shot during training: finite and within bf16's rounding of the fp32 run over 3 steps.
-    bf16 = tmp_path / "bf16"
-    run_torchrun(*FSDP, "train.total_samples=96", "train.precision=bf16", "train.fsdp.cpu_offload=true",
-                 "train.fsdp.reshard_after_forward=false", "eval.every_steps=2", 'eval.zeroshot=["synthetic"]',
-                 "--out", bf16, cwd=tmp_path)
-    low = trajectory(bf16)
-    assert low.keys() == {1, 2, 3}
-    for step in low:
-        assert abs(low[step] - straight[step]) < 0.05, (step, low[step], straight[step])
-    assert load_file(str(bf16 / "final" / "open_clip_model.safetensors"))["logit_scale"].dtype == torch.float32
-    # The evaluation at the end saw the whole final weights: it equals a separate one of final/.
+    # The evaluation saw the whole final weights (gathered from the shards): it equals one of final/.
     from clipa.evaluate.models import load_model
     from clipa.evaluate.zeroshot import zeroshot
 
-    rows = [json.loads(line) for line in (bf16 / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "zeroshot/synthetic/acc1" in r]
-    assert [r["step"] for r in evals] == [2, 3]
-    final = zeroshot(load_model(str(bf16 / "final")), "synthetic")["metrics"]
+    assert [r["step"] for r in evals] == [4]
+    final = zeroshot(load_model(str(one / "final")), "synthetic")["metrics"]
     for metric in ("acc1", "acc5", "mean_per_class_recall"):
         assert evals[-1][f"zeroshot/synthetic/{metric}"] == pytest.approx(final[metric], abs=1e-6)
+    # bf16 autocast under FSDP (one process, a group of one): finite and within bf16's rounding of the
+    # fp32 run over 2 steps; the weights stay fp32.
+    bf16 = tmp_path / "bf16"
+    run_one(*FSDP, "train.micro_batch_size=16", "train.total_samples=64", "train.precision=bf16",
+            "checkpoint.every_steps=0", "--out", bf16)
+    low = trajectory(bf16)
+    assert low.keys() == {1, 2}
+    for step in low:
+        assert abs(low[step] - straight[step]) < 0.05, (step, low[step], straight[step])
+    assert load_file(str(bf16 / "final" / "open_clip_model.safetensors"))["logit_scale"].dtype == torch.float32
 
 
 def run_one(*args):
@@ -136,7 +140,7 @@ def run_one(*args):
 def test_final_is_plain_open_clip_and_equals_the_sharded_checkpoint(tmp_path, fsdp_run, cli):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{fsdp_run / 'final'}")
     # The last checkpoint's shards, read without a process group by `clipa export`, are the same weights.
-    assert cli("export", fsdp_run / "checkpoints" / "step_000006", tmp_path / "export").returncode == 0
+    assert cli("export", fsdp_run / "checkpoints" / "step_000004", tmp_path / "export").returncode == 0
     exported = load_file(str(tmp_path / "export" / "open_clip_model.safetensors"))
     state = model.state_dict()
     assert state.keys() == exported.keys()
@@ -156,8 +160,8 @@ class _Payload:
 
 @pytest.mark.slow
 def test_sharded_checkpoint_that_asks_for_code_is_refused(tmp_path, fsdp_run, cli):
-    bad = tmp_path / "step_000006"
-    shutil.copytree(fsdp_run / "checkpoints" / "step_000006", bad)
+    bad = tmp_path / "step_000004"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_000004", bad)
     marker = tmp_path / "ran"
     (bad / SHARDED_DIR / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     result = cli("export", bad, tmp_path / "export")
@@ -179,11 +183,11 @@ def test_truncated_shard_is_damage_and_never_chosen(tmp_path, fsdp_run, cli):
 
     copy = tmp_path / "checkpoints"
     shutil.copytree(fsdp_run / "checkpoints", copy)
-    shard = copy / "step_000006" / SHARDED_DIR / "__1_0.distcp"
+    shard = copy / "step_000004" / SHARDED_DIR / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.warns(UserWarning, match="__1_0.distcp is truncated"):
-        assert CheckpointManager(copy).latest().name == "step_000004"
-    result = cli("export", copy / "step_000006", tmp_path / "export")
+        assert CheckpointManager(copy).latest().name == "step_000002"
+    result = cli("export", copy / "step_000004", tmp_path / "export")
     assert result.returncode == 2 and "is damaged" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
