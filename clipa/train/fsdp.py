@@ -16,8 +16,8 @@ the device mesh is the default process group on the accelerator's device type.
 - Accumulation: gradients are reduce-scattered on the last micro-step only
   (`set_requires_gradient_sync(False)` before it, DDP's `no_sync`); until then each process keeps
   unsharded fp32 gradients of the blocks it has run (docs/performance.md counts the memory).
-- A process alone gets a process group of one (accelerate starts none), so `train.shard = "fsdp"`
-  with CPU offload trains a model larger than one GPU holds on one GPU.
+- A process alone gets a process group of one (accelerate starts none), so CPU offload can also move
+  a single-GPU run's weights, gradients and optimizer state into CPU memory.
 """
 
 from __future__ import annotations
@@ -157,10 +157,11 @@ class Fsdp:
         """An unsharded copy of the model on this process's device (`build()` makes the blank one): every
         process gathers the whole weights (collective), e.g. for evaluation. Building draws no random
         numbers from the training's generators."""
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         with torch.random.fork_rng(devices=[]):
-            copy = build()
+            copy = build()  # in CPU memory
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         copy.load_state_dict(state)
+        del state  # before the copy moves to the device: never two whole models there at once
         return copy.to(self.device)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
