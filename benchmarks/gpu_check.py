@@ -13,7 +13,8 @@ user runs it) and says PASS, FAIL or SKIP with its number:
                     on CUDA, whose reductions are not bitwise deterministic)
   compile           train.compile=true against eager: loss difference and samples/s ratio
   DDP               every visible GPU under torchrun against one process (same global batch)
-  FSDP              not implemented yet (train.shard, issue 22): reported as SKIP, never as a pass
+  FSDP              train.shard=fsdp on every visible GPU (one process with one GPU) against one
+                    unsharded process, same global batch (on CPU tests/test_fsdp.py runs it on gloo)
   vs bare open_clip clipa's samples/s against open_clip's model, ClipLoss and AdamW stepped in a
                     bare loop at the same geometry, batch and precision (what the trainer costs)
   throughput        samples/s and MFU (against the GPU's bf16 peak; on CPU a measured fp32 peak)
@@ -163,6 +164,11 @@ class Checker:
         return self.against(f"DDP x{devices}", "bf16", "ddp", launcher=launcher,
                             detail="against one process, same global batch")
 
+    def fsdp(self, devices: int) -> Check:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(devices), "-m"]
+        return self.against(f"FSDP x{devices}", "bf16", "fsdp", "train.shard=fsdp", launcher=launcher,
+                            detail="sharded per block, against one unsharded process")
+
 
 def bare_open_clip_rate(arch: str, image_size: int, text_length: int, batch: int, steps: int, device: str,
                         bf16: bool) -> float:
@@ -229,7 +235,8 @@ def run_checks(archs: list[tuple[str, int, int]], batch: int, steps: int, loader
             checks.append(checker.compile() if cuda else Check("compile", "SKIP", "CPU", "inductor on CPU is "
                                                                 "not what a GPU user runs; checked on CUDA"))
             checks.append(checker.ddp(devices))
-            checks.append(Check("FSDP", "SKIP", "not implemented", "train.shard = \"fsdp\" is issue 22's next step"))
+            checks.append(checker.fsdp(devices) if cuda else Check("FSDP", "SKIP", "CPU", "CUDA here; "
+                                                                   "tests/test_fsdp.py runs FSDP on CPU (gloo)"))
         print(f"checked {checker.label}", flush=True)
     checks += loader_check(work, loader_sizes, micro=batch, batches=5 if not cuda else 20, step_rates=step_rates)
     return checks

@@ -27,13 +27,15 @@ def run_cli(*args, cwd=None, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def run_torchrun(*args, cwd=None, timeout=600):
+def run_torchrun(*args, cwd=None, timeout=600, env=None, check=True):
     """A real 2-process gloo group via torchrun; `--standalone` rendezvouses on a free port, so a port
-    still held by an earlier group cannot fail the run. Fails the test with the processes' output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    still held by an earlier group cannot fail the run. Fails the test with the processes' output
+    (unless `check` is false: a run that is meant to die). `env`: extra variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 

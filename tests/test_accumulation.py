@@ -270,6 +270,6 @@ def test_logit_scale_clamp_bounds_the_temperature():
     for value, expected in ((math.log(500.0), math.log(100.0)), (-1.0, 0.0), (2.0, 2.0)):
         with torch.no_grad():
             model.logit_scale.fill_(value)
-        clamp_logit_scale(model, model, math.log(100.0))
+        clamp_logit_scale(model, math.log(100.0))
         assert model.logit_scale.item() == pytest.approx(expected)
         assert model.logit_scale.requires_grad  # still the trained parameter, not a copy

@@ -48,11 +48,13 @@ def wait_for_logged_steps(run_dir, n, timeout=300):
 
 
 def trajectory(run_dir):
-    """step -> loss, the last value logged for each step (a resumed run re-logs the steps it redoes)."""
+    """step -> loss, the last value logged for each step (a resumed run re-logs the steps it redoes);
+    evaluation rows carry no loss."""
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        losses[row["step"]] = row["loss"]
+        if "loss" in row:
+            losses[row["step"]] = row["loss"]
     return losses
 
 

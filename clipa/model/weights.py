@@ -79,6 +79,10 @@ def read_state_dict(path: Path, kind: str) -> dict:
             return load_file(str(path / EXPORT_WEIGHTS))
         path = export_weights_file(path)  # e.g. open_clip_pytorch_model.bin: read below like any weights file
     if kind == "checkpoint":
+        from clipa.train.sharded import SHARDED_DIR, read_model_state  # an FSDP run's checkpoint: DCP shards
+
+        if (path / SHARDED_DIR).is_dir():
+            return read_model_state(path / SHARDED_DIR)
         return load_file(str(path / MODEL_FILE))
     try:
         return load_state_dict(str(path))
@@ -145,7 +149,8 @@ def write_safetensors(state_dict: dict, path: Path) -> None:
     fsync_file(path)
 
 
-def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None) -> Path:
+def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None,
+                     state_dict: dict | None = None) -> Path:
     """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
 
     The temporary and the set-aside names are fixed per destination (one writer per destination:
@@ -154,7 +159,8 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
 
     A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
     `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
-    `readme` is the model card (README.md), if any.
+    `readme` is the model card (README.md), if any. `state_dict`: the weights, when `model`'s own are
+    sharded (FSDP gathers them first); default `model.state_dict()`.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -175,7 +181,7 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
         }
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-        write_safetensors(model.state_dict(), tmp / EXPORT_WEIGHTS)
+        write_safetensors(model.state_dict() if state_dict is None else state_dict, tmp / EXPORT_WEIGHTS)
         text_cfg = model_cfg["text_cfg"]
         if text_cfg.get("hf_tokenizer_name"):
             tokenizer = open_clip.tokenizer.HFTokenizer(

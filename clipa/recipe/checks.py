@@ -17,10 +17,12 @@ from clipa.recipe.schema import (
     QUEUE_KINDS,
     RETRIEVAL_DATASETS,
     SCHEDULES,
+    SHARDS,
     TEXT_STRATEGIES,
     ZEROSHOT_DATASETS,
     DataConfig,
     EvalConfig,
+    FsdpConfig,
     LogConfig,
     LossConfig,
     ModelConfig,
@@ -52,6 +54,7 @@ def validate(recipe: Recipe) -> None:
     _check_optim(recipe.optim)
     _check_train(recipe.train)
     _check_loss(recipe.loss, recipe.train.global_batch_size)
+    _check_shard(recipe)
     _check(recipe.checkpoint.every_steps >= 0,
            f"checkpoint.every_steps: must be >= 0 (0 = only at the end), got {recipe.checkpoint.every_steps}")
     _check(recipe.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {recipe.checkpoint.keep_last}")
@@ -155,6 +158,24 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
 
 
+def _check_shard(recipe: Recipe) -> None:
+    """train.shard and what FSDP cannot be combined with (yet); any number of processes, 1 included."""
+    t = recipe.train
+    _one_of("train.shard", t.shard, SHARDS)
+    if t.shard != "fsdp":
+        changed = [k for k, v in dataclasses.asdict(t.fsdp).items() if v != getattr(FsdpConfig(), k)]
+        _check(not changed, f"train.fsdp.{changed[0] if changed else ''}: applies only with train.shard = \"fsdp\" "
+               f"(it is \"{t.shard}\"); set train.shard=fsdp or drop the key")
+        return
+    refuse = 'with train.shard = "fsdp" is not supported'
+    _check(t.precision != "fp16", f'train.precision: "fp16" {refuse} (the FSDP path runs no fp16 loss scaler); use '
+           '"bf16" or "fp32"')
+    _check(not t.compile, f"train.compile: true {refuse} (untested); set train.compile=false or train.shard=ddp")
+    _check(recipe.loss.queue.kind != "momentum",
+           f'loss.queue.kind: "momentum" {refuse} (the EMA encoder would be a full unsharded copy); use '
+           '"memory_bank" or train.shard=ddp')
+
+
 def _check_loss(loss: LossConfig, global_batch_size: int) -> None:
     _one_of("loss.kind", loss.kind, LOSS_KINDS)
     q = loss.queue
@@ -248,7 +269,7 @@ def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
 _FIXED_ON_RESUME = ("model.arch", "model.image_tower", "model.vision_cfg", "model.text_cfg", "model.pos_embed",
                     "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
                     "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind",
-                    "loss.queue")
+                    "loss.queue", "train.shard")  # a DDP checkpoint holds one weights file, an FSDP one DCP shards
 
 
 def _get(recipe, dotted: str):

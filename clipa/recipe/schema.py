@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "constant")
 LOSS_KINDS = ("infonce", "siglip")
 QUEUE_KINDS = ("none", "memory_bank", "momentum")
 POS_EMBEDS = ("auto", "learned", "sincos2d")
+SHARDS = ("ddp", "fsdp")
 ZEROSHOT_DATASETS = ("synthetic", "imagefolder", "imagenet", "imagenet-v2", "imagenet-sketch", "imagenet-r",
                      "imagenet-a", "wds")
 RETRIEVAL_DATASETS = ("csv", "wds", "synthetic")  # as for `clipa retrieval --dataset`
@@ -135,6 +136,18 @@ class OptimConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """Options of train.shard = "fsdp" (torch's FSDP2 `fully_shard`, per transformer block; docs/performance.md)."""
+
+    # Keep the sharded parameters, gradients and optimizer state in CPU memory (the optimizer step runs
+    # on the CPU): the GPU holds only the blocks being computed. Slower; for models that do not fit otherwise.
+    cpu_offload: bool = False
+    # Free each block's gathered parameters after its forward and gather them again for its backward:
+    # one more all-gather per block and step for a smaller peak. false keeps them from forward to backward.
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     global_batch_size: int = 256
@@ -148,6 +161,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
     # Seconds a process waits for the others in one collective before the run stops (torch's default).
     dist_timeout_s: int = 1800
+    # How processes share the model: "ddp" = a full copy each (accelerate's DDP); "fsdp" = parameters,
+    # gradients and optimizer state sharded over the processes (torch FSDP2), sharded checkpoints.
+    shard: str = "ddp"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 A checkpoint is a directory `checkpoints/step_000500/` holding `model.safetensors`, `state.pt`
 (optimizer, scheduler, step, samples seen, data position), `rng_rank{R}.pt` for every process
-and `config.toml`. It is written under a temporary name, fsynced, then renamed: a directory with
-a final `step_*` name is always complete. `LATEST` names the newest and is replaced last.
+and `config.toml`. Under train.shard = "fsdp" the weights and the optimizer state are instead DCP
+shards in `sharded/` (clipa.train.sharded), written by every process, and `state.pt` holds the rest.
+It is written under a temporary name, fsynced, then renamed: a directory with a final `step_*` name
+is always complete. `LATEST` names the newest and is replaced last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from clipa.agree import agreed, fault_point
 from clipa.errors import ClipaError, first_line
 from clipa.model.weights import CONFIG_FILE, MODEL_FILE, fsync_dir, fsync_file, model_from_checkpoint, write_safetensors
 from clipa.train.safeload import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
+from clipa.train.sharded import METADATA_FILE, SHARDED_DIR
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "LATEST"
@@ -34,8 +37,16 @@ def checkpoint_step(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
+def missing_files(path: Path) -> list[str]:
+    """What a checkpoint directory lacks: its state, its recipe, and its weights (one file, or DCP shards)."""
+    missing = [f for f in (STATE_FILE, CONFIG_FILE) if not (path / f).is_file()]
+    if not (path / MODEL_FILE).is_file() and not (path / SHARDED_DIR / METADATA_FILE).is_file():
+        missing.insert(0, f"{MODEL_FILE} or {SHARDED_DIR}/{METADATA_FILE}")
+    return missing
+
+
 def is_complete(path: Path) -> bool:
-    return bool(_STEP_DIR.match(path.name)) and all((path / f).is_file() for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE))
+    return bool(_STEP_DIR.match(path.name)) and not missing_files(path)
 
 
 class CheckpointManager:
@@ -64,7 +75,7 @@ class CheckpointManager:
                 final = self.directory / old.name[len(".old-"):]
                 if final.exists():
                     shutil.rmtree(old, ignore_errors=True)
-                elif all((old / f).is_file() for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE)):
+                elif not missing_files(old):
                     old.rename(final)
 
     def latest(self, quarantine: bool = False) -> Path | None:
@@ -102,11 +113,13 @@ class CheckpointManager:
                              f"{checkpoint_bytes / 2**30:.2f} GiB; free some space or choose another --out")
 
     def save(self, step: int, model_state: dict | None, state: dict | None, config_text: str,
-             rolled_back: bool = False) -> Path:
+             rolled_back: bool = False, write_shards=None) -> Path:
         """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames.
 
         `rolled_back`: this run started from an explicit `--resume` to an earlier step, so higher
         steps belong to the abandoned trajectory and are deleted once this one is in place.
+        `write_shards(directory)`: under FSDP, every process writes its shards of the weights and
+        optimizer state there (collective); `model_state` is then None.
         """
         final = self.directory / f"step_{step:06d}"
         tmp = self.directory / f".tmp-step_{step:06d}"
@@ -122,7 +135,8 @@ class CheckpointManager:
         def finish():
             if self.rank != 0:
                 return
-            write_safetensors(model_state, tmp / MODEL_FILE)
+            if model_state is not None:
+                write_safetensors(model_state, tmp / MODEL_FILE)
             _crash_point("checkpoint-write", step)
             _save_fsync(state, tmp / STATE_FILE)
             (tmp / CONFIG_FILE).write_text(config_text, encoding="utf-8")
@@ -151,6 +165,8 @@ class CheckpointManager:
             # Each phase ends with every process knowing whether any failed (it doubles as the
             # barrier): a save error on one process stops all of them with the same message.
             _agreed_phase(begin)
+            if write_shards is not None:
+                _agreed_phase(lambda: write_shards(tmp / SHARDED_DIR))
             _agreed_phase(lambda: _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt"))
             _agreed_phase(finish)
         except ClipaError as err:
@@ -217,10 +233,17 @@ def _damage(path: Path) -> str | None:
     """None if the checkpoint's files read back whole, else what is wrong; OSError propagates."""
     from safetensors import safe_open
 
+    from clipa.train import sharded
+
     try:
-        with safe_open(str(path / MODEL_FILE), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                f.get_slice(key)
+        if (path / SHARDED_DIR).is_dir():
+            problem = sharded.damage(path / SHARDED_DIR)
+            if problem:
+                return problem
+        else:
+            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    f.get_slice(key)
         # torch.save writes a zip archive: checking every member's CRC reads the file once without
         # unpickling gigabytes of optimizer state twice.
         with zipfile.ZipFile(path / STATE_FILE) as archive:
@@ -259,15 +282,16 @@ def _save_fsync(obj, path: Path) -> None:
     fsync_file(path)
 
 
-def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict, dict, dict | None]:
-    """(model state dict, training state, this rank's RNG state or None).
+def load_state(checkpoint: Path, rank: int = 0) -> tuple[dict | None, dict, dict | None]:
+    """(model state dict, or None for a sharded checkpoint, which the FSDP trainer reads itself;
+    training state; this rank's RNG state or None).
 
     Nothing here runs code from the files (safetensors, and `weights_only=True` for the rest), and
     the training state is memory-mapped: every process of a node reads the same pages.
     """
     from safetensors.torch import load_file
 
-    model_state = load_file(str(checkpoint / MODEL_FILE))
+    model_state = None if (checkpoint / SHARDED_DIR).is_dir() else load_file(str(checkpoint / MODEL_FILE))
     state = load_plain(checkpoint / STATE_FILE)
     rng_path = checkpoint / f"rng_rank{rank}.pt"
     rng = load_rng(rng_path) if rng_path.is_file() else None
@@ -281,7 +305,7 @@ def resolve_resume(path: str | Path, key: str = "--resume") -> Path:
     if not path.exists():
         raise ClipaError(f"{key}: {path} does not exist; give runs/NAME/checkpoints/step_N or a run directory")
     if path.is_dir() and _STEP_DIR.match(path.name) and not is_complete(path):
-        missing = [f for f in (MODEL_FILE, STATE_FILE, CONFIG_FILE) if not (path / f).is_file()]
+        missing = missing_files(path)
         raise ClipaError(f"{key}: {path} is an incomplete checkpoint (missing {', '.join(missing)}); "
                          "give an earlier step_N or the run directory")
     if is_complete(path):

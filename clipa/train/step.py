@@ -40,9 +40,16 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 
 class ContrastiveStep:
-    def __init__(self, model, unwrapped, loss_fn, accelerator, masker=None):
+    """`micro_step(last)`: the context of one micro-step's forward and backward, which synchronises
+    gradients only when `last`; default DDP's (`no_sync` before the last), FSDP's is `Fsdp.micro_step`."""
+
+    def __init__(self, model, unwrapped, loss_fn, accelerator, masker=None, micro_step=None):
         self.model, self.unwrapped, self.loss_fn = model, unwrapped, loss_fn
         self.accelerator, self.masker = accelerator, masker
+        self.micro_step = micro_step or self._ddp_micro_step
+
+    def _ddp_micro_step(self, last: bool):
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
 
     def _forward(self, images, texts, keep):
         if self.masker is not None:
@@ -57,9 +64,10 @@ class ContrastiveStep:
         None: the loss given at construction."""
         loss_fn = loss_fn or self.loss_fn
         if len(micro_batches) == 1:
-            out = self._forward(*micro_batches[0])
-            loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
-            self.accelerator.backward(loss)
+            with self.micro_step(last=True):
+                out = self._forward(*micro_batches[0])
+                loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+                self.accelerator.backward(loss)
             return loss.detach()
         return self._cached(micro_batches, loss_fn)
 
@@ -119,8 +127,7 @@ class ContrastiveStep:
             rows = slice(offset, offset + images.shape[0])
             offset += images.shape[0]
             _set_rng_state(rng_before[i], device)
-            sync = contextlib.nullcontext() if i == last else self.accelerator.no_sync(self.model)
-            with sync:
+            with self.micro_step(i == last):
                 out = self._forward(images, texts, keep)
                 surrogate = (out["image_features"].float() * grad_images[rows]).sum() \
                     + (out["text_features"].float() * grad_texts[rows]).sum()
@@ -133,21 +140,13 @@ class ContrastiveStep:
                 del surrogate
 
 
-def clamp_logit_scale(model, unwrapped, max_log_scale: float) -> torch.Tensor:
+def clamp_logit_scale(unwrapped, max_log_scale: float) -> torch.Tensor:
     """CLIP's temperature clamp, log t in [0, log max], in place on the parameter; returns t (a
-    0-dim tensor, no host sync) for the metrics, read while the parameter is whole.
+    0-dim tensor, no host sync) for the metrics.
 
-    An elementwise clamp of whatever this process holds: the whole parameter under DDP or on one
-    process, the local shard of a DTensor under FSDP2. FSDP1 frees unsharded parameters outside
-    forward, so there the root unit (which owns the model's top-level parameters such as
-    logit_scale) is gathered for the clamp and written back to the shards; every rank calls this.
+    The parameter is whole on every process under DDP and FSDP alike (clipa's FSDP leaves 0-dim
+    parameters unsharded, clipa.train.fsdp), so the clamp is the same everywhere.
     """
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    model = getattr(model, "_orig_mod", model)  # under torch.compile
     with torch.no_grad():
-        gathered = FSDP.summon_full_params(model, recurse=False) if isinstance(model, FSDP) \
-            else contextlib.nullcontext()
-        with gathered:  # writeback (the default): the clamped value goes back into the shards
-            unwrapped.logit_scale.clamp_(0, max_log_scale)
-            return unwrapped.logit_scale.detach().exp()
+        unwrapped.logit_scale.clamp_(0, max_log_scale)
+        return unwrapped.logit_scale.detach().exp()

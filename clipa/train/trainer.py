@@ -45,11 +45,13 @@ from clipa.recipe.load import dumps, read_run_recipe
 from clipa.recipe.schema import Recipe
 from clipa.stage import Stage
 from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
+from clipa.train.fsdp import Fsdp
 from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
 from clipa.train.optim import build_optimizer, build_scheduler
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.train.runlock import RunLock, check_run_dir
+from clipa.train.sharded import SHARDED_DIR
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
@@ -156,10 +158,13 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the run directory (the OS also releases it if the process dies)."""
+        """Release the run directory (the OS also releases it if the process dies), and a process
+        group of one that FSDP started."""
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        if getattr(self, "fsdp", None) is not None:
+            self.fsdp.close()
 
     @property
     def step(self) -> int:
@@ -176,7 +181,13 @@ class Trainer:
         self.text_reducer = TextReducer(build_tokenizer(recipe.model.arch, self.geometry.context_length),
                                         recipe.reduction.text, self.geometry.context_length)
         self.accelerator = accelerator = _accelerator(recipe.train.precision, recipe.train.dist_timeout_s)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ClipaError("accelerate config: FSDP set in `accelerate config` is not how clipa shards; choose "
+                             "multi-GPU there and set train.shard=fsdp in the recipe")
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
+        # FSDP's device mesh (and a group of one for a lone process) before any model exists.
+        self.fsdp = Fsdp(accelerator.device, recipe.train.fsdp.cpu_offload, recipe.train.fsdp.reshard_after_forward) \
+            if recipe.train.shard == "fsdp" else None
         self.main = accelerator.is_main_process
         if self.world > 1 and recipe.data.num_workers < 0:
             # "auto" is this process's share of its node's cores; nodes can differ, and streaming sources
@@ -196,15 +207,18 @@ class Trainer:
                 (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
         self.start_step = self.state.step
         self.queues, self.momentum = self._build_queues(model, queue_state)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.unwrapped = accelerator.unwrap_model(self.model)
+        if self.fsdp is not None:  # sharded already (_build_model); accelerate adds autocast only
+            self.model, self.optimizer, self.unwrapped = model, optimizer, model
+        else:
+            self.model, self.optimizer = accelerator.prepare(model, optimizer)
+            self.unwrapped = accelerator.unwrap_model(self.model)
         if recipe.train.compile:
             # Compiled after prepare, so dynamo sees DDP's buckets; weights are saved from `unwrapped`,
             # whose names carry no `_orig_mod.` prefix. Masks change values, never shapes, per stage:
             # one graph per grad mode, no recompilation per step.
             self.model = torch.compile(self.model)
         self.contrastive_step = ContrastiveStep(self.model, self.unwrapped, LOSSES[recipe.loss.kind], accelerator,
-                                                self.masker)
+                                                self.masker, self.fsdp.micro_step if self.fsdp else None)
 
     def _find_start(self, resume) -> dict | None:
         """Where training starts (the resume order in the module docstring); returns where init weights are.
@@ -264,16 +278,21 @@ class Trainer:
             model.set_grad_checkpointing(True)
         if self.main:  # a checkpoint holds the weights and AdamW's two moments, all fp32
             self.checkpoints.check_free_space(3 * 4 * sum(p.numel() for p in model.parameters()))
+        if self.fsdp is not None:  # the optimizer must hold the sharded parameters, so it comes after
+            self.fsdp.shard(model)
         optimizer = build_optimizer(model, recipe.optim)
         self.scheduler = build_scheduler(optimizer, recipe.optim, self.total_steps)
         return model, optimizer
 
     def _restore(self, model, optimizer, checkpoint: Path) -> dict | None:
         """Load the training state; returns the queue state, applied once the queues exist."""
-        model_state, state, rng = load_state(checkpoint, self.rank)
         self.notes = check_resume_compatible(self.recipe, read_run_recipe(checkpoint), checkpoint)
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(state["optimizer"])
+        model_state, state, rng = load_state(checkpoint, self.rank)
+        if self.fsdp is not None:  # train.shard is fixed on resume: a sharded checkpoint, at any process count
+            self.fsdp.load(optimizer, checkpoint / SHARDED_DIR)
+        else:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
@@ -341,11 +360,12 @@ class Trainer:
                     self.optimizer.step()
                     after_update()
                 else:  # skip the update; the step still counts, so the data and schedule move on
-                    skip_scaled_update(accelerator.scaler, self.optimizer.optimizer, unscaled=self._clips())
+                    skip_scaled_update(accelerator.scaler, getattr(self.optimizer, "optimizer", self.optimizer),
+                                       unscaled=self._clips())
                 step_lr = self.scheduler.get_last_lr()[0]  # the rate this step used, for the log
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                temperature = clamp_logit_scale(self.model, self.unwrapped, max_log_scale)  # valid under FSDP too
+                temperature = clamp_logit_scale(self.unwrapped, max_log_scale)
                 state.finished(finite)
                 fault_point(f"step{state.step}", self.rank)
                 window.step(loss, finite)
@@ -413,11 +433,14 @@ class Trainer:
 
     def _clips(self) -> bool:
         """Whether `_finite_update` goes through accelerate's clip (which unscales fp16 gradients)."""
-        return bool(self.recipe.optim.grad_clip) or self.accelerator.distributed_type == DistributedType.FSDP
+        return bool(self.recipe.optim.grad_clip) and self.fsdp is None
 
     def _finite_update(self, loss: torch.Tensor) -> bool:
         """Clip (if asked) and report whether loss and gradients are finite, agreed by all processes."""
-        if self._clips():
+        if self.fsdp is not None:  # the norm over every process's shards
+            grad_norm = self.fsdp.clip_grad_norm_(self.recipe.optim.grad_clip) if self.recipe.optim.grad_clip \
+                else self.fsdp.grad_norm()
+        elif self._clips():
             grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(),
                                                          self.recipe.optim.grad_clip or float("inf"))
         else:  # the norm only: clipping at infinity would still rescale every gradient by 1.0
@@ -460,12 +483,14 @@ class Trainer:
 
     def _finish(self, log: RunLog, wall: float, last_loss: float) -> StageResult:
         saved = self.save_checkpoint(wall)
+        # Under FSDP every process sends its shards to process 0, which writes the whole model.
+        full_state = self.fsdp.full_model_state() if self.fsdp is not None else None
         if self.main:  # final/ gets the same model card as `clipa export` writes
             from clipa.model.card import model_card
 
             card = model_card(Path(saved), self.recipe, self.model_cfg,
                               sum(p.numel() for p in self.unwrapped.parameters()), self.run_dir / "final")
-            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final", readme=card)
+            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final", readme=card, state_dict=full_state)
         if self.evaluates:
             self.evaluate(log)
         self.accelerator.wait_for_everyone()
@@ -489,12 +514,18 @@ class Trainer:
             # rewriting it could only risk it, e.g. a kill mid-write with keep_last = 1.
             return self.start_from
         scaler, step = self.accelerator.scaler, self.state.step
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        # Under FSDP the optimizer state is sharded: it goes with the model into the DCP shards.
+        optimizer_state = self.optimizer.state_dict() if self.fsdp is None else None
+        state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  **self.state.state_dict(elapsed), "samples": step * self.spec.global_batch,
                  "data_position": {"micro_batch": step * self.accumulation,
                                    **loader_layout(self.recipe.data, self.world, self.micro)},
                  "queue": self._queue_state()}
+        if self.fsdp is not None:
+            return self.checkpoints.save(step, None, state if self.main else None, self.config_text,
+                                         rolled_back=self.explicit_resume,
+                                         write_shards=lambda directory: self.fsdp.save(self.optimizer, directory))
         return self.checkpoints.save(step, self.unwrapped.state_dict() if self.main else None,
                                      state if self.main else None, self.config_text, rolled_back=self.explicit_resume)
 
@@ -516,7 +547,10 @@ class Trainer:
         from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
 
-        loaded = LoadedModel(self.unwrapped, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
+        # Under FSDP evaluation runs on a whole copy on every process (each evaluates its share of the data,
+        # unequal in batches, which sharded forwards could not be); it lives for this evaluation only.
+        model = self.fsdp.whole_copy(lambda: create_model(self.model_cfg)) if self.fsdp is not None else self.unwrapped
+        loaded = LoadedModel(model, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
                              self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
                              self.recipe.model.arch, str(self.run_dir))
         row = {"step": self.step, "samples": self.step * self.spec.global_batch, "stage": self.stage}
