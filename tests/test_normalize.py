@@ -80,10 +80,11 @@ def test_changing_it_on_resume_is_refused(tmp_path, key, value):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Three steps of the tiny recipe with a custom normalisation and bilinear crops."""
+    """Two steps of the tiny recipe with a custom normalisation and bilinear crops."""
     root = tmp_path_factory.mktemp("normalize")
     info = write_synthetic(root / "synth", num_samples=1, shard_size=1, eval_per_class=1)
-    overrides = tiny_overrides(**{"train.total_samples": 32 * 3, "data.normalize": "custom", "data.mean": MEAN,
+    overrides = tiny_overrides(**{"train.global_batch_size": 16, "train.total_samples": 16 * 2,
+                                  "data.normalize": "custom", "data.mean": MEAN,
                                   "data.std": STD, "data.augment.interpolation": "bilinear"})
     run = train(load_recipe(TINY, overrides), "pretrain", root / "run")
     return run.run_dir, Path(info["eval"])
