@@ -162,6 +162,21 @@ def preprocess_cfg(image_size, data=None) -> dict:
             "interpolation": data.augment.interpolation, "resize_mode": "shortest"}
 
 
+def trained_mean_std(path: str | Path) -> tuple[list, list] | None:
+    """The image mean/std the weights at `path` were trained with: a clipa run's or checkpoint's
+    `data.normalize`, an export's `preprocess_cfg`; None for a bare weights file (it does not say)."""
+    where, kind = find_weights(path)
+    if kind == "export":
+        pre = json.loads((where / EXPORT_CONFIG).read_text(encoding="utf-8")).get("preprocess_cfg", {})
+        return (list(pre["mean"]), list(pre["std"])) if "mean" in pre and "std" in pre else None
+    if kind == "checkpoint":
+        from clipa.recipe.load import read_run_recipe
+        from clipa.recipe.schema import image_mean_std
+
+        return tuple(list(v) for v in image_mean_std(read_run_recipe(where).data))
+    return None
+
+
 def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None,
                      state_dict: dict | None = None, data=None) -> Path:
     """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).

@@ -39,7 +39,7 @@ from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
 from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.model.towers import apply_locks, load_image_tower
-from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights
+from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights, trained_mean_std
 from clipa.recipe.checks import check_resume_compatible
 from clipa.recipe.load import dumps, read_run_recipe
 from clipa.recipe.schema import Recipe, image_mean_std
@@ -124,6 +124,17 @@ def _to_device(batch, device, normalize: Normalize):
     images = normalize(images.to(device, non_blocking=True))
     keep = keep.to(device, non_blocking=True) if keep is not None else None
     return images, texts.to(device, non_blocking=True), keep
+
+
+def _normalisation_note(recipe: Recipe, init: str) -> str | None:
+    """A note when init.checkpoint's weights were trained with another image mean/std than data.normalize."""
+    theirs = trained_mean_std(init)
+    ours = [list(v) for v in image_mean_std(recipe.data)]
+    if theirs is None or all(math.isclose(a, b, rel_tol=1e-6) for x, y in zip(theirs, ours) for a, b in zip(x, y)):
+        return None
+    return (f"init.checkpoint {init} was trained with image mean {theirs[0]} / std {theirs[1]}, data.normalize "
+            f"(\"{recipe.data.normalize}\") is mean {ours[0]} / std {ours[1]}; the weights start with inputs they "
+            "did not learn (set data.normalize to theirs to continue as they trained)")
 
 
 def precision_name(accelerator: Accelerator) -> str:
@@ -231,6 +242,7 @@ class Trainer:
         self.explicit_resume = bool(resume)
         self.replaced: list[str] = []
         start_from, init_weights = None, None
+        self.init_note = None
         with agreed():
             fault_point("setup", self.rank)
             if self.main:
@@ -252,6 +264,7 @@ class Trainer:
                     init_weights = self.recipe.init.checkpoint
                     if published.parse(init_weights, "init.checkpoint") is None:
                         find_weights(init_weights)  # a local path that is wrong fails here, on every process
+                        self.init_note = _normalisation_note(self.recipe, init_weights)
         self.start_from, init_weights = broadcast_value((start_from, init_weights))
         if init_weights is None:
             return None
@@ -391,6 +404,8 @@ class Trainer:
             log.message(f"data.train runs: {command}")
         for note in self.checkpoints.moved_aside:
             log.message(f"note: {note}")
+        if self.init_note and self.start_from is None:
+            log.message(f"note: {self.init_note}")
         if self.lock is not None and self.lock.took_over:
             log.message(f"note: took over {self.run_dir}'s lock from {self.lock.took_over}, which is gone")
         if self.start_from is not None:
