@@ -56,6 +56,9 @@ def jax_v2(cfg: str, arch: str) -> list[tuple]:
          f"{cfg}: simclr_jitter_gray(jitter_strength=0.4); {SIMCLR}: color_jitter = 0.8/0.8/0.8/0.2 x strength"),
         ("data.augment.color_jitter_prob", 0.8, f"{OPS}: simclr_jitter_gray random_apply(color_jitter_t, p=0.8)"),
         ("data.augment.gray_scale_prob", 0.2, f"{OPS}: simclr_jitter_gray random_apply(to_grayscale, p=0.2)"),
+        ("data.normalize", "imagenet", f"{cfg}: config.cpu_unit8 = True; "
+         + (f"{T5X}clipa_jax/models_t5x/two_towers.py: Model.__call__" if cfg.startswith(T5X) else
+            f"{JAX}main.py: update_fn") + ": (image - 255 x (0.485, 0.456, 0.406)) / (255 x (0.229, 0.224, 0.225))"),
         ("model.pos_embed", "sincos2d", f"{cfg}: config.model.image posemb='sincos2d'"),
         ("vision_cfg.pool_type", "avg", f"{cfg}: config.model.image pool_type='gap'; {oc}"),
         ("vision_cfg.no_ln_pre", True, f"{VIT}: no LayerNorm before the encoder; {oc}"),
@@ -104,6 +107,8 @@ B16_COMMON = [
     ("data.augment.ratio", [3 / 4, 4 / 3], f"{TORCH}open_clip/transform.py: RandomResizedCrop default ratio"),
     ("data.augment.interpolation", "bicubic", f"{TORCH}open_clip/transform.py: interpolation=BICUBIC"),
     ("data.augment.hflip_prob", 0.0, f"{TORCH}open_clip/transform.py: no flip"),
+    ("data.normalize", "openai", f"{TORCH}open_clip/transform.py: image_transform mean/std default "
+                                 "OPENAI_DATASET_MEAN/STD"),
     ("data.augment.color_jitter_prob", 0.0, f"{B_PT}: --aug-cfg sets no color_jitter_prob"),
     ("data.augment.gray_scale_prob", 0.0, f"{B_PT}: --aug-cfg sets no gray_scale_prob"),
     ("vision_cfg.pool_type", "tok", f"{B_CFG}: no global_average_pool (class token)"),

@@ -14,9 +14,6 @@ from PIL import Image
 
 from clipa.data.decode import crop_resize
 
-MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1) * 255
-STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1) * 255
-
 
 class RandomResizedCrop:
     """CLIPA's "resize" reduction: crop a random area (scale) and resize straight to `size`, then the
@@ -91,10 +88,25 @@ def train_transform(image_size: int, augment=None) -> RandomResizedCrop:
                              augment.color_jitter, augment.color_jitter_prob, augment.gray_scale_prob)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW batch -> float, normalised with the OpenAI CLIP mean/std."""
-    mean, std = MEAN.to(images.device), STD.to(images.device)
-    return (images.float() - mean) / std
+class Normalize:
+    """uint8 NCHW batch -> float, normalised with `mean` / `std` (for pixels in [0, 1], open_clip's convention;
+    `data.normalize`), one vectorised op per batch on the batch's device. The constants, scaled to 0-255, are
+    copied to a device once, not per batch."""
+
+    def __init__(self, mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD):
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._scaled = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        device = images.device
+        if device not in self._scaled:
+            self._scaled[device] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255
+                                         for v in (self.mean, self.std))
+        mean, std = self._scaled[device]
+        return (images.float() - mean) / std
+
+
+normalize = Normalize()  # OpenAI CLIP's mean/std, clipa's default
 
 
 def eval_transform(image_size: int, mean=None, std=None, interpolation: str = "bicubic",

@@ -43,7 +43,14 @@ from clipa.model.build import (
     stage_config,
 )
 from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
-from clipa.model.weights import EXPORT_CONFIG, find_weights, load_weights, model_from_checkpoint, read_state_dict
+from clipa.model.weights import (
+    EXPORT_CONFIG,
+    find_weights,
+    load_weights,
+    model_from_checkpoint,
+    preprocess_cfg,
+    read_state_dict,
+)
 
 
 @dataclass
@@ -117,10 +124,13 @@ def _from_published(pub: published.Published) -> LoadedModel:
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
+    """A step checkpoint, preprocessed as its run trained: `data.normalize` and `data.augment.interpolation`."""
     model, recipe, geometry, model_cfg = model_from_checkpoint(path)
+    pre = preprocess_cfg(geometry.image_size, recipe.data)
     return LoadedModel(model, build_tokenizer(recipe.model.arch, geometry.context_length), geometry.image_size,
-                       open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD, recipe.model.arch, str(path),
-                       model_cfg, functools.partial(build_tokenizer, recipe.model.arch), geometry.context_length)
+                       tuple(pre["mean"]), tuple(pre["std"]), recipe.model.arch, str(path), model_cfg,
+                       functools.partial(build_tokenizer, recipe.model.arch), geometry.context_length,
+                       pre["interpolation"], pre["resize_mode"])
 
 
 def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length: int | None = None) -> LoadedModel:

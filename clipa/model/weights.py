@@ -149,8 +149,36 @@ def write_safetensors(state_dict: dict, path: Path) -> None:
     fsync_file(path)
 
 
+def preprocess_cfg(image_size, data=None) -> dict:
+    """open_clip's `preprocess_cfg` for a model trained with `data` (a recipe's `DataConfig`; None = its
+    defaults): the mean/std of `data.normalize` and the crop's `data.augment.interpolation`, so that
+    `open_clip.create_model_and_transforms("local-dir:...")` preprocesses as training did. Evaluation
+    resizes the shortest side and center-crops (open_clip's default), as clipa's own evaluation does."""
+    from clipa.recipe.schema import DataConfig, image_mean_std
+
+    data = DataConfig() if data is None else data
+    mean, std = image_mean_std(data)
+    return {"size": image_size, "mean": list(mean), "std": list(std),
+            "interpolation": data.augment.interpolation, "resize_mode": "shortest"}
+
+
+def trained_mean_std(path: str | Path) -> tuple[list, list] | None:
+    """The image mean/std the weights at `path` were trained with: a clipa run's or checkpoint's
+    `data.normalize`, an export's `preprocess_cfg`; None for a bare weights file (it does not say)."""
+    where, kind = find_weights(path)
+    if kind == "export":
+        pre = json.loads((where / EXPORT_CONFIG).read_text(encoding="utf-8")).get("preprocess_cfg", {})
+        return (list(pre["mean"]), list(pre["std"])) if "mean" in pre and "std" in pre else None
+    if kind == "checkpoint":
+        from clipa.recipe.load import read_run_recipe
+        from clipa.recipe.schema import image_mean_std
+
+        return tuple(list(v) for v in image_mean_std(read_run_recipe(where).data))
+    return None
+
+
 def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None,
-                     state_dict: dict | None = None) -> Path:
+                     state_dict: dict | None = None, data=None) -> Path:
     """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
 
     The temporary and the set-aside names are fixed per destination (one writer per destination:
@@ -160,7 +188,8 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
     `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
     `readme` is the model card (README.md), if any. `state_dict`: the weights, when `model`'s own are
-    sharded (FSDP gathers them first); default `model.state_dict()`.
+    sharded (FSDP gathers them first); default `model.state_dict()`. `data`: the recipe's `DataConfig`, whose
+    normalisation and interpolation the export's `preprocess_cfg` records (`preprocess_cfg`).
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -171,15 +200,7 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        image_size = model_cfg["vision_cfg"]["image_size"]
-        preprocess_cfg = {
-            "size": image_size,
-            "mean": list(open_clip.OPENAI_DATASET_MEAN),
-            "std": list(open_clip.OPENAI_DATASET_STD),
-            "interpolation": "bicubic",
-            "resize_mode": "shortest",
-        }
-        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(model_cfg["vision_cfg"]["image_size"], data)}
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
         write_safetensors(model.state_dict() if state_dict is None else state_dict, tmp / EXPORT_WEIGHTS)
         text_cfg = model_cfg["text_cfg"]

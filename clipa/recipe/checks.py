@@ -12,6 +12,7 @@ from clipa.recipe.schema import (
     IMAGE_STRATEGIES,
     INTERPOLATIONS,
     LOSS_KINDS,
+    NORMALIZE_CHOICES,
     POS_EMBEDS,
     PRECISIONS,
     QUEUE_KINDS,
@@ -97,6 +98,24 @@ def _check_data(d: DataConfig) -> None:
            f"got {shown(d.csv_separator)}; write a tab as \"\\t\"")
     _check(d.synthetic_image_size >= 8, f"data.synthetic_image_size: must be >= 8, got {d.synthetic_image_size}")
     _check_augment(d.augment)
+    _check_normalize(d)
+
+
+def _check_normalize(d: DataConfig) -> None:
+    _one_of("data.normalize", d.normalize, NORMALIZE_CHOICES)
+    if d.normalize != "custom":
+        for key in ("mean", "std"):
+            _check(not getattr(d, key), f"data.{key}: applies only with data.normalize = \"custom\" (it is "
+                   f"\"{d.normalize}\"); set data.normalize=custom or drop data.{key}")
+        return
+    for key in ("mean", "std"):
+        values = getattr(d, key)
+        _check(len(values) == 3, f"data.{key}: data.normalize = \"custom\" needs three numbers (R, G, B), got "
+               f"{values}")
+        _check(all(0 <= v <= 1 for v in values) and (key == "mean" or all(v > 0 for v in values)),
+               f"data.{key}: expected values for pixels in [0, 1] (open_clip's convention, e.g. "
+               f"{'[0.485, 0.456, 0.406]' if key == 'mean' else '[0.229, 0.224, 0.225]'}), got {values}"
+               + ("; divide 0-255 values by 255" if any(v > 1 for v in values) else ""))
 
 
 def _check_augment(a) -> None:
@@ -268,7 +287,8 @@ def batch_layout(recipe: Recipe, num_processes: int) -> tuple[int, int]:
 # Recipe keys that define what a checkpoint *is*; a resumed run may not change them.
 _FIXED_ON_RESUME = ("model.arch", "model.image_tower", "model.vision_cfg", "model.text_cfg", "model.pos_embed",
                     "reduction.image", "reduction.image_size", "reduction.mask_ratio", "reduction.text",
-                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train", "loss.kind",
+                    "reduction.text_length", "train.global_batch_size", "train.seed", "data.train",
+                    "data.normalize", "data.mean", "data.std", "loss.kind",
                     "loss.queue", "train.shard")  # a DDP checkpoint holds one weights file, an FSDP one DCP shards
 
 

@@ -57,6 +57,14 @@ class ModelConfig:
 
 
 INTERPOLATIONS = ("bicubic", "bilinear")
+# Image normalisation (`data.normalize`): open_clip's named (mean, std) pairs, for pixels in [0, 1];
+# "custom" takes `data.mean` / `data.std`.
+NORMALIZATIONS = {
+    "openai": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),  # CLIP, open_clip
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # CLIPA-v2's JAX code (big_vision vgg_value_range)
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # big_vision value_range(-1, 1): SigLIP
+}
+NORMALIZE_CHOICES = (*NORMALIZATIONS, "custom")
 
 
 @dataclass
@@ -93,6 +101,12 @@ class DataConfig:
     # Training-image augmentation (random-resized crop, flip, colour jitter, grayscale); the old
     # `data.crop_scale` is still read, as `data.augment.scale`.
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Image mean/std, applied on the device to every training batch, recorded in the export's preprocess_cfg
+    # and used by evaluation: "openai" (CLIP's) | "imagenet" (CLIPA-v2's JAX runs) | "inception" (0.5/0.5,
+    # i.e. pixels in [-1, 1]) | "custom" (data.mean and data.std: three numbers each, for pixels in [0, 1]).
+    normalize: str = "openai"
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
     # Resolution the synthetic images are drawn at before the crop.
     synthetic_image_size: int = 64
     # Shards/rows drawn with replacement, endlessly, instead of epochs that see each sample once.
@@ -110,6 +124,13 @@ class DataConfig:
     # Resume shard/CSV streams exactly, by re-reading (not decoding) what each worker consumed; false =
     # start a fresh shuffled stream at once (for remote shards, where re-reading means re-downloading).
     exact_resume: bool = True
+
+
+def image_mean_std(data: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) that `data.normalize` (and data.mean / data.std for "custom") names."""
+    if data.normalize == "custom":
+        return tuple(float(x) for x in data.mean), tuple(float(x) for x in data.std)
+    return NORMALIZATIONS[data.normalize]
 
 
 @dataclass

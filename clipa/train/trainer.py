@@ -32,17 +32,17 @@ from accelerate.utils import DistributedType, set_seed
 from clipa.agree import agreed, agreed_min, broadcast_value, fault_point, peer_lost
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
 from clipa.data.spec import data_commands
-from clipa.data.transforms import normalize
+from clipa.data.transforms import Normalize
 from clipa.errors import ClipaError, first_line
 from clipa.flops import device_peak_flops
 from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
 from clipa.model.reduction import TextReducer, install_patch_masker
 from clipa.model.towers import apply_locks, load_image_tower
-from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights
+from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights, trained_mean_std
 from clipa.recipe.checks import check_resume_compatible
 from clipa.recipe.load import dumps, read_run_recipe
-from clipa.recipe.schema import Recipe
+from clipa.recipe.schema import Recipe, image_mean_std
 from clipa.stage import Stage
 from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.train.fsdp import Fsdp
@@ -119,11 +119,22 @@ def skip_scaled_update(scaler, optimizer, unscaled: bool) -> None:
     scaler.update()
 
 
-def _to_device(batch, device):
+def _to_device(batch, device, normalize: Normalize):
     images, texts, keep = batch
     images = normalize(images.to(device, non_blocking=True))
     keep = keep.to(device, non_blocking=True) if keep is not None else None
     return images, texts.to(device, non_blocking=True), keep
+
+
+def _normalisation_note(recipe: Recipe, init: str) -> str | None:
+    """A note when init.checkpoint's weights were trained with another image mean/std than data.normalize."""
+    theirs = trained_mean_std(init)
+    ours = [list(v) for v in image_mean_std(recipe.data)]
+    if theirs is None or all(math.isclose(a, b, rel_tol=1e-6) for x, y in zip(theirs, ours) for a, b in zip(x, y)):
+        return None
+    return (f"init.checkpoint {init} was trained with image mean {theirs[0]} / std {theirs[1]}, data.normalize "
+            f"(\"{recipe.data.normalize}\") is mean {ours[0]} / std {ours[1]}; the weights start with inputs they "
+            "did not learn (set data.normalize to theirs to continue as they trained)")
 
 
 def precision_name(accelerator: Accelerator) -> str:
@@ -231,6 +242,7 @@ class Trainer:
         self.explicit_resume = bool(resume)
         self.replaced: list[str] = []
         start_from, init_weights = None, None
+        self.init_note = None
         with agreed():
             fault_point("setup", self.rank)
             if self.main:
@@ -252,6 +264,7 @@ class Trainer:
                     init_weights = self.recipe.init.checkpoint
                     if published.parse(init_weights, "init.checkpoint") is None:
                         find_weights(init_weights)  # a local path that is wrong fails here, on every process
+                        self.init_note = _normalisation_note(self.recipe, init_weights)
         self.start_from, init_weights = broadcast_value((start_from, init_weights))
         if init_weights is None:
             return None
@@ -340,6 +353,7 @@ class Trainer:
         log = self._open_log()
         max_log_scale = math.log(recipe.train.logit_scale_max)
         window = MetricsWindow(accelerator.device)
+        normalize = Normalize(*image_mean_std(recipe.data))  # data.normalize, on the device, one op per batch
         t_start = time.perf_counter()
         self.model.train()
         loader = self._loader()
@@ -351,7 +365,7 @@ class Trainer:
                 return self._result(time.perf_counter() - t_start, window.last_loss, stopped_by=stop)
             while state.step < self.total_steps:
                 t_fetch = time.perf_counter()
-                micro_batches = [_to_device(next(batches), accelerator.device) for _ in range(self.accumulation)]
+                micro_batches = [_to_device(next(batches), accelerator.device, normalize) for _ in range(self.accumulation)]
                 window.data_wait += time.perf_counter() - t_fetch
                 loss_fn, after_update = self._queue_loss(micro_batches)
                 loss = self.contrastive_step(micro_batches, loss_fn)
@@ -390,6 +404,8 @@ class Trainer:
             log.message(f"data.train runs: {command}")
         for note in self.checkpoints.moved_aside:
             log.message(f"note: {note}")
+        if self.init_note and self.start_from is None:
+            log.message(f"note: {self.init_note}")
         if self.lock is not None and self.lock.took_over:
             log.message(f"note: took over {self.run_dir}'s lock from {self.lock.took_over}, which is gone")
         if self.start_from is not None:
@@ -490,7 +506,8 @@ class Trainer:
 
             card = model_card(Path(saved), self.recipe, self.model_cfg,
                               sum(p.numel() for p in self.unwrapped.parameters()), self.run_dir / "final")
-            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final", readme=card, state_dict=full_state)
+            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final", readme=card, state_dict=full_state,
+                             data=self.recipe.data)
         if self.evaluates:
             self.evaluate(log)
         self.accelerator.wait_for_everyone()
@@ -541,8 +558,6 @@ class Trainer:
 
     def evaluate(self, log: RunLog) -> dict:
         """The recipe's `[eval]` zero-shot and retrieval datasets on the current weights, on every process."""
-        import open_clip
-
         from clipa.evaluate.models import LoadedModel
         from clipa.evaluate.retrieval import retrieval
         from clipa.evaluate.zeroshot import zeroshot
@@ -551,8 +566,8 @@ class Trainer:
         # unequal in batches, which sharded forwards could not be); it lives for this evaluation only.
         model = self.fsdp.whole_copy(lambda: create_model(self.model_cfg)) if self.fsdp is not None else self.unwrapped
         loaded = LoadedModel(model, build_tokenizer(self.recipe.model.arch, self.geometry.context_length),
-                             self.geometry.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD,
-                             self.recipe.model.arch, str(self.run_dir))
+                             self.geometry.image_size, *image_mean_std(self.recipe.data), self.recipe.model.arch,
+                             str(self.run_dir), interpolation=self.recipe.data.augment.interpolation)
         row = {"step": self.step, "samples": self.step * self.spec.global_batch, "stage": self.stage}
         masker_was = self.masker.keep if self.masker else None
         for name in self.recipe.eval.zeroshot:
