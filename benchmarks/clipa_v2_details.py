@@ -60,8 +60,9 @@ def run_variant(label: str, extra: list[str], seed: int, pretrain_samples: int, 
 
 
 def _spread(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.fmean(values):.3f} ± {sd:.3f}"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(rows: list[dict]) -> str:
