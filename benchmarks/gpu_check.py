@@ -124,7 +124,9 @@ class Checker:
                      + ("" if self.cuda else " (CPU: clipa's rate includes decoding)"))
 
     def resume(self) -> Check:
-        precision = "bf16" if self.cuda else "fp32"
+        # bf16 on CPU too: its autocast path is the one users resume on GPUs, and the CPU test suite's
+        # only bf16 kill + resume check is this one (tests/test_gpu_check.py)
+        precision = "bf16"
         straight = self.runs.get(precision)
         kill_at = max(2, self.steps // 2 + 1)
         ckpt = [f"train.precision={precision}", f"checkpoint.every_steps={kill_at - 1}"]
@@ -138,7 +140,7 @@ class Checker:
         diff = max(abs(a[s] - b[s]) for s in a)
         tolerance = 1e-3 if self.cuda else 0.0
         return Check(f"kill + resume ({self.label})", "PASS" if diff <= tolerance and a.keys() == b.keys() else "FAIL",
-                     f"max |loss diff| {diff:.2e}", f"killed after step {kill_at}, tolerance {tolerance:g}")
+                     f"max |loss diff| {diff:.2e}", f"{precision}, killed after step {kill_at}, tolerance {tolerance:g}")
 
     def against(self, name: str, reference: str, run_name: str, *extra: str, launcher: list[str] | None = None,
                 detail: str = "") -> Check:

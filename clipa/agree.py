@@ -92,6 +92,10 @@ def fault_point(where: str, rank: int) -> None:
 
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("CLIPA_HANG_AT") == f"{where}:{rank}":
+        import signal
         import time
 
+        # A stuck process still dies when its launcher ends the run: without this, clipa's SIGTERM
+        # handler (save at the next step) would keep it asleep through torchrun's 30 s grace period.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(24 * 3600)

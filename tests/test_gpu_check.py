@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py in its CPU mode, so the GPU acceptance check cannot rot between GPU runs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,11 +20,14 @@ def test_gpu_check_cpu_mode_runs_every_check_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     status = {c["name"].split(" (")[0]: c["status"] for c in report["checks"]}
     assert status["bf16 vs fp32"] == status["kill + resume"] == "PASS", report
-    assert status["throughput fp32"] == status["throughput bf16"] == status["vs bare open_clip"] == "PASS"
+    assert status["throughput fp32"] == status["throughput bf16"] == "PASS"
+    # a speed ratio, measured: whether it passes depends on what else this machine runs (benchmarks
+    # judge speed, not unit tests), so the test checks that the row is measured and judged
     bare = next(c for c in report["checks"] if c["name"].startswith("vs bare open_clip"))
-    assert "clipa / bare samples/s x" in bare["value"]
+    assert status["vs bare open_clip"] in {"PASS", "FAIL"} and re.search(r"x\d+\.\d\d \(bare \d+\.\d/s\)", bare["value"])
     assert status["FSDP"] == status["DDP"] == status["compile"] == "SKIP"  # CUDA-only here, said so, never a pass
     assert {"loader 32px", "loader 64px"} <= set(status)
     resume = next(c for c in report["checks"] if c["name"].startswith("kill + resume"))
     assert resume["value"] == "max |loss diff| 0.00e+00"  # bitwise on CPU
+    assert resume["detail"].startswith("bf16,"), resume  # the CPU suite's bf16 kill + resume check
     assert report["device"] == "cpu" and "clipa GPU acceptance check" in result.stdout

@@ -1,11 +1,13 @@
 """Mixed precision through the whole pipeline on CPU (issue 22, part 1).
 
 bf16 goes through accelerate's CPU autocast exactly as on a GPU: the tiny model pretrains in bf16,
-is SIGKILLed and resumed, finetunes, exports and evaluates. Its losses stay within a stated
-tolerance of the fp32 run's, the resumed run equals an uninterrupted one, and the export is fp32
-and loads in plain open_clip. fp16 has no CPU autocast in accelerate (it silently trains fp32), so
-clipa refuses it on CPU instead of logging a precision it does not use; the fp16 GradScaler logic
-is covered with torch's real GradScaler in test_checkpoint.py.
+finetunes, exports and evaluates, and the export is fp32 and loads in plain open_clip. Its losses
+staying within 0.05 of the fp32 run's, and a SIGKILLed bf16 run resuming to the uninterrupted
+run's losses exactly, are asserted through gpu_check's CPU mode (tests/test_gpu_check.py).
+
+fp16 has no CPU autocast in accelerate (it silently trains fp32), so clipa refuses it on CPU instead
+of logging a precision it does not use; the fp16 GradScaler logic is covered with torch's real
+GradScaler in test_checkpoint.py.
 """
 
 import json
@@ -44,41 +46,27 @@ def pretrain(out, precision, *extra, env=None):
                           env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
 
 
-def test_bf16_pretrain_kill_resume_finetune_export_evaluate(tmp_path):
-    fp32, bf16, killed = tmp_path / "fp32", tmp_path / "bf16", tmp_path / "killed"
-    ok(pretrain(fp32, "fp32"))
+def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
+    """bf16 against fp32 loss by loss, and bf16 kill + resume (bitwise), are checked by gpu_check's CPU
+    mode (tests/test_gpu_check.py); this test takes bf16 through the rest of the pipeline."""
+    bf16 = tmp_path / "bf16"
     first = ok(pretrain(bf16, "bf16"))
     assert "precision bf16" in first.stdout + first.stderr
-    # killed by SIGKILL after step 3, with a checkpoint at step 2; the same command resumes it
-    dead = pretrain(killed, "bf16", "checkpoint.every_steps=2", env={"CLIPA_KILL_AT": "step3:0"})
-    assert dead.returncode == -9, dead.stderr[-2000:]
-    assert max(losses_by_step(killed)) == 2  # step 3 ran; the kill came before its log line
-    ok(pretrain(killed, "bf16", "checkpoint.every_steps=2"))
+    mixed = losses_by_step(bf16)
+    assert sorted(mixed) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in mixed.values())
+    # it trains: over 4 steps the loss (about ln 32 = 3.47 at the start) moves by more than 0.5
+    assert max(abs(mixed[s] - mixed[1]) for s in mixed) > 0.5, mixed
 
-    exact, mixed, resumed = losses_by_step(fp32), losses_by_step(bf16), losses_by_step(killed)
-    assert sorted(exact) == sorted(mixed) == sorted(resumed) == list(range(1, STEPS + 1))
-    assert all(math.isfinite(v) for v in mixed.values())
-    assert resumed == mixed  # kill + resume changes nothing in bf16 either
-    # bf16 autocast rounds activations to 8 mantissa bits; over 4 steps the loss (about ln 32 = 3.47)
-    # stays within 0.05 of fp32's, while the loss itself moves by more than 0.5 (it is training).
-    assert max(abs(mixed[s] - exact[s]) for s in exact) < 0.05, (mixed, exact)
-    assert max(abs(exact[s] - exact[1]) for s in exact) > 0.5, exact
-
-    # the exports: fp32 tensors, close to the fp32 run's (bf16 changes the training arithmetic, not the
-    # stored weights), and they load in plain open_clip
-    w_bf16 = load_file(str(bf16 / "final" / "open_clip_model.safetensors"))
-    w_fp32 = load_file(str(fp32 / "final" / "open_clip_model.safetensors"))
-    assert {t.dtype for t in w_bf16.values()} == {torch.float32}
-    diff = torch.linalg.vector_norm(torch.cat([(w_bf16[k] - w_fp32[k]).flatten() for k in w_fp32]))
-    norm = torch.linalg.vector_norm(torch.cat([w.flatten() for w in w_fp32.values()]))
-    assert diff / norm < 1e-2, float(diff / norm)
+    # the export holds fp32 tensors (bf16 changes the training arithmetic, not the stored weights)
+    # and loads in plain open_clip
+    assert {t.dtype for t in load_file(str(bf16 / "final" / "open_clip_model.safetensors")).values()} == {torch.float32}
     import open_clip
 
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{bf16 / 'final'}")
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
     fine = tmp_path / "fine"
-    ok(run_cli("finetune", "tiny/finetune", *tiny_overrides(**{"train.total_samples": 64}), "train.precision=bf16",
+    ok(run_cli("finetune", "tiny/finetune", *tiny_overrides(**{"train.total_samples": 32}), "train.precision=bf16",
                f"init.checkpoint={bf16}", "--out", fine))
     assert all(math.isfinite(v) for v in losses_by_step(fine).values())
     assert {t.dtype for t in load_file(str(fine / "final" / "open_clip_model.safetensors")).values()} == {torch.float32}
