@@ -140,7 +140,7 @@ def run_setting(data: Path, setting: Setting, seed: int, workdir: Path) -> dict:
                 values["init.checkpoint"] = str(previous)
             if setting.tool == "open_clip":
                 from openclipart_open_clip import run_open_clip
-                stage = run_open_clip(values, out)
+                stage = run_open_clip(values, out, optim_from_recipe=setting.extra.get("optim_from_recipe", False))
                 model = stage.pop("model")
             else:
                 stage = clipa_stage(command, values, out)
@@ -202,44 +202,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, metric: str = "mean_per_class_recall") -> None:
-    """Accuracy against training FLOPs and against wall time: every run after every stage (dots),
-    the mean over seeds of each setting's last stage (large markers). Needs matplotlib."""
+def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("mean_per_class_recall", "t2i_r5")) -> None:
+    """Accuracy after every stage against cumulative training FLOPs (one panel per metric) and against
+    wall time: each seed a faint dot, the mean over seeds with its standard deviation as a marker
+    with error bars, the stages of a setting joined by a line (a CLIPA run is two points: its
+    low-token stage, then the finetune). Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    archs = list(dict.fromkeys(r["stages"][0]["values"]["model.arch"] for r in rows))
-    markers = "os^D"
-    for ai, arch in enumerate(archs):
-        for li, label in enumerate(labels):
-            runs = [r for r in rows if r["label"] == label and r["stages"][0]["values"]["model.arch"] == arch]
-            if not runs:
-                continue
-            color = f"C{li}"
-            for ax, x_of in ((axes[0], lambda r: sum(s["train_flops"] for s in r["stages"]) / 1e12),
-                             (axes[1], lambda r: sum(s["wall_s"] for s in r["stages"]))):
-                xs = [x_of(r) for r in runs]
-                ys = [r["stages"][-1][metric] for r in runs]
-                ax.scatter(xs, ys, color=color, alpha=0.35, s=14, marker=markers[ai % 4])
-                by_group: dict[str, list] = {}
-                for r, x, y in zip(runs, xs, ys):
-                    by_group.setdefault(r["group"], []).append((x, y))
-                points = sorted((statistics.fmean(p[0] for p in v), statistics.fmean(p[1] for p in v))
-                                for v in by_group.values())
-                ax.plot([p[0] for p in points], [p[1] for p in points], color=color, marker=markers[ai % 4],
-                        markersize=8, label=f"{arch}: {label}" if ax is axes[0] else None)
-    axes[0].set_xlabel("training TFLOPs (analytic, all stages)")
-    axes[1].set_xlabel("wall time, s (this 2-core CPU, all stages)")
-    for ax in axes:
-        ax.set_ylabel(f"zero-shot {metric.replace('_', ' ')} (held-out OpenClipart)")
-        ax.grid(alpha=0.3)
+    names = {"mean_per_class_recall": "zero-shot mean per-class recall", "t2i_r5": "text→image R@5",
+             "t2i_r1": "text→image R@1", "acc1": "zero-shot acc1"}
+    panels = [(m, "train_flops") for m in metrics] + [(metrics[0], "wall_s")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5))
+    keys = list(dict.fromkeys((r["group"], r["label"]) for r in rows))
+    markers = "osD^v<>"
+    for ki, (group, label) in enumerate(keys):
+        runs = [r for r in rows if (r["group"], r["label"]) == (group, label)]
+        stages = min(len(r["stages"]) for r in runs)
+        for ax, (metric, x_key) in zip(axes, panels):
+            scale = 1e12 if x_key == "train_flops" else 1.0
+            points = []
+            for i in range(stages):
+                xs = [sum(s[x_key] for s in r["stages"][:i + 1]) / scale for r in runs]
+                ys = [r["stages"][i][metric] for r in runs]
+                ax.scatter(xs, ys, color=f"C{ki}", alpha=0.3, s=12)
+                sd = statistics.stdev(ys) if len(ys) > 1 else 0.0
+                points.append((statistics.fmean(xs), statistics.fmean(ys), sd))
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], color=f"C{ki}",
+                        marker=markers[ki % len(markers)], markersize=7, capsize=3,
+                        label=f"{group}: {label} ({len(runs)} seeds)" if ax is axes[0] else None)
+            ax.set_xlabel("training TFLOPs (analytic, cumulative over stages)" if x_key == "train_flops"
+                          else "wall time, s (this 2-core CPU, shared: indicative only)")
+            ax.set_ylabel(f"{names.get(metric, metric)} (held-out OpenClipart)")
+            ax.grid(alpha=0.3)
     fig.legend(loc="lower center", ncol=2, fontsize=8)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0.08 + 0.035 * ((len(keys) + 1) // 2), 1, 1))
+    fig.savefig(path, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,8 +379,9 @@ def main() -> None:
         if args.command == "defaults":
             settings += defaults_settings(arch, args.samples or 30_000, args.batch)
         elif args.command == "vs-open-clip":
-            from openclipart_open_clip import vs_open_clip_settings
+            from openclipart_open_clip import vs_open_clip_settings, vs_open_clip_two_stage_settings
             settings += vs_open_clip_settings(arch, args.samples or 30_000, args.batch)
+            settings += vs_open_clip_two_stage_settings(arch, args.samples or 30_000, args.batch)
         else:
             for budget in args.budget or [1.0]:
                 settings += claim_settings(arch, int((args.samples or 30_000) * budget), args.batch)

@@ -40,13 +40,18 @@ def open_clip_defaults(arch: str) -> dict:
             "crop_scale": [0.9, 1.0]}
 
 
-def run_open_clip(values: dict, out: Path) -> dict:
-    """Train with open_clip_train; returns wall time, losses, throughput and the exported model dir."""
+def open_clip_command(values: dict, out: Path, optim_from_recipe: bool = False) -> tuple[list[str], int]:
+    """open_clip_train's command line for these recipe values, and its number of epochs.
+    `optim_from_recipe`: AdamW betas, eps and weight decay from `values` (clipa's settings) instead of
+    open_clip_train's defaults."""
     arch, batch, samples = values["model.arch"], values["train.global_batch_size"], values["train.total_samples"]
     steps = samples // batch
     epochs = max(1, round(samples / TRAIN_DRAWINGS))
     per_epoch = steps // epochs * batch  # open_clip_train: steps per epoch = num_samples // batch
     d = open_clip_defaults(arch)
+    if optim_from_recipe:
+        d.update(beta1=values["optim.betas"][0], beta2=values["optim.betas"][1], eps=values["optim.eps"],
+                 wd=values["optim.weight_decay"])
     cmd = [sys.executable, "-c", OPEN_CLIP_WRAPPER, str(MODEL_CONFIGS),
            "--train-data", values["data.train"], "--train-num-samples", str(per_epoch), "--dataset-type", "webdataset",
            "--model", arch, "--batch-size", str(batch), "--epochs", str(epochs), "--precision", "fp32",
@@ -58,6 +63,15 @@ def run_open_clip(values: dict, out: Path) -> dict:
         cmd += ["--force-image-size", str(values["reduction.image_size"])]
     if values.get("reduction.text_length"):
         cmd += ["--force-context-length", str(values["reduction.text_length"])]
+    if values.get("init.checkpoint"):  # a finetune: from the previous stage's export (open_clip resizes pos-embeds)
+        cmd += ["--pretrained", str(Path(values["init.checkpoint"]) / "final" / "open_clip_model.safetensors")]
+    return cmd, epochs
+
+
+def run_open_clip(values: dict, out: Path, optim_from_recipe: bool = False) -> dict:
+    """Train with open_clip_train; returns wall time, losses, throughput and the exported model dir."""
+    arch, batch = values["model.arch"], values["train.global_batch_size"]
+    cmd, epochs = open_clip_command(values, out, optim_from_recipe)
     t0 = time.perf_counter()
     result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     wall = time.perf_counter() - t0
@@ -70,7 +84,8 @@ def run_open_clip(values: dict, out: Path) -> dict:
                               values.get("reduction.image_size", 0), values.get("reduction.text_length", 0))
     return {"wall_s": wall, "final_loss": losses[-1], "first_loss": losses[0],
             "samples_per_s": statistics.median(rates) if rates else float("nan"), "model": str(model),
-            "open_clip_epochs": epochs, "open_clip_steps": epochs * (per_epoch // batch)}
+            "open_clip_epochs": epochs,
+            "open_clip_steps": epochs * (int(cmd[cmd.index("--train-num-samples") + 1]) // batch)}
 
 
 def export_checkpoint(arch: str, checkpoint: Path, out: Path, image_size: int = 0, context_length: int = 0) -> Path:
@@ -116,4 +131,33 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         Setting("clipa + open_clip's betas 0.9/0.999, eps 1e-8, wd 0.2", matched, group=group),
         Setting("clipa + those + open_clip's 5,000-sample shuffle buffer", {**matched, "data.shuffle_buffer": 5000},
                 group=group),
+        # clipa decodes a JPEG at 1/2-1/8 scale when the crop is 2x the target or more (data.fast_decode);
+        # open_clip_train decodes every image whole
+        Setting("clipa + those + whole-image JPEG decoding", {**matched, "data.shuffle_buffer": 5000,
+                                                              "data.fast_decode": False}, group=group),
+        # the other direction: open_clip_train with clipa's AdamW settings
+        Setting("open_clip_train + clipa's betas 0.9/0.95, eps 1e-6, wd 0.1", ours, tool="open_clip", group=group,
+                extra={"optim_from_recipe": True}),
+    ]
+
+
+def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list[Setting]:
+    """Both tools through CLIPA's two stages: the half-resolution, 16-token pretraining above, then a
+    full-resolution, full-length finetune from it (a fifth of the pretraining samples, lr / 4, 2
+    warmup steps, no masking: open_clip_train has no token masking in finetuning to match),
+    evaluated after each stage; open_clip_train finetunes with `--pretrained` on the first stage's
+    export. A low-resolution stage can score higher than the model finetuned from it."""
+    from openclipart import CLIPA_TINY_DEFAULTS
+
+    from clipa.model.build import arch_config, native_geometry
+
+    group = f"vs-open-clip two-stage {arch}"
+    half = native_geometry(arch_config(arch)).image_size // 2
+    pretrain = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
+    finetune = {**pretrain, "reduction.image_size": 0, "reduction.text_length": 0, "reduction.image": "resize",
+                "reduction.mask_ratio": 0.0, "train.total_samples": samples // 5 // batch * batch,
+                "optim.lr": pretrain["optim.lr"] / 4, "optim.warmup_steps": 2}
+    return [
+        Setting("open_clip_train defaults, two stages", pretrain, finetune, tool="open_clip", group=group),
+        Setting("clipa default settings, two stages", pretrain, finetune, group=group),
     ]
