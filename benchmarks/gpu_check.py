@@ -188,22 +188,18 @@ def bare_open_clip_rate(arch: str, image_size: int, text_length: int, batch: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, geometry.image_size, geometry.image_size, device=device)
     texts = torch.randint(1, 1000, (batch, geometry.context_length), device=device)
-    times = []
-    for i in range(steps + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             out = model(images, texts)
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first step pays for allocations (and autotuning)
-            times.append(time.perf_counter() - t0)
-    return batch / min(times)
+
+    from step_timing import fastest_rate
+
+    return fastest_rate(step, batch, steps, torch.cuda.synchronize if device == "cuda" else lambda: None)
 
 
 def loader_check(work: Path, sizes: list[int], micro: int, batches: int, step_rates: dict[int, float]) -> list[Check]:

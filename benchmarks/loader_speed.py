@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_timing, also when loaded by file path
+
 
 def write_shards(out: Path, samples: int, source_size: int) -> str:
     from clipa.data.shards import write_synthetic
@@ -113,17 +115,17 @@ def step_speed(size: int, micro: int, steps: int) -> float:
     optimizer = build_optimizer(model, OptimConfig())
     images = torch.randint(0, 256, (micro, 3, size, size), dtype=torch.uint8)
     texts = torch.randint(1, 49000, (micro, 32))
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step():
         out = model(normalize(images), texts)
         loss = infonce_loss(out["image_features"], out["text_features"], out["logit_scale"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i:  # the first step pays for allocations
-            times.append(time.perf_counter() - t0)
-    return micro / min(times)
+
+    from step_timing import fastest_rate
+
+    return fastest_rate(step, micro, steps)
 
 
 def end_to_end(train: str, size: int, workers: int, batch: int, steps: int) -> dict:
