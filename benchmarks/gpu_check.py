@@ -8,7 +8,7 @@ user runs it) and says PASS, FAIL or SKIP with its number:
 
   bf16 vs fp32      largest per-step loss difference over the first --steps steps (bf16 autocast
                     rounds activations; a broken precision path diverges by far more)
-  kill + resume     SIGKILL after step K with a checkpoint before it, then the same command: the
+  kill + resume     in bf16, SIGKILL after step K with a checkpoint before it, then the same command: the
                     resumed losses must equal an uninterrupted run's (exactly on CPU; within 1e-3
                     on CUDA, whose reductions are not bitwise deterministic)
   compile           train.compile=true against eager: loss difference and samples/s ratio
