@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @dataclass
 class Check:
     name: str
-    status: str  # PASS | FAIL | SKIP
+    status: str  # PASS | FAIL | SKIP | INFO (measured, not judged)
     value: str
     detail: str = ""
 
@@ -116,12 +116,14 @@ class Checker:
                                    "cuda" if self.cuda else "cpu", bf16=self.cuda)
         ratio = steady(self.runs[key], "samples_per_s") / bare
         # On CUDA clipa's step must be within 10% of the bare one. On CPU the loader decodes in the
-        # training process (num_workers 0), so clipa's rate includes data: only a gross regression fails.
-        floor = 0.9 if self.cuda else 0.25
-        return Check(f"vs bare open_clip ({self.label})", "PASS" if ratio >= floor else "FAIL",
+        # training process (num_workers 0), so clipa's rate includes data, and whatever else the
+        # machine runs moves the two rates apart: reported, not judged (INFO).
+        if not self.cuda:
+            return Check(f"vs bare open_clip ({self.label})", "INFO", f"clipa / bare samples/s x{ratio:.2f} (bare {bare:.1f}/s)",
+                         "same model, batch and precision; CPU: reported, not judged (clipa's rate includes decoding)")
+        return Check(f"vs bare open_clip ({self.label})", "PASS" if ratio >= 0.9 else "FAIL",
                      f"clipa / bare samples/s x{ratio:.2f} (bare {bare:.1f}/s)",
-                     f"same model, batch and precision; PASS at x{floor:g} or more"
-                     + ("" if self.cuda else " (CPU: clipa's rate includes decoding)"))
+                     "same model, batch and precision; PASS at x0.9 or more")
 
     def resume(self) -> Check:
         # bf16 on CPU too: its autocast path is the one users resume on GPUs, and the CPU test suite's
@@ -245,7 +247,7 @@ def render(checks: list[Check]) -> None:
     from rich.table import Table
 
     table = Table("check", "result", "value", "detail", title="clipa GPU acceptance check")
-    colors = {"PASS": "green", "FAIL": "red", "SKIP": "yellow"}
+    colors = {"PASS": "green", "FAIL": "red", "SKIP": "yellow", "INFO": "cyan"}
     for c in checks:
         table.add_row(c.name, f"[{colors[c.status]}]{c.status}[/]", c.value, c.detail)
     Console().print(table)

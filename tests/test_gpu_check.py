@@ -21,10 +21,9 @@ def test_gpu_check_cpu_mode_runs_every_check_and_writes_json(tmp_path):
     status = {c["name"].split(" (")[0]: c["status"] for c in report["checks"]}
     assert status["bf16 vs fp32"] == status["kill + resume"] == "PASS", report
     assert status["throughput fp32"] == status["throughput bf16"] == "PASS"
-    # a speed ratio, measured: whether it passes depends on what else this machine runs (benchmarks
-    # judge speed, not unit tests), so the test checks that the row is measured and judged
+    # a speed ratio: on CPU measured and reported, not judged (what else the machine runs moves it)
     bare = next(c for c in report["checks"] if c["name"].startswith("vs bare open_clip"))
-    assert status["vs bare open_clip"] in {"PASS", "FAIL"} and re.search(r"x\d+\.\d\d \(bare \d+\.\d/s\)", bare["value"])
+    assert status["vs bare open_clip"] == "INFO" and re.search(r"x\d+\.\d\d \(bare \d+\.\d/s\)", bare["value"])
     assert status["FSDP"] == status["DDP"] == status["compile"] == "SKIP"  # CUDA-only here, said so, never a pass
     assert {"loader 32px", "loader 64px"} <= set(status)
     resume = next(c for c in report["checks"] if c["name"].startswith("kill + resume"))
