@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_overrides
+from conftest import run_cli, run_in_process, tiny_overrides
 
 pytestmark = pytest.mark.slow  # bf16 matmuls are ~20x slower than fp32 on this CPU
 
@@ -76,7 +76,8 @@ def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused_with_one_line(tmp_path):
-    result = run_cli("pretrain", "tiny/pretrain", *tiny_overrides(), "train.precision=fp16", "--out", tmp_path / "run")
+    # in this process (the refusal comes before accelerate starts): no interpreter start-up for CI
+    result = run_in_process("pretrain", "tiny/pretrain", *tiny_overrides(), "train.precision=fp16", "--out", tmp_path / "run")
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "train.precision" in errors[0] and "bf16" in errors[0], result.stderr
