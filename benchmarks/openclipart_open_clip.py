@@ -152,6 +152,7 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
     from clipa.model.build import arch_config, native_geometry
 
     group = f"vs-open-clip two-stage {arch}"
+    oc = open_clip_defaults(arch)
     half = native_geometry(arch_config(arch)).image_size // 2
     pretrain = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
     finetune = {**pretrain, "reduction.image_size": 0, "reduction.text_length": 0, "reduction.image": "resize",
@@ -160,4 +161,8 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
     return [
         Setting("open_clip_train defaults, two stages", pretrain, finetune, tool="open_clip", group=group),
         Setting("clipa default settings, two stages", pretrain, finetune, group=group),
+        # the finetune is where the tools part ways (docs/openclipart.md): clipa with open_clip_train's AdamW there
+        Setting("clipa, two stages, finetune with open_clip's AdamW", pretrain,
+                {**finetune, "optim.betas": [oc["beta1"], oc["beta2"]], "optim.eps": oc["eps"], "optim.weight_decay": oc["wd"]},
+                group=group),
     ]

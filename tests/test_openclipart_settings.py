@@ -43,8 +43,12 @@ def test_claim_variants_spend_the_full_token_budget(arch, samples):
 
 def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
     settings = ocl.vs_open_clip_two_stage_settings("clipa-tiny", 30_000, 256)
-    assert [s.tool for s in settings] == ["open_clip", "clipa"]
-    assert settings[0].pretrain == settings[1].pretrain and settings[0].finetune == settings[1].finetune
+    assert [s.tool for s in settings] == ["open_clip", "clipa", "clipa"]
+    assert settings[0].pretrain == settings[1].pretrain == settings[2].pretrain
+    assert settings[0].finetune == settings[1].finetune
+    # the third finetunes with open_clip_train's AdamW settings and nothing else changed
+    changed = {k: v for k, v in settings[2].finetune.items() if settings[1].finetune[k] != v}
+    assert changed == {"optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.weight_decay": 0.2}
     pre, fine = settings[0].pretrain, settings[0].finetune
     assert (pre["reduction.image_size"], pre["reduction.text_length"]) == (32, 16)
     assert (fine["reduction.image_size"], fine["reduction.text_length"], fine["reduction.mask_ratio"]) == (0, 0, 0.0)
