@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --cpu        # small and slow, skips what needs CUDA (the test suite runs this)
 
 Every check trains through the real `clipa pretrain` command (subprocesses, synthetic data, as a
-user runs it) and says PASS, FAIL or SKIP with its number:
+user runs it) and says PASS, FAIL, SKIP or INFO (measured, not judged) with its number:
 
   bf16 vs fp32      largest per-step loss difference over the first --steps steps (bf16 autocast
                     rounds activations; a broken precision path diverges by far more)
