@@ -68,6 +68,12 @@ def open_clip_command(values: dict, out: Path, optim_from_recipe: bool = False) 
     return cmd, epochs
 
 
+def open_clip_adamw_values(arch: str) -> dict:
+    """open_clip_train's AdamW defaults for `arch` as clipa recipe values."""
+    d = open_clip_defaults(arch)
+    return {"optim.betas": [d["beta1"], d["beta2"]], "optim.eps": d["eps"], "optim.weight_decay": d["wd"]}
+
+
 def run_open_clip(values: dict, out: Path, optim_from_recipe: bool = False) -> dict:
     """Train with open_clip_train; returns wall time, losses, throughput and the exported model dir."""
     arch, batch = values["model.arch"], values["train.global_batch_size"]
@@ -84,8 +90,7 @@ def run_open_clip(values: dict, out: Path, optim_from_recipe: bool = False) -> d
                               values.get("reduction.image_size", 0), values.get("reduction.text_length", 0))
     return {"wall_s": wall, "final_loss": losses[-1], "first_loss": losses[0],
             "samples_per_s": statistics.median(rates) if rates else float("nan"), "model": str(model),
-            "open_clip_epochs": epochs,
-            "open_clip_steps": epochs * (int(cmd[cmd.index("--train-num-samples") + 1]) // batch)}
+            "open_clip_epochs": epochs, "open_clip_steps": epochs * (values["train.total_samples"] // batch // epochs)}
 
 
 def export_checkpoint(arch: str, checkpoint: Path, out: Path, image_size: int = 0, context_length: int = 0) -> Path:
@@ -123,8 +128,7 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     oc = open_clip_defaults(arch)
     half = native_geometry(arch_config(arch)).image_size // 2
     ours = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
-    matched = {**ours, "data.augment.scale": oc["crop_scale"], "optim.betas": [oc["beta1"], oc["beta2"]],
-               "optim.eps": oc["eps"], "optim.weight_decay": oc["wd"]}
+    matched = {**ours, "data.augment.scale": oc["crop_scale"], **open_clip_adamw_values(arch)}
     return [
         Setting("open_clip_train defaults", ours, tool="open_clip", group=group),
         Setting("clipa default settings (crop 0.9-1)", ours, group=group),
@@ -152,7 +156,6 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
     from clipa.model.build import arch_config, native_geometry
 
     group = f"vs-open-clip two-stage {arch}"
-    oc = open_clip_defaults(arch)
     half = native_geometry(arch_config(arch)).image_size // 2
     pretrain = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
     finetune = {**pretrain, "reduction.image_size": 0, "reduction.text_length": 0, "reduction.image": "resize",
@@ -163,6 +166,6 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
         Setting("clipa default settings, two stages", pretrain, finetune, group=group),
         # the finetune is where the tools part ways (docs/openclipart.md): clipa with open_clip_train's AdamW there
         Setting("clipa, two stages, finetune with open_clip's AdamW", pretrain,
-                {**finetune, "optim.betas": [oc["beta1"], oc["beta2"]], "optim.eps": oc["eps"], "optim.weight_decay": oc["wd"]},
+                {**finetune, **open_clip_adamw_values(arch)},
                 group=group),
     ]
