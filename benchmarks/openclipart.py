@@ -51,6 +51,7 @@ class Setting:
     finetune: dict | None = None
     tool: str = "clipa"  # clipa | open_clip
     group: str = ""
+    finetune_tool: str = ""  # the other tool finetunes the first stage's model (a crossover); "" = `tool`
     notes: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -138,7 +139,8 @@ def run_setting(data: Path, setting: Setting, seed: int, workdir: Path) -> dict:
                       "eval.zeroshot": [], **values}
             if command == "finetune":
                 values["init.checkpoint"] = str(previous)
-            if setting.tool == "open_clip":
+            tool = setting.finetune_tool if command == "finetune" and setting.finetune_tool else setting.tool
+            if tool == "open_clip":
                 from openclipart_open_clip import run_open_clip
                 stage = run_open_clip(values, out, optim_from_recipe=setting.extra.get("optim_from_recipe", False))
                 model = stage.pop("model")

@@ -168,4 +168,11 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
         Setting("clipa, two stages, finetune with open_clip's AdamW", pretrain,
                 {**finetune, **open_clip_adamw_values(arch)},
                 group=group),
+        # crossovers: which stage makes the difference after the finetune, the first stage's model or the
+        # finetune itself (clipa's first stage is bitwise reproducible per seed, so the first row finetunes
+        # exactly the model "clipa default settings, two stages" finetunes)
+        Setting("clipa pretrain, open_clip_train finetune", pretrain, finetune, group=group,
+                finetune_tool="open_clip"),
+        Setting("open_clip_train pretrain, clipa finetune", pretrain, finetune, tool="open_clip", group=group,
+                finetune_tool="clipa"),
     ]

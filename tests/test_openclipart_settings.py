@@ -43,9 +43,11 @@ def test_claim_variants_spend_the_full_token_budget(arch, samples):
 
 def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
     settings = ocl.vs_open_clip_two_stage_settings("clipa-tiny", 30_000, 256)
-    assert [s.tool for s in settings] == ["open_clip", "clipa", "clipa"]
-    assert settings[0].pretrain == settings[1].pretrain == settings[2].pretrain
-    assert settings[0].finetune == settings[1].finetune
+    stage_tools = [(s.tool, s.finetune_tool or s.tool) for s in settings]
+    assert stage_tools == [("open_clip", "open_clip"), ("clipa", "clipa"), ("clipa", "clipa"),
+                           ("clipa", "open_clip"), ("open_clip", "clipa")]  # the last two are crossovers
+    assert all(s.pretrain == settings[0].pretrain for s in settings)
+    assert all(s.finetune == settings[0].finetune for s in settings if s is not settings[2])
     # the third finetunes with open_clip_train's AdamW settings and nothing else changed
     changed = {k: v for k, v in settings[2].finetune.items() if settings[1].finetune[k] != v}
     assert changed == {"optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.weight_decay": 0.2}
@@ -70,3 +72,32 @@ def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
 
     first = ocl.open_clip_command({**pre, "data.train": "shards/{0..7}.tar"}, tmp_path / "stage1")[0]
     assert "--pretrained" not in first and first[first.index("--force-image-size") + 1] == "32"
+
+
+def test_crossover_runs_each_stage_with_its_own_tool(tmp_path, monkeypatch):
+    """The crossover rows: the first stage with one tool, the finetune with the other, from that first
+    stage's model. The tools themselves are replaced by recorders here: this checks the dispatch."""
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "000000.tar").write_bytes(b"")
+    calls = []
+
+    def recorder(tool):
+        def run(*args, **kwargs):
+            command, values, out = (args if tool == "clipa" else ("?", *args))[:3]
+            calls.append((tool, values.get("init.checkpoint"), out.name))
+            (out / "final").mkdir(parents=True)
+            return {"wall_s": 1.0, "final_loss": 1.0, "first_loss": 2.0, "samples_per_s": 1.0, "model": str(out)}
+        return run
+
+    monkeypatch.setattr(oc, "clipa_stage", recorder("clipa"))
+    monkeypatch.setattr(ocl, "run_open_clip", recorder("open_clip"))
+    monkeypatch.setattr(oc, "evaluate", lambda data, model: {"acc1": 0.0})
+    settings = {s.label: s for s in ocl.vs_open_clip_two_stage_settings("clipa-tiny", 30_000, 256)}
+    for label, tools in [("clipa pretrain, open_clip_train finetune", ("clipa", "open_clip")),
+                         ("open_clip_train pretrain, clipa finetune", ("open_clip", "clipa")),
+                         ("clipa default settings, two stages", ("clipa", "clipa"))]:
+        calls.clear()
+        row = oc.run_setting(tmp_path / "data", settings[label], 0, tmp_path / "work")
+        assert [c[0] for c in calls] == list(tools)
+        assert calls[0][1] is None and calls[1][1] == str(tmp_path / "work" / calls[0][2])  # from stage 1's run
+        assert [s["stage"] for s in row["stages"]] == ["pretrain", "finetune"]
