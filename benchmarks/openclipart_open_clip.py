@@ -158,6 +158,8 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
     group = f"vs-open-clip two-stage {arch}"
     half = native_geometry(arch_config(arch)).image_size // 2
     pretrain = {**tiny_recipe(arch, samples, batch, image_size=half, text_length=16), **CLIPA_TINY_DEFAULTS}
+    adamw = open_clip_adamw_values(arch)
+    matched = {**adamw, "data.shuffle_buffer": 5000, "data.fast_decode": False}  # crop 0.9-1.0 is clipa's default
     finetune = {**pretrain, "reduction.image_size": 0, "reduction.text_length": 0, "reduction.image": "resize",
                 "reduction.mask_ratio": 0.0, "train.total_samples": samples // 5 // batch * batch,
                 "optim.lr": pretrain["optim.lr"] / 4, "optim.warmup_steps": 2}
@@ -165,9 +167,7 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
         Setting("open_clip_train defaults, two stages", pretrain, finetune, tool="open_clip", group=group),
         Setting("clipa default settings, two stages", pretrain, finetune, group=group),
         # the finetune is where the tools part ways (docs/openclipart.md): clipa with open_clip_train's AdamW there
-        Setting("clipa, two stages, finetune with open_clip's AdamW", pretrain,
-                {**finetune, **open_clip_adamw_values(arch)},
-                group=group),
+        Setting("clipa, two stages, finetune with open_clip's AdamW", pretrain, {**finetune, **adamw}, group=group),
         # crossovers: which stage makes the difference after the finetune, the first stage's model or the
         # finetune itself (clipa's first stage is bitwise reproducible per seed, so the first row finetunes
         # exactly the model "clipa default settings, two stages" finetunes)
@@ -175,4 +175,10 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
                 finetune_tool="open_clip"),
         Setting("open_clip_train pretrain, clipa finetune", pretrain, finetune, tool="open_clip", group=group,
                 finetune_tool="clipa"),
+        # the crossovers put the gap in the first stage: clipa with open_clip_train's settings there (and in
+        # the finetune, where they changed nothing), AdamW alone, then everything matched
+        Setting("clipa, two stages, open_clip's AdamW in both", {**pretrain, **adamw}, {**finetune, **adamw},
+                group=group),
+        Setting("clipa, two stages, every setting matched in both", {**pretrain, **matched}, {**finetune, **matched},
+                group=group),
     ]

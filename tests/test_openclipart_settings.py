@@ -45,12 +45,22 @@ def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
     settings = ocl.vs_open_clip_two_stage_settings("clipa-tiny", 30_000, 256)
     stage_tools = [(s.tool, s.finetune_tool or s.tool) for s in settings]
     assert stage_tools == [("open_clip", "open_clip"), ("clipa", "clipa"), ("clipa", "clipa"),
-                           ("clipa", "open_clip"), ("open_clip", "clipa")]  # the last two are crossovers
-    assert all(s.pretrain == settings[0].pretrain for s in settings)
-    assert all(s.finetune == settings[0].finetune for s in settings if s is not settings[2])
+                           ("clipa", "open_clip"), ("open_clip", "clipa"),  # crossovers
+                           ("clipa", "clipa"), ("clipa", "clipa")]
+    assert all(s.pretrain == settings[0].pretrain for s in settings[:5])
+    assert all(s.finetune == settings[0].finetune for s in settings[:5] if s is not settings[2])
+
+    def changed(stage: dict, default: dict) -> dict:  # what a row's stage changes from clipa's default settings
+        return {k: v for k, v in stage.items() if default.get(k) != v}
+
+    adamw = {"optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.weight_decay": 0.2}
+    every = {**adamw, "data.shuffle_buffer": 5000, "data.fast_decode": False}
+    default = settings[1]
     # the third finetunes with open_clip_train's AdamW settings and nothing else changed
-    changed = {k: v for k, v in settings[2].finetune.items() if settings[1].finetune[k] != v}
-    assert changed == {"optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.weight_decay": 0.2}
+    assert changed(settings[2].pretrain, default.pretrain) == {} and changed(settings[2].finetune, default.finetune) == adamw
+    # the last two: AdamW in both stages, then also open_clip_train's shuffle buffer and whole-image decoding
+    for row, expected in ((settings[5], adamw), (settings[6], every)):
+        assert changed(row.pretrain, default.pretrain) == changed(row.finetune, default.finetune) == expected
     pre, fine = settings[0].pretrain, settings[0].finetune
     assert (pre["reduction.image_size"], pre["reduction.text_length"]) == (32, 16)
     assert (fine["reduction.image_size"], fine["reduction.text_length"], fine["reduction.mask_ratio"]) == (0, 0, 0.0)
