@@ -4,7 +4,7 @@
     python benchmarks/openclipart.py defaults DATA --arch clipa-tiny --seeds 3 [--samples 30000]
     python benchmarks/openclipart.py vs-open-clip DATA --arch clipa-tiny --seeds 3
     python benchmarks/openclipart.py claim DATA --arch clipa-tiny --seeds 3
-    python benchmarks/openclipart.py table RESULTS.jsonl
+    python benchmarks/openclipart.py table RESULTS.jsonl [--group G] [--against SETTING] [--plot PNG]
 
 `build` turns Debian's `openclipart-svg` + `openclipart-png` packages into webdataset shards and
 two held-out evaluations (see openclipart_data.py for the caption rule, the split and the
@@ -204,6 +204,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def differences(rows: list[dict], against: str, metrics=("mean_per_class_recall", "t2i_r5")) -> str:
+    """Markdown: each setting's difference from the setting labelled `against` in its group, stage by
+    stage: the difference of the means over seeds ± its standard error (sqrt(sd_a^2/n_a + sd_b^2/n_b)),
+    so a difference can be read against the seed noise that both rows carry."""
+    lines = ["| group | setting | stage | seeds | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+             "|" + "---|" * (4 + len(metrics))]
+    for g, label in dict.fromkeys((r["group"], r["label"]) for r in rows):
+        base = [r for r in rows if (r["group"], r["label"]) == (g, against)]
+        runs = [r for r in rows if (r["group"], r["label"]) == (g, label)]
+        if label == against or not base:
+            continue
+        for i, stage in enumerate(runs[0]["stages"]):
+            cells = []
+            for metric in metrics:
+                a = [r["stages"][i][metric] for r in runs if len(r["stages"]) > i]
+                b = [r["stages"][i][metric] for r in base if len(r["stages"]) > i]
+                se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5 \
+                    if min(len(a), len(b)) > 1 else float("nan")
+                cells.append(f"{statistics.fmean(a) - statistics.fmean(b):+.3f} ± {se:.3f}")
+            lines.append(f"| {g} | {label} | {stage['stage']} | {len(runs)} vs {len(base)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("mean_per_class_recall", "t2i_r5")) -> None:
     """Accuracy after every stage against cumulative training FLOPs (one panel per metric) and against
     wall time: each seed a faint dot, the mean over seeds with its standard deviation as a marker
@@ -349,6 +372,7 @@ def main() -> None:
     t.add_argument("results")
     t.add_argument("--group", default="")
     t.add_argument("--plot", default="", help="also plot accuracy against FLOPs and wall time (PNG; needs matplotlib)")
+    t.add_argument("--against", default="", help="also print every setting's difference from this one (± its se)")
     args = parser.parse_args()
 
     if args.command == "build":
@@ -368,6 +392,8 @@ def main() -> None:
     if args.command == "table":
         rows = [r for r in read_results(Path(args.results)) if not args.group or r["group"].startswith(args.group)]
         print(table(rows))
+        if args.against:
+            print("\n" + differences(rows, args.against))
         if args.plot:
             plot(rows, Path(args.plot))
         return

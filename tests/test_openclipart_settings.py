@@ -111,3 +111,17 @@ def test_crossover_runs_each_stage_with_its_own_tool(tmp_path, monkeypatch):
         assert [c[0] for c in calls] == list(tools)
         assert calls[0][1] is None and calls[1][1] == str(tmp_path / "work" / calls[0][2])  # from stage 1's run
         assert [s["stage"] for s in row["stages"]] == ["pretrain", "finetune"]
+
+
+def test_differences_give_the_mean_difference_and_its_standard_error():
+    def row(label, seed, pcr, r5, group="g"):
+        return {"group": group, "label": label, "seed": seed,
+                "stages": [{"stage": "pretrain", "mean_per_class_recall": pcr, "t2i_r5": r5}]}
+
+    rows = [row("base", 0, 0.10, 0.20), row("base", 1, 0.14, 0.20), row("base", 2, 0.12, 0.20),
+            row("new", 0, 0.20, 0.30), row("new", 1, 0.22, 0.32), row("other group only", 0, 0.5, 0.5, group="h")]
+    text = oc.differences(rows, "base")
+    lines = [line for line in text.splitlines() if "| new |" in line]
+    # new - base: 0.21 - 0.12; se = sqrt(0.0002 / 2 + 0.0004 / 3) = 0.0153; R@5: 0.31 - 0.20, se sqrt(0.0002 / 2)
+    assert lines == ["| g | new | pretrain | 2 vs 3 | +0.090 ± 0.015 | +0.110 ± 0.010 |"]
+    assert "other group only" not in text and "| base |" not in text  # nothing to compare against
