@@ -181,4 +181,9 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
                 group=group),
         Setting("clipa, two stages, every setting matched in both", {**pretrain, **matched}, {**finetune, **matched},
                 group=group),
+        # the shards are in category order (openclipart_data.build writes drawings sorted by path), so how
+        # far a loader mixes decides how many categories a batch holds: the shuffle buffer alone, at
+        # open_clip_train's size and at more than an epoch (every batch a uniform draw from the epoch)
+        *[Setting(f"clipa, two stages, shuffle buffer {n} in both", {**pretrain, "data.shuffle_buffer": n},
+                  {**finetune, "data.shuffle_buffer": n}, group=group) for n in (5000, 8000)],
     ]
