@@ -336,13 +336,13 @@ def test_tar_reader_agrees_with_tarfile(tmp_path, fmt):
     assert plain == packed == ["sample 0", "sample 1", "sample 2"]
 
 
-@pytest.mark.parametrize("workers, resampled", [(2, "false"), (0, "true")])
-def test_a_source_that_dies_mid_run_stops_with_a_clear_error(tmp_path, workers, resampled):
+@pytest.mark.parametrize("workers, resampled, interleave", [(2, "false", 1), (0, "true", 1), (0, "false", 3)])
+def test_a_source_that_dies_mid_run_stops_with_a_clear_error(tmp_path, workers, resampled, interleave):
     """Shards deleted after the start-up check: the run stops naming the source instead of looping forever."""
     for s in range(4):
         write_shard(tmp_path / f"{s}.tar", s * 3, 3)
     pattern = str(tmp_path / "{0..3}.tar")
-    r = recipe(pattern, **{"data.num_workers": workers, "data.resampled": resampled})
+    r = recipe(pattern, **{"data.num_workers": workers, "data.resampled": resampled, "data.interleave": interleave})
     loader = build_train_loader(r, Geometry(16, 8), ids, micro_batch=2, processes=1, rank=0, start_batch=0,
                                 num_batches=1000)
     for s in range(4):
@@ -430,6 +430,31 @@ def test_shuffle_buffer_mixes_samples_across_and_within_shards(shards):
     shard_of = [n // 6 for n in mixed]
     assert sum(a != b for a, b in zip(shard_of, shard_of[1:])) > 20  # shards interleave
     assert any(m[i:i + 6] != sorted(m[i:i + 6]) for m in [mixed] for i in range(0, 48, 6))
+
+
+def test_interleave_reads_several_shards_at_once_and_resumes_exactly(shards):
+    """Shards in order (think: written class by class): one at a time, a batch holds one shard's samples;
+    interleaved, every batch mixes several, each sample still once per epoch, deterministic, resumable."""
+    train = str(shards / "{00000..00007}.tar")
+
+    def shards_per_batch(got):
+        return [len({n // 6 for n in sample_ids([b])}) for b in got]
+
+    one = batches(recipe(train), micro=6, count=8)[0]  # one epoch: 8 batches of 6
+    four = batches(recipe(train, **{"data.interleave": 4}), micro=6, count=16)[0]
+    assert shards_per_batch(one) == [1] * 8
+    assert min(shards_per_batch(four)) >= 2 and sum(shards_per_batch(four[:8])) >= 20
+    assert sorted(sample_ids(four[:8])) == sorted(sample_ids(four[8:])) == list(range(48))
+    for n in range(8):  # within a shard, samples keep their order: a shard is still read front to back
+        from_shard = [i for i in sample_ids(four[:8]) if i // 6 == n]
+        assert from_shard == sorted(from_shard)
+    r = recipe(train, **{"data.interleave": 3, "data.shuffle_buffer": 5, "data.num_workers": 2})
+    full = batches(r, micro=4, count=20)[0]
+    assert sample_ids(batches(r, micro=4, count=20)[0]) == sample_ids(full)
+    resumed = batches(r, micro=4, start=13, count=7)[0]  # past the first epoch of each worker
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0], b[0]) for a, b in zip(full[13:], resumed, strict=True))
+    with pytest.raises(ClipaError, match=r"data.interleave: must be >= 1 \(1 = one shard at a time\), got 0"):
+        recipe(train, **{"data.interleave": 0})
 
 
 def test_fast_decode_uses_pil_draft(monkeypatch):

@@ -88,6 +88,7 @@ def _check_data(d: DataConfig) -> None:
 
     parse_train(d.train)
     _check(d.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0 (0 = off), got {d.shuffle_buffer}")
+    _check(d.interleave >= 1, f"data.interleave: must be >= 1 (1 = one shard at a time), got {d.interleave}")
     _check(d.caption_key.strip() not in ("", "json", "json:"),
            f"data.caption_key: {shown(d.caption_key)} names no caption; use \"txt\" or \"json:FIELD\"")
     _check(bool(d.csv_image_key), "data.csv_image_key: empty; set the CSV column holding image paths, "
