@@ -4,6 +4,7 @@
     python benchmarks/openclipart.py defaults DATA --arch clipa-tiny --seeds 3 [--samples 30000]
     python benchmarks/openclipart.py vs-open-clip DATA --arch clipa-tiny --seeds 3
     python benchmarks/openclipart.py claim DATA --arch clipa-tiny --seeds 3
+    python benchmarks/openclipart.py mixing DATA
     python benchmarks/openclipart.py table RESULTS.jsonl [--group G] [--against SETTING] [--plot PNG]
 
 `build` turns Debian's `openclipart-svg` + `openclipart-png` packages into webdataset shards and
@@ -267,6 +268,50 @@ def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("mean_per_cla
     fig.savefig(path, dpi=100)
 
 
+def batch_mixing(data: Path, settings: dict[str, dict], batch: int = 256, batches: int = 29) -> str:
+    """Markdown: how far each loader setting mixes the shards, which are in category order (`build`
+    writes drawings sorted by path): over the first epoch's batches, the share of a batch's negative
+    pairs whose two drawings share a category folder (level two, as the zero-shot classes), against
+    that share for a uniformly shuffled epoch. A contrastive batch whose negatives share the positive's
+    category teaches little about telling categories apart. clipa's own sample stream (one loader
+    stream, data.num_workers = 1 as in the sweeps; a batch is that many consecutive samples of it),
+    without decoding a pixel; each sample is mapped to its drawing by shard and key."""
+    import collections
+    import tarfile
+
+    from clipa.data.loader import build_source
+    from clipa.data.sources import SkipStats
+    from clipa.data.streams import StreamingTrainStream, _Mode
+    from clipa.recipe.load import load_recipe
+
+    category = {}
+    for shard in sorted((data / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    category[(shard.name, member.name[:-5])] = "/".join(meta["category"].split("/")[:2])
+
+    def same_share(labels: list[str]) -> float:
+        n = len(labels)
+        return sum(c * (c - 1) for c in collections.Counter(labels).values()) / (n * (n - 1))
+
+    uniform = same_share(list(category.values()))  # two drawings of a uniformly shuffled epoch
+    lines = [f"| loader setting | same-category negative pairs per batch: mean [min, max] (a full shuffle: "
+             f"{uniform:.3f}) |", "|---|---|"]
+    for label, values in settings.items():
+        recipe = load_recipe(None, overrides({"data.train": train_shards(data), **values}))
+        stream = StreamingTrainStream(build_source(recipe), None, None, micro_batch=batch, seed=recipe.train.seed,
+                                      shuffle_buffer=recipe.data.shuffle_buffer, interleave=recipe.data.interleave)
+        records = stream.records(0, SkipStats(), _Mode())
+        shares = []
+        for _ in range(batches):
+            labels = [category[(Path(r.where).name, r.key)] for r in (next(records) for _ in range(batch))]
+            shares.append(same_share(labels))
+        lines.append(f"| {label} | {statistics.fmean(shares):.3f} [{min(shares):.3f}, {max(shares):.3f}] |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The experiments
 
@@ -368,6 +413,8 @@ def main() -> None:
         if name == "claim":
             p.add_argument("--budget", type=float, action="append",
                            help="compute budgets as multiples of --samples at full tokens (repeatable; default 1)")
+    m = sub.add_parser("mixing", help="categories per batch under clipa's loader settings (no training)")
+    m.add_argument("data")
     t = sub.add_parser("table")
     t.add_argument("results")
     t.add_argument("--group", default="")
@@ -388,6 +435,14 @@ def main() -> None:
               f"{chance['zeroshot_acc1_majority']:.3f}); retrieval: {summary['retrieval_pairs']} pairs (chance R@1 "
               f"{chance['retrieval_recall@1']:.4f}, R@5 {chance['retrieval_recall@5']:.4f}); "
               f"{len(summary['skipped'])} PNGs skipped (over 20 megapixels or unreadable)")
+        return
+    if args.command == "mixing":
+        print(batch_mixing(Path(args.data), {
+            "clipa defaults (one shard at a time, 2,000-sample buffer)": {},
+            "5,000-sample buffer (open_clip_train's)": {"data.shuffle_buffer": 5000},
+            "8,000-sample buffer (more than an epoch: a full shuffle)": {"data.shuffle_buffer": 8000},
+            "4 shards interleaved, 2,000-sample buffer": {"data.interleave": 4},
+            "8 shards interleaved, 2,000-sample buffer": {"data.interleave": 8}}))
         return
     if args.command == "table":
         rows = [r for r in read_results(Path(args.results)) if not args.group or r["group"].startswith(args.group)]

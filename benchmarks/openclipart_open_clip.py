@@ -187,6 +187,6 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
         *[Setting(f"clipa, two stages, shuffle buffer {n} in both", {**pretrain, "data.shuffle_buffer": n},
                   {**finetune, "data.shuffle_buffer": n}, group=group) for n in (5000, 8000)],
         # or reading several shards at once (data.interleave), with the default 2,000-sample buffer
-        Setting("clipa, two stages, 4 shards interleaved in both", {**pretrain, "data.interleave": 4},
-                {**finetune, "data.interleave": 4}, group=group),
+        *[Setting(f"clipa, two stages, {n} shards interleaved in both", {**pretrain, "data.interleave": n},
+                  {**finetune, "data.interleave": n}, group=group) for n in (4, 8)],
     ]

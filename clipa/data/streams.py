@@ -236,7 +236,7 @@ class StreamingTrainStream(IterableDataset):
         slot, slots = self.slot(lane), self.processes * self.workers
         streams = [source_stream(s, i, seed=self.seed, slot=slot, slots=slots, resampled=self.resampled,
                                  buffer=self.shuffle_buffer, stats=stats, mode=mode, session=session,
-                                 interleave=self.interleave)
+                                 interleave=self.interleave if s.kind == "shards" else 1)  # CSV rows: permuted already
                    for i, s in enumerate(self.sources)]
         rng = np.random.default_rng([*_key(self.seed, session), slot, _MIX_STREAM])
         return mixed(streams, [s.weight for s in self.sources], rng)

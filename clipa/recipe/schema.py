@@ -113,8 +113,8 @@ class DataConfig:
     resampled: bool = False
     # Samples each loader worker mixes across its shards; 0 = shard order (shards are still shuffled).
     shuffle_buffer: int = 2000
-    # Shards (or CSV rows) each loader worker reads at once, taking each sample from a random one of them:
-    # shards written in class or source order then mix at no memory cost (docs/data.md); 1 = one at a time.
+    # Shards each loader worker reads at once, taking each sample from a random one of them (CSV rows are
+    # permuted already): shards written in class or source order then mix at no memory cost (docs/data.md).
     interleave: int = 1
     # Where a shard sample's caption is: a member extension ("txt") or a JSON field ("json:caption").
     caption_key: str = "txt"
