@@ -189,4 +189,7 @@ def vs_open_clip_two_stage_settings(arch: str, samples: int, batch: int) -> list
         # or reading several shards at once (data.interleave), with the default 2,000-sample buffer
         *[Setting(f"clipa, two stages, {n} shards interleaved in both", {**pretrain, "data.interleave": n},
                   {**finetune, "data.interleave": n}, group=group) for n in (4, 8)],
+        Setting("clipa, two stages, 8 shards interleaved + 5,000-sample buffer in both",
+                {**pretrain, "data.interleave": 8, "data.shuffle_buffer": 5000},
+                {**finetune, "data.interleave": 8, "data.shuffle_buffer": 5000}, group=group),
     ]

@@ -46,7 +46,7 @@ def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
     stage_tools = [(s.tool, s.finetune_tool or s.tool) for s in settings]
     assert stage_tools == [("open_clip", "open_clip"), ("clipa", "clipa"), ("clipa", "clipa"),
                            ("clipa", "open_clip"), ("open_clip", "clipa"),  # crossovers
-                           *[("clipa", "clipa")] * 6]
+                           *[("clipa", "clipa")] * 7]
     assert all(s.pretrain == settings[0].pretrain for s in settings[:5])
     assert all(s.finetune == settings[0].finetune for s in settings[:5] if s is not settings[2])
 
@@ -60,7 +60,7 @@ def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
     assert changed(settings[2].pretrain, default.pretrain) == {} and changed(settings[2].finetune, default.finetune) == adamw
     # the last two: AdamW in both stages, then also open_clip_train's shuffle buffer and whole-image decoding
     mixing = [{"data.shuffle_buffer": 5000}, {"data.shuffle_buffer": 8000}, {"data.interleave": 4},
-              {"data.interleave": 8}]
+              {"data.interleave": 8}, {"data.interleave": 8, "data.shuffle_buffer": 5000}]
     for row, expected in zip(settings[5:], (adamw, every, *mixing), strict=True):
         assert changed(row.pretrain, default.pretrain) == changed(row.finetune, default.finetune) == expected
     pre, fine = settings[0].pretrain, settings[0].finetune
