@@ -297,18 +297,20 @@ def batch_mixing(data: Path, settings: dict[str, dict], batch: int = 256, batche
         return sum(c * (c - 1) for c in collections.Counter(labels).values()) / (n * (n - 1))
 
     uniform = same_share(list(category.values()))  # two drawings of a uniformly shuffled epoch
-    lines = [f"| loader setting | same-category negative pairs per batch: mean [min, max] (a full shuffle: "
-             f"{uniform:.3f}) |", "|---|---|"]
+    lines = [f"| loader setting | same-category pairs per batch: mean [min, max] (uniform: {uniform:.3f}) | "
+             "identical-caption pairs per batch: mean [max] |", "|---|---|---|"]
     for label, values in settings.items():
         recipe = load_recipe(None, overrides({"data.train": train_shards(data), **values}))
         stream = StreamingTrainStream(build_source(recipe), None, None, micro_batch=batch, seed=recipe.train.seed,
                                       shuffle_buffer=recipe.data.shuffle_buffer, interleave=recipe.data.interleave)
         records = stream.records(0, SkipStats(), _Mode())
-        shares = []
+        shares, twins = [], []
         for _ in range(batches):
-            labels = [category[(Path(r.where).name, r.key)] for r in (next(records) for _ in range(batch))]
-            shares.append(same_share(labels))
-        lines.append(f"| {label} | {statistics.fmean(shares):.3f} [{min(shares):.3f}, {max(shares):.3f}] |")
+            batch_records = [next(records) for _ in range(batch)]
+            shares.append(same_share([category[(Path(r.where).name, r.key)] for r in batch_records]))
+            twins.append(sum(c * (c - 1) // 2 for c in collections.Counter(r.caption.strip() for r in batch_records).values()))
+        lines.append(f"| {label} | {statistics.fmean(shares):.3f} [{min(shares):.3f}, {max(shares):.3f}] | "
+                     f"{statistics.fmean(twins):.0f} [{max(twins)}] |")
     return "\n".join(lines)
 
 
@@ -438,11 +440,14 @@ def main() -> None:
         return
     if args.command == "mixing":
         print(batch_mixing(Path(args.data), {
-            "clipa defaults (one shard at a time, 2,000-sample buffer)": {},
-            "5,000-sample buffer (open_clip_train's)": {"data.shuffle_buffer": 5000},
-            "8,000-sample buffer (more than an epoch: a full shuffle)": {"data.shuffle_buffer": 8000},
-            "4 shards interleaved, 2,000-sample buffer": {"data.interleave": 4},
-            "8 shards interleaved, 2,000-sample buffer": {"data.interleave": 8}}))
+            "one shard at a time, 2,000-sample buffer (clipa's old defaults)": {"data.interleave": 1},
+            "one shard at a time, 5,000-sample buffer (as open_clip_train)": {"data.interleave": 1,
+                                                                               "data.shuffle_buffer": 5000},
+            "one shard at a time, 8,000-sample buffer (a full shuffle)": {"data.interleave": 1,
+                                                                          "data.shuffle_buffer": 8000},
+            "4 shards interleaved, 2,000-sample buffer": {"data.interleave": 4, "data.shuffle_buffer": 2000},
+            "8 shards interleaved, 2,000-sample buffer": {"data.interleave": 8, "data.shuffle_buffer": 2000},
+            "8 shards interleaved, 5,000-sample buffer": {"data.interleave": 8, "data.shuffle_buffer": 5000}}))
         return
     if args.command == "table":
         rows = [r for r in read_results(Path(args.results)) if not args.group or r["group"].startswith(args.group)]

@@ -396,13 +396,22 @@ def test_metrics_count_skips_of_every_process_and_resume_warns_on_a_new_layout(t
     # The checkpoint holds the layout; resuming in 1 process (micro-batch 8) warns that the position is approximate.
     state = torch.load(tmp_path / "run" / "checkpoints" / "step_000004" / "state.pt", weights_only=False)
     assert state["data_position"] == {"micro_batch": 4, "processes": 2, "num_workers": 0, "micro_batch_size": 4,
-                                      "exact_resume": True}
+                                      "exact_resume": True, "shuffle_buffer": 0, "interleave": 8}
     with caplog.at_level(logging.WARNING, logger="clipa.data"):
         Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", overrides), "pretrain", tmp_path / "run")
     assert "data position is approximate" in caplog.text and "processes 2 -> 1, micro-batch 4 -> 8" in caplog.text
     data = recipe(train, **{"data.num_workers": 3}).data
-    saved = {"micro_batch": 4, "processes": 1, "num_workers": 3, "micro_batch_size": 8, "exact_resume": True}
+    saved = {"micro_batch": 4, "processes": 1, "num_workers": 3, "micro_batch_size": 8, "exact_resume": True,
+             "shuffle_buffer": 0, "interleave": 8}
     assert check_resume_layout(saved, data, 1, 8) is None  # same layout: exact, silent
+    # another buffer or interleave reads other samples: said, with the values that resume exactly
+    changed = check_resume_layout({**saved, "shuffle_buffer": 2000, "interleave": 1}, data, 1, 8)
+    assert "data.shuffle_buffer 2000 -> 0, data.interleave 1 -> 8" in changed
+    assert changed.endswith("cores), data.shuffle_buffer=2000, data.interleave=1")
+    # a checkpoint from before interleave was saved read one shard at a time; its buffer is not known
+    before = {k: v for k, v in saved.items() if k not in ("shuffle_buffer", "interleave")}
+    assert "data.interleave 1 -> 8" in check_resume_layout(before, data, 1, 8)
+    assert "shuffle_buffer" not in check_resume_layout(before, data, 1, 8)
     assert "data.num_workers 2 -> 3" in check_resume_layout({**saved, "num_workers": 2}, data, 1, 8)
     assert check_resume_layout({**saved, "num_workers": 0}, recipe(train, **{"data.num_workers": 1}).data, 1, 8) is None
     assert check_resume_layout({"micro_batch": 4}, data, 2, 4) is None  # an older checkpoint: nothing to compare
@@ -422,8 +431,9 @@ def test_mixture_follows_the_weights(tmp_path):
 
 def test_shuffle_buffer_mixes_samples_across_and_within_shards(shards):
     train = str(shards / "{00000..00007}.tar")
-    plain = sample_ids(batches(recipe(train), micro=8, count=6)[0])  # one epoch: 48 samples
-    mixed = sample_ids(batches(recipe(train, **{"data.shuffle_buffer": 16}), micro=8, count=6)[0])
+    one_shard = {"data.interleave": 1}  # one shard at a time, so that the buffer alone mixes
+    plain = sample_ids(batches(recipe(train, **one_shard), micro=8, count=6)[0])  # one epoch: 48 samples
+    mixed = sample_ids(batches(recipe(train, **one_shard, **{"data.shuffle_buffer": 16}), micro=8, count=6)[0])
     assert sorted(plain) == sorted(mixed) == list(range(48))
     # Without a buffer each shard is read whole and in order: runs of 6 consecutive samples.
     assert all(plain[i:i + 6] == list(range(plain[i], plain[i] + 6)) for i in range(0, 48, 6))
@@ -440,7 +450,7 @@ def test_interleave_reads_several_shards_at_once_and_resumes_exactly(shards):
     def shards_per_batch(got):
         return [len({n // 6 for n in sample_ids([b])}) for b in got]
 
-    one = batches(recipe(train), micro=6, count=8)[0]  # one epoch: 8 batches of 6
+    one = batches(recipe(train, **{"data.interleave": 1}), micro=6, count=8)[0]  # one epoch: 8 batches of 6
     four = batches(recipe(train, **{"data.interleave": 4}), micro=6, count=16)[0]
     assert shards_per_batch(one) == [1] * 8
     assert min(shards_per_batch(four)) >= 2 and sum(shards_per_batch(four[:8])) >= 20

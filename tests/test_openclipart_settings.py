@@ -127,3 +127,31 @@ def test_differences_give_the_mean_difference_and_its_standard_error():
     # new - base: 0.21 - 0.12; se = sqrt(0.0002 / 2 + 0.0004 / 3) = 0.0153; R@5: 0.31 - 0.20, se sqrt(0.0002 / 2)
     assert lines == ["| g | new | pretrain | 2 vs 3 | +0.090 ± 0.015 | +0.110 ± 0.010 |"]
     assert "other group only" not in text and "| base |" not in text  # nothing to compare against
+
+
+def test_batch_mixing_measures_same_category_and_same_caption_pairs(tmp_path):
+    """Shards in category order, as `build` writes them: read one at a time without a buffer, every batch
+    is one category; shuffled across the whole epoch, batches mix."""
+    import io
+    import json as js
+
+    import webdataset as wds
+    from PIL import Image
+
+    (tmp_path / "train").mkdir()
+    jpg = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(jpg, format="JPEG")
+    for s in range(4):  # shards 0-1 are category a/x, 2-3 are b/y; two drawings of each shard share a caption
+        with wds.TarWriter(str(tmp_path / "train" / f"{s:06d}.tar")) as sink:
+            for i in range(4):
+                n = s * 4 + i
+                sink.write({"__key__": f"{n:06d}", "jpg": jpg.getvalue(), "txt": f"drawing {n - (i == 1)}",
+                            "json": js.dumps({"category": "a/x/deeper" if s < 2 else "b/y"}).encode()})
+    text = oc.batch_mixing(tmp_path, {"in order": {"data.interleave": 1, "data.shuffle_buffer": 0},
+                                      "shuffled": {"data.interleave": 1, "data.shuffle_buffer": 100}},
+                           batch=4, batches=4)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    # in order: one category per batch (share 1), and the 2 shared captions of each shard: 1 identical pair
+    assert rows["in order"] == "| in order | 1.000 [1.000, 1.000] | 1 [1] |"
+    assert "(uniform: 0.467)" in text  # 2 categories of 8 drawings: 2 * 8 * 7 / (16 * 15)
+    assert float(rows["shuffled"].split(" | ")[1].split()[0]) < 1.0

@@ -82,7 +82,11 @@ def resolve_workers(num_workers: int) -> int:
 def loader_layout(data, processes: int, micro_batch: int) -> dict:
     """What a streaming data position means: saved beside it in every checkpoint (`data_position`)."""
     return {"processes": processes, "num_workers": resolve_workers(data.num_workers), "micro_batch_size": micro_batch,
-            "exact_resume": data.exact_resume}
+            "exact_resume": data.exact_resume, "shuffle_buffer": data.shuffle_buffer, "interleave": data.interleave}
+
+
+# What a checkpoint saved before a key joined the layout read with: None = unknown, not compared.
+_LAYOUT_BEFORE = {"shuffle_buffer": None, "interleave": 1}
 
 
 def check_resume_layout(saved: dict | None, data, processes: int, micro_batch: int, main: bool = True) -> str | None:
@@ -101,13 +105,20 @@ def check_resume_layout(saved: dict | None, data, processes: int, micro_batch: i
                if saved.get(key) != now[key]]
     if max(1, saved["num_workers"]) != max(1, now["num_workers"]):  # 0 workers = one stream, as 1 worker
         changes.insert(1, f"data.num_workers {saved['num_workers']} -> {now['num_workers']}")
+    stream_keys = []  # what each stream reads and in what order
+    for key, before in _LAYOUT_BEFORE.items():
+        old = saved.get(key, before)
+        if old is not None and old != now[key]:
+            changes.append(f"data.{key} {old} -> {now[key]}")
+            stream_keys.append(f"data.{key}={old}")
     if not changes:
         return None
     message = (f"data: the data position is approximate: the loader layout changed since the checkpoint "
                f"({', '.join(changes)}); every stream resumes at its position, but not with the samples the old "
                f"layout would have read (in the interrupted epoch some repeat, some are missed). For an exact resume "
                f"use the old layout: {saved['processes']} process(es), micro-batch {saved['micro_batch_size']}, "
-               f"data.num_workers={saved['num_workers']} set explicitly (-1 resolves from this machine's cores)")
+               f"data.num_workers={saved['num_workers']} set explicitly (-1 resolves from this machine's cores)"
+               + "".join(f", {k}" for k in stream_keys))
     if main:
         logging.getLogger("clipa.data").warning(message)
     return message
