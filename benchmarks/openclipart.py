@@ -415,7 +415,8 @@ def main() -> None:
         if name == "claim":
             p.add_argument("--budget", type=float, action="append",
                            help="compute budgets as multiples of --samples at full tokens (repeatable; default 1)")
-    m = sub.add_parser("mixing", help="categories per batch under clipa's loader settings (no training)")
+    m = sub.add_parser("mixing", help="same-category and identical-caption pairs per batch under clipa's loader "
+                                      "settings (no training)")
     m.add_argument("data")
     t = sub.add_parser("table")
     t.add_argument("results")

@@ -56,6 +56,9 @@ def test_two_stage_comparison_gives_both_tools_the_same_stages(tmp_path):
     adamw = {"optim.betas": [0.9, 0.999], "optim.eps": 1e-8, "optim.weight_decay": 0.2}
     every = {**adamw, "data.shuffle_buffer": 5000, "data.fast_decode": False}
     default = settings[1]
+    # the rows were measured with clipa's old loader defaults, pinned so that a re-run reads the same streams
+    for stage in (default.pretrain, default.finetune):
+        assert (stage["data.interleave"], stage["data.shuffle_buffer"]) == (1, 2000)
     # the third finetunes with open_clip_train's AdamW settings and nothing else changed
     assert changed(settings[2].pretrain, default.pretrain) == {} and changed(settings[2].finetune, default.finetune) == adamw
     # the last two: AdamW in both stages, then also open_clip_train's shuffle buffer and whole-image decoding
