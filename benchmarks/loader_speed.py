@@ -2,6 +2,7 @@
 
     python benchmarks/loader_speed.py [--workers 2] [--sizes 224 112 64] [--source-size 256] [--train]
     python benchmarks/loader_speed.py --cores-per-gpu vit_l14/pretrain_84 vit_h14/pretrain_84 [--gpu A100]
+    python benchmarks/loader_speed.py --interleave 1 8 [--shuffle-buffer 5000] [--shards "DIR/{000000..000007}.tar"]
 
 Writes JPEG shards of the synthetic scenes at `--source-size` px (once, cached in `--out`), then
 runs clipa's real training loader (build_train_loader: shard streaming, shuffle buffer, decode,
@@ -22,6 +23,10 @@ micro-batch of the same size:
                planner's samples/s per GPU (`clipa plan` at --gpu and --mfu) over one worker's
                measured samples/s at that recipe's image size, crop and text reduction, plus one
                core for the training process itself.
+
+  interleave   (--interleave N...) the same two loader rates at the smallest size for each
+               `data.interleave` value (shards each worker reads at once), in alternating rounds so
+               that the machine's load falls on every value alike; `--shards` times real shards.
 
 The loader keeps up when its samples/s exceeds the step's. Where workers and the step share the
 same few cores (a 2-core CPU), what loading costs the step is the loader's CPU time per sample
@@ -58,13 +63,16 @@ def write_shards(out: Path, samples: int, source_size: int) -> str:
 
 
 def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches: int,
-            crop_scale=(0.4, 1.0), text: tuple[str, int] = ("truncate", 32)):
+            crop_scale=(0.4, 1.0), text: tuple[str, int] = ("truncate", 32), interleave: int = 1,
+            shuffle_buffer: int = 500):
     from clipa.data.loader import build_train_loader
     from clipa.model.build import Geometry, build_tokenizer
     from clipa.model.reduction import TextReducer
     from clipa.recipe.load import load_recipe
 
-    recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}", "data.shuffle_buffer=500",
+    # interleave 1 unless asked: the tables in docs/data.md were measured reading one shard at a time
+    recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}",
+                                f"data.shuffle_buffer={shuffle_buffer}", f"data.interleave={interleave}",
                                 f"data.fast_decode={'true' if fast else 'false'}",
                                 f"data.augment.scale=[{crop_scale[0]}, {crop_scale[1]}]"])
     # clipa-tiny's BPE tokenizer for every recipe: the published models' tokenizers (CLIPA-v2's BERT) are
@@ -89,11 +97,11 @@ def loader_cpu(train: str, size: int, fast: bool, micro: int, batches: int, **st
         torch.set_num_threads(threads)
 
 
-def loader_wall(train: str, size: int, fast: bool, workers: int, micro: int, batches: int) -> float:
+def loader_wall(train: str, size: int, fast: bool, workers: int, micro: int, batches: int, **stage) -> float:
     # Untimed: one micro-batch per worker (start-up, shuffle-buffer fill), then as many as the
     # DataLoader prefetches (4 per worker), so the timed ones are produced while we wait for them.
     untimed = max(1, workers) * 5
-    it = _loader(train, size, fast, workers, micro, untimed + batches)
+    it = _loader(train, size, fast, workers, micro, untimed + batches, **stage)
     for _ in range(untimed):
         next(it)
     t0 = time.perf_counter()
@@ -165,6 +173,22 @@ def cores_per_gpu(train: str, recipes: list[str], gpu: str, mfu: float, micro: i
     return rows
 
 
+def interleave_speeds(train: str, size: int, values: list[int], workers: int, micro: int, batches: int,
+                      repeats: int, shuffle_buffer: int) -> list[dict]:
+    """Per `data.interleave` value: the best per-worker CPU rate and the best wall rate over `repeats`
+    rounds, each round timing every value once (in turn), so that load on the machine is shared."""
+    best = {v: {"interleave": v, "worker_samples_per_s": 0.0, "workers_samples_per_s": 0.0} for v in values}
+    for _ in range(repeats):
+        for v in values:
+            stage = {"interleave": v, "shuffle_buffer": shuffle_buffer}
+            row = best[v]
+            row["worker_samples_per_s"] = max(row["worker_samples_per_s"],
+                                              loader_cpu(train, size, False, micro, batches, **stage))
+            row["workers_samples_per_s"] = max(row["workers_samples_per_s"],
+                                               loader_wall(train, size, False, workers, micro, batches, **stage))
+    return [best[v] for v in values]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "clipa-loader-bench")
@@ -181,9 +205,25 @@ def main(argv=None) -> None:
                         help="instead: the decoding cores each recipe's stage needs per accelerator")
     parser.add_argument("--gpu", default="A100", help="accelerator for --cores-per-gpu (as `clipa plan --gpu`)")
     parser.add_argument("--mfu", type=float, default=0.27, help="model-FLOPs utilisation for --cores-per-gpu")
+    parser.add_argument("--interleave", type=int, nargs="+", metavar="N", default=[],
+                        help="instead: loader rates at the smallest size for each data.interleave value")
+    parser.add_argument("--shuffle-buffer", type=int, default=500, help="data.shuffle_buffer for --interleave")
+    parser.add_argument("--shards", help="--interleave on these shards (a brace pattern) instead of synthetic ones")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    train = write_shards(args.out, args.samples, args.source_size)
+    train = args.shards or write_shards(args.out, args.samples, args.source_size)
+    if args.interleave:
+        size = min(args.sizes)
+        rows = interleave_speeds(train, size, args.interleave, args.workers, args.micro, args.batches, args.repeats,
+                                 args.shuffle_buffer)
+        print(f"\n{train}: {size} px, shuffle buffer {args.shuffle_buffer}, micro-batch {args.micro}, "
+              f"best of {args.repeats} alternating rounds\n")
+        print(f"| data.interleave | loader per worker | {args.workers} workers |")
+        print("|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['interleave']} | {r['worker_samples_per_s']:.0f}/s | {r['workers_samples_per_s']:.0f}/s |")
+        print(json.dumps(rows))
+        return
     if args.cores_per_gpu:
         rows = cores_per_gpu(train, args.cores_per_gpu, args.gpu, args.mfu, args.micro, args.batches)
         print(f"\n{args.source_size}px JPEG shards; one worker = one core; GPU samples/s from `clipa plan` at MFU "

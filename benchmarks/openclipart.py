@@ -159,6 +159,12 @@ def run_setting(data: Path, setting: Setting, seed: int, workdir: Path) -> dict:
     return row
 
 
+def select(settings: list[Setting], only: list[str], exclude: list[str]) -> list[Setting]:
+    """The settings whose label contains one of `only` (all when empty) and none of `exclude`."""
+    return [s for s in settings
+            if (not only or any(o in s.label for o in only)) and not any(x in s.label for x in exclude)]
+
+
 def sweep(data: Path, settings: list[Setting], seeds: int, results: Path, workdir: Path) -> None:
     done = {(r["group"], r["label"], r["seed"]) for r in read_results(results)}
     for seed in range(seeds):  # round-robin over settings, so a cut-short sweep has every setting at low seeds
@@ -410,6 +416,7 @@ def main() -> None:
         p.add_argument("--samples", type=int, default=0, help="training samples (default depends on the command)")
         p.add_argument("--batch", type=int, default=256)
         p.add_argument("--only", action="append", help="run only settings whose label contains this")
+        p.add_argument("--exclude", action="append", help="skip settings whose label contains this")
         p.add_argument("--results", default="")
         p.add_argument("--workdir", default="")
         if name == "claim":
@@ -474,8 +481,7 @@ def main() -> None:
         else:
             for budget in args.budget or [1.0]:
                 settings += claim_settings(arch, int((args.samples or 30_000) * budget), args.batch)
-    if args.only:
-        settings = [s for s in settings if any(o in s.label for o in args.only)]
+    settings = select(settings, args.only or [], args.exclude or [])
     sweep(data, settings, args.seeds, results, workdir)
     print(table([r for r in read_results(results) if r["group"] in {s.group for s in settings}]))
 

@@ -29,3 +29,23 @@ def test_cores_per_gpu_divides_the_planned_rate_by_a_measured_worker(tmp_path):
         assert row["image_size"] == stage["image_size"] and row["text"] == f"truncate {stage['text_tokens']}"
         assert row["worker_samples_per_s"] > 0
         assert row["cores_per_gpu"] == math.ceil(row["samples_per_s_per_gpu"] / row["worker_samples_per_s"]) + 1
+
+
+def test_interleave_times_each_value_in_alternating_rounds(tmp_path, monkeypatch):
+    import clipa.data.loader as loader_module
+
+    train = write_synthetic(tmp_path / "shards", num_samples=48, shard_size=8, image_size=64, eval_per_class=0)["train"]
+    real = loader_module.build_train_loader
+    seen = []  # (interleave, shuffle buffer, workers) of every loader the benchmark builds, in order
+
+    def recording(recipe, *args, **kwargs):
+        seen.append((recipe.data.interleave, recipe.data.shuffle_buffer, recipe.data.num_workers))
+        return real(recipe, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "build_train_loader", recording)
+    rows = _loader_speed().interleave_speeds(train, 32, [1, 3], workers=0, micro=4, batches=2, repeats=2,
+                                             shuffle_buffer=16)
+    assert [r["interleave"] for r in rows] == [1, 3]
+    assert all(r["worker_samples_per_s"] > 0 and r["workers_samples_per_s"] > 0 for r in rows)
+    # each round: value 1 (per worker, then through the DataLoader), then value 3; two rounds
+    assert seen == [(1, 16, 0), (1, 16, 0), (3, 16, 0), (3, 16, 0)] * 2

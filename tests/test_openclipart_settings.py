@@ -158,3 +158,12 @@ def test_batch_mixing_measures_same_category_and_same_caption_pairs(tmp_path):
     assert rows["in order"] == "| in order | 1.000 [1.000, 1.000] | 1 [1] |"
     assert "(uniform: 0.467)" in text  # 2 categories of 8 drawings: 2 * 8 * 7 / (16 * 15)
     assert float(rows["shuffled"].split(" | ")[1].split()[0]) < 1.0
+
+
+def test_select_keeps_labels_matching_only_and_drops_excluded():
+    settings = oc.claim_settings("clipa-tiny", 24_576, 256)
+    labels = [s.label for s in oc.select(settings, ["full tokens", "then full"], ["masked"])]
+    assert labels == ["full tokens", "CLIPA: 1/2 res + 8 tok truncate, then full",
+                      "CLIPA: 1/2 res + 8 tok syntax, then full"]
+    assert oc.select(settings, [], []) == settings
+    assert [s.label for s in oc.select(settings, [], ["CLIPA"])] == ["full tokens"]
