@@ -348,6 +348,11 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         "betas 0.9/0.999": {"optim.betas": [0.9, 0.999]},
         "temperature clamp 50": {"train.logit_scale_max": 50.0},
         "text 16 tokens": {"reduction.text_length": 16},
+        # on top of the chosen crop (compare with the "crop 0.9-1.0" row; run with --only "crop 0.9")
+        "crop 0.9-1.0, aspect 1:1 (no aspect jitter)": {"data.augment.scale": [0.9, 1.0],
+                                                        "data.augment.ratio": [1.0, 1.0]},
+        "crop 0.9-1.0, aspect 1:2-2:1": {"data.augment.scale": [0.9, 1.0], "data.augment.ratio": [0.5, 2.0]},
+        "crop 0.9-1.0, bilinear": {"data.augment.scale": [0.9, 1.0], "data.augment.interpolation": "bilinear"},
     }
     return [Setting(name, {**base, **change}, group=f"defaults {arch}") for name, change in changes.items()]
 

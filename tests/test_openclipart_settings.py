@@ -167,3 +167,21 @@ def test_select_keeps_labels_matching_only_and_drops_excluded():
                       "CLIPA: 1/2 res + 8 tok syntax, then full"]
     assert oc.select(settings, [], []) == settings
     assert [s.label for s in oc.select(settings, [], ["CLIPA"])] == ["full tokens"]
+
+
+def test_defaults_rows_change_one_thing_each_and_load_as_recipes():
+    from clipa.recipe.load import load_recipe
+
+    settings = oc.defaults_settings("clipa-tiny", 30_000, 256)
+    shipped = next(s for s in settings if s.label == "shipped tiny recipe").pretrain
+    chosen = next(s for s in settings if s.label.startswith("crop 0.9-1.0 (")).pretrain
+    for s in settings:
+        # the rows on top of the chosen crop are compared with the chosen crop's row, the rest with the shipped one
+        against = chosen if s.label.startswith("crop 0.9-1.0,") else shipped
+        changed = {k for k in s.pretrain if s.pretrain[k] != against.get(k)}
+        assert len(changed) == (0 if s.pretrain is against else 1), (s.label, changed)
+        recipe = load_recipe(None, oc.overrides({"data.train": "shards/{000000..000007}.tar", **s.pretrain}))
+        assert recipe.data.augment.scale == s.pretrain["data.augment.scale"]
+    by_label = {s.label: s.pretrain for s in settings}
+    assert by_label["crop 0.9-1.0, aspect 1:1 (no aspect jitter)"]["data.augment.ratio"] == [1.0, 1.0]
+    assert by_label["crop 0.9-1.0, bilinear"]["data.augment.interpolation"] == "bilinear"
