@@ -147,6 +147,9 @@ def vs_open_clip_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         # the other direction: open_clip_train with clipa's AdamW settings
         Setting("open_clip_train + clipa's betas 0.9/0.95, eps 1e-6, wd 0.1", ours, tool="open_clip", group=group,
                 extra={"optim_from_recipe": True}),
+        # clipa's loader defaults since the finetune-gap study (docs/openclipart.md): the rows above pin the old ones
+        Setting("clipa default settings, new loader (8 shards interleaved, 5,000-sample buffer)",
+                {**ours, "data.interleave": 8, "data.shuffle_buffer": 5000}, group=group),
     ]
 
 

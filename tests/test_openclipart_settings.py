@@ -185,3 +185,14 @@ def test_defaults_rows_change_one_thing_each_and_load_as_recipes():
     by_label = {s.label: s.pretrain for s in settings}
     assert by_label["crop 0.9-1.0, aspect 1:1 (no aspect jitter)"]["data.augment.ratio"] == [1.0, 1.0]
     assert by_label["crop 0.9-1.0, bilinear"]["data.augment.interpolation"] == "bilinear"
+
+
+def test_single_stage_new_loader_row_is_clipas_current_loader_defaults():
+    from clipa.recipe.schema import Recipe
+
+    settings = {s.label: s for s in ocl.vs_open_clip_settings("clipa-tiny", 30_000, 256)}
+    old = settings["clipa default settings (crop 0.9-1)"].pretrain
+    new = settings["clipa default settings, new loader (8 shards interleaved, 5,000-sample buffer)"].pretrain
+    assert {k for k in new if new[k] != old[k]} == {"data.interleave", "data.shuffle_buffer"}
+    defaults = Recipe().data
+    assert (new["data.interleave"], new["data.shuffle_buffer"]) == (defaults.interleave, defaults.shuffle_buffer)
