@@ -234,11 +234,12 @@ def differences(rows: list[dict], against: str, metrics=("mean_per_class_recall"
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("mean_per_class_recall", "t2i_r5")) -> None:
+def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("mean_per_class_recall", "t2i_r5")):
     """Accuracy after every stage against cumulative training FLOPs (one panel per metric) and against
     wall time: each seed a faint dot, the mean over seeds with its standard deviation as a marker
     with error bars, the stages of a setting joined by a line (a CLIPA run is two points: its
-    low-token stage, then the finetune). Needs matplotlib."""
+    low-token stage, then the finetune). Both x axes are logarithmic when the points span more than
+    4x (several budgets or model sizes in one plot). Returns the figure. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,9 +270,15 @@ def plot(rows: list[dict], path: Path, metrics: tuple[str, ...] = ("mean_per_cla
                           else "wall time, s (this 2-core CPU, shared: indicative only)")
             ax.set_ylabel(f"{names.get(metric, metric)} (held-out OpenClipart)")
             ax.grid(alpha=0.3)
+    for ax in axes:
+        low, high = (min(x for line in ax.lines for x in line.get_xdata()),
+                     max(x for line in ax.lines for x in line.get_xdata()))
+        if low > 0 and high > 4 * low:
+            ax.set_xscale("log")
     fig.legend(loc="lower center", ncol=2, fontsize=8)
     fig.tight_layout(rect=(0, 0.08 + 0.035 * ((len(keys) + 1) // 2), 1, 1))
     fig.savefig(path, dpi=100)
+    return fig
 
 
 def batch_mixing(data: Path, settings: dict[str, dict], batch: int = 256, batches: int = 29) -> str:

@@ -196,3 +196,32 @@ def test_single_stage_new_loader_row_is_clipas_current_loader_defaults():
     assert {k for k in new if new[k] != old[k]} == {"data.interleave", "data.shuffle_buffer"}
     defaults = Recipe().data
     assert (new["data.interleave"], new["data.shuffle_buffer"]) == (defaults.interleave, defaults.shuffle_buffer)
+
+
+def _run(group: str, label: str, seed: int, stages: list[tuple[float, float, float]]) -> dict:
+    """A results row: (TFLOPs, seconds, per-class recall) per stage; R@5 is twice the recall."""
+    return {"group": group, "label": label, "seed": seed, "tool": "clipa", "notes": "",
+            "stages": [{"stage": f"stage{i}", "train_flops": f * 1e12, "wall_s": w, "mean_per_class_recall": r,
+                        "t2i_r5": 2 * r} for i, (f, w, r) in enumerate(stages)]}
+
+
+def test_plot_draws_the_mean_of_each_stage_at_its_cumulative_flops(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [_run("claim tiny 8k", "full tokens", 0, [(4.0, 50, 0.04)]),
+            _run("claim tiny 8k", "full tokens", 1, [(4.0, 70, 0.06)]),
+            _run("claim small 24k", "CLIPA", 0, [(32.0, 300, 0.10), (8.0, 100, 0.08)]),
+            _run("claim small 24k", "CLIPA", 1, [(32.0, 340, 0.12), (8.0, 120, 0.06)])]
+    fig = oc.plot(rows, tmp_path / "claim.png")
+    assert (tmp_path / "claim.png").stat().st_size > 1000
+    flops_recall, flops_r5, wall_recall = fig.axes
+    # the first line drawn for each setting is its mean over seeds, stage by stage, at cumulative FLOPs
+    full, clipa = flops_recall.lines[0], [line for line in flops_recall.lines if len(line.get_xdata()) == 2][0]
+    assert list(full.get_xdata()) == [4.0] and list(full.get_ydata()) == pytest.approx([0.05])
+    assert list(clipa.get_xdata()) == [32.0, 40.0] and list(clipa.get_ydata()) == pytest.approx([0.11, 0.07])
+    r5 = [line for line in flops_r5.lines if len(line.get_xdata()) == 2][0]
+    assert list(r5.get_ydata()) == pytest.approx([0.22, 0.14])
+    assert max(x for line in wall_recall.lines for x in line.get_xdata()) == pytest.approx(430)  # mean of 400 and 460
+    # 4 to 40 TFLOPs and 60 to 430 s span more than 4x: logarithmic axes; a single budget stays linear
+    assert [ax.get_xscale() for ax in fig.axes] == ["log", "log", "log"]
+    narrow = oc.plot([r for r in rows if r["group"] == "claim small 24k"], tmp_path / "small.png")
+    assert [ax.get_xscale() for ax in narrow.axes] == ["linear", "linear", "linear"]
