@@ -342,23 +342,35 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     """At the tiny pretrain recipe's geometry (32 px, 8 tokens), where CLIPA spends its compute."""
     base = tiny_recipe(arch, samples, batch, image_size=32, text_length=8)
     chosen_crop = {"data.augment.scale": [0.9, 1.0]}
-    changes = {  # in the order they run (round-robin over seeds: a cut-short sweep has the first ones)
-        "shipped tiny recipe": {},
-        "crop 0.9-1.0 (open_clip_train)": chosen_crop,
+    # One setting changed at a time; run first on the shipped recipe (old loader), then again on top
+    # of the chosen crop, which is what clipa ships now (compare with the "crop 0.9-1.0" row).
+    one_change = {
         "betas 0.9/0.98": {"optim.betas": [0.9, 0.98]},
         "eps 1e-8": {"optim.eps": 1e-8},
         "lr 1e-3": {"optim.lr": 1e-3},
-        "crop 0.4-1.0 (CLIPA)": {"data.augment.scale": [0.4, 1.0]},
         "weight decay 0.2": {"optim.weight_decay": 0.2},
         "lr 4e-3": {"optim.lr": 4e-3},
         "warmup 10": {"optim.warmup_steps": 10},
         "betas 0.9/0.999": {"optim.betas": [0.9, 0.999]},
         "temperature clamp 50": {"train.logit_scale_max": 50.0},
         "text 16 tokens": {"reduction.text_length": 16},
-        # on top of the chosen crop (compare with the "crop 0.9-1.0" row; run with --only "crop 0.9")
-        "crop 0.9-1.0, aspect 1:1 (no aspect jitter)": {**chosen_crop, "data.augment.ratio": [1.0, 1.0]},
-        "crop 0.9-1.0, aspect 1:2-2:1": {**chosen_crop, "data.augment.ratio": [0.5, 2.0]},
-        "crop 0.9-1.0, bilinear": {**chosen_crop, "data.augment.interpolation": "bilinear"},
+    }
+    on_chosen_crop_only = {
+        "aspect 1:1 (no aspect jitter)": {"data.augment.ratio": [1.0, 1.0]},
+        "aspect 1:2-2:1": {"data.augment.ratio": [0.5, 2.0]},
+        "bilinear": {"data.augment.interpolation": "bilinear"},
+        "flip 0.5": {"data.augment.hflip_prob": 0.5},
+        # SimCLR's strength; one augmentation, so its two keys count as one change
+        "colour jitter 0.4/0.4/0.4/0.1 (p 0.8)": {"data.augment.color_jitter": [0.4, 0.4, 0.4, 0.1],
+                                                   "data.augment.color_jitter_prob": 0.8},
+    }
+    changes = {  # in the order they run (round-robin over seeds: a cut-short sweep has the first ones)
+        "shipped tiny recipe": {},
+        "crop 0.9-1.0 (open_clip_train)": chosen_crop,
+        "crop 0.4-1.0 (CLIPA)": {"data.augment.scale": [0.4, 1.0]},
+        **one_change,
+        **{f"crop 0.9-1.0, {name}": {**chosen_crop, **change}
+           for name, change in {**on_chosen_crop_only, **one_change}.items()},
     }
     return [Setting(name, {**base, **change}, group=f"defaults {arch}") for name, change in changes.items()]
 

@@ -179,12 +179,20 @@ def test_defaults_rows_change_one_thing_each_and_load_as_recipes():
         # the rows on top of the chosen crop are compared with the chosen crop's row, the rest with the shipped one
         against = chosen if s.label.startswith("crop 0.9-1.0,") else shipped
         changed = {k for k in s.pretrain if s.pretrain[k] != against.get(k)}
-        assert len(changed) == (0 if s.pretrain is against else 1), (s.label, changed)
+        things = {k.removesuffix("_prob") for k in changed}  # colour jitter's strength and probability are one
+        assert len(things) == (0 if s.pretrain is against else 1), (s.label, changed)
         recipe = load_recipe(None, oc.overrides({"data.train": "shards/{000000..000007}.tar", **s.pretrain}))
         assert recipe.data.augment.scale == s.pretrain["data.augment.scale"]
     by_label = {s.label: s.pretrain for s in settings}
     assert by_label["crop 0.9-1.0, aspect 1:1 (no aspect jitter)"]["data.augment.ratio"] == [1.0, 1.0]
     assert by_label["crop 0.9-1.0, bilinear"]["data.augment.interpolation"] == "bilinear"
+    # every setting varied on the old shipped recipe is varied again on today's default crop
+    for label in by_label.keys() - {"shipped tiny recipe"}:
+        if not label.startswith("crop "):
+            assert by_label[f"crop 0.9-1.0, {label}"] == {**by_label[label], "data.augment.scale": [0.9, 1.0]}
+    jitter = by_label["crop 0.9-1.0, colour jitter 0.4/0.4/0.4/0.1 (p 0.8)"]
+    assert jitter["data.augment.color_jitter_prob"] == 0.8
+    assert by_label["crop 0.9-1.0, flip 0.5"]["data.augment.hflip_prob"] == 0.5
 
 
 def test_single_stage_new_loader_row_is_clipas_current_loader_defaults():
