@@ -360,6 +360,10 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         "aspect 1:2-2:1": {"data.augment.ratio": [0.5, 2.0]},
         "bilinear": {"data.augment.interpolation": "bilinear"},
         "flip 0.5": {"data.augment.hflip_prob": 0.5},
+        # at this budget the learned temperature hardly moves from where it starts (14.3 -> 14.0),
+        # so its initial value is a setting in its own right and the clamp at 100 is never reached
+        "temperature init 30": {"model.logit_scale_init": 30.0},
+        "temperature init 7": {"model.logit_scale_init": 7.0},
         # SimCLR's strength; one augmentation, so its two keys count as one change
         "colour jitter 0.4/0.4/0.4/0.1 (p 0.8)": {"data.augment.color_jitter": [0.4, 0.4, 0.4, 0.1],
                                                    "data.augment.color_jitter_prob": 0.8},

@@ -45,6 +45,29 @@ def test_logged_lr_is_warmup_then_cosine_and_the_temperature_is_clamped(tmp_path
     assert scales[0] == pytest.approx(10, rel=1e-5)
 
 
+def test_logit_scale_init_is_where_a_model_from_scratch_starts(tmp_path):
+    from clipa.errors import ClipaError
+    from clipa.model.build import recipe_model_config
+
+    def start(**keys) -> float:
+        recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**keys))
+        return create_model(recipe_model_config(recipe)[1]).logit_scale.exp().item()
+
+    assert start() == pytest.approx(1 / 0.07, rel=1e-5)  # CLIP's
+    assert start(**{"loss.kind": "siglip"}) == pytest.approx(10, rel=1e-5)  # SigLIP's
+    assert start(**{"model.logit_scale_init": 30}) == pytest.approx(30, rel=1e-5)
+    assert start(**{"model.logit_scale_init": 30, "loss.kind": "siglip"}) == pytest.approx(30, rel=1e-5)
+    # and the trainer starts there: the first logged value is one optimizer step (lr 1e-3 on the log) away
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{
+        "train.total_samples": 64, "train.log_every_steps": 1, "optim.lr": 1e-3, "model.logit_scale_init": 30}))
+    train(recipe, "pretrain", tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert next(line["logit_scale"] for line in logged if "logit_scale" in line) == pytest.approx(30, rel=3e-3)
+    # above the clamp it would be clamped at once: refused up front
+    with pytest.raises(ClipaError, match="model.logit_scale_init: must be 0 .* between 1 and train.logit_scale_max"):
+        load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{"model.logit_scale_init": 200}))
+
+
 def test_precision_auto_is_fp32_on_cpu_and_bf16_reaches_accelerate():
     from accelerate.state import AcceleratorState
 

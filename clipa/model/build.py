@@ -211,6 +211,8 @@ def recipe_model_config(recipe) -> tuple[Geometry, dict]:
     """The stage's geometry and the full open_clip model config a recipe trains."""
     geometry = stage_geometry(recipe)
     cfg = stage_config(recipe.model.arch, geometry, recipe.loss.kind)
+    if recipe.model.logit_scale_init:  # open_clip's CLIP takes the log of the scale
+        cfg["init_logit_scale"] = math.log(recipe.model.logit_scale_init)
     if recipe.model.image_tower:
         cfg = with_timm_image_tower(cfg, recipe.model.image_tower)
     cfg = tower_overrides(recipe, cfg)

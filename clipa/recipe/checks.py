@@ -54,6 +54,11 @@ def validate(recipe: Recipe) -> None:
     _check_reduction(recipe.reduction)
     _check_optim(recipe.optim)
     _check_train(recipe.train)
+    init = recipe.model.logit_scale_init
+    # above 1,000 the first logits overflow half precision (cosine similarities times the scale)
+    _check(init == 0 or 1 <= init <= min(recipe.train.logit_scale_max, 1000),
+           f"model.logit_scale_init: must be 0 (the loss's own) or between 1 and train.logit_scale_max "
+           f"({recipe.train.logit_scale_max}, at most 1000), got {init}")
     _check_loss(recipe.loss, recipe.train.global_batch_size)
     _check_shard(recipe)
     _check(recipe.checkpoint.every_steps >= 0,

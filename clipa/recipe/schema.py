@@ -46,6 +46,10 @@ class ModelConfig:
     # learned stage after a sincos2d one starts from the grid, resized bicubically); "auto" = what
     # the architecture's config says (open_clip's vision_cfg.pos_embed_type, learned if absent).
     pos_embed: str = "auto"
+    # The learned temperature's starting value (the logit scale, 1/tau); 0 = the loss's own: CLIP's
+    # 1/0.07 = 14.3 for infonce, SigLIP's 10. Only a model trained from scratch starts there: a stage
+    # that continues a run (init) keeps the run's learned value.
+    logit_scale_init: float = 0.0
     # open_clip tower details over the architecture's own config (its vision_cfg / text_cfg), by open_clip's
     # field names: e.g. vision pool_type "tok" (CLS) | "avg" (GAP over patches), no_ln_pre,
     # final_ln_after_pool, act_kwargs, norm_kwargs; text pool_type "argmax" | "last" | "first" | "eos",
