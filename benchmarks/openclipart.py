@@ -350,6 +350,7 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
         "lr 1e-3": {"optim.lr": 1e-3},
         "weight decay 0.2": {"optim.weight_decay": 0.2},
         "lr 4e-3": {"optim.lr": 4e-3},
+        "lr 5e-4": {"optim.lr": 5e-4},  # for clipa-small, which trains worse than tiny at 2e-3
         "warmup 10": {"optim.warmup_steps": 10},
         "betas 0.9/0.999": {"optim.betas": [0.9, 0.999]},
         "temperature clamp 50": {"train.logit_scale_max": 50.0},
