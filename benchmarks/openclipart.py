@@ -386,7 +386,7 @@ CLIPA_TINY_DEFAULTS = {"data.augment.scale": [0.9, 1.0], "optim.betas": [0.9, 0.
                        "optim.weight_decay": 0.1, "optim.lr": 2e-3, "optim.warmup_steps": 50}
 
 
-def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
+def claim_settings(arch: str, samples: int, batch: int, lr: float = 0.0) -> list[Setting]:
     """At the training FLOPs of `samples` at full tokens: full tokens, and CLIPA's two stages.
 
     CLIPA pretrains at half resolution (a quarter of the image tokens) with 8-token captions, then
@@ -397,10 +397,12 @@ def claim_settings(arch: str, samples: int, batch: int) -> list[Setting]:
 
     base = {**tiny_recipe(arch, samples, batch), **CLIPA_TINY_DEFAULTS}
     base["optim.warmup_steps"] = min(base["optim.warmup_steps"], samples // batch // 5)  # short budgets
+    if lr:  # another size's own LR (every stage scales with it); the group says so
+        base["optim.lr"] = lr
     native = native_geometry(arch_config(arch))
     low = {"reduction.image_size": native.image_size // 2, "reduction.text_length": 8}
     full_flops = train_flops(base, samples)
-    group = f"claim {arch} {samples // 1000}k"
+    group = f"claim {arch} {samples // 1000}k" + (f" lr {lr:g}" if lr else "")
 
     def clipa(text: str, mask: float, share: float = 0.2, lr_div: float = 4) -> tuple[dict, dict]:
         finetune = {**base, "optim.lr": base["optim.lr"] / lr_div, "optim.warmup_steps": 2}
@@ -450,6 +452,8 @@ def main() -> None:
         if name == "claim":
             p.add_argument("--budget", type=float, action="append",
                            help="compute budgets as multiples of --samples at full tokens (repeatable; default 1)")
+            p.add_argument("--lr", type=float, default=0.0,
+                           help="peak LR instead of the tiny recipe's 2e-3 (finetunes at a quarter of it)")
     m = sub.add_parser("mixing", help="same-category and identical-caption pairs per batch under clipa's loader "
                                       "settings (no training)")
     m.add_argument("data")
@@ -508,7 +512,7 @@ def main() -> None:
             settings += vs_open_clip_two_stage_settings(arch, args.samples or 30_000, args.batch)
         else:
             for budget in args.budget or [1.0]:
-                settings += claim_settings(arch, int((args.samples or 30_000) * budget), args.batch)
+                settings += claim_settings(arch, int((args.samples or 30_000) * budget), args.batch, args.lr)
     settings = select(settings, args.only or [], args.exclude or [])
     sweep(data, settings, args.seeds, results, workdir)
     print(table([r for r in read_results(results) if r["group"] in {s.group for s in settings}]))

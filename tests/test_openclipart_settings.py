@@ -233,3 +233,18 @@ def test_plot_draws_the_mean_of_each_stage_at_its_cumulative_flops(tmp_path):
     assert [ax.get_xscale() for ax in fig.axes] == ["log", "log", "log"]
     narrow = oc.plot([r for r in rows if r["group"] == "claim small 24k"], tmp_path / "small.png")
     assert [ax.get_xscale() for ax in narrow.axes] == ["linear", "linear", "linear"]
+
+
+def test_claim_lr_sets_every_stage_and_names_its_group():
+    default = {s.label: s for s in oc.claim_settings("clipa-small", 24_576, 256)}
+    small = {s.label: s for s in oc.claim_settings("clipa-small", 24_576, 256, lr=5e-4)}
+    assert default.keys() == small.keys()
+    for label, s in small.items():
+        assert s.group == "claim clipa-small 24k lr 0.0005" and default[label].group == "claim clipa-small 24k"
+        assert s.pretrain["optim.lr"] == 5e-4 and default[label].pretrain["optim.lr"] == 2e-3
+        if s.finetune:  # at the same fraction of the pretrain LR (a quarter, or all of it for that row)
+            assert s.finetune["optim.lr"] == pytest.approx(default[label].finetune["optim.lr"] / 4)
+        # nothing else moves: same samples per stage, same FLOPs
+        for stage in ("pretrain", "finetune"):
+            ours, theirs = getattr(s, stage) or {}, getattr(default[label], stage) or {}
+            assert {k for k in ours if ours[k] != theirs.get(k)} <= {"optim.lr"}
