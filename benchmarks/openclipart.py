@@ -343,7 +343,7 @@ def defaults_settings(arch: str, samples: int, batch: int) -> list[Setting]:
     base = tiny_recipe(arch, samples, batch, image_size=32, text_length=8)
     chosen_crop = {"data.augment.scale": [0.9, 1.0]}
     # One setting changed at a time, on the tiny recipe as it was (the first, old-loader sweep ran
-    # the first five) and again on top of the chosen crop, which is what clipa ships now (compare
+    # the first four) and again on top of the chosen crop, which is what clipa ships now (compare
     # with the "crop 0.9-1.0" row; docs/openclipart.md has both tables).
     one_change = {
         "betas 0.9/0.98": {"optim.betas": [0.9, 0.98]},
