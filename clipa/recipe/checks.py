@@ -54,11 +54,7 @@ def validate(recipe: Recipe) -> None:
     _check_reduction(recipe.reduction)
     _check_optim(recipe.optim)
     _check_train(recipe.train)
-    init = recipe.model.logit_scale_init
-    # above 1,000 the first logits overflow half precision (cosine similarities times the scale)
-    _check(init == 0 or 1 <= init <= min(recipe.train.logit_scale_max, 1000),
-           f"model.logit_scale_init: must be 0 (the loss's own) or between 1 and train.logit_scale_max "
-           f"({recipe.train.logit_scale_max}, at most 1000), got {init}")
+    _check_logit_scale_init(recipe.model.logit_scale_init, recipe.train.logit_scale_max)
     _check_loss(recipe.loss, recipe.train.global_batch_size)
     _check_shard(recipe)
     _check(recipe.checkpoint.every_steps >= 0,
@@ -181,6 +177,17 @@ def _check_train(t: TrainConfig) -> None:
     _check(t.log_every_steps >= 1, f"train.log_every_steps: must be >= 1, got {t.log_every_steps}")
     _check(t.logit_scale_max > 1, f"train.logit_scale_max: must be > 1, got {t.logit_scale_max}")
     _check(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: must be >= 1, got {t.max_nonfinite_steps}")
+
+
+# Above this the first logits (cosine similarities times the scale) overflow half precision.
+MAX_LOGIT_SCALE_INIT = 1000
+
+
+def _check_logit_scale_init(init: float, logit_scale_max: float) -> None:
+    """After train's checks: the start must lie under the clamp, which would otherwise move it at once."""
+    _check(init == 0 or 1 <= init <= min(logit_scale_max, MAX_LOGIT_SCALE_INIT),
+           f"model.logit_scale_init: must be 0 (the loss's own) or between 1 and train.logit_scale_max "
+           f"({logit_scale_max}, at most {MAX_LOGIT_SCALE_INIT}), got {init}")
 
 
 def _check_shard(recipe: Recipe) -> None:
