@@ -62,6 +62,9 @@ def validate(recipe: Recipe) -> None:
     _check(recipe.checkpoint.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {recipe.checkpoint.keep_last}")
     _check_eval(recipe.eval)
     _check_log(recipe.log)
+    _check(not recipe.init.optimizer_state or bool(recipe.init.checkpoint),
+           "init.optimizer_state: takes the optimizer's moments from init.checkpoint, which is empty; set "
+           "init.checkpoint=runs/NAME or init.optimizer_state=false")
 
 
 def _check_name(name: str) -> None:

@@ -233,6 +233,10 @@ class EvalConfig:
 class InitConfig:
     # Weights to start from: a clipa run directory, a step checkpoint, or an exported model.
     checkpoint: str = ""
+    # Also take over AdamW's moments from init.checkpoint's training state (a run directory's newest
+    # checkpoint, or a step checkpoint), instead of a fresh optimizer whose first steps move every
+    # weight by about the LR; resized position embeddings start fresh. The LR schedule is the stage's own.
+    optimizer_state: bool = False
 
 
 @dataclass

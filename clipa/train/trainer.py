@@ -46,6 +46,7 @@ from clipa.recipe.schema import Recipe, image_mean_std
 from clipa.stage import Stage
 from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
 from clipa.train.fsdp import Fsdp
+from clipa.train.handover import carry_optimizer_state
 from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
 from clipa.train.optim import build_optimizer, build_scheduler
@@ -213,6 +214,11 @@ class Trainer:
             fault_point("restore", self.rank)
             model, optimizer = self._build_model(init_weights)
             queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
+            if self.start_from is None and recipe.init.optimizer_state:
+                if self.fsdp is not None:
+                    raise ClipaError("init.optimizer_state: not with train.shard=fsdp (the moments are sharded); "
+                                     "set init.optimizer_state=false")
+                self.notes.append(carry_optimizer_state(optimizer, recipe.init.checkpoint))
             self.config_text = dumps(recipe)
             if self.main:
                 (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
@@ -406,6 +412,9 @@ class Trainer:
             log.message(f"note: {note}")
         if self.init_note and self.start_from is None:
             log.message(f"note: {self.init_note}")
+        if self.start_from is None:
+            for note in self.notes:  # what a finetune took over besides the weights
+                log.message(note)
         if self.lock is not None and self.lock.took_over:
             log.message(f"note: took over {self.run_dir}'s lock from {self.lock.took_over}, which is gone")
         if self.start_from is not None:
