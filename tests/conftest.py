@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # The suite tests CPU behaviour (bitwise resume, 2-process gloo groups on one device, fp32 timings).
@@ -9,6 +10,19 @@ from pathlib import Path
 # for them. Tests marked `gpu` get them back through the `gpu_env` fixture (`pytest --gpu`).
 GPU_DEVICES = os.environ.get("CUDA_VISIBLE_DEVICES")
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+# Offline and isolated, for this process and every process it starts, before huggingface_hub, timm or
+# torch read their settings: no test may download, read a developer's real model cache, or log to a
+# real tracker account. A test that needs a cache builds its own (tests/test_published.py).
+ISOLATED_HOME = tempfile.mkdtemp(prefix="clipa-tests-home-")
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                  HF_HOME=os.path.join(ISOLATED_HOME, "hf"), TORCH_HOME=os.path.join(ISOLATED_HOME, "torch"),
+                  XDG_CACHE_HOME=os.path.join(ISOLATED_HOME, "cache"), WANDB_MODE="offline",
+                  WANDB_DIR=os.path.join(ISOLATED_HOME, "wandb"))
+for credential in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT",
+                   "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                   "MLFLOW_TRACKING_PASSWORD", "CLIPA_DATA"):
+    os.environ.pop(credential, None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,25 @@
+"""The suite runs offline and isolated (conftest.py): no test downloads, reads a developer's caches or
+logs to a real tracker account, in this process or in the processes it starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import huggingface_hub.constants
+
+import conftest
+
+
+def test_this_process_and_its_children_see_only_the_suites_own_offline_caches():
+    probe = ("import json, os, huggingface_hub.constants as c, torch.hub; print(json.dumps({'hub': c.HF_HUB_CACHE, "
+             "'offline': c.HF_HUB_OFFLINE, 'torch': torch.hub.get_dir(), 'token': os.environ.get('HF_TOKEN'), "
+             "'wandb_key': os.environ.get('WANDB_API_KEY'), 'mlflow': os.environ.get('MLFLOW_TRACKING_URI')}))")
+    child = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    here = {"hub": huggingface_hub.constants.HF_HUB_CACHE, "offline": huggingface_hub.constants.HF_HUB_OFFLINE}
+    for seen in (child, here):
+        assert seen["hub"].startswith(conftest.ISOLATED_HOME), seen
+        assert seen["offline"] is True
+    assert child["torch"].startswith(conftest.ISOLATED_HOME)
+    assert child["token"] is None and child["wandb_key"] is None and child["mlflow"] is None
+    assert os.environ["WANDB_MODE"] == "offline"
