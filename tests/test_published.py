@@ -73,8 +73,9 @@ def hf_env(hf_home: Path, offline: bool = True, **extra) -> dict:
     env.pop("HF_HUB_CACHE", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    else:
-        env.pop("HF_HUB_OFFLINE", None)
+    else:  # the suite's conftest sets all three for every test; a download test clears them
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            env.pop(name, None)
     return env
 
 
