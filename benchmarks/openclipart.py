@@ -272,7 +272,9 @@ def differences(rows: list[dict], against: str, metrics=("mean_per_class_recall"
             cells = []
             for metric in metrics:
                 a = [r["stages"][i][metric] for r in runs if len(r["stages"]) > i]
-                b = [r["stages"][i][metric] for r in base if len(r["stages"]) > i]
+                # a stage the baseline does not have (a weight average after the finetune) is set
+                # against the baseline's finished model
+                b = [r["stages"][min(i, len(r["stages"]) - 1)][metric] for r in base]
                 se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5 \
                     if min(len(a), len(b)) > 1 else float("nan")
                 cells.append(f"{statistics.fmean(a) - statistics.fmean(b):+.3f} ± {se:.3f}")
@@ -498,6 +500,11 @@ def handover_settings(arch: str, samples: int, batch: int, lr: float = 0.0) -> l
         "optimizer state carried, lr / 10, no warmup": {"init.optimizer_state": True, "optim.lr": peak / 10,
                                                           "optim.warmup_steps": 0},
         "optimizer state carried, lr / 4, warmup 2": {"init.optimizer_state": True},
+        # longer finetunes from the same first stage (more FLOPs than the claim's split: a length study)
+        "lr / 4, warmup a third, 2x the finetune steps": {"optim.warmup_steps": 2 * steps // 3,
+                                                           "train.total_samples": 2 * steps * batch},
+        "lr / 4, warmup a third, 4x the finetune steps": {"optim.warmup_steps": 4 * steps // 3,
+                                                           "train.total_samples": 4 * steps * batch},
     }
     settings = [Setting(label, pretrain, {**finetune, **change}, group=group,
                         extra={"share_pretrain": True, **({"average_with_start": 0.5} if "average" in label else {})})

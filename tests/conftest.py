@@ -30,8 +30,9 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 
-# Two cores here: keep torch from oversubscribing when pytest and a child process both run.
-torch.set_num_threads(2)
+# Two cores here: keep torch from oversubscribing when pytest and a child process both run; under
+# pytest-xdist (`-n 2`, as CI runs) the workers share the cores between them.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def run_cli(*args, cwd=None, timeout=900):
