@@ -110,3 +110,44 @@ def gpu_env():
                            capture_output=True, text=True)
     assert probe.returncode == 0 and int(probe.stdout.strip() or 0) > 0, "--gpu given, but torch sees no CUDA device"
     return env
+
+
+# --------------------------------------------------------------------------- skips CI does not accept
+# A test that skips because something it needs is missing (a package, Debian's openclipart drawings) is
+# green, so an apt outage or a dropped extra would hide it. CLIPA_REQUIRE names what must be present:
+# a skip whose reason names one of them becomes a failure. `all` turns every skip into a failure except
+# those on SKIPS_ALLOWED: what no CPU machine can have. CI sets CLIPA_REQUIRE=all.
+SKIPS_ALLOWED = ("needs a CUDA GPU",)
+
+
+def _required() -> set[str]:
+    return {name.strip().lower() for name in os.environ.get("CLIPA_REQUIRE", "").split(",") if name.strip()}
+
+
+def _skip_is_refused(reason: str) -> bool:
+    required = _required()
+    if not required or any(allowed in reason for allowed in SKIPS_ALLOWED):
+        return False
+    return "all" in required or any(name in reason.lower() for name in required)
+
+
+def _refuse_skip(report) -> None:
+    """Turn a skipped report into a failure when CLIPA_REQUIRE asks for what the skip says is missing."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if _skip_is_refused(reason):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but CLIPA_REQUIRE={os.environ['CLIPA_REQUIRE']} requires it: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _refuse_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield  # a module-level pytest.importorskip skips the whole module at collection
+    _refuse_skip(outcome.get_result())

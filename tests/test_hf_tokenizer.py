@@ -18,7 +18,7 @@ from transformers import BertTokenizerFast  # noqa: E402
 from clipa.model.build import arch_config, build_tokenizer  # noqa: E402
 from clipa.model.reduction import TextReducer  # noqa: E402
 
-from conftest import run_cli  # noqa: E402
+from conftest import run_in_process  # noqa: E402
 
 WORDS = ("a man riding red bicycle down the street on sunny day two dogs sitting wooden bench small blue "
          "circle square big green triangle of and with near").split()
@@ -104,7 +104,7 @@ def test_syntax_skips_a_multi_piece_word_that_does_not_fit(hf):
 
 
 @pytest.mark.slow
-def test_model_config_with_a_local_hf_tokenizer_trains_with_syntax(bert_dir, tmp_path):
+def test_model_config_with_a_local_hf_tokenizer_trains_with_syntax(bert_dir, tmp_path, monkeypatch):
     config = arch_config("clipa-tiny")
     config["text_cfg"].update(hf_tokenizer_name=str(bert_dir), tokenizer_kwargs={"strip_sep_token": True},
                               vocab_size=64)
@@ -112,8 +112,39 @@ def test_model_config_with_a_local_hf_tokenizer_trains_with_syntax(bert_dir, tmp
     arch.write_text(json.dumps(config))
     tok = build_tokenizer(str(arch), 8)
     assert isinstance(tok, open_clip.tokenizer.HFTokenizer) and tok.strip_sep_token
-    result = run_cli("pretrain", "tiny/pretrain", "--out", tmp_path / "run", f"model.arch={arch}",
-                     "reduction.text=syntax", "train.total_samples=512", "checkpoint.every_steps=0")
+    # The run in this process (loader too: num_workers 0), every row it tokenizes recorded.
+    rows = []
+
+    def recording_call(self, texts, rngs=None):
+        out = reduce(self, texts, rngs)
+        rows.extend((self, text, row) for text, row in zip(texts, out, strict=True))
+        return out
+
+    reduce = TextReducer.__call__
+    monkeypatch.setattr(TextReducer, "__call__", recording_call)
+    result = run_in_process("pretrain", "tiny/pretrain", "--out", tmp_path / "run", f"model.arch={arch}",
+                            "reduction.text=syntax", "train.total_samples=512", "checkpoint.every_steps=0",
+                            "data.num_workers=0")
     assert result.returncode == 0, result.stderr
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any("loss" in r and np.isfinite(r["loss"]) for r in rows)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r and np.isfinite(r["loss"]) for r in metrics)
+    # Every training caption went through the syntax reduction with this BERT vocabulary: rows of 8 ids,
+    # [CLS] first, word pieces of vocab.txt only (their ids < 37 < the model's 64), never open_clip's BPE.
+    assert len(rows) >= 512 and {(r.strategy, r.length) for r, _, _ in rows} == {("syntax", 8)}
+    assert {r.tokenizer.tokenizer.name_or_path for r, _, _ in rows} == {str(bert_dir)}
+    bert = BertTokenizerFast.from_pretrained(str(bert_dir))
+    assert len(bert) == len(SPECIALS + WORDS) + 5
+    for _, text, row in rows:
+        assert row[0] == bert.cls_token_id and int(row.max()) < len(bert), (text, row)
+    # The reduction changed what was trained on: captions longer than the 6-token body (8 less [CLS], [SEP]) kept
+    # their nouns (a syntax choice) rather than their first 6 tokens (truncation).
+    long = [(text, row) for _, text, row in rows if len(bert.tokenize(text)) > 6]
+    assert long, "no caption needed reducing"
+    truncated = TextReducer(rows[0][0].tokenizer, "truncate", 8)
+    assert any(not torch.equal(row, truncated([text])[0]) for text, row in long)
+    assert all(len(pieces(rows[0][0].tokenizer, row)) == 6 for _, row in long)
+    # By hand: "at" and "the" go (yellow, bottom and right are not in vocab.txt: [UNK]); truncation drops
+    # "bottom right" instead.
+    kept = {tuple(pieces(rows[0][0].tokenizer, row)) for text, row in long
+            if text == "a small yellow circle at the bottom right"}
+    assert kept == {("a", "small", "[UNK]", "circle", "[UNK]", "[UNK]")}

@@ -2,7 +2,8 @@
 from the planner's samples/s per GPU and one loader worker's measured samples/s."""
 
 import importlib.util
-import math
+
+import pytest
 
 from clipa.data.shards import write_synthetic
 from clipa.plan import plan
@@ -17,18 +18,29 @@ def _loader_speed():
     return module
 
 
-def test_cores_per_gpu_divides_the_planned_rate_by_a_measured_worker(tmp_path):
+def test_cores_per_gpu_divides_the_planned_rate_by_a_measured_worker(tmp_path, monkeypatch):
     train = write_synthetic(tmp_path / "shards", num_samples=48, shard_size=24, image_size=64, eval_per_class=0)["train"]
     bench = _loader_speed()
+    measured = bench.cores_per_gpu(train, ["tiny/pretrain"], "A100", 0.1, micro=8, batches=2)[0]
+    assert measured["worker_samples_per_s"] > 0  # a real worker timed on real shards
+    # The arithmetic with a worker of exactly 3000 samples/s, timed on the stage's own geometry and text:
+    timed = []
+    monkeypatch.setattr(bench, "loader_cpu", lambda train, size, fast, micro, batches, **stage:
+                        timed.append((size, stage["text"])) or 3000.0)
     slow, fast = (bench.cores_per_gpu(train, ["tiny/pretrain"], "A100", mfu, micro=8, batches=2)[0]
                   for mfu in (0.1, 0.4))
-    stage = plan(["tiny/pretrain"], gpu="A100", gpus=1, mfu=0.1)["stages"][0]
-    assert math.isclose(slow["samples_per_s_per_gpu"], stage["samples"] / (stage["gpu_hours"] * 3600))
-    assert math.isclose(fast["samples_per_s_per_gpu"], 4 * slow["samples_per_s_per_gpu"])  # rate scales with MFU
-    for row in (slow, fast):  # the stage's own geometry and text reduction are what the worker was timed on
-        assert row["image_size"] == stage["image_size"] and row["text"] == f"truncate {stage['text_tokens']}"
-        assert row["worker_samples_per_s"] > 0
-        assert row["cores_per_gpu"] == math.ceil(row["samples_per_s_per_gpu"] / row["worker_samples_per_s"]) + 1
+    assert timed == [(32, ("truncate", 8))] * 2 and slow["text"] == "truncate 8" and slow["image_size"] == 32
+    # By hand: an A100's 312 TFLOP/s x MFU over the stage's training FLOPs per sample (clipa-tiny at
+    # 32 px / 8 tokens, counted by clipa.flops: test_plan checks that count).
+    flops = plan(["tiny/pretrain"], gpu="A100", gpus=1, mfu=0.1)["stages"][0]["flops_per_sample"]
+    assert slow["samples_per_s_per_gpu"] == pytest.approx(312e12 * 0.1 / flops, rel=1e-12)
+    assert fast["samples_per_s_per_gpu"] == pytest.approx(312e12 * 0.4 / flops, rel=1e-12)
+    # 121,903,104 FLOPs/sample: 255,941 samples/s at 10 % MFU = 85.31 workers of 3000/s -> 86 (a
+    # part-used worker is a whole core) + 1 core for the training process; at 40 %: 1,023,764/s =
+    # 341.25 workers -> 342 + 1.
+    assert flops == 121_903_104
+    assert (slow["workers_per_gpu"], slow["cores_per_gpu"]) == (pytest.approx(85.313660, rel=1e-6), 87)
+    assert (fast["workers_per_gpu"], fast["cores_per_gpu"]) == (pytest.approx(341.254641, rel=1e-6), 343)
 
 
 def test_interleave_times_each_value_in_alternating_rounds(tmp_path, monkeypatch):

@@ -302,7 +302,9 @@ def unreadable(path):
     return kept
 
 
-def test_an_unreadable_checkpoint_is_retried_then_stops_the_run(tmp_path, cli):
+def test_verify_retries_an_unreadable_checkpoint_then_raises_or_reads_it(tmp_path):
+    """verify() alone (no run): the retries, the error, a retry that reads. A run stopped by that error, with
+    nothing deleted, is the next test."""
     manager = small_checkpoints(tmp_path)
     kept = unreadable(tmp_path / "step_000004" / "model.safetensors")
     with pytest.raises(ClipaError, match=r"cannot read .*step_000004.*tried 2 times"):
