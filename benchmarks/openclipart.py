@@ -506,10 +506,18 @@ def handover_settings(arch: str, samples: int, batch: int, lr: float = 0.0) -> l
         "lr / 4, warmup a third, 4x the finetune steps": {"optim.warmup_steps": 4 * steps // 3,
                                                            "train.total_samples": 4 * steps * batch},
     }
+    # the same 4x finetune inside the claim's budget: the first stage gives up the FLOPs it costs
+    extra_flops = train_flops(finetune, 3 * steps * batch)
+    shortened = {**pretrain, "train.total_samples": int(pretrain["train.total_samples"] - extra_flops
+                                                        / train_flops(pretrain, 1)) // batch * batch}
+    shortened["optim.warmup_steps"] = min(pretrain["optim.warmup_steps"], shortened["train.total_samples"] // batch // 5)
+    longer = {**finetune, **variants["lr / 4, warmup a third, 4x the finetune steps"]}
     settings = [Setting(label, pretrain, {**finetune, **change}, group=group,
                         extra={"share_pretrain": True, **({"average_with_start": 0.5} if "average" in label else {})})
                 for label, change in variants.items()]
-    return settings + [Setting("full tokens", claim["full tokens"].pretrain, group=group)]
+    return settings + [Setting("4x the finetune steps, first stage shortened to the same FLOPs", shortened, longer,
+                               group=group, extra={"share_pretrain": True}),
+                       Setting("full tokens", claim["full tokens"].pretrain, group=group)]
 
 
 def main() -> None:
