@@ -86,7 +86,7 @@ def plan(recipes, gpu: str = DEFAULT_GPU, gpus: int = DEFAULT_GPUS, mfu: float =
     stages = []
     for recipe in recipes:
         source, loaded = _load(recipe)
-        stage = {"recipe": source, **stage_flops(loaded)}
+        stage = {"recipe": source, **stage_flops(loaded), "notes": list(loaded.notes)}
         gpu_hours = hours(stage["total_flops"], peak, mfu)
         stage.update({"gpu": gpu_name, "gpus": gpus, "peak_tflops": peak, "mfu": mfu, "price_per_gpu_hour": price,
                       "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus, "cost": gpu_hours * price})

@@ -33,6 +33,9 @@ def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Rec
         print(json.dumps(result, indent=2))
     else:
         out.print(plan_table(result))
+        for stage in result["stages"]:
+            for note in stage["notes"]:
+                out.print(f"note: {stage['name']}: {note}", highlight=False, markup=False)
 
 
 @user_errors

@@ -20,6 +20,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 import tomli_w
 
 from clipa.errors import ClipaError, did_you_mean, shown
+from clipa.recipe.advice import advice
 from clipa.recipe.checks import validate
 from clipa.recipe.schema import RENAMED, Recipe
 
@@ -241,6 +242,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not recipe.name:
             recipe.name = Path(path).stem
     validate(recipe)
+    recipe.notes += advice(recipe)
     return recipe
 
 
@@ -249,6 +251,7 @@ def recipe_from_dict(table: dict) -> Recipe:
     recipe = _build(Recipe, table)
     recipe.notes = notes
     validate(recipe)
+    recipe.notes += advice(recipe)
     return recipe
 
 

@@ -1,0 +1,42 @@
+"""Advice on valid recipes (clipa/recipe/advice.py): a finetune shorter than the measured minimum is
+announced by `validate`, `--dry-run` and `plan`, with the number and where it was measured."""
+
+from clipa.recipe.advice import MIN_FINETUNE_STEPS
+
+SHORT = f"train.total_samples={(MIN_FINETUNE_STEPS - 1) * 256}"
+LONG = f"train.total_samples={MIN_FINETUNE_STEPS * 256}"
+
+
+def _short_note(text: str) -> bool:
+    text = " ".join(text.split())  # rich wraps long notes at the terminal width
+    return (f"under {MIN_FINETUNE_STEPS} steps" in text and "Keeping the gain" in text
+            and f"train.total_samples={MIN_FINETUNE_STEPS * 256}" in text)
+
+
+def test_validate_and_dry_run_announce_a_short_finetune_only(cli, tmp_path):
+    short = cli("validate", "tiny/finetune", SHORT)
+    assert short.returncode == 0 and _short_note(short.stdout), short.stdout
+    assert f"runs {MIN_FINETUNE_STEPS - 1} steps of 256" in " ".join(short.stdout.split())
+    long = cli("validate", "tiny/finetune", LONG)
+    assert long.returncode == 0 and "Keeping the gain" not in long.stdout, long.stdout
+    weights = tmp_path / "start.safetensors"  # --dry-run checks that the start exists, not what it holds
+    weights.touch()
+    dry = cli("finetune", "tiny/finetune", SHORT, f"init.checkpoint={weights}", "--dry-run")
+    assert dry.returncode == 0 and _short_note(dry.stdout), dry.stdout
+
+
+def test_a_pretraining_recipe_gets_no_finetune_advice(cli):
+    result = cli("validate", "tiny/pretrain", "train.total_samples=2560")  # 10 steps, no init.checkpoint
+    assert result.returncode == 0 and "Keeping the gain" not in result.stdout, result.stdout
+
+
+def test_plan_names_the_short_stage(cli, tmp_path):
+    from clipa.plan import plan
+
+    result = plan(["tiny/pretrain", "tiny/finetune"])
+    assert not result["stages"][0]["notes"]
+    finetune_steps = result["stages"][1]["steps"]
+    assert (finetune_steps < MIN_FINETUNE_STEPS) == any(_short_note(n) for n in result["stages"][1]["notes"])
+    shown = cli("plan", "tiny/pretrain", "tiny/finetune")
+    assert shown.returncode == 0
+    assert (finetune_steps < MIN_FINETUNE_STEPS) == _short_note(shown.stdout)
