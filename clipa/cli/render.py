@@ -98,6 +98,16 @@ def recipes_table(recipes: dict[str, str]) -> Table:
     return table
 
 
+def runs_table(runs, root: Path) -> Table:
+    table = Table("run", "stage", "recipe", "parent (init.checkpoint)", "steps", "finished", "zero-shot acc1",
+                  title=f"runs under {root}/, oldest first")
+    for run in runs:
+        zeroshot = ", ".join(f"{name} {acc1:.4f}" for name, acc1 in run.zeroshot.items())
+        table.add_row(escape(str(run.path)), run.stage, escape(run.name), escape(run.parent or "-"),
+                      f"{run.steps_done}/{run.total_steps}", "yes" if run.finished else "no", escape(zeroshot or "-"))
+    return table
+
+
 def models_table(rows: list[dict], filter_text: str | None, timm_models: bool) -> Table:
     table = Table("name (ARCH:TAG)" if not timm_models else "name (model.image_init)", "Hugging Face repository",
                   "cached", title=f"published weights{f' matching {filter_text!r}' if filter_text else ''}")
