@@ -56,17 +56,15 @@ def _eval_model(model: Optional[str], pretrained: Optional[str], image_size: Opt
                 text_length: Optional[int] = None, batch_size: int = 1, precision: Optional[str] = None, **_):
     """Join the launcher's process group (torchrun / accelerate launch; none for a plain call) and
     load the model onto its device (without --model: the newest finished run, said on the first line).
-    Returns (model, whether this process prints and writes, the autocast context to evaluate in)."""
-    from clipa.evaluate.models import load_model
-    from clipa.evaluate.precision import EVAL_PRECISIONS, autocast
-    from clipa.evaluate.sharding import join_launcher
+    Returns (model, whether this process prints and writes, the precision's name, its autocast context)."""
+    from clipa.evaluate.precision import autocast, resolve
 
     for option, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 1),
                                  ("--text-length", text_length, 2)):
         if value is not None and value < least:
             raise ClipaError(f"{option}: must be >= {least}, got {value}")
     if precision is not None:
-        check_one_of(precision, EVAL_PRECISIONS, "precision", key="--precision")
+        resolve(precision, "cpu")  # a bad name fails before the model loads
     if model is None:
         from clipa.runs import run_to_evaluate
 
@@ -75,10 +73,14 @@ def _eval_model(model: Optional[str], pretrained: Optional[str], image_size: Opt
         run = run_to_evaluate()
         line(f"model: {run.path} (newest finished {run.stage} run; choose another with --model)")
         model = str(run.path)
+    from clipa.evaluate.models import load_model  # open_clip: slow to import, so after the checks above
+    from clipa.evaluate.sharding import join_launcher
+
     accelerator = join_launcher()
     loaded = load_model(model, pretrained, image_size, text_length)
     loaded.model.to(accelerator.device)
-    return loaded, accelerator.is_main_process, autocast(precision, accelerator.device)
+    precision = resolve(precision, accelerator.device)
+    return loaded, accelerator.is_main_process, precision, autocast(precision, accelerator.device)
 
 
 def _decode_workers(num_workers: Optional[int]) -> int:
@@ -97,7 +99,7 @@ def _write_outputs(results: list[dict], output: Optional[Path]) -> None:
 
 
 @_evaluation()
-def zeroshot(model: str = _MODEL,
+def zeroshot(model: Optional[str] = _MODEL,
              dataset: List[str] = typer.Option(..., "--dataset", help="imagenet | imagenet-v2 | imagenet-sketch | "
                                                "imagenet-r | imagenet-a | imagefolder | wds | synthetic, or "
                                                "CLIP_benchmark's names: imagenet1k, imagenetv2, imagenet_sketch, "
@@ -110,37 +112,42 @@ def zeroshot(model: str = _MODEL,
              **shared) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
     from clipa.evaluate.names import data_root as find_data_root
-    from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
 
     for name in dataset:
         find_data_root(name, data_root)  # an unknown name or a missing folder fails before the model loads
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
-    loaded, main, precision = _eval_model(model, **shared)
+    loaded, main, precision, in_precision = _eval_model(model, **shared)
+    from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
+
     workers = _decode_workers(shared["num_workers"])
-    with precision:
+    with in_precision:
         results = [run_zeroshot(loaded, name, data_root, templates, batch_size=shared["batch_size"], num_workers=workers)
                    for name in dataset]
+    for result in results:
+        result["precision"] = precision
     if main:
         out.print(zeroshot_table(results))
         _write_outputs(results, shared["output"])
 
 
 @_evaluation()
-def retrieval(model: str = _MODEL,
+def retrieval(model: Optional[str] = _MODEL,
               dataset: str = typer.Option(..., "--dataset", help="csv | wds | synthetic."),
               data_root: Optional[str] = typer.Option(None, "--data-root", help="CSV/TSV file (csv) or dataset folder (wds)."),
               **shared) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
-    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS
-    from clipa.evaluate.retrieval import retrieval as run_retrieval
+    from clipa.recipe.schema import RETRIEVAL_DATASETS
 
     check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")  # before the model loads
-    loaded, main, precision = _eval_model(model, **shared)
-    with precision:
+    loaded, main, precision, in_precision = _eval_model(model, **shared)
+    from clipa.evaluate.retrieval import retrieval as run_retrieval
+
+    with in_precision:
         result = run_retrieval(loaded, dataset, data_root, batch_size=shared["batch_size"],
                                num_workers=_decode_workers(shared["num_workers"]))
+    result["precision"] = precision
     if not main:
         return
     out.print(retrieval_table(dataset, result["metrics"]))
@@ -149,19 +156,20 @@ def retrieval(model: str = _MODEL,
 
 
 @_evaluation(without=("image_size", "text_length"))
-def linear_probe(model: str = _MODEL,
+def linear_probe(model: Optional[str] = _MODEL,
                  dataset: str = typer.Option(..., "--dataset", help="imagefolder (train/ and test/ folders) | synthetic."),
                  data_root: Optional[str] = typer.Option(None, "--data-root"),
                  cache: Optional[Path] = typer.Option(None, "--cache",
                                                       help="Feature cache folder (default .clipa-cache/features)."),
                  **shared) -> None:
     """Logistic-regression probe on frozen image features; L2 chosen on a class-stratified validation split."""
+    loaded, main, precision, in_precision = _eval_model(model, **shared)
     from clipa.evaluate.linear_probe import linear_probe as run_probe
 
-    loaded, main, precision = _eval_model(model, **shared)
-    with precision:
+    with in_precision:
         result = run_probe(loaded, dataset, data_root, cache, batch_size=shared["batch_size"],
                            num_workers=_decode_workers(shared["num_workers"]))
+    result["precision"] = precision
     if not main:
         return
     m = result["metrics"]
