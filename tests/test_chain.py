@@ -185,3 +185,65 @@ def test_a_run_that_names_no_finetune_says_how_to_give_one(cli, tmp_path, monkey
     shown = cli("finetune", "tiny/finetune", "--from", "runs/mine", "--dry-run")
     assert shown.returncode == 0, shown.stderr
     assert "recipe     tiny/finetune\n" in shown.stdout and 'checkpoint = "runs/mine/final"' in shown.stdout
+
+
+# --------------------------------------------------------------------------- where the datasets are
+
+
+def test_dataset_names_clipas_and_clip_benchmarks(tmp_path, monkeypatch):
+    from clipa.evaluate.names import data_root, folder, output_slug, reader
+
+    assert [reader(n) for n in ("imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-r", "imagenet-a",
+                                "wds/cars", "imagenet-v2")] == ["imagenet", "imagenet-v2", "imagenet-sketch",
+                                                                "imagenet-r", "imagenet-a", "wds", "imagenet-v2"]
+    assert (folder("wds/vtab/cifar10"), output_slug("wds/vtab/cifar10")) == ("wds_vtab-cifar10", "vtab_cifar10")
+    with pytest.raises(ClipaError, match=r'^--dataset: unknown dataset "imagenet1"; did you mean "imagenet1k"\? \(available: .*imagenet_sketch, wds/NAME\)$'):
+        reader("imagenet1")
+    with pytest.raises(ClipaError, match=r'^--dataset: unknown dataset "wds/"'):
+        reader("wds/")
+    # CLIPA_DATA: each dataset by name under one folder; --data-root wins; synthetic needs neither.
+    (tmp_path / "imagenet-v2").mkdir()
+    (tmp_path / "wds_cars").mkdir()
+    monkeypatch.setenv("CLIPA_DATA", str(tmp_path))
+    assert data_root("imagenetv2", None) == tmp_path / "imagenet-v2"
+    assert data_root("wds/cars", None) == tmp_path / "wds_cars"
+    assert data_root("imagenet-v2", str(tmp_path)) == tmp_path
+    assert data_root("synthetic", None) is None
+    # CLIP_benchmark's {dataset} in --data-root: wds/NAME -> NAME, so several wds sets each find their own root.
+    (tmp_path / "bench" / "cars").mkdir(parents=True)
+    assert data_root("wds/cars", str(tmp_path / "bench" / "{dataset}")) == tmp_path / "bench" / "cars"
+
+
+def test_missing_data_says_where_it_looked_the_layout_and_how_to_point_clipa_at_it(tmp_path, monkeypatch):
+    from clipa.evaluate.names import data_root
+
+    monkeypatch.delenv("CLIPA_DATA", raising=False)
+    with pytest.raises(ClipaError) as err:
+        data_root("imagenet1k", None)
+    assert str(err.value) == ("--data-root: required for --dataset imagenet1k; pass --data-root PATH or set "
+                              "CLIPA_DATA to a folder holding imagenet/ (layout: val/n01440764/*.JPEG, the "
+                              "validation set's 1,000 WordNet-id folders)")
+    monkeypatch.setenv("CLIPA_DATA", str(tmp_path))
+    with pytest.raises(ClipaError) as err:
+        data_root("imagenet", None)
+    assert str(err.value).startswith(f"--data-root: {tmp_path / 'imagenet'} (from $CLIPA_DATA/imagenet) does not "
+                                     "exist; --dataset imagenet reads it (layout: val/n01440764/*.JPEG")
+    assert str(err.value).endswith("Point --data-root at the dataset or set CLIPA_DATA to a folder holding imagenet/")
+    with pytest.raises(ClipaError, match=r"^--data-root: .*bench/cars \(from --data-root .*bench/\{dataset\}\) does "
+                                         r"not exist; --dataset wds/cars reads it \(layout: classnames.txt"):
+        data_root("wds/cars", str(tmp_path / "bench" / "{dataset}"))
+
+
+def test_data_errors_from_the_command_line(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPA_DATA", str(tmp_path / "datasets"))
+    one_line_error(cli("zeroshot", "--dataset", "imagenet", "--model", "ViT-B-16"),
+                   f"--data-root: {tmp_path / 'datasets' / 'imagenet'} (from $CLIPA_DATA/imagenet) does not exist")
+    one_line_error(cli("zeroshot", "--dataset", "imagenet_sketchh", "--model", "ViT-B-16"),
+                   '--dataset: unknown dataset "imagenet_sketchh"; did you mean "imagenet_sketch"?')
+    one_line_error(cli("zeroshot", "--dataset", "synthetic", "--dataset", "synthetic", "--model", "ViT-B-16"),
+                   "--dataset: synthetic is given more than once; list each dataset once")
+    monkeypatch.delenv("CLIPA_DATA")
+    one_line_error(cli("zeroshot", "--dataset", "wds/cars", "--model", "ViT-B-16"),
+                   "--data-root: required for --dataset wds/cars; pass --data-root PATH or set CLIPA_DATA to a "
+                   "folder holding wds_cars/")
