@@ -197,7 +197,8 @@ def test_dataset_names_clipas_and_clip_benchmarks(tmp_path, monkeypatch):
                                 "wds/cars", "imagenet-v2")] == ["imagenet", "imagenet-v2", "imagenet-sketch",
                                                                 "imagenet-r", "imagenet-a", "wds", "imagenet-v2"]
     assert (folder("wds/vtab/cifar10"), output_slug("wds/vtab/cifar10")) == ("wds_vtab-cifar10", "vtab_cifar10")
-    with pytest.raises(ClipaError, match=r'^--dataset: unknown dataset "imagenet1"; did you mean "imagenet1k"\? \(available: .*imagenet_sketch, wds/NAME\)$'):
+    with pytest.raises(ClipaError, match=r'^--dataset: unknown dataset "imagenet1"; did you mean "imagenet1k"\? '
+                                         r'\(available: .*imagenet_sketch, wds/NAME\)$'):
         reader("imagenet1")
     with pytest.raises(ClipaError, match=r'^--dataset: unknown dataset "wds/"'):
         reader("wds/")
@@ -247,3 +248,17 @@ def test_data_errors_from_the_command_line(cli, tmp_path, monkeypatch):
     one_line_error(cli("zeroshot", "--dataset", "wds/cars", "--model", "ViT-B-16"),
                    "--data-root: required for --dataset wds/cars; pass --data-root PATH or set CLIPA_DATA to a "
                    "folder holding wds_cars/")
+
+
+def test_results_name_published_weights_as_clip_benchmark_does():
+    """`--model ViT-B-32:laion2b_s34b_b79k` writes model ViT-B-32, pretrained laion2b_s34b_b79k (CLIP_benchmark's
+    `--model ViT-B-32 --pretrained laion2b_s34b_b79k`), so the two tools' rows share model_fullname."""
+    from clipa.cli.render import model_label
+    from clipa.evaluate.models import result_names
+    from clipa.model.published import parse
+
+    assert result_names(parse("ViT-B-32:laion2b_s34b_b79k", "--model", None)) == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert result_names(parse("ViT-B-32", "--model", "laion2b_s34b_b79k")) == ("ViT-B-32", "laion2b_s34b_b79k")
+    assert result_names(parse("hf-hub:org/name", "--model", None)) == ("hf-hub:org/name", "hf-hub:org/name")
+    assert model_label({"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}) == "ViT-B-32:laion2b_s34b_b79k"
+    assert model_label({"model": "local-dir:runs/a/final", "pretrained": "runs/a/final"}) == "runs/a/final"
