@@ -262,3 +262,14 @@ def test_results_name_published_weights_as_clip_benchmark_does():
     assert result_names(parse("hf-hub:org/name", "--model", None)) == ("hf-hub:org/name", "hf-hub:org/name")
     assert model_label({"model": "ViT-B-32", "pretrained": "laion2b_s34b_b79k"}) == "ViT-B-32:laion2b_s34b_b79k"
     assert model_label({"model": "local-dir:runs/a/final", "pretrained": "runs/a/final"}) == "runs/a/final"
+
+
+def test_unfinished_runs_and_bad_names_from_the_command_line(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake_run(tmp_path / "runs", "half", "pretrain", 2, final=False, next_="tiny/finetune")
+    one_line_error(cli("finetune"), "finetune: the newest pretraining run runs/half (pretrain, step 2/4, not finished); "
+                                    "resume it with `clipa pretrain runs/half/config.toml --out runs/half`")
+    one_line_error(cli("finetune", "--from", "runs/half"), "--from: runs/half (pretrain, step 2/4, not finished)")
+    one_line_error(cli("finetune", "--from", "runs/nothing"), "--from: runs/nothing is not a clipa run directory")
+    one_line_error(cli("zeroshot", "--dataset", "synthetic"), "--model: not given, and no finished run under runs/")
+    one_line_error(cli("validate", "tiny/pretrain", 'next="tiny/finetuen"'), 'next: "tiny/finetuen" is neither')

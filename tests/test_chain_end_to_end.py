@@ -247,3 +247,18 @@ def test_several_wds_datasets_in_one_call_each_under_its_own_root(chain, tmp_pat
     assert (cars["dataset"], cars["num_classes"], cars["metrics"]["num_samples"]) == ("wds/cars", 2, 3)
     assert (pets["dataset"], pets["num_classes"], pets["metrics"]["num_samples"]) == ("wds/pets", 3, 2)
     assert "wds/cars" in shown.stdout and "wds/pets" in shown.stdout
+
+
+def test_the_readme_opens_with_these_commands():
+    """The README's first example is the chain the fixture above runs (plus the CLIPA_DATA line, which needs
+    ImageNet), and it shows what the chain prints, including the lines the tests above check."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    first = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert first == ["clipa pretrain tiny/pretrain", "clipa finetune", "clipa zeroshot --dataset synthetic",
+                     "CLIPA_DATA=/path/to/datasets clipa zeroshot --dataset imagenet     # when ImageNet is there"]
+    shown = readme.split("```\n$ clipa pretrain tiny/pretrain\n", 1)[1].split("```", 1)[0]
+    for text in ("recipe     tiny/finetune (its next)\ncheckpoint runs/tiny-pretrain/final\n",
+                 "model: runs/tiny-finetune (newest finished finetune run; choose another with --model)\n",
+                 "error: --data-root: /path/to/datasets/imagenet (from $CLIPA_DATA/imagenet) does not exist"):
+        assert text in shown, text
+    assert len(readme.splitlines()) < 300
