@@ -163,7 +163,7 @@ def test_bad_values_name_the_key(override, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
-def test_readme_lists_every_augment_key():
-    table = (ROOT / "README.md").read_text(encoding="utf-8").split("## Recipes", 1)[1].split("\n## ", 1)[0]
+def test_recipe_key_reference_lists_every_augment_key():
+    table = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8").split("## Recipe keys", 1)[1].split("\n## ", 1)[0]
     for key in AugmentConfig.__dataclass_fields__:
         assert f"`data.augment.{key}`" in table, key

@@ -332,8 +332,11 @@ def test_imagefolder_bad_input(tmp_path):
     (tmp_path / "classnames.txt").write_text("only one\n")
     with pytest.raises(ClipaError, match="lists 1 class names but .* has 2 class folders"):
         load_zeroshot_data("imagefolder", eval_transform(32), str(tmp_path))
-    with pytest.raises(ClipaError, match="is not a directory"):
+    with pytest.raises(ClipaError, match=r"nope \(from --data-root\) does not exist; --dataset imagefolder reads it "
+                                         r"\(layout: CLASS/IMAGE.jpg, one folder per class\)"):
         load_zeroshot_data("imagefolder", eval_transform(32), str(tmp_path / "nope"))
+    with pytest.raises(ClipaError, match="is not a directory"):
+        load_zeroshot_data("imagefolder", eval_transform(32), str(tmp_path / "classnames.txt"))
     assert len(load_templates("simple", None)) == 7
 
 

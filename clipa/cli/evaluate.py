@@ -8,13 +8,14 @@ from typing import List, Optional
 
 import typer
 
-from clipa.cli.render import out, retrieval_table, user_errors, zeroshot_table
-from clipa.errors import ClipaError
+from clipa.cli.render import line, out, retrieval_table, user_errors, zeroshot_table
+from clipa.errors import ClipaError, check_one_of
 
 # Options shared by the evaluation commands: --model, a command's --dataset and --data-root, --pretrained, the
 # command's other options, then the rest of these.
-_MODEL = typer.Option(..., "--model", help="Run dir, exported model dir, local-dir:PATH, hf-hub:ORG/NAME, ARCH:TAG, or an "
-                      "architecture / model-config JSON with --pretrained.")
+_MODEL = typer.Option(None, "--model", help="Run dir, exported model dir, local-dir:PATH, hf-hub:ORG/NAME, ARCH:TAG, or an "
+                      "architecture / model-config JSON with --pretrained. Default: the newest finished run under "
+                      "runs/ (a finetune before a pretraining run).")
 _SHARED = {
     "pretrained": (Optional[str], typer.Option(None, "--pretrained", help="Weights for an architecture: a published tag "
                                                "(clipa models ARCH) or a weights file (e.g. an open_clip_train epoch_N.pt).")),
@@ -26,6 +27,8 @@ _SHARED = {
     "num_workers": (Optional[int], typer.Option(None, "--num-workers", min=0, help="Image-decoding worker processes per "
                                                 "evaluating process (0 = decode in the main process; default: this "
                                                 "process's share of the cores minus one, at most 4).")),
+    "precision": (Optional[str], typer.Option(None, "--precision", help="fp32 | bf16 | fp16 | amp (autocast; amp is "
+                                              "fp16 on a GPU, bf16 on a CPU). Default: amp on a GPU, fp32 on a CPU.")),
     "output": (Optional[Path], typer.Option(None, "--output", help="Write results as JSON (CLIP_benchmark shape), one "
                                             "object per file; {dataset} in the name is replaced by the dataset name "
                                             "(several datasets without it: NAME_DATASET.json next to NAME.json).")),
@@ -49,21 +52,35 @@ def _evaluation(*, without: tuple[str, ...] = ()):
     return build
 
 
-def _eval_model(model: str, pretrained: Optional[str], image_size: Optional[int] = None,
-                text_length: Optional[int] = None, batch_size: int = 1, **_):
+def _eval_model(model: Optional[str], pretrained: Optional[str], image_size: Optional[int] = None,
+                text_length: Optional[int] = None, batch_size: int = 1, precision: Optional[str] = None, **_):
     """Join the launcher's process group (torchrun / accelerate launch; none for a plain call) and
-    load the model onto its device. Returns (model, whether this process prints and writes)."""
-    from clipa.evaluate.models import load_model
-    from clipa.evaluate.sharding import join_launcher
+    load the model onto its device (without --model: the newest finished run, said on the first line).
+    Returns (model, whether this process prints and writes, the precision's name, its autocast context)."""
+    from clipa.evaluate.precision import autocast, resolve
 
     for option, value, least in (("--batch-size", batch_size, 1), ("--image-size", image_size, 1),
                                  ("--text-length", text_length, 2)):
         if value is not None and value < least:
             raise ClipaError(f"{option}: must be >= {least}, got {value}")
+    if precision is not None:
+        resolve(precision, "cpu")  # a bad name fails before the model loads
+    if model is None:
+        from clipa.runs import run_to_evaluate
+
+        if pretrained:
+            raise ClipaError("--pretrained: needs --model (the architecture the weights are for)")
+        run = run_to_evaluate()
+        line(f"model: {run.path} (newest finished {run.stage} run; choose another with --model)")
+        model = str(run.path)
+    from clipa.evaluate.models import load_model  # open_clip: slow to import, so after the checks above
+    from clipa.evaluate.sharding import join_launcher
+
     accelerator = join_launcher()
     loaded = load_model(model, pretrained, image_size, text_length)
     loaded.model.to(accelerator.device)
-    return loaded, accelerator.is_main_process
+    precision = resolve(precision, accelerator.device)
+    return loaded, accelerator.is_main_process, precision, autocast(precision, accelerator.device)
 
 
 def _decode_workers(num_workers: Optional[int]) -> int:
@@ -82,46 +99,55 @@ def _write_outputs(results: list[dict], output: Optional[Path]) -> None:
 
 
 @_evaluation()
-def zeroshot(model: str = _MODEL,
+def zeroshot(model: Optional[str] = _MODEL,
              dataset: List[str] = typer.Option(..., "--dataset", help="imagenet | imagenet-v2 | imagenet-sketch | "
-                                               "imagenet-r | imagenet-a | imagefolder | wds | synthetic (repeat for several)."),
-             data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder (all but synthetic)."),
+                                               "imagenet-r | imagenet-a | imagefolder | wds | synthetic, or "
+                                               "CLIP_benchmark's names: imagenet1k, imagenetv2, imagenet_sketch, "
+                                               "wds/NAME (repeat for several)."),
+             data_root: Optional[str] = typer.Option(None, "--data-root", help="Dataset folder (all but synthetic); "
+                                                     "{dataset} in it stands for each dataset's name. Default: "
+                                                     "$CLIPA_DATA/<dataset> (imagenet/, imagenet-v2/, wds_NAME/, ...)."),
              templates: Optional[str] = typer.Option(None, "--templates",
                                                      help="openai | simple | FILE (one {c} template per line)."),
              **shared) -> None:
     """Zero-shot classification: acc1, acc5, mean per-class recall (split over torchrun/accelerate processes)."""
-    from clipa.errors import check_one_of
-    from clipa.evaluate.datasets import DATASETS
-    from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
+    from clipa.evaluate.names import data_root as find_data_root
 
     for name in dataset:
-        check_one_of(name, DATASETS, "dataset")  # before the model loads
+        find_data_root(name, data_root)  # an unknown name or a missing folder fails before the model loads
     repeated = sorted({name for name in dataset if dataset.count(name) > 1})
     if repeated:
         raise ClipaError(f"--dataset: {repeated[0]} is given more than once; list each dataset once")
-    loaded, main = _eval_model(model, **shared)
+    loaded, main, precision, in_precision = _eval_model(model, **shared)
+    from clipa.evaluate.zeroshot import zeroshot as run_zeroshot
+
     workers = _decode_workers(shared["num_workers"])
-    results = [run_zeroshot(loaded, name, data_root, templates, batch_size=shared["batch_size"], num_workers=workers)
-               for name in dataset]
+    with in_precision:
+        results = [run_zeroshot(loaded, name, data_root, templates, batch_size=shared["batch_size"], num_workers=workers)
+                   for name in dataset]
+    for result in results:
+        result["precision"] = precision
     if main:
         out.print(zeroshot_table(results))
         _write_outputs(results, shared["output"])
 
 
 @_evaluation()
-def retrieval(model: str = _MODEL,
+def retrieval(model: Optional[str] = _MODEL,
               dataset: str = typer.Option(..., "--dataset", help="csv | wds | synthetic."),
               data_root: Optional[str] = typer.Option(None, "--data-root", help="CSV/TSV file (csv) or dataset folder (wds)."),
               **shared) -> None:
     """Image <-> text retrieval: recall@1/5/10 (several captions per image supported)."""
-    from clipa.errors import check_one_of
-    from clipa.evaluate.retrieval import RETRIEVAL_DATASETS
-    from clipa.evaluate.retrieval import retrieval as run_retrieval
+    from clipa.recipe.schema import RETRIEVAL_DATASETS
 
     check_one_of(dataset, RETRIEVAL_DATASETS, "retrieval dataset")  # before the model loads
-    loaded, main = _eval_model(model, **shared)
-    result = run_retrieval(loaded, dataset, data_root, batch_size=shared["batch_size"],
-                           num_workers=_decode_workers(shared["num_workers"]))
+    loaded, main, precision, in_precision = _eval_model(model, **shared)
+    from clipa.evaluate.retrieval import retrieval as run_retrieval
+
+    with in_precision:
+        result = run_retrieval(loaded, dataset, data_root, batch_size=shared["batch_size"],
+                               num_workers=_decode_workers(shared["num_workers"]))
+    result["precision"] = precision
     if not main:
         return
     out.print(retrieval_table(dataset, result["metrics"]))
@@ -130,18 +156,20 @@ def retrieval(model: str = _MODEL,
 
 
 @_evaluation(without=("image_size", "text_length"))
-def linear_probe(model: str = _MODEL,
+def linear_probe(model: Optional[str] = _MODEL,
                  dataset: str = typer.Option(..., "--dataset", help="imagefolder (train/ and test/ folders) | synthetic."),
                  data_root: Optional[str] = typer.Option(None, "--data-root"),
                  cache: Optional[Path] = typer.Option(None, "--cache",
                                                       help="Feature cache folder (default .clipa-cache/features)."),
                  **shared) -> None:
     """Logistic-regression probe on frozen image features; L2 chosen on a class-stratified validation split."""
+    loaded, main, precision, in_precision = _eval_model(model, **shared)
     from clipa.evaluate.linear_probe import linear_probe as run_probe
 
-    loaded, main = _eval_model(model, **shared)
-    result = run_probe(loaded, dataset, data_root, cache, batch_size=shared["batch_size"],
-                       num_workers=_decode_workers(shared["num_workers"]))
+    with in_precision:
+        result = run_probe(loaded, dataset, data_root, cache, batch_size=shared["batch_size"],
+                           num_workers=_decode_workers(shared["num_workers"]))
+    result["precision"] = precision
     if not main:
         return
     m = result["metrics"]

@@ -1,4 +1,4 @@
-"""`clipa ls`, `cp` and `models`: the shipped recipes and the published weights."""
+"""`clipa ls`, `cp`, `models` and `runs`: the shipped recipes, the published weights and the runs trained here."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from clipa.cli.render import models_table, out, recipes_table, user_errors
+from clipa.cli.render import line, models_table, out, recipes_table, runs_table, user_errors
 from clipa.errors import ClipaError
 
 
@@ -17,6 +17,25 @@ def list_recipes() -> None:
     from clipa.recipe.index import shipped, summary
 
     out.print(recipes_table({name: summary(resource) for name, resource in shipped().items()}))
+
+
+@user_errors
+def runs(root: Path = typer.Option(Path("runs"), "--root", help="The folder holding the run directories."),
+         as_json: bool = typer.Option(False, "--json", help="Print a JSON list of the runs (one object each: path, "
+                                      "name, stage, parent, next, steps_done, total_steps, finished, updated, "
+                                      "zeroshot).")) -> None:
+    """The runs under runs/: stage, recipe, parent run, steps done / total, finished, last zero-shot acc1."""
+    import json
+
+    from clipa.runs import list_runs
+
+    found = list_runs(root)
+    if as_json:
+        print(json.dumps([run.as_dict() for run in found], indent=2))
+    elif not found:
+        line(f"no runs under {root}/; start one with: clipa pretrain tiny/pretrain")
+    else:
+        out.print(runs_table(found, root))
 
 
 @user_errors

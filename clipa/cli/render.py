@@ -98,6 +98,16 @@ def recipes_table(recipes: dict[str, str]) -> Table:
     return table
 
 
+def runs_table(runs, root: Path) -> Table:
+    table = Table("run", "stage", "recipe", "parent (init.checkpoint)", "steps", "finished", "zero-shot acc1",
+                  title=f"runs under {root}/, oldest first")
+    for run in runs:
+        zeroshot = ", ".join(f"{name} {acc1:.4f}" for name, acc1 in run.zeroshot.items())
+        table.add_row(escape(str(run.path)), run.stage, escape(run.name), escape(run.parent or "-"),
+                      f"{run.steps_done}/{run.total_steps}", "yes" if run.finished else "no", escape(zeroshot or "-"))
+    return table
+
+
 def models_table(rows: list[dict], filter_text: str | None, timm_models: bool) -> Table:
     table = Table("name (ARCH:TAG)" if not timm_models else "name (model.image_init)", "Hugging Face repository",
                   "cached", title=f"published weights{f' matching {filter_text!r}' if filter_text else ''}")
@@ -109,12 +119,21 @@ def models_table(rows: list[dict], filter_text: str | None, timm_models: bool) -
 # --------------------------------------------------------------------------- evaluation
 
 
+def model_label(result: dict) -> str:
+    """The weights a result is for: their file or folder, hf-hub:ORG/NAME, or ARCH:TAG (a result names a published
+    tag as CLIP_benchmark does, model ARCH and pretrained TAG)."""
+    pretrained = result["pretrained"]
+    if ":" in pretrained or "/" in pretrained or Path(pretrained).exists():
+        return pretrained
+    return f"{result['model']}:{pretrained}"
+
+
 def zeroshot_table(results: list[dict]) -> Table:
     table = Table("dataset", "model", "acc1", "acc5", "mean per-class recall", "chance", "images", "skipped",
                   "images/s", title="zero-shot classification")
     for r in results:
         m = r["metrics"]
-        table.add_row(r["dataset"], r["pretrained"], f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
+        table.add_row(r["dataset"], model_label(r), f"{m['acc1']:.4f}", f"{m['acc5']:.4f}",
                       f"{m['mean_per_class_recall']:.4f}", f"{r['chance']:.4f}", str(m["num_samples"]),
                       str(m["skipped_images"]), f"{m['images_per_s']:.0f}" if m.get("images_per_s") else "-")
     return table

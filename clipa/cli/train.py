@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -110,20 +111,41 @@ def _train(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) ->
                   f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
 
 
-def _stage_command(stage: str, help_text: str):
-    """`clipa pretrain` and `clipa finetune`: the same arguments, one trainer, a different stage."""
-
-    def command(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls)."),
-                overrides: Optional[List[str]] = OVERRIDES, out_dir: Optional[Path] = _OUT,
-                resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
-        _train(stage, recipe, overrides, out_dir, resume, dry_run)
-
-    command.__doc__ = help_text
-    return user_errors(command)
+_RECIPE = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls).")
 
 
-pretrain = _stage_command("pretrain", "Train from scratch (or from init.checkpoint) at reduced tokens.")
-finetune = _stage_command("finetune", "Continue from init.checkpoint at full length (position embeddings are interpolated).")
+@user_errors
+def pretrain(recipe: str = _RECIPE, overrides: Optional[List[str]] = OVERRIDES, out_dir: Optional[Path] = _OUT,
+             resume: Optional[Path] = _RESUME, dry_run: bool = _DRY) -> None:
+    """Train from scratch (or from init.checkpoint) at reduced tokens."""
+    _train("pretrain", recipe, overrides, out_dir, resume, dry_run)
+
+
+@user_errors
+def finetune(recipe: Optional[str] = typer.Argument(None, help="Recipe TOML path or shipped recipe name (clipa ls); "
+                                                    "default: the `next` recipe of the run it continues."),
+             overrides: Optional[List[str]] = OVERRIDES, out_dir: Optional[Path] = _OUT,
+             resume: Optional[Path] = _RESUME, dry_run: bool = _DRY,
+             from_run: Optional[Path] = typer.Option(None, "--from", help="Continue this run directory (sets "
+                                                     "init.checkpoint to its final/); default without a recipe: "
+                                                     "the newest finished pretraining run under runs/.")) -> None:
+    """Continue a run at full length (position embeddings are interpolated); bare, the newest finished pretraining run."""
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        overrides, recipe = [recipe, *(overrides or [])], None  # `clipa finetune optim.lr=1e-4`: an override
+    if recipe is None or from_run is not None:
+        from clipa.runs import next_recipe, run_to_continue
+
+        run, notes = run_to_continue(from_run)
+        recipe = recipe or next_recipe(run)
+        checkpoint = run.path / "final"
+        # Before the user's overrides, so an explicit init.checkpoint=... still wins.
+        overrides = [f"init.checkpoint={json.dumps(str(checkpoint))}", *(overrides or [])]  # a TOML string
+        line(f"continuing {run.describe()}")
+        line(f"recipe     {recipe}" + ("" if recipe != run.next else " (its next)"))
+        line(f"checkpoint {checkpoint}")
+        for note in notes:
+            line(note)
+    _train("finetune", recipe, overrides, out_dir, resume, dry_run)
 
 
 @user_errors

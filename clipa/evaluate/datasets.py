@@ -33,7 +33,9 @@ from clipa.data.decode import ImageRef, decode_image, read_bytes
 from clipa.data.sources import IMAGE_EXTS
 from clipa.data.synthetic import SyntheticEvalSet
 from clipa.data.tar import TarError, index_tar
-from clipa.errors import ClipaError, check_one_of
+from clipa.errors import ClipaError
+from clipa.evaluate.names import data_root as find_data_root
+from clipa.evaluate.names import reader
 from clipa.recipe.schema import ZEROSHOT_DATASETS
 
 DATASETS = ZEROSHOT_DATASETS
@@ -103,16 +105,13 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _root(data_root: str | None, dataset: str, sub: tuple[str, ...] = ()) -> Path:
-    if not data_root:
-        raise ClipaError(f"--data-root: required for --dataset {dataset}; point it at the dataset folder")
-    root = Path(data_root)
-    if not root.is_dir():
-        raise ClipaError(f"--data-root: {root} is not a directory")
+def _root(data_root: Path, sub: tuple[str, ...] = ()) -> Path:
+    if not data_root.is_dir():
+        raise ClipaError(f"--data-root: {data_root} is not a directory; point --data-root at the dataset folder")
     for name in sub:  # accept the parent folder too: imagenet/val, imagenet-r/imagenet-r, ...
-        if (root / name).is_dir():
-            return root / name
-    return root
+        if (data_root / name).is_dir():
+            return data_root / name
+    return data_root
 
 
 def _timm_synsets(filename: str) -> list[str]:
@@ -207,7 +206,7 @@ def _label(text: str, shard: Path, root: Path, num_classes: int | None) -> int:
     return label
 
 
-def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
+def _wds(root: Path, transform, templates: str | None, name: str = "wds") -> ZeroShotData:
     names_file = root / "classnames.txt"
     if not names_file.is_file():
         raise ClipaError(f"--data-root: {names_file} is missing (CLIP_benchmark webdataset layout)")
@@ -215,38 +214,44 @@ def _wds(root: Path, transform, templates: str | None) -> ZeroShotData:
     template_file = root / "zeroshot_classification_templates.txt"
     default = [t for t in template_file.read_text(encoding="utf-8", errors="replace").splitlines() if t.strip()] \
         if template_file.is_file() else ["a photo of a {c}."]
-    return ZeroShotData("wds", wds_classification(root, transform, len(classnames)), classnames,
+    return ZeroShotData(name, wds_classification(root, transform, len(classnames)), classnames,
                         load_templates(templates, default))
 
 
 def load_zeroshot_data(name: str, transform, data_root: str | None = None, templates: str | None = None,
                        synthetic_per_class: int = 40) -> ZeroShotData:
-    if name == "synthetic":
+    """The dataset `name` (clipa's or CLIP_benchmark's name, or wds/NAME; see clipa.evaluate.names) from
+    `data_root`, else from $CLIPA_DATA."""
+    kind = reader(name)
+    if kind == "synthetic":
         dataset = SyntheticEvalSet(per_class=synthetic_per_class, transform=transform)
         return ZeroShotData(name, dataset, list(dataset.classnames), load_templates(templates, dataset.templates))
-    if name == "imagefolder":
-        root = _root(data_root, name)
-        dataset, classnames = read_imagefolder(root, transform)
-        found = root / "templates.txt"
+    where = find_data_root(name, data_root)
+
+    def root(*sub: str) -> Path:
+        return _root(where, sub)
+
+    if kind == "imagefolder":
+        folder = root()
+        dataset, classnames = read_imagefolder(folder, transform)
+        found = folder / "templates.txt"
         lines = found.read_text(encoding="utf-8", errors="replace").splitlines() if found.is_file() else []
         default = [line for line in lines if line.strip()] or ["a photo of a {c}."]
         return ZeroShotData(name, dataset, classnames, load_templates(templates, default))
-    if name == "wds":
-        return _wds(_root(data_root, name), transform, templates)
+    if kind == "wds":
+        return _wds(root(), transform, templates, name)
     openai = load_templates(templates, OPENAI_IMAGENET_TEMPLATES)
     synsets = _timm_synsets("imagenet_synsets.txt")
-    if name in ("imagenet", "imagenet-sketch"):
-        root = _root(data_root, name, ("val",) if name == "imagenet" else ("sketch",))
-        return ZeroShotData(name, _wordnet_folders(root, name, synsets, transform), list(IMAGENET_CLASSNAMES), openai)
-    if name == "imagenet-v2":
-        root = _root(data_root, name, ("imagenetv2-matched-frequency-format-val",))
+    if kind in ("imagenet", "imagenet-sketch"):
+        folder = root("val") if kind == "imagenet" else root("sketch")
+        return ZeroShotData(name, _wordnet_folders(folder, name, synsets, transform), list(IMAGENET_CLASSNAMES), openai)
+    if kind == "imagenet-v2":
+        folder = root("imagenetv2-matched-frequency-format-val")
         folders = [str(i) for i in range(1000)]
-        return ZeroShotData(name, _wordnet_folders(root, name, folders, transform, "class index (0/ .. 999/)"),
+        return ZeroShotData(name, _wordnet_folders(folder, name, folders, transform, "class index (0/ .. 999/)"),
                             list(IMAGENET_CLASSNAMES), openai)
-    if name in ("imagenet-r", "imagenet-a"):
-        subset = _timm_synsets(f"imagenet_{name[-1]}_synsets.txt")
-        root = _root(data_root, name, (name,))
+    if kind in ("imagenet-r", "imagenet-a"):
+        subset = _timm_synsets(f"imagenet_{kind[-1]}_synsets.txt")
         names = [IMAGENET_CLASSNAMES[synsets.index(w)] for w in subset]
-        return ZeroShotData(name, _wordnet_folders(root, name, subset, transform), names, openai)
-    check_one_of(name, DATASETS, "dataset")
-    raise AssertionError(f"{name} is in DATASETS but has no reader")  # pragma: no cover
+        return ZeroShotData(name, _wordnet_folders(root(kind), name, subset, transform), names, openai)
+    raise AssertionError(f"{kind} is in DATASETS but has no reader")  # pragma: no cover

@@ -174,9 +174,12 @@ def linear_probe(loaded: LoadedModel, dataset: str, data_root: str | None = None
     test_x, test_y, test_classes = cached_features(loaded, dataset, data_root, "test", cache, batch_size, num_workers)
     if test_classes != num_classes:
         raise ClipaError(f"--data-root: train/ has {num_classes} classes but test/ has {test_classes}")
-    l2, scores = choose_l2(train_x, train_y, num_classes)
-    probe = fit_logistic(train_x, train_y, num_classes, l2)
-    metrics = {"acc1": accuracy(probe, test_x, test_y), "l2": l2,
+    # The features are fp32 on the CPU: the probe is fitted in fp32 whatever precision extracted them.
+    with torch.autocast("cpu", enabled=False):
+        l2, scores = choose_l2(train_x, train_y, num_classes)
+        probe = fit_logistic(train_x, train_y, num_classes, l2)
+        acc1 = accuracy(probe, test_x, test_y)
+    metrics = {"acc1": acc1, "l2": l2,
                "validation_acc1": {f"{k:g}": v for k, v in scores.items()},
                "num_train": len(train_y), "num_test": len(test_y), "seconds": time.perf_counter() - start}
     return {"dataset": dataset, "model": loaded.name, "pretrained": loaded.pretrained, "task": "linear_probe",

@@ -60,8 +60,8 @@ class LoadedModel:
     image_size: int
     mean: tuple
     std: tuple
-    name: str  # architecture or path, for result files
-    pretrained: str  # where the weights came from
+    name: str  # result files' "model", as CLIP_benchmark writes it: architecture, local-dir:EXPORT, hf-hub:ORG/NAME
+    pretrained: str  # where the weights came from (a pretrained tag, a file or folder), results' "pretrained"
     # What `at_geometry` needs to rebuild the model at another image size / text length.
     model_cfg: dict | None = field(default=None, repr=False)
     make_tokenizer: Callable[[int], object] | None = field(default=None, repr=False)
@@ -99,9 +99,15 @@ def _from_export(path: Path) -> LoadedModel:
     context_length = int(config["model_cfg"].get("text_cfg", {}).get("context_length", 77))
     return LoadedModel(model, _export_tokenizer(path, context_length), int(image_size),
                        tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), str(path), str(path),
+                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), f"local-dir:{path}", str(path),
                        config["model_cfg"], functools.partial(_export_tokenizer, path), context_length,
                        pre.get("interpolation", "bicubic"), pre.get("resize_mode", "shortest"))
+
+
+def result_names(pub: published.Published) -> tuple[str, str]:
+    """(model, pretrained) as CLIP_benchmark writes them for the same weights, so result tables line up:
+    `ViT-B-32:laion2b_s34b_b79k` -> ("ViT-B-32", "laion2b_s34b_b79k"); a Hub model keeps its spec."""
+    return (pub.name, pub.tag) if pub.kind == "tag" else (pub.spec, pub.spec)
 
 
 def _from_published(pub: published.Published) -> LoadedModel:
@@ -118,7 +124,7 @@ def _from_published(pub: published.Published) -> LoadedModel:
     size = size[0] if isinstance(size, (list, tuple)) else size
     return LoadedModel(model, make_tokenizer(geometry.context_length), int(size),
                        tuple(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)),
-                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), pub.spec, pub.spec, model_cfg,
+                       tuple(pre.get("std", open_clip.OPENAI_DATASET_STD)), *result_names(pub), model_cfg,
                        make_tokenizer, geometry.context_length, pre.get("interpolation", "bicubic"),
                        pre.get("resize_mode", "shortest"))
 

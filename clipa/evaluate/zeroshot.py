@@ -112,8 +112,12 @@ def output_paths(output: str | Path, datasets: list[str]) -> list[Path]:
     A `{dataset}` in the name is replaced by the dataset's name (results/{dataset}.json). Without
     it, one dataset writes OUTPUT itself and several write OUTPUT's name with `_DATASET` inserted
     before the suffix, next to it (results.json -> results_imagenet.json, results_imagenet-v2.json).
+    A name goes into a file name as CLIP_benchmark puts it there: wds/cars -> cars.
     """
+    from clipa.evaluate.names import output_slug
+
     output = str(output)
+    datasets = [output_slug(name) for name in datasets]
     if "{dataset}" in output:
         return [Path(output.replace("{dataset}", name)) for name in datasets]
     if len(datasets) == 1:

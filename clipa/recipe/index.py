@@ -6,7 +6,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from clipa.errors import ClipaError, did_you_mean
+from clipa.errors import ClipaError, did_you_mean, shown
 
 
 def _root():
@@ -57,6 +57,21 @@ def resolve_path(name: str | Path) -> Path:
         raise ClipaError(f"{name}: recipe file not found (list shipped recipes with `clipa ls`)") from None
     with resources.as_file(resource) as real:
         return Path(real)
+
+
+def find_next(recipe) -> str:
+    """`recipe.next` checked to name a recipe: a shipped name, a file (as given, or beside the recipe's own
+    file), or "" for none. Returns the form a later `clipa finetune` finds from any folder."""
+    name = recipe.next
+    if not name:
+        return ""
+    if Path(name).is_file() or name.removesuffix(".toml").removeprefix("recipes/") in shipped():
+        return name
+    beside = Path(recipe.source).parent / name if recipe.source else None
+    if beside is not None and beside.is_file():
+        return str(beside)
+    raise ClipaError(f"next: {shown(name)} is neither a shipped recipe (clipa ls) nor a recipe file; name the recipe "
+                     "that continues this stage, e.g. next = \"tiny/finetune\", or \"\" for none")
 
 
 def copy(name: str, dest: str | Path) -> Path:

@@ -242,6 +242,10 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not recipe.name:
             recipe.name = Path(path).stem
     validate(recipe)
+    # Checked where the recipe is read from its file (a run's config.toml keeps what was found then).
+    from clipa.recipe.index import find_next
+
+    recipe.next = find_next(recipe)
     recipe.notes += advice(recipe)
     return recipe
 

@@ -252,6 +252,9 @@ class LogConfig:
 @dataclass
 class Recipe:
     name: str = ""
+    # The recipe of the stage that continues this one (a shipped name such as "tiny/finetune", or a recipe
+    # file): what a bare `clipa finetune` runs after this run, with init.checkpoint set to it. "" = none.
+    next: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     reduction: ReductionConfig = field(default_factory=ReductionConfig)
