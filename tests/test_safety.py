@@ -156,7 +156,7 @@ def test_validate_dry_run_and_the_run_log_show_the_commands_a_recipe_runs(tmp_pa
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("data.train runs:")]
     assert lines[0] == ("data.train runs: sh -c 'cat /nonexistent/{0..1}.tar'   (shell command from the recipe, "
-                        "once per shard the braces expand to)")
+                        "once per shard the braces expand to: 2 commands)")
     assert lines[1].startswith("data.train runs: curl ") and "'https://example.invalid/x/{0..3}.tar'" in lines[1]
     assert "(no shell" in lines[1]
     dry = cli("pretrain", "tiny/pretrain", f"data.train={shards}", "--dry-run", "--out", tmp_path / "run")

@@ -32,7 +32,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import urlparse
 
 from webdataset.tariterators import base_plus_ext
 
@@ -113,7 +112,9 @@ def _clean_caption(text) -> tuple[str | None, str | None]:
 
 
 def _local_path(url: str) -> str | None:
-    scheme = urlparse(url).scheme
+    from clipa.data.urls import scheme as url_scheme
+
+    scheme = url_scheme(url)
     if scheme == "":
         return url
     if scheme == "file":

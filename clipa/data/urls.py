@@ -12,17 +12,21 @@ This module imports neither torch nor PIL: recipe validation uses it.
 
 from __future__ import annotations
 
+import re
 import shlex
-from urllib.parse import urlparse
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, printable
 
 LOCAL = ("", "file")
 SHELL_FREE = ("http", "https")
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")  # urllib's rule, without its netloc parsing (which raises)
+
+
 def scheme(url: str) -> str:
-    return urlparse(url).scheme.lower()
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else ""
 
 
 def curl_argv(url: str) -> list[str]:
@@ -32,11 +36,39 @@ def curl_argv(url: str) -> list[str]:
             "--proto", "=http,https", "--proto-redir", "=http,https", url]
 
 
+def _family(url: str) -> str:
+    """local | http | pipe | the unknown scheme: what kind of reader a URL gets."""
+    kind = scheme(url)
+    return "local" if kind in LOCAL else "http" if kind in SHELL_FREE else kind
+
+
+def expand(pattern: str) -> list[str]:
+    """Brace-expand a pattern the way webdataset does (`{000..099}` keeps the zero padding)."""
+    import braceexpand  # a webdataset dependency; pure Python
+
+    return list(braceexpand.braceexpand(pattern))
+
+
+def check_pattern(pattern: str, key: str = "data.train") -> list[str]:
+    """The URLs a shard pattern expands to, each checked. The scheme must be written before the braces:
+    the announcement (`commands`) and the check read the pattern as written, so a `pipe:` hidden in
+    braces (`{pipe:CMD,x.tar}`) would otherwise run unannounced."""
+    check_scheme(pattern, key)
+    urls = expand(pattern)
+    for url in urls:
+        check_scheme(url, key)
+        if _family(url) != _family(pattern):
+            raise ClipaError(f"{key}: \"{printable(pattern)}\" expands to \"{printable(url)}\", a {_family(url)} "
+                             "source the pattern does not start with; write the scheme before the braces "
+                             "(e.g. \"pipe:CMD /data/{0..9}.tar\"), one source per scheme joined with '::'")
+    return urls
+
+
 def check_scheme(pattern: str, key: str = "data.train") -> None:
     kind = scheme(pattern)
     if kind in LOCAL or kind in SHELL_FREE or kind == "pipe":
         return
-    raise ClipaError(f"{key}: \"{pattern}\": {kind}:// shards are not read directly (webdataset would run a shell "
+    raise ClipaError(f"{key}: \"{printable(pattern)}\": {kind}:// shards are not read directly (webdataset would run a shell "
                      f"command built from the URL); write the command yourself, e.g. \"pipe:gsutil cat {pattern}\" "
                      "for gs://, and it is shown before it runs")
 
@@ -52,14 +84,16 @@ def open_shard(url: str):
     return gopen(url, "rb")  # pipe:CMD, webdataset's shell=True handler: announced by commands()
 
 
-def commands(patterns: list[str]) -> list[str]:
-    """What reading these shard patterns will run, one line each (braces stand for each shard)."""
+def commands(patterns: list[str], key: str = "data.train") -> list[str]:
+    """What reading these shard patterns will run, one line each (braces stand for each shard), with
+    control characters shown escaped (an ESC sequence could otherwise erase the line on a terminal)."""
     lines = []
     for pattern in patterns:
-        kind = scheme(pattern)
-        each = ", once per shard the braces expand to" if "{" in pattern else ""
-        if kind == "pipe":
+        count = len(set(check_pattern(pattern, key)))  # the scheme of every URL is the pattern's
+        each = f", once per shard the braces expand to: {count} commands" if count > 1 else ""
+        family = _family(pattern)
+        if family == "pipe":
             lines.append(f"sh -c {shlex.quote(pattern[len('pipe:'):])}   (shell command from the recipe{each})")
-        elif kind in SHELL_FREE:
+        elif family == "http":
             lines.append(f"{shlex.join(curl_argv(pattern))}   (no shell{each})")
-    return lines
+    return [printable(line) for line in lines]
