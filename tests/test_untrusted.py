@@ -4,9 +4,13 @@ Real inputs throughout: real pickles, a real offline Hugging Face cache, a real 
 real symlinks. Each test names the finding it closes.
 """
 
+import collections
+import json
 import os
+import shutil
 
 import pytest
+import torch
 
 from conftest import tiny_overrides
 
@@ -53,3 +57,112 @@ def test_control_characters_in_an_announced_command_are_shown_escaped(cli):
     assert "\x1b" not in result.stdout and "\r" not in result.stdout
     bad = cli("validate", "tiny/pretrain", "data.train=gs://b\x1b[2K/x.tar")
     assert "\x1b" not in bad.stderr and "\\x1b" in one_line_error(bad, "data.train")
+
+
+# --------------------------------------------------------------------------- 2 and 3: weights and tokenizers
+
+
+class FailsWhenRestricted:
+    """A tensor pickled with a 3-item BUILD state. The plain unpickler hands it to Tensor.__setstate__, which
+    accepts it; torch's restricted unpickler calls Tensor.set_(*state), which raises TypeError: the error on
+    which open_clip's load_state_dict retries with the plain unpickler."""
+
+    def __reduce_ex__(self, protocol):
+        rebuild, args = torch.zeros(1).__reduce_ex__(2)
+        return rebuild, args, (False, None, collections.OrderedDict())
+
+
+class RunsAShellCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def evil_weights(path, marker):
+    torch.save({"a": FailsWhenRestricted(), "b": RunsAShellCommand(f"touch {marker}")}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A real offline Hugging Face cache: an open_clip repository whose weights are the pickle above, one whose
+    config asks for trust_remote_code, one whose tokenizer repository ships code; plus the same pickle as a
+    plain file and as the .bin of an exported model folder."""
+    from test_published import put_in_cache
+
+    from conftest import run_in_process
+
+    tmp = tmp_path_factory.mktemp("hub")
+    marker = tmp / "PWNED"
+    run = tmp / "run"
+    assert run_in_process("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", run).returncode == 0
+    config = json.loads((run / "final" / "open_clip_config.json").read_text())
+    evil = evil_weights(tmp / "evil.bin", marker)
+    export = tmp / "evil_export"
+    export.mkdir()
+    (export / "open_clip_config.json").write_text(json.dumps(config))
+    shutil.copy(evil, export / "open_clip_pytorch_model.bin")
+    hf_home = tmp / "hf"
+    put_in_cache(hf_home, "clipa-test/evil-bin", {"open_clip_config.json": json.dumps(config).encode(),
+                                                  "open_clip_pytorch_model.bin": evil})
+    weights = run / "final" / "open_clip_model.safetensors"
+    remote = json.loads(json.dumps(config))
+    remote["model_cfg"]["text_cfg"].update(hf_tokenizer_name="clipa-test/tokenizer",
+                                           tokenizer_kwargs={"trust_remote_code": True})
+    put_in_cache(hf_home, "clipa-test/remote-kwargs", {"open_clip_config.json": json.dumps(remote).encode(),
+                                                       "open_clip_model.safetensors": weights})
+    code = json.loads(json.dumps(config))
+    code["model_cfg"]["text_cfg"].update(hf_tokenizer_name="clipa-test/tokenizer-with-code")
+    put_in_cache(hf_home, "clipa-test/code-tokenizer", {"open_clip_config.json": json.dumps(code).encode(),
+                                                        "open_clip_model.safetensors": weights})
+    put_in_cache(hf_home, "clipa-test/tokenizer-with-code", {
+        "tokenizer_config.json": json.dumps({"auto_map": {"AutoTokenizer": ["tok.Tok", None]}}).encode(),
+        "tok.py": f"import os\nos.system('touch {marker}')\n".encode()})
+    return {"tmp": tmp, "marker": marker, "evil": evil, "export": export, "hf_home": hf_home}
+
+
+def test_the_crafted_pickle_runs_its_command_in_a_loader_that_falls_back(hub, tmp_path, monkeypatch):
+    """The premise: open_clip's loader, on a torch whose plain torch.load is unrestricted (< 2.6, stood in for
+    by TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), runs the command; torch's restricted loader raises TypeError."""
+    from open_clip.factory import load_state_dict
+
+    marker = tmp_path / "ran"
+    evil = evil_weights(tmp_path / "evil.bin", marker)
+    with pytest.raises(TypeError):
+        torch.load(evil, weights_only=True)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.warns(UserWarning, match="TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        load_state_dict(str(evil))  # the restricted load raised TypeError; the retry ran the command
+    assert marker.exists()
+
+
+def test_a_weights_file_never_reaches_a_loader_that_falls_back(hub):
+    """Every weights path, with torch's plain load unrestricted as before 2.6: exit 2 naming the file, no command."""
+    from test_published import hf_env, run_commands
+
+    tmp, evil = hub["tmp"], hub["evil"]
+    fast = tiny_overrides()
+    commands = [["zeroshot", "--model", "clipa-tiny", "--pretrained", evil, "--dataset", "synthetic"],
+                ["pretrain", "tiny/pretrain", *fast, f"init.checkpoint={evil}", "--out", tmp / "r1"],
+                ["pretrain", "tiny/pretrain", *fast, f"model.image_init={evil}", "--out", tmp / "r2"],
+                ["zeroshot", "--model", hub["export"], "--dataset", "synthetic"],
+                ["zeroshot", "--model", "hf-hub:clipa-test/evil-bin", "--dataset", "synthetic"]]
+    results = run_commands(tmp, hf_env(hub["hf_home"], TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"), commands)
+    for command, result in zip(commands, results):
+        line = one_line_error(result, "cannot read weights", "TypeError")
+        assert "evil.bin" in line or "open_clip_pytorch_model.bin" in line, (command, line)
+    assert not hub["marker"].exists()
+
+
+def test_hub_models_get_the_tokenizer_checks_of_local_ones(hub):
+    """hf-hub: configs' tokenizer_kwargs pass the allowlist, and a tokenizer repository shipping code is refused."""
+    from test_published import hf_env, run_commands
+
+    commands = [["zeroshot", "--model", "hf-hub:clipa-test/remote-kwargs", "--dataset", "synthetic"],
+                ["zeroshot", "--model", "hf-hub:clipa-test/code-tokenizer", "--dataset", "synthetic"]]
+    kwargs, code = run_commands(hub["tmp"], hf_env(hub["hf_home"]), commands)
+    one_line_error(kwargs, "tokenizer_kwargs.trust_remote_code is refused")
+    one_line_error(code, '"clipa-test/tokenizer-with-code" is refused', "tok.py")
+    assert not hub["marker"].exists()
