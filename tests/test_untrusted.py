@@ -166,3 +166,92 @@ def test_hub_models_get_the_tokenizer_checks_of_local_ones(hub):
     one_line_error(kwargs, "tokenizer_kwargs.trust_remote_code is refused")
     one_line_error(code, '"clipa-test/tokenizer-with-code" is refused', "tok.py")
     assert not hub["marker"].exists()
+
+
+# --------------------------------------------------------------------------- 4, 5, 6: the run directory and its lock
+
+
+def marked_run(tmp_path):
+    from clipa.train.runlock import mark_run_dir
+
+    run = tmp_path / "run"
+    mark_run_dir(run)
+    return run
+
+
+@pytest.mark.parametrize("entry", [".clipa-lock", "config.toml", "metrics.jsonl", "checkpoints", "checkpoints/step_2"])
+def test_a_symlink_in_a_run_directory_is_refused_and_its_target_untouched(tmp_path, cli, entry):
+    run = marked_run(tmp_path)
+    target = tmp_path / "precious"
+    target.mkdir() if entry.startswith("checkpoints") else target.write_text("keep me\n")
+    (run / "checkpoints").mkdir(exist_ok=entry != "checkpoints") if entry != "checkpoints" else None
+    (run / entry).symlink_to(target)
+    for extra in (["--dry-run"], []):
+        one_line_error(cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", run, *extra),
+                       f"--out: {run / entry} is a symbolic link")
+    assert target.is_dir() if entry.startswith("checkpoints") else target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("name", [".clipa-lock", "config.toml", "metrics.jsonl"])
+def test_run_files_are_opened_through_no_symlink(tmp_path, name):
+    """Past the check (a link made after it): the open itself refuses the link, the target is untouched."""
+    from clipa.errors import ClipaError
+    from clipa.train.metrics import RunLog
+    from clipa.train.runlock import RunLock, write_run_file
+
+    run = marked_run(tmp_path)
+    target = tmp_path / "precious"
+    target.write_text("keep me\n")
+    (run / name).symlink_to(target)
+    with pytest.raises(ClipaError, match=f"{run / name} is a symbolic link"):
+        if name == ".clipa-lock":
+            RunLock(run).acquire()
+        elif name == "config.toml":
+            write_run_file(run / name, "name = 'x'\n")
+        else:
+            RunLog(run / name, 1, "x", enabled=True)
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_folder_that_looks_like_a_run_but_is_not_marked_is_refused(tmp_path, cli):
+    from clipa.train.runlock import check_run_dir
+    from clipa.train.trainer import _prepare_run_dir
+
+    folder = tmp_path / "project"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.toml").write_text("mine = true\n")
+    one_line_error(cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", folder, "--dry-run"),
+                   f"--out: {folder} is not empty and is not a clipa run directory (it has no .clipa-run)")
+    assert (folder / "config.toml").read_text() == "mine = true\n"
+    run = tmp_path / "run"
+    _prepare_run_dir(run)  # what the trainer does with a new (or empty) --out
+    (run / "config.toml").write_text("name = 'x'\n")
+    check_run_dir(run)  # marked: taken as a run directory
+    assert sorted(p.name for p in run.iterdir()) == [".clipa-run", "config.toml"]
+
+
+def test_the_lock_dies_with_its_holder_not_with_a_forked_worker(tmp_path):
+    """A DataLoader worker forked after the lock was taken must not keep the run locked once rank 0 is gone."""
+    import signal
+
+    from clipa.train.runlock import RunLock
+
+    run = marked_run(tmp_path)
+    lock = RunLock(run).acquire()
+    ready, started = os.pipe()
+    child = os.fork()
+    if child == 0:  # the worker: says it started, then is blocked in a read for ever
+        try:
+            os.write(started, b"x")
+            os.read(os.pipe()[0], 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        os.close(lock.fd)  # the holder dies (SIGKILL: no unlock, the kernel closes its descriptors)
+        lock.fd = None
+        RunLock(run).acquire().release()  # the rerun takes the lock
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready), os.close(started)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
 from clipa.train.optim import build_optimizer, build_scheduler
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
-from clipa.train.runlock import RunLock, check_run_dir
+from clipa.train.runlock import RunLock, check_run_dir, mark_run_dir, open_run_file, write_run_file
 from clipa.train.sharded import SHARDED_DIR
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
@@ -142,10 +143,12 @@ def precision_name(accelerator: Accelerator) -> str:
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
+    """Mark the (checked) run directory as clipa's and prove it writable, through no symbolic link."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir)
         probe = run_dir / ".write-test"
-        probe.write_text("ok")
+        probe.unlink(missing_ok=True)  # a stale probe (or a link: unlink removes the link, not its target)
+        os.close(open_run_file(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         probe.unlink()
     except OSError as err:
         raise ClipaError(f"--out: cannot write to {run_dir} ({err.strerror}); choose a writable directory") from None
@@ -215,7 +218,7 @@ class Trainer:
             queue_state = self._restore(model, optimizer, self.start_from) if self.start_from is not None else None
             self.config_text = dumps(recipe)
             if self.main:
-                (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
+                write_run_file(self.run_dir / CONFIG_FILE, self.config_text)
         self.start_step = self.state.step
         self.queues, self.momentum = self._build_queues(model, queue_state)
         if self.fsdp is not None:  # sharded already (_build_model); accelerate adds autocast only
