@@ -255,3 +255,21 @@ def test_the_lock_dies_with_its_holder_not_with_a_forked_worker(tmp_path):
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
         os.close(ready), os.close(started)
+
+
+# --------------------------------------------------------------------------- 8: the starting weights inside the agreement
+
+
+@pytest.mark.slow  # a real 2-process group
+def test_a_bad_init_checkpoint_ends_both_processes_with_exit_2_and_the_same_line(tmp_path):
+    from test_agree import launch_two
+
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(os.urandom(2048))
+    procs = launch_two(["pretrain", "tiny/pretrain", *tiny_overrides(), f"init.checkpoint={junk}",
+                        "train.dist_timeout_s=60", "--out", tmp_path / "run"], tmp_path)
+    results = [proc.communicate(timeout=120) + (proc.returncode,) for proc in procs]
+    lines = [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr, _ in results]
+    assert [code for _, _, code in results] == [2, 2], results
+    assert all(len(ls) == 1 and "Traceback" not in stderr for ls, (_, stderr, _) in zip(lines, results)), results
+    assert lines[0] == lines[1] and f"{junk}: " in lines[0][0], lines

@@ -271,9 +271,14 @@ class Trainer:
         self.start_from, init_weights = broadcast_value((start_from, init_weights))
         if init_weights is None:
             return None
-        # Published weights: the first process downloads into the shared cache, the others then read it.
-        with self.accelerator.main_process_first():
-            return published.state_dict(init_weights, "init.checkpoint")
+        # Rank 0 reads first (a published name is downloaded into the shared cache once), then the
+        # others; a file that fails on any process ends every process with the same line.
+        weights = None
+        for readers_turn in (self.main, not self.main):
+            with agreed():
+                if readers_turn:
+                    weights = published.state_dict(init_weights, "init.checkpoint")
+        return weights
 
     def _build_model(self, init_weights: dict | None):
         recipe = self.recipe
