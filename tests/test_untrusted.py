@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +274,72 @@ def test_a_bad_init_checkpoint_ends_both_processes_with_exit_2_and_the_same_line
     assert [code for _, _, code in results] == [2, 2], results
     assert all(len(ls) == 1 and "Traceback" not in stderr for ls, (_, stderr, _) in zip(lines, results)), results
     assert lines[0] == lines[1] and f"{junk}: " in lines[0][0], lines
+
+
+# --------------------------------------------------------------------------- 7: a stalled source
+
+
+@pytest.fixture
+def silent_server():
+    """A local HTTP port that accepts connections and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_read_from_a_stalled_command_ends_and_its_process_group_is_killed():
+    import time
+
+    from clipa.data.urls import open_shard
+
+    stream = open_shard("pipe:sleep 60 | cat", timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"no data for 0.5 s \(data.read_timeout_s\)"):
+        stream.read(512)
+    assert time.monotonic() - start < 3
+    stream.close()
+    alive = []  # the shell and both its children are gone (zombies waiting for init to reap them are gone too)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == stream.proc.pid and fields[0] != "Z":
+            alive.append(stat.parent.name)
+    assert not alive
+
+
+def test_a_source_that_accepts_and_never_answers_ends_the_run_with_exit_2(silent_server, cli, tmp_path):
+    import time
+
+    start = time.monotonic()
+    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(), f"data.train={silent_server}/0.tar",
+                 "data.read_timeout_s=1", "--out", tmp_path / "run")
+    one_line_error(result, "data.train", "no data for 1 s (data.read_timeout_s)")
+    assert time.monotonic() - start < 60
+    assert "--speed-time 1" in result.stdout  # curl's own bound, in the announced command
+
+
+def test_read_timeout_must_be_positive(cli):
+    one_line_error(cli("validate", "tiny/pretrain", "data.read_timeout_s=0"), "data.read_timeout_s: must be in")

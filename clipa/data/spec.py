@@ -80,8 +80,9 @@ def expand(pattern: str) -> list[str]:
     return expand_urls(pattern)
 
 
-def data_commands(value: str, key: str = "data.train") -> list[str]:
+def data_commands(value: str, key: str = "data.train", timeout: float | None = None) -> list[str]:
     """The programs reading `data.train` will start (clipa/data/urls.py): shown before they run."""
-    from clipa.data.urls import commands
+    from clipa.data.urls import READ_TIMEOUT_S, commands
 
-    return commands([s.pattern for s in parse_train(value, key) if s.kind == "shards"], key)
+    return commands([s.pattern for s in parse_train(value, key) if s.kind == "shards"], key,
+                    READ_TIMEOUT_S if timeout is None else timeout)

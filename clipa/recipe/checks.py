@@ -98,6 +98,8 @@ def _check_data(d: DataConfig) -> None:
            "e.g. \"title\"")
     _check(len(d.csv_separator) <= 1, f"data.csv_separator: expected one character or \"\" (by extension), "
            f"got {shown(d.csv_separator)}; write a tab as \"\\t\"")
+    _check(0 < d.read_timeout_s <= 86400, f"data.read_timeout_s: must be in (0, 86400] seconds, got "
+           f"{d.read_timeout_s}; a source silent this long is stalled")
     _check(d.synthetic_image_size >= 8, f"data.synthetic_image_size: must be >= 8, got {d.synthetic_image_size}")
     _check_augment(d.augment)
     _check_normalize(d)

@@ -408,7 +408,8 @@ class Trainer:
             else None
         log = RunLog(metrics, self.total_steps, f"{self.stage} {self.recipe.name}", start=self.state.step,
                      enabled=self.main, trackers=trackers)
-        for command in data_commands(self.recipe.data.train):  # a recipe can run commands, like a Makefile
+        # a recipe can run commands, like a Makefile
+        for command in data_commands(self.recipe.data.train, timeout=self.recipe.data.read_timeout_s):
             log.message(f"data.train runs: {command}")
         for note in self.checkpoints.moved_aside:
             log.message(f"note: {note}")
