@@ -343,3 +343,16 @@ def test_a_source_that_accepts_and_never_answers_ends_the_run_with_exit_2(silent
 
 def test_read_timeout_must_be_positive(cli):
     one_line_error(cli("validate", "tiny/pretrain", "data.read_timeout_s=0"), "data.read_timeout_s: must be in")
+
+
+# --------------------------------------------------------------------------- 11: clipa data synth OUT is a folder
+
+
+@pytest.mark.parametrize("name", ["pipe:touch PWNED", "v2:data", "50%d"])
+def test_synth_out_is_a_plain_folder(tmp_path, cli, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    result = cli("data", "synth", name, "--num-samples", "3", "--shard-size", "2", "--eval-per-class", "0",
+                 "--image-size", "16")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "PWNED").exists()
+    assert sorted(p.name for p in (tmp_path / name / "train").iterdir()) == ["00000.tar", "00001.tar"]
