@@ -356,3 +356,43 @@ def test_synth_out_is_a_plain_folder(tmp_path, cli, monkeypatch, name):
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "PWNED").exists()
     assert sorted(p.name for p in (tmp_path / name / "train").iterdir()) == ["00000.tar", "00001.tar"]
+
+
+# --------------------------------------------------------------------------- 9: images between PIL's limit and twice it
+
+
+def png_header_only(width, height):
+    """A PNG whose header says width x height, in a few dozen bytes (its body would be a bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_an_image_between_pils_limit_and_twice_it_is_refused_in_every_decode_path():
+    import io
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from clipa.data.decode import decode_crop, decode_image, open_rgb
+    from clipa.data.transforms import train_transform
+    from clipa.recipe.schema import AugmentConfig
+
+    bomb = png_header_only(10_000, 10_000)  # 100 Mpx: above PIL's 89.5 Mpx warning, below its 179 Mpx error
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Image.open(io.BytesIO(bomb))  # PIL alone: a warning, then it would decode 0.3 GB
+    assert any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
+    for decode in (lambda: decode_image(bomb), lambda: open_rgb(bomb, 64),
+                   lambda: decode_crop(bomb, train_transform(32, AugmentConfig()), np.random.default_rng(0))):
+        with pytest.raises(Image.DecompressionBombError, match=r"10000x10000 = 100000000 pixels.*data.max_image_pixels"):
+            decode()
+    small = png_header_only(100, 100)
+    with pytest.raises(Image.DecompressionBombError, match="over the limit of 4096"):
+        decode_image(small, max_pixels=4096)  # the recipe key sets the limit

@@ -100,6 +100,8 @@ def _check_data(d: DataConfig) -> None:
            f"got {shown(d.csv_separator)}; write a tab as \"\\t\"")
     _check(0 < d.read_timeout_s <= 86400, f"data.read_timeout_s: must be in (0, 86400] seconds, got "
            f"{d.read_timeout_s}; a source silent this long is stalled")
+    _check(d.max_image_pixels >= 64 * 64, f"data.max_image_pixels: must be >= 4096 (a 64x64 image), got "
+           f"{d.max_image_pixels}")
     _check(d.synthetic_image_size >= 8, f"data.synthetic_image_size: must be >= 8, got {d.synthetic_image_size}")
     _check_augment(d.augment)
     _check_normalize(d)
