@@ -396,3 +396,57 @@ def test_an_image_between_pils_limit_and_twice_it_is_refused_in_every_decode_pat
     small = png_header_only(100, 100)
     with pytest.raises(Image.DecompressionBombError, match="over the limit of 4096"):
         decode_image(small, max_pixels=4096)  # the recipe key sets the limit
+
+
+# --------------------------------------------------------------------------- 10: special files named by a CSV
+
+
+@pytest.fixture
+def alarm():
+    """Fail, not hang: a read that blocks for ever raises after 20 s."""
+    import signal
+
+    def hung(*_):
+        pytest.fail("blocked for ever")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_csv_rows_naming_special_files_are_skipped_not_waited_on(tmp_path, alarm):
+    from PIL import Image
+
+    from clipa.data.decode import read_bytes
+    from clipa.data.sources import CsvSource, ReadOptions, SkipStats
+    from clipa.data.spec import parse_train
+
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n")
+        f.truncate(300 << 20)  # sparse: 300 MB that take no disk
+    csv = tmp_path / "rows.csv"
+    csv.write_text(f"filepath,title\n/dev/zero,zero\n{fifo},fifo\n{tmp_path}/ok.png,ok\n")
+    source = CsvSource(parse_train(str(csv))[0], ReadOptions())
+    stats = SkipStats()
+    stats.quiet = True
+    got = [record for unit in range(len(source)) for record in source.read(unit, stats)]
+    assert [r.caption for r in got] == ["ok"] and stats.counts["missing_file"] == 2
+    for path in ("/dev/zero", fifo, big):
+        with pytest.raises(OSError, match="not a regular file|over the"):
+            read_bytes((str(path), 0, -1))
+
+
+def test_a_memory_error_on_one_evaluation_image_skips_it(monkeypatch):
+    from clipa.evaluate import datasets
+
+    def exhausted(*_, **__):
+        raise MemoryError
+
+    monkeypatch.setattr(datasets, "decode_image", exhausted)
+    assert datasets.EvalImages([(("x.png", 0, -1), 0)], transform=lambda image: image)[0] is None

@@ -10,6 +10,7 @@ up to twice its threshold, so a 140 kB PNG could still decode to 0.5 GB per work
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -40,12 +41,37 @@ def looks_like_image(head: bytes) -> bool:
             or head[:2] == b"BM")
 
 
+MAX_FILE_BYTES = 256 << 20  # an image file (or tar member) larger than this is not read
+
+
+def open_regular(path: str, max_bytes: int | None = None):
+    """A local data file opened for reading: only a regular file (a FIFO would block the open, /dev/zero
+    never end), and at most `max_bytes` long. OSError otherwise, naming the path."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # non-blocking: a FIFO's open returns
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{path}: not a regular file")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise OSError(f"{path}: {info.st_size} bytes, over the {max_bytes} an image may have")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_bytes(image: ImageRef) -> bytes:
-    """The bytes of a reference (an image, or any tar member); OSError when the file is shorter than the reference says."""
+    """The bytes of a reference (an image, or any tar member); OSError when the file is shorter than the
+    reference says, is not a regular file, or is (or the member is) larger than MAX_FILE_BYTES."""
     if isinstance(image, bytes):
         return image
     path, offset, size = image
-    with open(path, "rb") as f:
+    if size > MAX_FILE_BYTES:
+        raise OSError(f"{path}: a {size}-byte member, over the {MAX_FILE_BYTES} an image may have")
+    with open_regular(path, MAX_FILE_BYTES if size < 0 else None) as f:
         f.seek(offset)
         data = f.read() if size < 0 else f.read(size)
     if size >= 0 and len(data) != size:

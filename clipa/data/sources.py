@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 from webdataset.tariterators import base_plus_ext
 
 from clipa.data.csvfile import MissingColumn, read_csv
-from clipa.data.decode import ImageRef, decode_image, looks_like_image
+from clipa.data.decode import ImageRef, decode_image, looks_like_image, open_regular
 from clipa.data.spec import SourceSpec, expand
 from clipa.data.tar import Prefixed, TarError, TarStream, samples, tar_members
 from clipa.errors import ClipaError
@@ -193,7 +193,7 @@ class ShardSource:
         path = _local_path(url)
         try:
             if path is not None:
-                raw = open(path, "rb")
+                raw = open_regular(path)  # a FIFO or device named as a shard is skipped, not waited on
             else:
                 from clipa.data.urls import open_shard
 
@@ -309,13 +309,13 @@ class CsvSource:
             stats.skip("no_image", *self.where(unit), f"empty {self.options.csv_image_key}")
             return
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO or device named by a row is skipped, not waited on
                 head = f.read(16)
         except FileNotFoundError:
             stats.skip("missing_file", *self.where(unit), path)
             return
         except OSError as err:
-            stats.skip("missing_file", *self.where(unit), f"{path}: {err.strerror}")
+            stats.skip("missing_file", *self.where(unit), f"{path}: {err.strerror or err}")
             return
         if not looks_like_image(head):
             stats.skip("not_image", *self.where(unit), path)
