@@ -450,3 +450,42 @@ def test_a_memory_error_on_one_evaluation_image_skips_it(monkeypatch):
 
     monkeypatch.setattr(datasets, "decode_image", exhausted)
     assert datasets.EvalImages([(("x.png", 0, -1), 0)], transform=lambda image: image)[0] is None
+
+
+# --------------------------------------------------------------------------- 12: clipa export deletes nothing it did not create
+
+
+def _export(out, **kw):
+    from clipa.model.weights import export_open_clip
+
+    return export_open_clip(torch.nn.Linear(2, 2), {"vision_cfg": {"image_size": 32}, "text_cfg": {}}, out,
+                            replace=False, **kw)
+
+
+def test_export_leaves_sibling_folders_of_its_names_alone(tmp_path):
+    for sibling in (".out.old", ".out.tmp"):
+        (tmp_path / sibling).mkdir()
+        (tmp_path / sibling / "mine.txt").write_text("keep me\n")
+    _export(tmp_path / "out")
+    assert (tmp_path / "out" / "open_clip_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", ".out.tmp", "out"]
+    assert all((tmp_path / s / "mine.txt").read_text() == "keep me\n" for s in (".out.old", ".out.tmp"))
+
+
+def test_an_export_racing_another_replaces_nothing(tmp_path, monkeypatch):
+    from clipa.errors import ClipaError
+    from clipa.model import weights
+
+    out = tmp_path / "out"
+    real = weights.write_safetensors
+
+    def meanwhile(state, path):  # a second export finishes first
+        out.mkdir()
+        (out / "theirs.txt").write_text("the other export\n")
+        real(state, path)
+
+    monkeypatch.setattr(weights, "write_safetensors", meanwhile)
+    with pytest.raises(ClipaError, match=f"OUT: {out} cannot take the export"):
+        _export(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -201,12 +202,14 @@ def trained_mean_std(path: str | Path) -> tuple[list, list] | None:
 
 
 def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None,
-                     state_dict: dict | None = None, data=None) -> Path:
+                     state_dict: dict | None = None, data=None, replace: bool = True) -> Path:
     """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
 
-    The temporary and the set-aside names are fixed per destination (one writer per destination:
-    the trainer holds the run lock, `clipa export` needs an empty OUT), so the next export removes
-    what a killed one left behind, and a failed one removes its own.
+    `replace` (the trainer's `final/`, in the run directory it holds the lock of): the temporary and
+    the set-aside names are fixed per destination, so the next export removes what a killed one left
+    behind, and a failed one removes its own. Without it (`clipa export OUT`, into a folder clipa does
+    not own): the temporary folder is new (a unique name beside OUT), nothing else is deleted, and an
+    OUT that another writer filled meanwhile is not replaced.
 
     A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
     `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
@@ -215,14 +218,19 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     normalisation and interpolation the export's `preprocess_cfg` records (`preprocess_cfg`).
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists() and not out_dir.exists():
-        old.rename(out_dir)  # killed between the two renames below: the previous export is whole
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if replace:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)  # killed between the two renames below: the previous export is whole
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        if replace:
+            tmp.mkdir(parents=True)
+        else:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(model_cfg["vision_cfg"]["image_size"], data)}
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
         write_safetensors(model.state_dict() if state_dict is None else state_dict, tmp / EXPORT_WEIGHTS)
@@ -237,7 +245,14 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
+    if not replace:
+        try:
+            os.rename(tmp, out_dir)  # onto nothing or an empty folder; a filled one raises
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ClipaError(f"OUT: {out_dir} cannot take the export ({err.strerror}); another export may have "
+                             "written it meanwhile. Nothing was replaced; choose a new directory") from None
+    elif out_dir.exists():
         out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old)

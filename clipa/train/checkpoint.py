@@ -336,4 +336,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model, recipe, _, model_cfg = model_from_checkpoint(path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     readme = model_card(path, recipe, model_cfg, sum(p.numel() for p in model.parameters()), out_dir)
-    return export_open_clip(model, model_cfg, out_dir, readme=readme, data=recipe.data)
+    return export_open_clip(model, model_cfg, out_dir, readme=readme, data=recipe.data, replace=False)
