@@ -489,3 +489,66 @@ def test_an_export_racing_another_replaces_nothing(tmp_path, monkeypatch):
         _export(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+
+
+# --------------------------------------------------------------------------- 13: secrets and files leave the run
+
+SECRET_TRAIN = ("https://bucket.s3.amazonaws.com/x/{0..9}.tar?X-Amz-Signature=SIGSECRET&X-Amz-Credential=CREDSECRET"
+                "::https://alice:PWSECRET@host/y.tar"
+                "::pipe:AWS_SECRET_ACCESS_KEY=KEYSECRET aws s3 cp s3://b/{0..3}.tar - --token TOKSECRET")
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("https://h/x.tar?sig=S&a=b", "https://h/x.tar?<redacted>"),
+    ("https://alice:pw@h/x.tar", "https://<redacted>@h/x.tar"),
+    ("pipe:HF_TOKEN=hf_abc curl -H 'Authorization: Bearer xyz' https://h/x.tar",
+     "pipe:HF_TOKEN=<redacted> curl -H 'Authorization: Bearer <redacted>' https://h/x.tar"),
+    ("pipe:tool --password=p --api-key k /data/{0..9}.tar",
+     "pipe:tool --password=<redacted> --api-key <redacted> /data/{0..9}.tar"),
+    ("/data/laion/{00000..41407}.tar@0.7::b.csv@0.3", "/data/laion/{00000..41407}.tar@0.7::b.csv@0.3"),
+])
+def test_credentials_are_redacted(text, shown):
+    from clipa.data.urls import redact
+
+    assert redact(text) == shown
+
+
+def test_trackers_and_the_model_card_get_data_train_redacted():
+    from clipa.model import card
+    from clipa.recipe.load import load_recipe
+    from clipa.train.trackers import hyperparameters
+
+    recipe = load_recipe(None, [f"data.train={SECRET_TRAIN}"])
+    sent = json.dumps(hyperparameters(recipe, "pretrain")) + card._describe_stage(recipe, "pretrain", 0)[0]
+    for secret in ("SIGSECRET", "CREDSECRET", "PWSECRET", "KEYSECRET", "TOKSECRET"):
+        assert secret not in sent, secret
+    assert "aws s3 cp s3://b/{0..3}.tar" in sent  # what ran is still said
+
+
+def test_mlflow_without_a_tracking_uri_writes_into_the_run(tmp_path, monkeypatch):
+    """Not ./mlruns in whatever directory the run was started from."""
+    mlflow = pytest.importorskip("mlflow")
+    from clipa.recipe.load import load_recipe
+    from clipa.train import trackers
+
+    seen = {}
+
+    class Recording:  # accelerate's MLflowTracker, minus the 25 s SQLite schema migration
+        def __init__(self, project, logging_dir=None, **kw):
+            seen.update(uri=mlflow.get_tracking_uri(), artifacts=logging_dir)
+            self.active_run = type("Run", (), {"info": type("Info", (), {"run_id": "r1"})})()
+
+        def store_init_configuration(self, config):
+            pass
+
+    monkeypatch.setattr(trackers, "_known", lambda: {"mlflow": Recording})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]']), "pretrain", run, run / "metrics.jsonl")
+    assert seen == {"uri": f"sqlite:///{run / 'mlflow.db'}", "artifacts": (run / "mlartifacts").as_uri()}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # the user's choice wins
+    trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]', "name=b"]), "pretrain", tmp_path / "b",
+                      tmp_path / "b" / "metrics.jsonl")
+    assert seen == {"uri": "http://mlflow.example:5000", "artifacts": None}

@@ -164,3 +164,26 @@ def commands(patterns: list[str], key: str = "data.train", timeout: float = READ
         elif family == "http":
             lines.append(f"{shlex.join(curl_argv(pattern, timeout))}   (no shell{each})")
     return [printable(line) for line in lines]
+
+
+# --------------------------------------------------------------------------- secrets in what leaves the run
+
+_SECRET_NAME = r"[A-Za-z0-9_]*(?:TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL|CREDENTIALS|AUTH|SIGNATURE|SESSION)[A-Za-z0-9_]*"
+_REDACTIONS = [
+    (re.compile(r"(?<=://)[^\s/@'\"]+(?=@)"), "<redacted>"),  # user:password@ (or a token as the user)
+    (re.compile(r"(?<=[A-Za-z][A-Za-z0-9+.-]://)([^\s?'\"]*)\?[^\s'\"]+"), r"\1?<redacted>"),  # presigned queries
+    (re.compile(rf"\b({_SECRET_NAME})=([^\s'\"]+)", re.IGNORECASE), r"\1=<redacted>"),  # AWS_SECRET_ACCESS_KEY=...
+    (re.compile(r"(--?(?:token|password|passwd|secret|api[-_]?key|auth)[= ]+)([^\s'\"]+)", re.IGNORECASE),
+     r"\1<redacted>"),
+    (re.compile(r"(authorization:\s*(?:bearer\s+|basic\s+|token\s+)?)([^\s'\"]+)", re.IGNORECASE), r"\1<redacted>"),
+]
+
+
+def redact(text: str) -> str:
+    """`text` (a data.train value, a command, a path) with what looks like a credential replaced by
+    <redacted>: a URL's query string (presigned signatures) and user:password@, NAME=value where NAME
+    says token/secret/password/key, --token/--password values, Authorization headers. For everything a
+    recipe sends outside its run directory (model cards, trackers); config.toml keeps the value."""
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
