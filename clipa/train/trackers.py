@@ -9,7 +9,7 @@ other tracker accelerate knows (`[log] trackers`), from rank 0, through accelera
   in `pipe:` commands: clipa.data.urls.redact); then each row's numbers under their metrics.jsonl names
   at the row's `step`.
 - Where: TensorBoard and W&B write under the run directory; MLflow without MLFLOW_TRACKING_URI too
-  (`RUN_DIR/mlflow.db`, artifacts in `RUN_DIR/mlartifacts`), not `./mlruns` in the current directory.
+  (`RUN_DIR/mlflow.db`, artifacts in `RUN_DIR/mlartifacts`), not MLflow's `./mlflow.db` / `./mlruns`.
 - Resume: the tracker's run id lives in the run directory (`trackers.json`), so a resumed run appends
   to the same W&B / MLflow run (TensorBoard appends to `RUN_DIR/tensorboard/`). A metric is sent only
   for steps after the last one already in metrics.jsonl: the steps a killed run logged after its last
