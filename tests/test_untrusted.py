@@ -552,3 +552,43 @@ def test_mlflow_without_a_tracking_uri_writes_into_the_run(tmp_path, monkeypatch
     trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]', "name=b"]), "pretrain", tmp_path / "b",
                       tmp_path / "b" / "metrics.jsonl")
     assert seen == {"uri": "http://mlflow.example:5000", "artifacts": None}
+
+
+# --------------------------------------------------------------------------- 14: small ones
+
+
+def test_a_name_ending_in_a_newline_is_refused(cli, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "run\\n"\n')  # TOML's escape: the name is "run" and a newline
+    one_line_error(cli("validate", recipe), "name:", "not a plain name")
+
+
+def test_a_step_directory_name_ending_in_a_newline_is_not_a_checkpoint(tmp_path):
+    from test_safety import small_checkpoints
+
+    manager = small_checkpoints(tmp_path, steps=(2,))
+    (tmp_path / "step_000002").rename(tmp_path / "step_000009\n")
+    assert manager.complete() == []
+
+
+def test_a_state_file_that_raises_type_error_is_one_line(tmp_path):
+    from clipa.errors import ClipaError
+    from clipa.train.safeload import load_plain
+
+    marker = tmp_path / "ran"
+    evil = evil_weights(tmp_path / "state.pt", marker)
+    with pytest.raises(ClipaError, match=r"state.pt: cannot read weights or state \(TypeError"):
+        load_plain(evil)
+    assert not marker.exists()
+
+
+def test_a_local_file_does_not_shadow_a_shipped_recipe(tmp_path, monkeypatch):
+    from clipa.recipe.index import find, resolve_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "pretrain").write_text('name = "shadow"\n')
+    (tmp_path / "mine.toml").write_text('name = "mine"\n')
+    with __import__("importlib").resources.as_file(find("tiny/pretrain")) as shipped:
+        assert resolve_path("tiny/pretrain") == shipped
+    assert resolve_path("mine.toml") == Path("mine.toml")  # an explicit .toml path is taken as given

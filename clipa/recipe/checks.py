@@ -33,7 +33,7 @@ from clipa.recipe.schema import (
     TrainConfig,
 )
 
-_NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,200}$")
+_NAME = re.compile(r"(?!\.+\Z)[A-Za-z0-9._-]{1,200}")  # fullmatch: "$" would let a final newline in
 
 
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -67,7 +67,7 @@ def validate(recipe: Recipe) -> None:
 def _check_name(name: str) -> None:
     # The run directory defaults to runs/<name>: a separator, "..", or an absolute path would put
     # it (and what clipa writes and replaces there) anywhere on the disk.
-    _check(name == "" or bool(_NAME.match(name)),
+    _check(name == "" or bool(_NAME.fullmatch(name)),
            f"name: {shown(name)} is not a plain name; use letters, digits, '.', '_' and '-' (no path "
            "separators, no \"..\"), and --out to choose where the run directory goes")
 

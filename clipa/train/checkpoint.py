@@ -28,7 +28,7 @@ from clipa.train.sharded import METADATA_FILE, SHARDED_DIR
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "LATEST"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"^step_(\d+)\Z")  # \Z: "step_2\n" is not a checkpoint
 DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint is renamed aside to .damaged-step_N[-K], never deleted
 READ_TRIES = 3  # an OSError while reading a checkpoint is retried this often before the run stops
 
