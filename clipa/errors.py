@@ -2,6 +2,7 @@
 
 
 import difflib
+import unicodedata
 
 
 class ClipaError(Exception):
@@ -34,3 +35,9 @@ def check_one_of(value: str, allowed, what: str, key: str = "--dataset") -> None
 def shown(value: object) -> str:
     """A value as an error message quotes it: strings in double quotes, anything else as its repr."""
     return f'"{value}"' if isinstance(value, str) else repr(value)
+
+
+def printable(text: str) -> str:
+    """`text` with every control or format character (ESC, CR, bidi overrides, ...) written as its escape:
+    a recipe value echoed to a terminal cannot rewrite or hide what is shown around it."""
+    return "".join(c if c in "\t" or unicodedata.category(c)[0] != "C" else repr(c)[1:-1] for c in text)

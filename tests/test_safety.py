@@ -156,7 +156,7 @@ def test_validate_dry_run_and_the_run_log_show_the_commands_a_recipe_runs(tmp_pa
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("data.train runs:")]
     assert lines[0] == ("data.train runs: sh -c 'cat /nonexistent/{0..1}.tar'   (shell command from the recipe, "
-                        "once per shard the braces expand to)")
+                        "once per shard the braces expand to: 2 commands)")
     assert lines[1].startswith("data.train runs: curl ") and "'https://example.invalid/x/{0..3}.tar'" in lines[1]
     assert "(no shell" in lines[1]
     dry = cli("pretrain", "tiny/pretrain", f"data.train={shards}", "--dry-run", "--out", tmp_path / "run")
@@ -363,15 +363,17 @@ def test_image_tower_cannot_change_on_resume(trained, tmp_path, cli):
     one_line_error(result, "model.image_tower: the checkpoint", "cannot change on resume")
 
 
-def test_export_to_a_file_exits_2_and_a_killed_export_is_cleaned_up(trained, tmp_path, cli):
+def test_export_to_a_file_exits_2_and_a_folder_of_an_earlier_name_is_left_alone(trained, tmp_path, cli):
     target = tmp_path / "model.bin"
     target.write_text("keep me")
     one_line_error(cli("export", trained, target), f"OUT: {target} is a file")
     assert target.read_text() == "keep me"
     out = tmp_path / "export"
-    leftover = tmp_path / ".export.tmp"  # what a SIGKILL during an earlier export leaves
-    leftover.mkdir()
+    leftover = tmp_path / ".export.tmp"  # a killed export of an earlier version, or someone's folder (#34):
+    leftover.mkdir()                      # clipa export deletes nothing it did not create in this call
     (leftover / "open_clip_model.safetensors").write_bytes(b"half")
     result = cli("export", trained, out)
     assert result.returncode == 0, result.stderr
-    assert not leftover.exists() and (out / "open_clip_model.safetensors").is_file()
+    assert (leftover / "open_clip_model.safetensors").read_bytes() == b"half"
+    assert (out / "open_clip_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.tmp", "export", "model.bin"]  # its own temp: gone

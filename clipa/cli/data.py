@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from clipa.cli.render import inspect_table, out, user_errors
+from clipa.cli.render import inspect_table, line, out, user_errors
 from clipa.errors import ClipaError
 
 
@@ -50,5 +50,9 @@ def inspect(path: str = typer.Argument(..., metavar="PATH",
     if max_samples < 0 or sheet_count < 0:
         raise ClipaError("--max-samples and --sheet-count: must be >= 0")
     options = ReadOptions(caption_key, csv_image_key, csv_caption_key, csv_separator)
+    from clipa.data.spec import data_commands
+
+    for command in data_commands(path, key="PATH"):  # PATH can run commands, as data.train can: say so first
+        line(f"PATH runs: {command}")
     summary = inspect_dataset(path, options, max_samples, sheet if sheet_count else None, sheet_count)
     out.print(inspect_table(path, summary_rows(summary)))

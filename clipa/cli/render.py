@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from clipa.errors import ClipaError
+from clipa.errors import ClipaError, printable
 
 # Off a terminal (logs, CI, pipes) rich would wrap tables at 80 columns; results tables are wider.
 out = Console() if sys.stdout.isatty() else Console(width=200)
@@ -33,7 +33,8 @@ def user_errors(fn):
         except ClipaError as e:
             # One line, always: logs and scripts grep for it (a message that embeds a library's
             # multi-line text would otherwise spill over several).
-            message = " ".join(str(e).split())
+            # Control characters from a recipe value are shown escaped, never sent to the terminal.
+            message = printable(" ".join(str(e).split()))
             err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 

@@ -76,8 +76,8 @@ def _dry_run(recipe, numbers, stage: str, run_dir: Path, resume: Path | None, no
     start = (f"resume from {latest}" if latest else
              f"weights from {recipe.init.checkpoint}" if recipe.init.checkpoint else "random initialisation")
     out.print(dumps(recipe), markup=False, highlight=False)
-    out.print(dry_run_table(recipe, stage, numbers, native, full, start, run_dir, data_commands(recipe.data.train),
-                            trackers.describe(recipe)))
+    commands = data_commands(recipe.data.train, timeout=recipe.data.read_timeout_s)
+    out.print(dry_run_table(recipe, stage, numbers, native, full, start, run_dir, commands, trackers.describe(recipe)))
     for note in notes:
         out.print(note, highlight=False, markup=False)
 
@@ -170,7 +170,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
-    for command in data_commands(recipe_obj.data.train):  # a recipe can run commands, like a Makefile
+    # a recipe can run commands, like a Makefile
+    for command in data_commands(recipe_obj.data.train, timeout=recipe_obj.data.read_timeout_s):
         line(f"data.train runs: {command}")
     if recipe_obj.log.trackers:
         line(f"trackers: {trackers.describe(recipe_obj)}")

@@ -193,7 +193,8 @@ def build_train_loader(recipe, geometry, text_reducer, *, micro_batch: int, proc
     else:
         stream = StreamingTrainStream(source, transform, text_reducer, workers=workers, resampled=data.resampled,
                                       shuffle_buffer=data.shuffle_buffer, fast_decode=data.fast_decode,
-                                      exact_resume=data.exact_resume, interleave=data.interleave, **common)
+                                      exact_resume=data.exact_resume, interleave=data.interleave,
+                                      max_pixels=data.max_image_pixels, **common)
     loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                         prefetch_factor=4 if workers else None, persistent_workers=False,
                         worker_init_fn=one_thread_per_worker)

@@ -32,16 +32,19 @@ def write_synthetic(out: str | Path, num_samples: int = 10_000, shard_size: int 
         (out / "train").mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ClipaError(f"OUT: cannot create {out} ({err.strerror})") from None
-    pattern = str(out / "train" / "%05d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
-        for i in range(num_samples):
-            image, caption = train_sample(seed, i, image_size)
-            key = f"{i:09d}"
-            sink.write({"__key__": key, "jpg": _jpeg(image), "txt": caption,
-                        "json": json.dumps({"key": key, "caption": caption, "width": image_size,
-                                            "height": image_size}).encode()})
-            progress(1)
-        shards = sink.shard  # ShardWriter counts shards as it opens them: this is how many exist
+    # OUT is a plain folder: each shard is a file clipa opens itself (webdataset's ShardWriter would read
+    # OUT as a URL, run "pipe:..." and fail on "v2:..."), and a "%" in OUT is not a format.
+    shards = 0
+    for first in range(0, num_samples, shard_size):
+        with open(out / "train" / f"{shards:05d}.tar", "wb") as f, wds.TarWriter(f) as sink:
+            for i in range(first, min(first + shard_size, num_samples)):
+                image, caption = train_sample(seed, i, image_size)
+                key = f"{i:09d}"
+                sink.write({"__key__": key, "jpg": _jpeg(image), "txt": caption,
+                            "json": json.dumps({"key": key, "caption": caption, "width": image_size,
+                                                "height": image_size}).encode()})
+                progress(1)
+        shards += 1
     eval_dir = out / "eval"
     for name in CLASSNAMES:
         (eval_dir / name.replace(" ", "_")).mkdir(parents=True, exist_ok=True)

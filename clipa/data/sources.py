@@ -32,12 +32,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import urlparse
 
 from webdataset.tariterators import base_plus_ext
 
 from clipa.data.csvfile import MissingColumn, read_csv
-from clipa.data.decode import ImageRef, decode_image, looks_like_image
+from clipa.data.decode import ImageRef, decode_image, looks_like_image, open_regular
 from clipa.data.spec import SourceSpec, expand
 from clipa.data.tar import Prefixed, TarError, TarStream, samples, tar_members
 from clipa.errors import ClipaError
@@ -46,7 +45,7 @@ log = logging.getLogger("clipa.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's formats, in the order we pick one
 TAR_EXTS = (".tar", ".tar.gz", ".tgz")
-SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_shard")
+SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_shard", "stalled_shard")
 _LOG_LIMIT = 100  # per process; the rest are counted (and logged at DEBUG) so a bad dataset cannot flood the log
 
 
@@ -56,10 +55,12 @@ class ReadOptions:
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = ""  # "" = by extension: tab for .tsv, comma otherwise
+    read_timeout_s: float = 120.0  # a shard from a command (curl, pipe:) ends after this long without a byte
 
     @classmethod
     def from_config(cls, data) -> "ReadOptions":
-        return cls(data.caption_key, data.csv_image_key, data.csv_caption_key, data.csv_separator)
+        return cls(data.caption_key, data.csv_image_key, data.csv_caption_key, data.csv_separator,
+                   data.read_timeout_s)
 
     @property
     def caption_member(self) -> str:
@@ -113,7 +114,9 @@ def _clean_caption(text) -> tuple[str | None, str | None]:
 
 
 def _local_path(url: str) -> str | None:
-    scheme = urlparse(url).scheme
+    from clipa.data.urls import scheme as url_scheme
+
+    scheme = url_scheme(url)
     if scheme == "":
         return url
     if scheme == "file":
@@ -190,11 +193,11 @@ class ShardSource:
         path = _local_path(url)
         try:
             if path is not None:
-                raw = open(path, "rb")
+                raw = open_regular(path)  # a FIFO or device named as a shard is skipped, not waited on
             else:
                 from clipa.data.urls import open_shard
 
-                raw = open_shard(url)
+                raw = open_shard(url, self.options.read_timeout_s)
         except FileNotFoundError as err:
             stats.skip("missing_shard", url, None, err.strerror or str(err))
             return
@@ -218,7 +221,8 @@ class ShardSource:
             raise
         except Exception as err:  # noqa: BLE001 - bad headers, short reads, zlib, pipe exits: the shard ends here
             failed = True
-            reason = "truncated_shard" if last is not None else "unreadable_shard"
+            reason = "stalled_shard" if isinstance(err, TimeoutError) else "truncated_shard" if last is not None \
+                else "unreadable_shard"
             stats.skip(reason, url, None, f"after {last}: {err}" if last else str(err))
         finally:
             try:
@@ -305,13 +309,13 @@ class CsvSource:
             stats.skip("no_image", *self.where(unit), f"empty {self.options.csv_image_key}")
             return
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:  # a FIFO or device named by a row is skipped, not waited on
                 head = f.read(16)
         except FileNotFoundError:
             stats.skip("missing_file", *self.where(unit), path)
             return
         except OSError as err:
-            stats.skip("missing_file", *self.where(unit), f"{path}: {err.strerror}")
+            stats.skip("missing_file", *self.where(unit), f"{path}: {err.strerror or err}")
             return
         if not looks_like_image(head):
             stats.skip("not_image", *self.where(unit), path)
@@ -345,6 +349,10 @@ def check_not_empty(source, options: ReadOptions | None = None) -> None:
                 stats.skip("corrupt_image", record.where, record.key)
     what = ("shard" if source.kind == "shards" else "row") + ("" if len(source) == 1 else "s")
     found = "; ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in sorted(stats.counts.items()))
+    if stats.counts.get("stalled_shard"):
+        raise ClipaError(f"data.train: {source.name} yields no usable sample ({len(source)} {what} read; {found}): "
+                         f"no data for {source.options.read_timeout_s:g} s (data.read_timeout_s); check the server or "
+                         "command, or raise data.read_timeout_s")
     raise ClipaError(f"data.train: {source.name} yields no usable sample ({len(source)} {what} read; {found}); "
                      "check the path or pattern, and that captions and images are where data.caption_key / "
                      "data.csv_image_key / data.csv_caption_key say")

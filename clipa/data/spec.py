@@ -63,9 +63,9 @@ def parse_train(value: str, key: str = "data.train") -> list[SourceSpec]:
             if weight <= 0:
                 raise ClipaError(f"{key}: weight of \"{part}\" must be > 0, got {weight:g}; drop the source instead")
         if source_kind(part) == "shards":
-            from clipa.data.urls import check_scheme
+            from clipa.data.urls import check_pattern
 
-            check_scheme(part, key)
+            check_pattern(part, key)  # every URL the braces expand to, not only the pattern
         specs.append(SourceSpec(part, weight, source_kind(part)))
     if len(specs) > 1 and any(s.kind == "synthetic" for s in specs):
         raise ClipaError(f"{key}: \"synthetic\" cannot be mixed with other sources; write its shards with "
@@ -75,13 +75,14 @@ def parse_train(value: str, key: str = "data.train") -> list[SourceSpec]:
 
 def expand(pattern: str) -> list[str]:
     """Brace-expand a pattern the way webdataset does (`{000..099}` keeps the zero padding)."""
-    import braceexpand  # a webdataset dependency; pure Python
+    from clipa.data.urls import expand as expand_urls
 
-    return list(braceexpand.braceexpand(pattern))
+    return expand_urls(pattern)
 
 
-def data_commands(value: str) -> list[str]:
+def data_commands(value: str, key: str = "data.train", timeout: float | None = None) -> list[str]:
     """The programs reading `data.train` will start (clipa/data/urls.py): shown before they run."""
-    from clipa.data.urls import commands
+    from clipa.data.urls import READ_TIMEOUT_S, commands
 
-    return commands([s.pattern for s in parse_train(value) if s.kind == "shards"])
+    return commands([s.pattern for s in parse_train(value, key) if s.kind == "shards"], key,
+                    READ_TIMEOUT_S if timeout is None else timeout)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipa.data.decode import decode_crop
+from clipa.data.decode import MAX_PIXELS, decode_crop
 from clipa.data.sources import Record, SkipStats
 from clipa.errors import ClipaError
 from clipa.model.reduction import reduce_batch
@@ -211,13 +211,13 @@ class StreamingTrainStream(IterableDataset):
     def __init__(self, sources: list, transform, tokenizer, *, micro_batch: int, processes: int = 1, rank: int = 0,
                  seed: int = 0, start_batch: int = 0, num_batches: int | None = None, mask=None, workers: int = 1,
                  resampled: bool = False, shuffle_buffer: int = 0, fast_decode: bool = True, exact_resume: bool = True,
-                 interleave: int = 1):
+                 interleave: int = 1, max_pixels: int = MAX_PIXELS):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
         self.micro_batch, self.processes, self.rank = micro_batch, processes, rank
         self.seed, self.start_batch, self.num_batches, self.mask = seed, start_batch, num_batches, mask
         self.workers, self.resampled, self.shuffle_buffer = max(1, workers), resampled, shuffle_buffer
         self.interleave = interleave
-        self.fast, self.exact_resume = fast_decode, exact_resume
+        self.fast, self.exact_resume, self.max_pixels = fast_decode, exact_resume, max_pixels
         slots = self.processes * self.workers
         if not resampled:
             for source in sources:
@@ -248,7 +248,7 @@ class StreamingTrainStream(IterableDataset):
                 record = next(records)
                 rng = sample_rng(self.seed, index)
                 try:
-                    images.append(decode_crop(record.image, self.transform, rng, self.fast))
+                    images.append(decode_crop(record.image, self.transform, rng, self.fast, self.max_pixels))
                     break
                 except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
                     # The next sample of the stream takes this place, with a fresh generator for this index.

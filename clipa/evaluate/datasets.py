@@ -87,7 +87,7 @@ class EvalImages(Dataset):
         image, target = self.items[index]
         try:  # PIL decodes lazily: a truncated file fails in convert(), so it is inside the try
             image = image.convert("RGB") if isinstance(image, Image.Image) else decode_image(image)
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except (OSError, ValueError, MemoryError, Image.DecompressionBombError):  # one sample, not the run
             return None
         return self.transform(image), target
 

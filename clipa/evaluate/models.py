@@ -42,7 +42,7 @@ from clipa.model.build import (
     set_timm_input_size,
     stage_config,
 )
-from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
+from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs, hf_tokenizer
 from clipa.model.weights import (
     EXPORT_CONFIG,
     find_weights,
@@ -73,6 +73,11 @@ class LoadedModel:
 
 
 def _export_tokenizer(path: Path, context_length: int):
+    """What `open_clip.get_tokenizer("local-dir:PATH")` builds (a Hugging Face tokenizer saved in the folder, else
+    open_clip's own), with the folder's tokenizer_kwargs and files checked first."""
+    text_cfg = json.loads((path / EXPORT_CONFIG).read_text(encoding="utf-8"))["model_cfg"]["text_cfg"]
+    if text_cfg.get("hf_tokenizer_name"):
+        return hf_tokenizer(str(path), text_cfg, context_length, f"--model: {path / EXPORT_CONFIG}")
     return open_clip.get_tokenizer(f"local-dir:{path}", context_length=context_length)
 
 
@@ -85,13 +90,17 @@ def _from_export(path: Path) -> LoadedModel:
                          f"{first_line(err, 120)}); export the model again with clipa export") from None
     # open_clip's get_tokenizer hands these to Hugging Face's from_pretrained: refused unless harmless.
     check_tokenizer_kwargs(text_cfg, f"--model: {path / EXPORT_CONFIG}")
-    # open_clip finds the weights file itself (open_clip_model.safetensors, open_clip_pytorch_model.bin, ...)
+    # Built from its config and loaded by clipa, not by open_clip's `local-dir:` loading: open_clip reads a
+    # .bin with a loader that falls back to the unrestricted unpickler (clipa.model.weights.read_weights_file).
     try:
-        model = open_clip.create_model(f"local-dir:{path}", device="cpu")
+        model = create_model(config["model_cfg"])
+        state = read_state_dict(path, "export")
+    except ClipaError:
+        raise
     except Exception as err:  # noqa: BLE001 - truncated weights, a config open_clip cannot build: a bad folder
         raise ClipaError(f"--model: {path} does not load with open_clip ({type(err).__name__}: "
                          f"{first_line(err, 160)}); export the model again or check its files") from None
-    model.output_dict = True
+    load_weights(model, state, key=f"--model: {path}")
     pre = config.get("preprocess_cfg", {})
     image_size = pre.get("size") or config["model_cfg"]["vision_cfg"].get("image_size", 224)
     if isinstance(image_size, (list, tuple)):

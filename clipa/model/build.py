@@ -20,7 +20,7 @@ import torch
 
 from clipa.errors import ClipaError, did_you_mean, first_line
 from clipa.model.posemb import set_sincos
-from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
+from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs, hf_tokenizer
 from clipa.model.tower_cfg import tower_overrides
 
 BUNDLED_CONFIGS = Path(__file__).parent.parent / "model_configs"
@@ -268,10 +268,9 @@ def build_tokenizer(arch: str, context_length: int, text_cfg: dict | None = None
     text_cfg = text_cfg if text_cfg is not None else arch_config(arch)["text_cfg"]
     name = text_cfg.get("hf_tokenizer_name")
     try:
+        if name:  # every model source (name, .json, hf-hub:): kwargs and the tokenizer's files checked first
+            return hf_tokenizer(name, text_cfg, context_length, f"model.arch: {arch}")
         if arch.endswith(".json"):
-            if name:
-                return open_clip.tokenizer.HFTokenizer(name, context_length=context_length,
-                                                       **check_tokenizer_kwargs(text_cfg, f"model.arch: {arch}"))
             return open_clip.SimpleTokenizer(context_length=context_length)
         return open_clip.get_tokenizer(arch, context_length=context_length)
     except ImportError as err:  # CLIPA-v2 configs use a BERT tokenizer through Hugging Face transformers

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from clipa.data.urls import redact
 from clipa.model import published
 
 _MAX_STAGES = 10  # a chain of init.checkpoint runs longer than this is cut (and a cycle cannot loop)
@@ -45,7 +46,8 @@ def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
     image = f"{geometry.image_size} px ({red.image}" + (f", {red.mask_ratio:g} of patches masked" if red.mask_ratio else "") + ")"
     seen = f"{samples_seen:,} of {recipe.train.total_samples:,}"
     return (f"| {stage} `{recipe.name}` | {image} | {geometry.context_length} tokens ({red.text}) | "
-            f"{recipe.train.global_batch_size:,} | {seen} | {recipe.optim.lr:g} | `{recipe.data.train}` |"), samples_seen
+            f"{recipe.train.global_batch_size:,} | {seen} | {recipe.optim.lr:g} | `{redact(recipe.data.train)}` |"), \
+        samples_seen
 
 
 def _earlier_stages(recipe) -> tuple[list[tuple[str, int]], str]:
@@ -140,7 +142,7 @@ def model_card(checkpoint: Path, recipe, model_cfg: dict, num_params: int, out_d
         "",
         "## Training",
         "",
-        f"Started from {origin}. Stages, oldest first:",
+        f"Started from {redact(origin)}. Stages, oldest first:",
         "",
         "| stage | image | text | batch | samples seen | peak lr | data |",
         "|---|---|---|---|---|---|---|",

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 from clipa.errors import ClipaError, first_line
 from clipa.model.posemb import refresh_sincos
-from clipa.model.tokenizer_kwargs import check_tokenizer_kwargs
+from clipa.model.tokenizer_kwargs import hf_tokenizer
 
 EXPORT_CONFIG = "open_clip_config.json"
 EXPORT_WEIGHTS = "open_clip_model.safetensors"
@@ -70,8 +70,36 @@ def export_weights_file(directory: Path) -> Path | None:
     return Path(found) if found else None
 
 
+def read_weights_file(path: Path) -> dict:
+    """A state dict from a weights file, read so that nothing in it can run code: safetensors, else
+    torch's restricted unpickler (`weights_only=True`) and nothing else. Not open_clip's or timm's
+    loaders: open_clip retries a failing restricted load with the plain unpickler (a pickle made to
+    raise TypeError there runs its payload), so no weights file may reach it."""
+    from safetensors.torch import load_file
+
+    from clipa.train.safeload import load_plain  # torch-only; the restricted load and its one-line refusal
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        checkpoint = load_plain(path, mmap=False)  # mmap needs the zip format; older .bin files are not
+    except ClipaError:
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated, not a weights file, a pickle that fails: the same user error
+        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first_line(err, 200)}); give an open_clip, "
+                         "timm or safetensors weights file") from None
+    # The layouts open_clip's load_state_dict accepts: {"state_dict": ...} (training scripts), "module." (DDP).
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ClipaError(f"{path}: cannot read weights (it holds {type(checkpoint).__name__}, not a state dict); give an "
+                         "open_clip, timm or safetensors weights file")
+    if str(next(iter(checkpoint))).startswith("module."):
+        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
+    return checkpoint
+
+
 def read_state_dict(path: Path, kind: str) -> dict:
-    from open_clip.factory import load_state_dict
     from safetensors.torch import load_file
 
     if kind == "export":
@@ -84,11 +112,7 @@ def read_state_dict(path: Path, kind: str) -> dict:
         if (path / SHARDED_DIR).is_dir():
             return read_model_state(path / SHARDED_DIR)
         return load_file(str(path / MODEL_FILE))
-    try:
-        return load_state_dict(str(path))
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ClipaError(f"{path}: cannot read weights ({type(err).__name__}: {first_line(err, 200)}); give an open_clip, "
-                         "timm or safetensors weights file") from None
+    return read_weights_file(Path(path))
 
 
 def model_from_checkpoint(path: Path):
@@ -178,12 +202,14 @@ def trained_mean_std(path: str | Path) -> tuple[list, list] | None:
 
 
 def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Path, readme: str | None = None,
-                     state_dict: dict | None = None, data=None) -> Path:
+                     state_dict: dict | None = None, data=None, replace: bool = True) -> Path:
     """Write an open_clip `local-dir:` directory atomically (temp dir, fsync, rename).
 
-    The temporary and the set-aside names are fixed per destination (one writer per destination:
-    the trainer holds the run lock, `clipa export` needs an empty OUT), so the next export removes
-    what a killed one left behind, and a failed one removes its own.
+    `replace` (the trainer's `final/`, in the run directory it holds the lock of): the temporary and
+    the set-aside names are fixed per destination, so the next export removes what a killed one left
+    behind, and a failed one removes its own. Without it (`clipa export OUT`, into a folder clipa does
+    not own): the temporary folder is new (a unique name beside OUT), nothing else is deleted, and an
+    OUT that another writer filled meanwhile is not replaced.
 
     A Hugging Face tokenizer (CLIPA-v2's BERT) is saved into the directory too: open_clip's
     `get_tokenizer("local-dir:...")` reads it from there, not from the name in the config.
@@ -192,21 +218,26 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     normalisation and interpolation the export's `preprocess_cfg` records (`preprocess_cfg`).
     """
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists() and not out_dir.exists():
-        old.rename(out_dir)  # killed between the two renames below: the previous export is whole
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if replace:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)  # killed between the two renames below: the previous export is whole
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        if replace:
+            tmp.mkdir(parents=True)
+        else:
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg(model_cfg["vision_cfg"]["image_size"], data)}
         (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
         write_safetensors(model.state_dict() if state_dict is None else state_dict, tmp / EXPORT_WEIGHTS)
         text_cfg = model_cfg["text_cfg"]
         if text_cfg.get("hf_tokenizer_name"):
-            tokenizer = open_clip.tokenizer.HFTokenizer(
-                text_cfg["hf_tokenizer_name"], **check_tokenizer_kwargs(text_cfg, "model_cfg"))
+            tokenizer = hf_tokenizer(text_cfg["hf_tokenizer_name"], text_cfg, text_cfg.get("context_length", 77),
+                                     "model_cfg")
             tokenizer.tokenizer.save_pretrained(str(tmp))
         if readme is not None:
             (tmp / "README.md").write_text(readme, encoding="utf-8")
@@ -214,7 +245,14 @@ def export_open_clip(model: torch.nn.Module, model_cfg: dict, out_dir: str | Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
+    if not replace:
+        try:
+            os.rename(tmp, out_dir)  # onto nothing or an empty folder; a filled one raises
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ClipaError(f"OUT: {out_dir} cannot take the export ({err.strerror}); another export may have "
+                             "written it meanwhile. Nothing was replaced; choose a new directory") from None
+    elif out_dir.exists():
         out_dir.rename(old)
         tmp.rename(out_dir)
         shutil.rmtree(old)

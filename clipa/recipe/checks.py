@@ -33,7 +33,7 @@ from clipa.recipe.schema import (
     TrainConfig,
 )
 
-_NAME = re.compile(r"^(?!\.+$)[A-Za-z0-9._-]{1,200}$")
+_NAME = re.compile(r"(?!\.+\Z)[A-Za-z0-9._-]{1,200}")  # fullmatch: "$" would let a final newline in
 
 
 def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -70,7 +70,7 @@ def validate(recipe: Recipe) -> None:
 def _check_name(name: str) -> None:
     # The run directory defaults to runs/<name>: a separator, "..", or an absolute path would put
     # it (and what clipa writes and replaces there) anywhere on the disk.
-    _check(name == "" or bool(_NAME.match(name)),
+    _check(name == "" or bool(_NAME.fullmatch(name)),
            f"name: {shown(name)} is not a plain name; use letters, digits, '.', '_' and '-' (no path "
            "separators, no \"..\"), and --out to choose where the run directory goes")
 
@@ -101,6 +101,10 @@ def _check_data(d: DataConfig) -> None:
            "e.g. \"title\"")
     _check(len(d.csv_separator) <= 1, f"data.csv_separator: expected one character or \"\" (by extension), "
            f"got {shown(d.csv_separator)}; write a tab as \"\\t\"")
+    _check(0 < d.read_timeout_s <= 86400, f"data.read_timeout_s: must be in (0, 86400] seconds, got "
+           f"{d.read_timeout_s}; a source silent this long is stalled")
+    _check(d.max_image_pixels >= 64 * 64, f"data.max_image_pixels: must be >= 4096 (a 64x64 image), got "
+           f"{d.max_image_pixels}")
     _check(d.synthetic_image_size >= 8, f"data.synthetic_image_size: must be >= 8, got {d.synthetic_image_size}")
     _check_augment(d.augment)
     _check_normalize(d)

@@ -47,13 +47,16 @@ def find(name: str):
 
 
 def resolve_path(name: str | Path) -> Path:
-    """A recipe path as given, or else the shipped recipe of that name (`clipa pretrain tiny/pretrain`)."""
+    """A `.toml` path as given; else the shipped recipe of that name (`clipa pretrain tiny/pretrain`), which
+    a file `./tiny/pretrain` does not shadow; else the path as given."""
     path = Path(name)
-    if path.exists():
+    if path.exists() and str(name).endswith(".toml"):
         return path
     try:
         resource = find(str(name))
     except ClipaError:
+        if path.exists():
+            return path
         raise ClipaError(f"{name}: recipe file not found (list shipped recipes with `clipa ls`)") from None
     with resources.as_file(resource) as real:
         return Path(real)

@@ -128,6 +128,13 @@ class DataConfig:
     csv_image_key: str = "filepath"
     csv_caption_key: str = "title"
     csv_separator: str = ""  # "" = tab for .tsv, comma otherwise
+    # Seconds a shard read from a command (https:// by curl, pipe:) may wait for its next byte; past it
+    # the shard is skipped as unreadable (a stalled source), and a source whose every shard stalls ends
+    # the run with exit 2.
+    read_timeout_s: float = 120.0
+    # Images with more pixels are skipped as corrupt before a pixel is decoded (decompression bombs); the
+    # default is PIL's own warning threshold (89,478,485 px, 0.27 GB as RGB), which PIL alone only warns at.
+    max_image_pixels: int = 89_478_485
     # Decode JPEGs at 1/2, 1/4 or 1/8 scale when the crop is that much larger than the target size.
     fast_decode: bool = True
     # Resume shard/CSV streams exactly, by re-reading (not decoding) what each worker consumed; false =

@@ -28,7 +28,7 @@ from clipa.train.sharded import METADATA_FILE, SHARDED_DIR
 
 STATE_FILE = "state.pt"
 LATEST_FILE = "LATEST"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+_STEP_DIR = re.compile(r"^step_(\d+)\Z")  # \Z: "step_2\n" is not a checkpoint
 DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint is renamed aside to .damaged-step_N[-K], never deleted
 READ_TRIES = 3  # an OSError while reading a checkpoint is retried this often before the run stops
 
@@ -336,4 +336,4 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     model, recipe, _, model_cfg = model_from_checkpoint(path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     readme = model_card(path, recipe, model_cfg, sum(p.numel() for p in model.parameters()), out_dir)
-    return export_open_clip(model, model_cfg, out_dir, readme=readme, data=recipe.data)
+    return export_open_clip(model, model_cfg, out_dir, readme=readme, data=recipe.data, replace=False)

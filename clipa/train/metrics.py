@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from clipa.progress import console, progress_bar
+from clipa.train.runlock import open_run_file
 
 
 def _clean(value):
@@ -26,7 +28,8 @@ class RunLog:
                  trackers=None):
         self.enabled = enabled
         self.trackers = trackers  # clipa.train.trackers.Trackers: each row also goes to TensorBoard, W&B, ...
-        self.file = open(path, "a", encoding="utf-8") if (enabled and path) else None
+        self.file = os.fdopen(open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") \
+            if (enabled and path) else None
         self.progress, self.task = progress_bar(description, total, start, status=True) if enabled else (None, None)
         self.description, self.total = description, total
 

@@ -82,3 +82,8 @@ def load_plain(path: Path, mmap: bool = True):
         what = f"it asks for {found.group(1) or found.group(2)}" if found else first_line(err, 120)
         raise ClipaError(f"{path}: refused to load: it holds more than tensors and plain values ({what}); clipa never "
                          "runs code from a checkpoint. Use a checkpoint written by clipa from a source you trust") from None
+    except (OSError, ClipaError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a pickle made to fail inside the restricted loader (TypeError, ...)
+        raise ClipaError(f"{path}: cannot read weights or state ({type(err).__name__}: {first_line(err, 120)}); the "
+                         "file is damaged or not a checkpoint/weights file; nothing in it was run") from None

@@ -5,7 +5,11 @@ other tracker accelerate knows (`[log] trackers`), from rank 0, through accelera
   error (one line, naming the extra to install). `check_trackers` runs in the trainer, `clipa validate` and
   `--dry-run`; nothing is imported from the tracker libraries until a run starts them.
 - What is sent: the resolved recipe flattened to `table.key` hyperparameters, plus `stage` and
-  `clipa_version`; then each row's numbers under their metrics.jsonl names at the row's `step`.
+  `clipa_version`, with credentials in its strings redacted (presigned queries, user:password@, tokens
+  in `pipe:` commands: clipa.data.urls.redact); then each row's numbers under their metrics.jsonl names
+  at the row's `step`.
+- Where: TensorBoard and W&B write under the run directory; MLflow without MLFLOW_TRACKING_URI too
+  (`RUN_DIR/mlflow.db`, artifacts in `RUN_DIR/mlartifacts`), not MLflow's `./mlflow.db` / `./mlruns`.
 - Resume: the tracker's run id lives in the run directory (`trackers.json`), so a resumed run appends
   to the same W&B / MLflow run (TensorBoard appends to `RUN_DIR/tensorboard/`). A metric is sent only
   for steps after the last one already in metrics.jsonl: the steps a killed run logged after its last
@@ -35,6 +39,8 @@ from clipa.errors import ClipaError, did_you_mean, first_line
 
 STATE_FILE = "trackers.json"  # in the run directory: each tracker's run id, so a resume continues that run
 TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard/: `tensorboard --logdir runs` shows every run
+MLFLOW_DB = "mlflow.db"  # RUN_DIR/mlflow.db: MLflow's store when MLFLOW_TRACKING_URI is not set
+MLFLOW_ARTIFACTS = "mlartifacts"  # and its artifacts, RUN_DIR/mlartifacts/
 
 # The library each built-in tracker needs and how to install it (clipa's extras for the three common ones).
 _LIBRARIES = {
@@ -107,7 +113,10 @@ def hyperparameters(recipe, stage: str) -> dict:
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
             else:
-                flat[prefix + key] = json.dumps(value) if isinstance(value, list) else value
+                value = json.dumps(value) if isinstance(value, list) else value
+                flat[prefix + key] = redact(value) if isinstance(value, str) else value
+
+    from clipa.data.urls import redact
 
     walk(to_dict(recipe), "")
     flat.update(stage=stage, clipa_version=__version__)
@@ -175,7 +184,15 @@ class Trackers:
             tracker = cls(log.project, id=state["id"], resume="allow", name=run_name(recipe), tags=log.tags or None,
                           job_type=stage, dir=str(self.run_dir))
         elif name == "mlflow":
-            tracker = cls(log.project, run_id=state.get("run_id"), run_name=run_name(recipe),
+            import mlflow
+
+            # MLflow's default store is ./mlruns, in whatever directory the run was started from
+            uri, artifacts = os.environ.get("MLFLOW_TRACKING_URI"), None
+            if not uri:
+                uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
+                artifacts = (self.run_dir / MLFLOW_ARTIFACTS).resolve().as_uri()
+            mlflow.set_tracking_uri(uri)  # also replaces an earlier run's default in this process
+            tracker = cls(log.project, logging_dir=artifacts, run_id=state.get("run_id"), run_name=run_name(recipe),
                           tags={"stage": stage, **{tag: "true" for tag in log.tags}})
         elif cls.requires_logging_directory:
             tracker = cls(log.project, str(self.run_dir))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
 from clipa.train.optim import build_optimizer, build_scheduler
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
-from clipa.train.runlock import RunLock, check_run_dir
+from clipa.train.runlock import RunLock, check_run_dir, mark_run_dir, open_run_file, write_run_file
 from clipa.train.sharded import SHARDED_DIR
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
@@ -143,10 +144,12 @@ def precision_name(accelerator: Accelerator) -> str:
 
 
 def _prepare_run_dir(run_dir: Path) -> None:
+    """Mark the (checked) run directory as clipa's and prove it writable, through no symbolic link."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir)
         probe = run_dir / ".write-test"
-        probe.write_text("ok")
+        probe.unlink(missing_ok=True)  # a stale probe (or a link: unlink removes the link, not its target)
+        os.close(open_run_file(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
         probe.unlink()
     except OSError as err:
         raise ClipaError(f"--out: cannot write to {run_dir} ({err.strerror}); choose a writable directory") from None
@@ -221,7 +224,7 @@ class Trainer:
                 self.notes.append(carry_optimizer_state(optimizer, recipe.init.checkpoint))
             self.config_text = dumps(recipe)
             if self.main:
-                (self.run_dir / CONFIG_FILE).write_text(self.config_text, encoding="utf-8")
+                write_run_file(self.run_dir / CONFIG_FILE, self.config_text)
         self.start_step = self.state.step
         self.queues, self.momentum = self._build_queues(model, queue_state)
         if self.fsdp is not None:  # sharded already (_build_model); accelerate adds autocast only
@@ -274,9 +277,14 @@ class Trainer:
         self.start_from, init_weights = broadcast_value((start_from, init_weights))
         if init_weights is None:
             return None
-        # Published weights: the first process downloads into the shared cache, the others then read it.
-        with self.accelerator.main_process_first():
-            return published.state_dict(init_weights, "init.checkpoint")
+        # Rank 0 reads first (a published name is downloaded into the shared cache once), then the
+        # others; a file that fails on any process ends every process with the same line.
+        weights = None
+        for readers_turn in (self.main, not self.main):
+            with agreed():
+                if readers_turn:
+                    weights = published.state_dict(init_weights, "init.checkpoint")
+        return weights
 
     def _build_model(self, init_weights: dict | None):
         recipe = self.recipe
@@ -406,7 +414,8 @@ class Trainer:
             else None
         log = RunLog(metrics, self.total_steps, f"{self.stage} {self.recipe.name}", start=self.state.step,
                      enabled=self.main, trackers=trackers)
-        for command in data_commands(self.recipe.data.train):  # a recipe can run commands, like a Makefile
+        # a recipe can run commands, like a Makefile
+        for command in data_commands(self.recipe.data.train, timeout=self.recipe.data.read_timeout_s):
             log.message(f"data.train runs: {command}")
         for note in self.checkpoints.moved_aside:
             log.message(f"note: {note}")
