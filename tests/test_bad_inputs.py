@@ -209,7 +209,7 @@ ACCEPTED = {
     # in range: an empty name or path means "none" / "from --out", and huge numbers are merely large
     **dict.fromkeys([f"recipe-{k}-empty" for k in (
         "name", "model.image_tower", "model.image_init", "data.csv_separator", "eval.data_root",
-        "eval.retrieval_data_root", "init.checkpoint", "log.run_name")], "empty is the default (none / by extension)"),
+        "eval.retrieval_data_root", "init.checkpoint", "log.run_name", "next")], "empty is the default (none / by extension)"),
     **dict.fromkeys([f"recipe-{k}-huge" for k in (
         "model.lock_image_unlocked_groups", "model.lock_text_unlocked_groups", "data.num_workers",
         "data.synthetic_image_size", "data.shuffle_buffer", "data.interleave", "reduction.image_size", "optim.lr",
