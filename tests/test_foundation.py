@@ -124,6 +124,13 @@ def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
     starts = ("│ pretrain", "│ finetune", "| pretrain", "| finetune")
     rows = [line for line in result.stdout.splitlines() if line.strip().startswith(starts)]
     assert len(rows) == 2, result.stdout
+    assert "acc1 at 64 px" in result.stdout, result.stdout
+    # that column is the pretraining stage evaluated at the finetune's 64 px (what the finetune starts from)
+    from clipa.evaluate.models import load_model
+    from clipa.evaluate.zeroshot import zeroshot
+
+    at_full = zeroshot(load_model(str(tmp_path / "qs" / "pretrain"), image_size=64, text_length=32), "synthetic")
+    assert f"{at_full['metrics']['acc1']:.3f}" in rows[0].split(), (at_full["metrics"], rows[0])
     geometry = {"pretrain": (32, 8), "finetune": (64, 32)}  # tiny/pretrain's reduced tokens, tiny/finetune's full
     for stage in ("pretrain", "finetune"):
         result = json.loads((tmp_path / "qs" / stage / "zeroshot_synthetic.json").read_text())
