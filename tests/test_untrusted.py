@@ -319,15 +319,21 @@ def test_a_read_from_a_stalled_command_ends_and_its_process_group_is_killed():
         stream.read(512)
     assert time.monotonic() - start < 3
     stream.close()
-    alive = []  # the shell and both its children are gone (zombies waiting for init to reap them are gone too)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == stream.proc.pid and fields[0] != "Z":
-            alive.append(stat.parent.name)
-    assert not alive
+    def alive() -> list[str]:  # the shell's children not yet gone (zombies waiting to be reaped are gone)
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == stream.proc.pid and fields[0] != "Z":
+                found.append(stat.parent.name)
+        return found
+
+    deadline = time.monotonic() + 5  # SIGKILL is delivered at once, but a busy machine may take a moment to reap
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()
 
 
 def test_a_source_that_accepts_and_never_answers_ends_the_run_with_exit_2(silent_server, cli, tmp_path):
@@ -541,13 +547,18 @@ def test_mlflow_without_a_tracking_uri_writes_into_the_run(tmp_path, monkeypatch
         def store_init_configuration(self, config):
             pass
 
+        def finish(self):
+            pass
+
     monkeypatch.setattr(trackers, "_known", lambda: {"mlflow": Recording})
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
-    trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]']), "pretrain", run, run / "metrics.jsonl")
+    first = trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]']), "pretrain", run, run / "metrics.jsonl")
     assert seen == {"uri": f"sqlite:///{run / 'mlflow.db'}", "artifacts": (run / "mlartifacts").as_uri()}
+    first.finish()  # mlflow exported the run's store to os.environ; the next run in this process picks its own
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # the user's choice wins
     trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]', "name=b"]), "pretrain", tmp_path / "b",
                       tmp_path / "b" / "metrics.jsonl")

@@ -77,11 +77,16 @@ def load_plain(path: Path, mmap: bool = True):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         # torch's message is a paragraph about its own defaults; the one fact that matters is
-        # which global the pickle asked for (e.g. "posix.system").
-        found = re.search(r"GLOBAL ([\w.]+)|global[s]?:? ([\w.]+)", str(err))
-        what = f"it asks for {found.group(1) or found.group(2)}" if found else first_line(err, 120)
-        raise ClipaError(f"{path}: refused to load: it holds more than tensors and plain values ({what}); clipa never "
-                         "runs code from a checkpoint. Use a checkpoint written by clipa from a source you trust") from None
+        # which global the pickle asked for (e.g. "posix.system"). Without one the file is not a
+        # pickle at all (a text file: "Unsupported operand 110"): damaged, not hostile.
+        found = re.search(r"GLOBAL ([\w.]+)", str(err)) or re.search(r"global[s]?:? ([\w.]+)", str(err))
+        if found:
+            raise ClipaError(f"{path}: refused to load: it holds more than tensors and plain values (it asks for "
+                             f"{found.group(1)}); clipa never runs code from a checkpoint. Use a checkpoint written "
+                             "by clipa from a source you trust") from None
+        detail = re.search(r"error: \s*(.+?)\s*\n\s*\n", str(err))
+        raise ClipaError(f"{path}: cannot read weights or state ({detail.group(1) if detail else first_line(err, 120)}); "
+                         "the file is damaged or not a checkpoint/weights file; nothing in it was run") from None
     except (OSError, ClipaError):
         raise
     except Exception as err:  # noqa: BLE001 - a pickle made to fail inside the restricted loader (TypeError, ...)

@@ -159,6 +159,7 @@ class Trackers:
 
     def __init__(self, recipe, stage: str, run_dir: Path, metrics: Path):
         self.run_dir, self.active, self.failed, self.finished = Path(run_dir), [], set(), False
+        self.exported_mlflow_uri = False
         self.state = _read_state(self.run_dir)
         self.sent = _last_steps(metrics)  # per metric, the last step the trackers have
         config = hyperparameters(recipe, stage)
@@ -189,6 +190,9 @@ class Trackers:
             # MLflow's default store is ./mlruns, in whatever directory the run was started from
             uri, artifacts = os.environ.get("MLFLOW_TRACKING_URI"), None
             if not uri:
+                # mlflow.set_tracking_uri exports the URI to os.environ; finish() takes it back, or the
+                # next run in this process (a notebook, a test) would log into this run's store
+                self.exported_mlflow_uri = True
                 uri = f"sqlite:///{(self.run_dir / MLFLOW_DB).resolve()}"
                 artifacts = (self.run_dir / MLFLOW_ARTIFACTS).resolve().as_uri()
             mlflow.set_tracking_uri(uri)  # also replaces an earlier run's default in this process
@@ -237,3 +241,5 @@ class Trackers:
                 tracker.finish()
             except Exception as err:  # noqa: BLE001
                 self._warn(f"{name} did not finish cleanly ({type(err).__name__}: {first_line(err, 200)})")
+        if self.exported_mlflow_uri:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
