@@ -116,8 +116,9 @@ def gpu_env():
 # A test that skips because something it needs is missing (a package, Debian's openclipart drawings) is
 # green, so an apt outage or a dropped extra would hide it. CLIPA_REQUIRE names what must be present:
 # a skip whose reason names one of them becomes a failure. `all` turns every skip into a failure except
-# those on SKIPS_ALLOWED: what no CPU machine can have, and a package deliberately left out of the dev extra for its weight (CLIP_benchmark pulls a 104 MB
-# wheel of Java jars); its schema is pinned by a test that always runs.
+# those on SKIPS_ALLOWED: what no CPU machine can have, and a package deliberately left out of the dev
+# extra for its weight (CLIP_benchmark pulls a 104 MB wheel of Java jars; its result schema is pinned
+# by a test that always runs). CI sets CLIPA_REQUIRE=all.
 SKIPS_ALLOWED = ("needs a CUDA GPU", "not a dev dependency")
 
 
