@@ -78,6 +78,21 @@ def test_sigkill_during_checkpointing_then_resume_is_bitwise_identical(tmp_path,
     # CPU, fp32, one thread layout: the resumed trajectory is bitwise the uninterrupted one.
     assert trajectory(out) == trajectory(straight)
     assert not list((out / "checkpoints").glob(".tmp-*"))
+    if crash.startswith("checkpoint-write"):  # killed after logging steps past its last complete checkpoint
+        report_shows_each_step_once(out, straight, tmp_path / "report")
+
+
+def report_shows_each_step_once(out, straight, report_dir):
+    """`clipa report` after a resume: the steps redone after the checkpoint are logged twice; the plots
+    and the summary show each once, with the values of the uninterrupted run."""
+    from clipa.report import read_metrics, report, series
+
+    logged = [row["step"] for row in read_metrics(out) if "loss" in row]
+    assert len(logged) > len(set(logged)), logged  # the case this guards: re-logged steps exist
+    summary, written = report(out, report_dir)
+    assert series(read_metrics(out), "loss") == series(read_metrics(straight), "loss")
+    last = max(logged)
+    assert f"steps {last}," in summary and report_dir / "loss.png" in written, (summary, written)
 
 
 def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path, straight):
