@@ -182,3 +182,51 @@ def test_sigterm_trackers_evaluation_and_two_nodes(tmp_path, data):
         node_share = set(training_shards(env["first"][rank])) | set(training_shards(env["resume"][rank]))
         assert node_share == set(straight_shares[rank]), rank
 
+
+
+def test_fsdp_with_a_locked_tower_the_memory_bank_and_siglip_trains_saves_and_resumes(tmp_path):
+    """train.shard=fsdp, 2 processes (tests/distributed_fsdp_extras.py): 4 steps, then the run as it was at
+    step 2 resumed in the same processes."""
+    from safetensors.torch import load_file
+
+    from clipa.train.checkpoint import export_checkpoint
+
+    run_torchrun(Path(__file__).with_name("distributed_fsdp_extras.py"), tmp_path, cwd=tmp_path)
+    for case in ("locked_bank", "siglip"):
+        runs = tmp_path / case
+        seen = [json.loads((runs / f"seen.rank{r}.json").read_text()) for r in (0, 1)]
+        assert seen[0] == seen[1], case  # the queue and the whole scalars are the same on both processes
+        seen = seen[0]
+        assert seen["resumed_start"]["step"] == 2 and seen["resumed_end"] == seen["straight_end"], case
+        # The resume replays steps 3 and 4 bitwise and ends with the uninterrupted run's weights.
+        assert trajectory(runs / "resumed") == trajectory(runs / "straight") and len(trajectory(runs / "straight")) == 4
+        initial = load_file(str(runs / "initial.safetensors"))
+        final = load_file(str(runs / "straight" / "final" / "open_clip_model.safetensors"))
+        resumed = load_file(str(runs / "resumed" / "final" / "open_clip_model.safetensors"))
+        assert final.keys() == resumed.keys() == initial.keys()
+        for name in final:
+            assert torch.equal(final[name], resumed[name]), (case, name)
+        assert not torch.equal(final["text_projection"], initial["text_projection"])  # it trained
+        step2 = runs / "straight" / "checkpoints" / "step_000002"
+        if case == "locked_bank":
+            # The locked image tower: never in the optimizer, every weight as it started, through a resume.
+            assert seen["straight_end"]["visual_in_optimizer"] == 0
+            visual = [name for name in initial if name.startswith("visual.")]
+            assert len(visual) > 10
+            for name in visual:
+                assert torch.equal(final[name], initial[name]) and torch.equal(resumed[name], initial[name]), name
+            # The memory bank: full after 2 steps of 32, and restored exactly as step 2's checkpoint holds it.
+            saved = torch.load(step2 / "state.pt", weights_only=True)["queue"]["queues"]
+            queue = seen["resumed_start"]["queue"]
+            assert (queue["pointer"], queue["filled"]) == (int(saved["pointer"]), int(saved["filled"])) == (0, 64)
+            assert torch.equal(torch.tensor(queue["images"]), saved["images"])
+            assert torch.equal(torch.tensor(queue["texts"]), saved["texts"]) and saved["texts"].abs().sum() > 0
+            assert queue != seen["straight_end"]["queue"]  # steps 3-4 replaced its rows
+        else:
+            # SigLIP's bias (0-dim, whole on every process under FSDP): trained, saved in the sharded
+            # checkpoint, restored from it on resume.
+            step2_weights = load_file(str(export_checkpoint(step2, tmp_path / "export") / "open_clip_model.safetensors"))
+            assert initial["logit_bias"].item() == -10.0 and final["logit_bias"].item() != -10.0
+            assert seen["resumed_start"]["logit_bias"] == step2_weights["logit_bias"].item() != -10.0
+            assert seen["resumed_start"]["logit_bias"] != seen["straight_end"]["logit_bias"]
+            assert seen["resumed_end"]["logit_bias"] == final["logit_bias"].item()
