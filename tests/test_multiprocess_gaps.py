@@ -133,7 +133,9 @@ def test_sigterm_trackers_evaluation_and_two_nodes(tmp_path, data):
     assert len({tuple(row.values()) for row in evals.values()}) > 1, evals  # each saw its own step's weights
 
     # Trackers: rank 0 alone writes them. TensorBoard holds exactly metrics.jsonl's numbers, each (tag, step)
-    # once (_tensorboard raises on a second), from one writer.
+    # once (_tensorboard raises on a second), from one writer. (Three things keep rank 1 out: the trainer
+    # starts trackers on rank 0 only, RunLog drops rows on other ranks, and accelerate's own trackers act on
+    # its main process only; this checks the outcome, and fails when RunLog writes on every rank.)
     _approx(_tensorboard(straight), _expected(straight))
     assert len(list((straight / trackers.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
 
