@@ -86,7 +86,7 @@ def tiny_overrides(**extra):
 
 # clipa-micro (a bundled config): both towers, clipa-tiny's tokenizer, resolution and patch size, ~0.8 M
 # parameters, so a checkpoint with AdamW's state is ~10 MB instead of ~100 MB. For the tests whose subject
-# does not depend on the model's size (checkpoints, resume, signals, locks, agreement, trackers, bad inputs,
+# does not depend on the model's size (checkpoints, resume, signals, locks, agreement, trackers,
 # distributed equality); tests about the tiny recipes or about learning keep clipa-tiny.
 MICRO = "model.arch=clipa-micro"
 
