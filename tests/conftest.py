@@ -84,6 +84,18 @@ def tiny_overrides(**extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+# clipa-micro (a bundled config): both towers, clipa-tiny's tokenizer, resolution and patch size, ~0.8 M
+# parameters, so a checkpoint with AdamW's state is ~10 MB instead of ~100 MB. For the tests whose subject
+# does not depend on the model's size (checkpoints, resume, signals, locks, agreement, trackers,
+# distributed equality); tests about the tiny recipes or about learning keep clipa-tiny.
+MICRO = "model.arch=clipa-micro"
+
+
+def micro_overrides(**extra):
+    """tiny_overrides with the micro model."""
+    return tiny_overrides(**{"model.arch": "clipa-micro", **extra})
+
+
 def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", help="run the tests marked gpu (needs CUDA)")
 

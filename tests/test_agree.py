@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_torchrun, tiny_overrides
+from conftest import micro_overrides, run_torchrun
 
 HELPER = str(Path(__file__).with_name("distributed_agree.py"))
 pytestmark = pytest.mark.slow  # real 2-process groups
@@ -53,7 +53,7 @@ def launch_two(args, cwd, env_by_rank=({}, {})):
 def test_a_failure_on_one_process_ends_both_with_exit_2_and_the_same_line(tmp_path, where):
     run = tmp_path / "run"
     env = {"CLIPA_FAIL_AT": where}
-    procs = launch_two(["pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128,
+    procs = launch_two(["pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 128,
                                                                          "checkpoint.every_steps": 2}),
                         "train.dist_timeout_s=600", "--out", run], tmp_path, (env, env))
     results = []
@@ -78,7 +78,7 @@ def test_a_hung_process_ends_the_run_within_dist_timeout(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CLIPA_HANG_AT="setup:1")
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "clipa", "pretrain", "tiny/pretrain", *tiny_overrides(), "train.dist_timeout_s=10",
+                             "-m", "clipa", "pretrain", "tiny/pretrain", *micro_overrides(), "train.dist_timeout_s=10",
                              "--out", tmp_path / "run"], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode != 0 and time.monotonic() - start < 590
@@ -97,7 +97,7 @@ def test_a_process_lost_mid_training_ends_the_other_with_one_line_and_the_run_re
     rank 0: rank 0 learns of it in its next collective and exits 2 with one line naming the last
     checkpoint; the same command then resumes from it and finishes."""
     run = tmp_path / "run"
-    args = ["pretrain", "tiny/pretrain", *tiny_overrides(**{"checkpoint.every_steps": 2}),
+    args = ["pretrain", "tiny/pretrain", *micro_overrides(**{"checkpoint.every_steps": 2}),
             "train.dist_timeout_s=300", "--out", run]
     procs = launch_two(args, tmp_path, ({}, {trouble: "step3:1"}))
     (_, err0), (_, err1) = (p.communicate(timeout=280) for p in procs)

@@ -20,9 +20,9 @@ from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager, export_checkpoint
 from clipa.train.trainer import NonFiniteError, Trainer
 
-from conftest import RECIPES
+from conftest import MICRO, RECIPES
 
-ARGS = ["train.global_batch_size=32", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=2",
+ARGS = [MICRO, "train.global_batch_size=32", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=2",
         "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
 
 
@@ -278,12 +278,15 @@ def _limit_file_size(limit):
 
 
 def test_real_write_failure_keeps_earlier_checkpoints(tmp_path, straight):
-    # The tiny model's model.safetensors is ~32 MB and state.pt (AdamW's two moments) ~64 MB: at 40 MB
-    # the weights are written and torch.save fails, which reports it as RuntimeError, not OSError.
+    # state.pt (AdamW's two moments) is about twice model.safetensors: with files limited to halfway
+    # between, the weights are written and torch.save fails, which reports it as RuntimeError, not OSError.
     out = copy_run(straight, tmp_path / "run", up_to_step=4)
     before = {p.name: p.read_bytes() for p in (out / "checkpoints" / "step_000004").iterdir()}
+    weights, state = (before[name] for name in ("model.safetensors", "state.pt"))
+    assert len(weights) < len(state)
+    limit = (len(weights) + len(state)) // 2
     proc = subprocess.run(command(out, 8), env=dict(os.environ, OMP_NUM_THREADS="2"), capture_output=True,
-                          text=True, timeout=600, preexec_fn=_limit_file_size(40 * 2**20))
+                          text=True, timeout=600, preexec_fn=_limit_file_size(limit))
     assert proc.returncode == 2, proc.stderr
     error = proc.stderr.strip()
     assert len(error.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -435,7 +438,7 @@ def test_export_command_writes_an_open_clip_directory(tmp_path, straight, cli):
 def test_two_process_run_resumes_with_the_same_losses(tmp_path):
     from conftest import run_torchrun
 
-    args = ["-m", "clipa", "pretrain", "tiny/pretrain", "train.global_batch_size=32", "train.micro_batch_size=16",
+    args = ["-m", "clipa", "pretrain", "tiny/pretrain", MICRO, "train.global_batch_size=32", "train.micro_batch_size=16",
             "train.total_samples=96", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=1",
             "checkpoint.every_steps=2", "reduction.image=random", "reduction.mask_ratio=0.5"]
     run_torchrun(*args, "--out", tmp_path / "straight", cwd=tmp_path)

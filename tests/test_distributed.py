@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_torchrun
+from conftest import MICRO, run_torchrun
 
 HELPER = str(__import__("pathlib").Path(__file__).with_name("distributed_grads.py"))
 
-COMMON = ["train.global_batch_size=64", "train.total_samples=192", "train.log_every_steps=1", "data.num_workers=0",
+COMMON = [MICRO, "train.global_batch_size=64", "train.total_samples=192", "train.log_every_steps=1", "data.num_workers=0",
           "checkpoint.every_steps=0", "optim.warmup_steps=1", "reduction.image=random", "reduction.mask_ratio=0.5"]
 
 

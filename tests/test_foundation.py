@@ -119,7 +119,9 @@ def test_the_clipa_console_script_is_installed():
 
 @pytest.mark.slow
 def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
-    result = run_cli("quickstart", "--scale", "0.2", "--out", tmp_path / "qs")  # 0.05 stays at chance
+    # 25 + 16 steps. Measured here: acc1 0.135 (pretrain) and 0.149 (finetune) against the bound below of
+    # 0.061, and the pretraining loss 5.67 -> 4.88; at 0.05 (12 + 8 steps) the stages stay at chance.
+    result = run_cli("quickstart", "--scale", "0.1", "--out", tmp_path / "qs")
     assert result.returncode == 0, result.stderr[-3000:]
     starts = ("│ pretrain", "│ finetune", "| pretrain", "| finetune")
     rows = [line for line in result.stdout.splitlines() if line.strip().startswith(starts)]

@@ -19,11 +19,11 @@ from test_distributed import assert_final_weights_agree
 
 from clipa.train.sharded import SHARDED_DIR
 
-from conftest import run_torchrun
+from conftest import MICRO, run_torchrun
 
 # 2 processes x micro-batch 8 x 2 accumulation steps, random patch masks (RNG replayed in pass 2),
-# gradients clipped (the tiny model's norm starts near 12), 4 steps, a checkpoint every 2.
-ARGS = ["-m", "clipa", "pretrain", "tiny/pretrain", "train.global_batch_size=32", "train.micro_batch_size=8",
+# gradients clipped (the micro model's norm starts near 38), 4 steps, a checkpoint every 2.
+ARGS = ["-m", "clipa", "pretrain", "tiny/pretrain", MICRO, "train.global_batch_size=32", "train.micro_batch_size=8",
         "train.total_samples=128", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=1",
         "optim.grad_clip=1.0", "checkpoint.every_steps=2", "checkpoint.keep_last=10", "reduction.image=random",
         "reduction.mask_ratio=0.5"]

@@ -27,7 +27,7 @@ from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager
 from clipa.train.safeload import load_plain, rng_state, set_rng_state
 
-from conftest import tiny_overrides
+from conftest import micro_overrides
 
 
 def one_line_error(result, *needles):
@@ -42,11 +42,11 @@ def one_line_error(result, *needles):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A finished 4-step tiny run with checkpoints at steps 2 and 4 (shared, never modified)."""
+    """A finished 4-step micro-model run with checkpoints at steps 2 and 4 (shared, never modified)."""
     from conftest import run_in_process
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    result = run_in_process("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128,
+    result = run_in_process("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 128,
                                                                              "checkpoint.every_steps": 2}),
                             "--out", out)
     assert result.returncode == 0, result.stderr
@@ -111,7 +111,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(trained, tmp_path, cli, mem
     target = run / "checkpoints" / "step_000004" / member
     torch.save({"optimizer": RunsAShellCommand(f"touch {marker}"), "step": 4}, target)
     for extra in ([], ["--resume", str(run / "checkpoints" / "step_000004")]):
-        result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 192}), "--out", run, *extra)
+        result = cli("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 192}), "--out", run, *extra)
         one_line_error(result, str(target), "refused to load", "posix.system")
         assert not marker.exists()
     assert (run / "checkpoints" / "step_000004").is_dir()  # refused, not deleted
@@ -164,7 +164,7 @@ def test_validate_dry_run_and_the_run_log_show_the_commands_a_recipe_runs(tmp_pa
     flat = " ".join(dry.stdout.split())
     assert "sh -c 'cat /nonexistent/{0..1}.tar'" in flat and "curl --connect-timeout" in flat
     # a real run says it first, before anything else it logs
-    run = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "data.train=pipe:cat /nonexistent/{0..1}.tar",
+    run = cli("pretrain", "tiny/pretrain", *micro_overrides(), "data.train=pipe:cat /nonexistent/{0..1}.tar",
               "--out", tmp_path / "run")
     assert run.returncode == 2  # nothing to read: the source is empty
     assert run.stdout.splitlines()[0].startswith("data.train runs: sh -c 'cat /nonexistent/{0..1}.tar'"), run.stdout
@@ -215,7 +215,7 @@ def test_a_non_empty_out_that_is_not_a_run_directory_is_refused(tmp_path, cli):
     folder.mkdir()
     (folder / "config.toml").write_text("mine = true\n")
     for extra in (["--dry-run"], []):
-        result = cli("pretrain", "tiny/pretrain", *tiny_overrides(), "--out", folder, *extra)
+        result = cli("pretrain", "tiny/pretrain", *micro_overrides(), "--out", folder, *extra)
         one_line_error(result, f"--out: {folder}", "not a clipa run directory")
     assert sorted(p.name for p in folder.iterdir()) == ["config.toml"]
     assert (folder / "config.toml").read_text() == "mine = true\n"
@@ -234,7 +234,7 @@ def _clipa(out, *extra, env=None):
 @pytest.mark.slow
 def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path):
     out = tmp_path / "run"
-    first = _clipa(out, *tiny_overrides(**{"train.total_samples": 32 * 2000, "train.log_every_steps": 1}))
+    first = _clipa(out, *micro_overrides(**{"train.total_samples": 32 * 2000, "train.log_every_steps": 1}))
     try:
         lock = out / ".clipa-lock"
         deadline = time.time() + 300
@@ -242,7 +242,7 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
             time.sleep(0.2)
         holder = json.loads(lock.read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-        second = _clipa(out, *tiny_overrides())
+        second = _clipa(out, *micro_overrides())
         stdout, stderr = second.communicate(timeout=300)
         one_line_error(subprocess.CompletedProcess(second.args, second.returncode, stdout, stderr),
                        f"--out: {out} is in use", f"PID {first.pid} on host {socket.gethostname()}")
@@ -251,7 +251,7 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
         first.communicate()
     # The dead holder's record is still in the file; its lock died with it and is taken over.
     assert json.loads((out / ".clipa-lock").read_text())["pid"] == first.pid
-    third = _clipa(out, *tiny_overrides(**{"train.total_samples": 64}))
+    third = _clipa(out, *micro_overrides(**{"train.total_samples": 64}))
     stdout, stderr = third.communicate(timeout=600)
     assert third.returncode == 0, stderr
     assert f"took over {out}'s lock from PID {first.pid}" in " ".join(stdout.split())
@@ -264,7 +264,7 @@ def test_the_lock_is_released_when_a_run_fails_in_this_process(tmp_path):
     from clipa.train.runlock import RunLock
     from clipa.train.trainer import Trainer
 
-    recipe = load_recipe(resolve_path("tiny/pretrain"), tiny_overrides(**{"init.checkpoint": str(tmp_path / "no")}))
+    recipe = load_recipe(resolve_path("tiny/pretrain"), micro_overrides(**{"init.checkpoint": str(tmp_path / "no")}))
     with pytest.raises(ClipaError, match="init.checkpoint"):
         Trainer(recipe, "pretrain", tmp_path / "run")
     with RunLock(tmp_path / "run"):  # free again
@@ -320,7 +320,7 @@ def test_a_run_whose_newest_checkpoint_cannot_be_read_stops_and_deletes_nothing(
     run = copy_run(trained, tmp_path)
     unreadable(run / "checkpoints" / "step_000004" / "model.safetensors")
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 192,
+    result = cli("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 192,
                                                                  "checkpoint.every_steps": 1}), "--out", run)
     one_line_error(result, "checkpoint: cannot read", "step_000004", "tried 3 times")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
@@ -358,7 +358,7 @@ def test_retrieval_reads_non_utf8_captions_like_training(trained, tmp_path, cli)
 
 def test_image_tower_cannot_change_on_resume(trained, tmp_path, cli):
     run = copy_run(trained, tmp_path)
-    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 192}),
+    result = cli("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 192}),
                  "model.image_tower=vit_tiny_patch16_224", "reduction.image_size=0", "--out", run)
     one_line_error(result, "model.image_tower: the checkpoint", "cannot change on resume")
 

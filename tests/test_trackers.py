@@ -17,7 +17,7 @@ from clipa.recipe.load import load_recipe, read_run_recipe
 from clipa.recipe.schema import LogConfig
 from clipa.train import trackers
 
-from conftest import run_in_process, tiny_overrides
+from conftest import micro_overrides, run_in_process
 
 RECIPE_KEYS = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"  # every recipe key (the README links it)
 
@@ -120,8 +120,8 @@ def _approx(held: dict, expected: dict):
 
 
 def _train(out: Path, *extra):
-    """Three steps of the tiny model, each logged."""
-    return run_in_process("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 32 * 3,
+    """Three steps of the micro model, each logged."""
+    return run_in_process("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 32 * 3,
                                                                           "train.log_every_steps": 1}), *extra,
                           "--out", out)
 
@@ -154,7 +154,7 @@ def test_sigkill_then_resume_continues_the_same_runs_without_a_duplicated_step(t
     out = tmp_path / "run"
     # Logged every step, checkpointed every 3; killed after step 5 (step 4 logged after the last checkpoint).
     command = [sys.executable, "-m", "clipa", "pretrain", "tiny/pretrain",
-               *tiny_overrides(**{"train.log_every_steps": 1, "checkpoint.every_steps": 3}),
+               *micro_overrides(**{"train.log_every_steps": 1, "checkpoint.every_steps": 3}),
                'log.trackers=["tensorboard", "wandb"]', "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     env.update(OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
@@ -288,7 +288,7 @@ def test_a_missing_tracker_library_is_one_line_and_exit_2_before_any_work(tmp_pa
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed: `import wandb` raises
     out = tmp_path / "run"
     for argv in (["validate", "tiny/pretrain"], ["pretrain", "tiny/pretrain", "--dry-run", "--out", out],
-                 ["pretrain", "tiny/pretrain", *tiny_overrides(), "--out", out]):
+                 ["pretrain", "tiny/pretrain", *micro_overrides(), "--out", out]):
         result = run_in_process(*argv, f"log.trackers={name}")
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [f"error: log.trackers[0]: \"{name}\" needs the {modules[0]} "
