@@ -379,3 +379,17 @@ def test_report_plots_every_series_and_summarises(tmp_path, cli):
     assert "zeroshot/synthetic/acc1: last" in result.stdout and "loss " in result.stdout
     bad = cli("report", tmp_path)
     assert bad.returncode == 2 and "metrics.jsonl not found" in bad.stderr
+
+
+def test_an_absurd_image_size_is_refused_before_the_model_is_built(tmp_path):
+    """clipa-micro's position grid at 100,000 px (~20 GB) would allocate and swap rather than fail, so
+    the size is checked before the model is built (clipa-tiny's larger grid failed at once)."""
+    from safetensors.torch import save_file
+
+    from clipa.model.build import arch_config, create_model
+
+    weights = tmp_path / "micro.safetensors"
+    save_file(create_model(arch_config("clipa-micro")).state_dict(), str(weights))
+    assert load_model("clipa-micro", pretrained=str(weights), image_size=2048).image_size == 2048  # 65,536 patches
+    with pytest.raises(ClipaError, match=r"^--image-size: 100000 px is 156,250,000 patches of 8 px, more than 65,536"):
+        load_model("clipa-micro", pretrained=str(weights), image_size=100000)

@@ -148,6 +148,10 @@ def _from_checkpoint(path: Path) -> LoadedModel:
                        pre["interpolation"], pre["resize_mode"])
 
 
+# 256 x 256 patches: beyond it one image's attention no longer fits any accelerator's memory
+MAX_PATCHES = 2 ** 16
+
+
 def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length: int | None = None) -> LoadedModel:
     """`loaded` rebuilt to take `image_size` px images and `text_length` tokens (None: unchanged).
 
@@ -169,6 +173,10 @@ def at_geometry(loaded: LoadedModel, image_size: int | None = None, text_length:
         lower = size - size % patch
         raise ClipaError(f"--image-size: {size} is not divisible by the patch size {patch} of {loaded.name}; "
                          f"use {lower or patch} or {lower + patch}")
+    # checked before building: a huge grid can allocate (and swap) instead of failing at once
+    if patch and (size // patch) ** 2 > MAX_PATCHES:
+        raise ClipaError(f"--image-size: {size} px is {(size // patch) ** 2:,} patches of {patch} px, more than "
+                         f"{MAX_PATCHES:,}; choose a smaller size")
     if length is not None and length < 2:
         raise ClipaError(f"--text-length: needs at least 2 tokens (start and end of text), got {length}")
     cfg = copy.deepcopy(loaded.model_cfg)
