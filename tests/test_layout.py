@@ -154,7 +154,8 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 # Which package may import which (docs/development.md): dependencies point one way.
 _NEVER = {
-    "data": {"train", "evaluate"},  # data/ feeds the trainer and evaluation
+    "data": {"train", "evaluate", "model"},  # data/ feeds the trainer and evaluation and needs no model
+    "reduction": {"train", "model", "data", "evaluate", "run", "recipe", "cli"},  # the strategies, for all of them
     "model": {"train", "evaluate"},
     "run": {"train", "model", "data", "evaluate", "cli"},  # the run directory's names, below everything that uses it
     "recipe": {"train", "model", "evaluate", "run", "cli"},
@@ -185,16 +186,18 @@ def test_the_dependency_checks_can_fail(tmp_path):
     assert _cycles({m: _clipa_imports(p, modules) for m, p in modules.items()}) == [sorted(modules)]
 
 
-def test_the_run_package_imports_no_torch():
+def test_run_and_reduction_import_no_torch():
     """clipa/run/ (names, lock, metrics, lineage) loads without torch: `clipa runs`, `clipa scaling` and a notebook
-    read run directories without paying for it."""
+    read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the recipe
+    too: a data worker picks its tokens without the model package."""
     import subprocess
 
-    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.runs; "
+    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.runs, "
+            "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, f"clipa/run/ imports {result.stdout or result.stderr}"
+    assert result.returncode == 0, f"clipa/run/, clipa/reduction/ or clipa/recipe/ import {result.stdout or result.stderr}"
 
 
 def _repo_texts():

@@ -38,12 +38,13 @@ from clipa.errors import ClipaError, first_line
 from clipa.flops import device_peak_flops
 from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
-from clipa.model.reduction import TextReducer, install_patch_masker
+from clipa.model.masking import install_patch_masker
 from clipa.model.towers import apply_locks, load_image_tower
 from clipa.model.weights import export_open_clip, find_weights, load_weights, trained_mean_std
 from clipa.recipe.checks import check_resume_compatible
 from clipa.recipe.load import dumps
 from clipa.recipe.schema import Recipe, image_mean_std
+from clipa.reduction.text import TextReducer
 from clipa.run.layout import (
     CHECKPOINTS_DIR,
     CONFIG_FILE,
