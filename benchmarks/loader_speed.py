@@ -67,8 +67,8 @@ def _loader(train: str, size: int, fast: bool, workers: int, micro: int, batches
             shuffle_buffer: int = 500):
     from clipa.data.loader import build_train_loader
     from clipa.model.build import Geometry, build_tokenizer
-    from clipa.model.reduction import TextReducer
     from clipa.recipe.load import load_recipe
+    from clipa.reduction.text import TextReducer
 
     # interleave 1 unless asked: the tables in docs/data.md were measured reading one shard at a time
     recipe = load_recipe(None, [f'data.train="{train}"', f"data.num_workers={workers}",

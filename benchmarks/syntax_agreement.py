@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     import lemminflect
     import spacy
 
-    from clipa.model.pos import NAMES, OTHER, _priority_normalized, priorities, word_priority
+    from clipa.reduction.syntax import NAMES, OTHER, _priority_normalized, priorities, word_priority
 
     def ref_class(pos: str) -> int:
         return {"NOUN": 0, "PROPN": 0, "ADJ": 1, "VERB": 2}.get(pos, OTHER)

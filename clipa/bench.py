@@ -32,8 +32,10 @@ from accelerate import Accelerator
 from clipa.data.synthetic import train_sample
 from clipa.flops import image_tokens, train_flops_per_sample
 from clipa.model.build import Geometry, arch_config, build_tokenizer, create_model, native_geometry, stage_config
-from clipa.model.reduction import TextReducer, install_patch_masker, patch_keep_indices
+from clipa.model.masking import install_patch_masker
 from clipa.recipe.schema import OptimConfig
+from clipa.reduction.image import patch_keep_indices
+from clipa.reduction.text import TextReducer
 from clipa.train.loss import infonce_loss
 from clipa.train.optim import build_optimizer
 from clipa.train.step import ContrastiveStep

@@ -34,7 +34,7 @@ def _transformer_forward(tokens: int, width: int, layers: int, mlp_width: int) -
 
 def image_tokens(model_cfg: dict, image_size: int, keep_ratio: float = 1.0) -> int:
     """Tokens the vision transformer runs on: kept patches (as the masker keeps them) + class token."""
-    from clipa.model.reduction import keep_count
+    from clipa.reduction.image import keep_count
 
     v = model_cfg["vision_cfg"]
     if "timm_model_name" in v:  # a timm ViT: its (kept) patches + prefix tokens; a CNN: 0 (no tokens)
@@ -50,7 +50,8 @@ def _timm_count(name: str, image_size: int, keep_ratio: float = 1.0) -> tuple[fl
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipa.model.reduction import keep_count, timm_patch_slot
+    from clipa.model.masking import timm_patch_slot
+    from clipa.reduction.image import keep_count
 
     class _KeepFirst(torch.nn.Module):
         """Stands in for clipa's patch masker while counting: keeps the first `n` tokens."""

@@ -7,32 +7,28 @@ throughput and every evaluation metric) against samples seen.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from clipa.errors import ClipaError
+from clipa.run.metrics import read_metrics as read_metrics_file
 
 TRAIN_SERIES = ("loss", "lr", "logit_scale", "samples_per_s")
 _W, _H, _PAD = 640, 360, 56
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise ClipaError(f"RUN_DIR: {path} not found; give a clipa run directory")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ClipaError(f"{path}: line {number} is not JSON (a partially written line?)") from None
-    if not rows:
-        raise ClipaError(f"{path}: no metrics yet")
-    return rows
+    """Every row of the run's metrics.jsonl; a report draws them all, so a line that does not read is an error."""
+    metrics = read_metrics_file(run_dir)
+    if not metrics.path.is_file():
+        raise ClipaError(f"RUN_DIR: {metrics.path} not found; give a clipa run directory")
+    if metrics.unreadable:
+        raise ClipaError(f"{metrics.path}: line {metrics.unreadable[0]} is not JSON (a partially written line?)")
+    if not metrics.rows:
+        raise ClipaError(f"{metrics.path}: no metrics yet")
+    return metrics.rows
 
 
 def series(rows: list[dict], key: str) -> list[tuple[float, float]]:

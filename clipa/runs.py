@@ -14,15 +14,22 @@ run resumed with a larger total_samples keeps its old final/ until it finishes a
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipa.errors import ClipaError
-
-RUNS = Path("runs")
-_STEP_DIR = re.compile(r"step_(\d+)$")  # complete checkpoints only: one being written has a temporary name
+from clipa.run.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    RUNS,
+    is_finished_export,
+    is_run_dir,
+    read_run_recipe,
+    saved_steps,
+)
+from clipa.run.metrics import read_metrics
 
 
 @dataclass
@@ -43,23 +50,10 @@ class Run:
         return f"{self.path} ({self.stage}, step {self.steps_done}/{self.total_steps}, {state})"
 
     def resume_command(self) -> str:
-        return f"clipa {self.stage} {self.path / 'config.toml'} --out {self.path}"
+        return f"clipa {self.stage} {self.path / CONFIG_FILE} --out {self.path}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "path": str(self.path)}
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: the rest still counts
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
 
 
 def _mtime(path: Path) -> float:
@@ -71,17 +65,13 @@ def _mtime(path: Path) -> float:
 
 def read_run(path: str | Path) -> Run:
     """What `path` (a run directory: it holds config.toml) trained and how far it got."""
-    from clipa.recipe.load import read_run_recipe
-
     path = Path(path)
     recipe = read_run_recipe(path)
-    rows = _rows(path / "metrics.jsonl")
+    rows = read_metrics(path).rows  # a line cut by a kill is left out: the rest still counts
     stages = [row["stage"] for row in rows if isinstance(row.get("stage"), str)]
     # A run that logged nothing yet says nothing of its stage: one with init weights is most likely a finetune.
     stage = stages[-1] if stages else ("finetune" if recipe.init.checkpoint else "pretrain")
-    checkpoints = [int(m.group(1)) for p in (path / "checkpoints").glob("step_*")
-                   if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    saved = max(checkpoints, default=0)
+    saved = max(saved_steps(path / CHECKPOINTS_DIR), default=0)
     logged = max((row["step"] for row in rows if isinstance(row.get("step"), int)), default=0)
     total = recipe.train.total_samples // recipe.train.global_batch_size
     zeroshot = {}
@@ -90,8 +80,8 @@ def read_run(path: str | Path) -> Run:
             parts = key.split("/")
             if len(parts) == 3 and parts[0] == "zeroshot" and parts[2] == "acc1" and isinstance(value, (int, float)):
                 zeroshot[parts[1]] = value
-    finished = (path / "final" / "open_clip_config.json").is_file() and saved >= total
-    updated = max(_mtime(path / name) for name in ("config.toml", "metrics.jsonl", "final"))
+    finished = is_finished_export(path) and saved >= total
+    updated = max(_mtime(path / name) for name in (CONFIG_FILE, METRICS_FILE, FINAL_DIR))
     return Run(path, recipe.name, stage, recipe.init.checkpoint, recipe.next, max(saved, logged), total, finished,
                updated, zeroshot)
 
@@ -104,10 +94,10 @@ def list_runs(root: str | Path = RUNS) -> list[Run]:
         return []
     found = []
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (child / "config.toml").is_file():
+        if is_run_dir(child):
             found.append(child)
         else:
-            found += sorted(p for p in child.iterdir() if p.is_dir() and (p / "config.toml").is_file())
+            found += sorted(p for p in child.iterdir() if p.is_dir() and is_run_dir(p))
     runs = []
     for path in found:
         try:
@@ -127,7 +117,7 @@ def run_to_continue(from_run: str | Path | None = None, root: str | Path = RUNS)
     an error naming how to resume it."""
     if from_run is not None:
         path = Path(from_run)
-        if not (path / "config.toml").is_file():
+        if not is_run_dir(path):
             raise ClipaError(f"--from: {path} is not a clipa run directory (no config.toml); list runs with `clipa runs`")
         run = read_run(path)
         if not run.finished:
@@ -151,7 +141,7 @@ def run_to_continue(from_run: str | Path | None = None, root: str | Path = RUNS)
 def next_recipe(run: Run) -> str:
     """The recipe that continues `run` (its `next`), or a one-line error saying how to give one."""
     if not run.next:
-        raise ClipaError(f"next: {run.path}/config.toml names no recipe to continue with; give one: "
+        raise ClipaError(f"next: {run.path}/{CONFIG_FILE} names no recipe to continue with; give one: "
                          f"clipa finetune RECIPE --from {run.path} (or set next = \"...\" in its recipe)")
     return run.next
 

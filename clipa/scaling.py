@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from clipa.errors import ClipaError
+from clipa.run.layout import is_run_dir, read_run_recipe
+from clipa.run.lineage import earlier_runs
+from clipa.run.metrics import read_metrics
 
 LEVEL = 0.95
 # Two-sided 95 % Student t quantiles (t_0.975) for 1..30 degrees of freedom.
@@ -109,67 +111,37 @@ def points_from_json(path: Path, metric: str = "acc1") -> list[Point]:
     return points
 
 
-def _read_metrics(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a killed writer
-    return rows
+def _logged_samples(run: Path) -> int:
+    logged = [row["samples"] for row in read_metrics(run).rows if isinstance(row.get("samples"), (int, float))]
+    if not logged:
+        raise ClipaError(f"{run}/metrics.jsonl: no training rows with \"samples\"; is {run} a clipa run "
+                         "directory that has trained at least one log step?")
+    return max(logged)
 
 
-def _run_dir_of(path: Path) -> tuple[Path, int | None] | None:
-    """The run directory an init.checkpoint names (run dir, step checkpoint, or final/), and the step."""
-    match = re.fullmatch(r"step_(\d+)", path.name)  # a step checkpoint (it holds a config.toml too)
-    if match and path.parent.name == "checkpoints" and (path.parent.parent / "config.toml").is_file():
-        return path.parent.parent, int(match.group(1))
-    if path.name == "final" and (path.parent / "config.toml").is_file():
-        return path.parent, None
-    if (path / "config.toml").is_file():
-        return path, None
-    return None
-
-
-def run_compute(run: Path, step: int | None = None, _seen: set | None = None) -> tuple[float, list[str]]:
+def run_compute(run: Path, step: int | None = None) -> tuple[float, list[str]]:
     """Training FLOPs of a run directory's stage (up to `step`, else the samples it logged), plus
-    those of the runs its `init.checkpoint` came from. Returns (FLOPs, notes)."""
-    from clipa.recipe.load import read_run_recipe
+    those of the runs its `init.checkpoint` came from (clipa.run.lineage's walk). Returns (FLOPs, notes)."""
     from clipa.stage import Stage
 
-    seen = _seen if _seen is not None else set()
-    key = run.resolve()
-    if key in seen:
-        return 0.0, [f"{run}: init.checkpoint loops back; counted once"]
-    seen.add(key)
     recipe = read_run_recipe(run)
-    per_sample = Stage.of(recipe).flops_per_sample
-    if step is not None:
-        samples = step * recipe.train.global_batch_size
-    else:
-        logged = [row["samples"] for row in _read_metrics(run) if isinstance(row.get("samples"), (int, float))]
-        if not logged:
-            raise ClipaError(f"{run}/metrics.jsonl: no training rows with \"samples\"; is {run} a clipa run "
-                             "directory that has trained at least one log step?")
-        samples = max(logged)
-    flops, notes = per_sample * samples, [f"{run.name}: {samples:,} samples x {per_sample:.3g} FLOPs"]
-    init = recipe.init.checkpoint
-    if init:
-        candidates = ([Path(init)] if Path(init).is_absolute()
-                      else [Path(init), run.parent.parent / init, run.parent / Path(init).name])
-        found = next((r for r in (_run_dir_of(c) for c in candidates) if r is not None), None)
-        if found is None:
-            notes.append(f"{run.name}: init.checkpoint {init} is not a run directory here; its compute is not counted")
+    stages, loop, missing = [(run, step, recipe)], [], []  # newest first; why the walk stopped, if it says
+    for earlier in earlier_runs(recipe, run, limit=None):  # every stage's compute counts: no cut
+        if earlier.run_dir is None:
+            missing = [f"{stages[-1][0].name}: init.checkpoint {earlier.init} is not a run directory here; its compute "
+                       "is not counted"]
+        elif earlier.looped:
+            loop = [f"{earlier.run_dir}: init.checkpoint loops back; counted once"]
         else:
-            parent_flops, parent_notes = run_compute(found[0], found[1], seen)
-            flops += parent_flops
-            notes = parent_notes + notes
-    return flops, notes
+            stages.append((earlier.run_dir, earlier.step, earlier.recipe))
+    flops, notes = 0.0, []
+    for where, at_step, stage_recipe in stages:
+        per_sample = Stage.of(stage_recipe).flops_per_sample
+        samples = at_step * stage_recipe.train.global_batch_size if at_step is not None else _logged_samples(where)
+        flops += per_sample * samples
+        notes.insert(0, f"{where.name}: {samples:,} samples x {per_sample:.3g} FLOPs")
+    # oldest first: a loop before the first stage, a run not found right after the stage that names it
+    return flops, loop + notes[:1] + missing + notes[1:]
 
 
 def _eval_row_metric(rows: list[dict], metric: str, dataset: str | None):
@@ -208,7 +180,7 @@ def points_from_run(run: Path, metric: str = "acc1", dataset: str | None = None)
     if result is not None:
         value, where = _metric_of(result, metric), str(source)
     else:
-        value, where = _eval_row_metric(_read_metrics(run), metric, dataset), f"{run}/metrics.jsonl"
+        value, where = _eval_row_metric(read_metrics(run).rows, metric, dataset), f"{run}/metrics.jsonl"
     if value is None:
         which = f"zeroshot_{dataset}.json" if dataset else "zeroshot_*.json"
         raise ClipaError(f"{run}: no zero-shot result: no {which} with {metric} and no evaluation rows in "
@@ -230,7 +202,7 @@ def load_points(inputs, metric: str = "acc1", dataset: str | None = None) -> lis
             raise ClipaError(f"{path}: does not exist; give clipa run directories or JSON files of "
                              "{\"compute\", \"error\"} points")
         if path.is_dir():
-            if not (path / "config.toml").is_file():
+            if not is_run_dir(path):
                 raise ClipaError(f"{path}: not a clipa run directory (no config.toml)")
             points.append(points_from_run(path, metric, dataset))
         else:

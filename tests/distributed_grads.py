@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from clipa.distributed import leave_process_group  # noqa: E402
 from clipa.model.build import create_model, stage_config  # noqa: E402
-from clipa.model.reduction import install_patch_masker  # noqa: E402
+from clipa.model.masking import install_patch_masker  # noqa: E402
 from clipa.train.loss import LOSSES  # noqa: E402
 from clipa.train.step import ContrastiveStep  # noqa: E402
 

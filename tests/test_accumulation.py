@@ -9,7 +9,8 @@ from clipa.data.loader import TrainStream
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import normalize, train_transform
 from clipa.model.build import Geometry, build_tokenizer, create_model, stage_config
-from clipa.model.reduction import TextReducer, install_patch_masker
+from clipa.model.masking import install_patch_masker
+from clipa.reduction.text import TextReducer
 from clipa.train.loss import LOSSES, infonce_loss, siglip_loss
 from clipa.train.step import ContrastiveStep
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from test_checkpoint import trajectory
 from test_distributed import assert_final_weights_agree
 
-from clipa.train.sharded import SHARDED_DIR
+from clipa.model.sharded import SHARDED_DIR
 
 from conftest import MICRO, run_torchrun
 
@@ -167,7 +167,7 @@ def test_sharded_checkpoint_that_asks_for_code_is_refused(tmp_path, fsdp_run, cl
     # The optimizer's non-tensor values are read with weights_only=True, never plain unpickling.
     import io
 
-    from clipa.train.sharded import SafeLoadPlanner
+    from clipa.model.sharded import SafeLoadPlanner
 
     with pytest.raises(pickle.UnpicklingError):
         SafeLoadPlanner().load_bytes(None, io.BytesIO(pickle.dumps(_Payload(marker), protocol=2)))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from clipa.errors import ClipaError
+from clipa.model.safeload import load_plain
 from clipa.recipe.load import load_recipe
 from clipa.train.checkpoint import STATE_FILE, CheckpointManager
-from clipa.train.safeload import load_plain
 from clipa.train.trainer import Trainer, train
 
 from conftest import RECIPES, tiny_overrides

@@ -16,7 +16,7 @@ import open_clip  # noqa: E402
 from transformers import BertTokenizerFast  # noqa: E402
 
 from clipa.model.build import arch_config, build_tokenizer  # noqa: E402
-from clipa.model.reduction import TextReducer  # noqa: E402
+from clipa.reduction.text import TextReducer  # noqa: E402
 
 from conftest import run_in_process  # noqa: E402
 

@@ -88,14 +88,116 @@ def test_tables_are_built_in_one_module():
     assert "from rich.table import Table" in render.read_text()
 
 
-def test_data_does_not_import_train():
-    """Dependencies point one way: data/ feeds the trainer and evaluation, and imports neither."""
-    bad = []
-    for path in sorted((CLIPA / "data").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(("clipa.train", "clipa.evaluate")):
-                bad.append(f"{path.name}:{node.lineno} imports {node.module}")
-    assert not bad, "\n".join(bad)
+def _clipa_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The clipa modules `path` imports, at its top or inside a function (a lazy import is still a dependency):
+    `from clipa.x import y` counts as clipa.x.y when that is a module, else as clipa.x."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clipa"):
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+            names = subs if len(subs) == len(node.names) else [node.module, *subs]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("clipa")]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    return found
+
+
+def _package(module: str) -> str:
+    """clipa.model.build -> model; a top-level module (clipa.stage) is its own package."""
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+def _package_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        for target in _clipa_imports(path, modules):
+            if _package(target) != _package(module):
+                edges.setdefault(_package(module), set()).add(_package(target))
+    return edges
+
+
+def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one member (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(set(edges) | {w for ws in edges.values() for w in ws}):
+        if v not in index:
+            visit(v)
+    return out
+
+
+# Which package may import which (docs/development.md): dependencies point one way.
+_NEVER = {
+    "data": {"train", "evaluate", "model"},  # data/ feeds the trainer and evaluation and needs no model
+    "reduction": {"train", "model", "data", "evaluate", "run", "recipe", "cli"},  # the strategies, for all of them
+    "model": {"train", "evaluate"},
+    "run": {"train", "model", "data", "evaluate", "cli"},  # the run directory's names, below everything that uses it
+    "recipe": {"train", "model", "evaluate", "run", "cli"},
+}
+
+
+def _forbidden(edges: dict[str, set[str]]) -> list[str]:
+    return [f"clipa/{a}/ imports clipa/{b}/" for a, banned in _NEVER.items() for b in sorted(edges.get(a, set()) & banned)]
+
+
+def test_dependencies_point_one_way():
+    """No package imports one it must not (not even lazily), and no module import cycle hides behind lazy imports."""
+    modules = _modules()
+    assert not _forbidden(_package_imports(modules)), "\n".join(_forbidden(_package_imports(modules)))
+    module_edges = {m: _clipa_imports(p, modules) - {m} for m, p in modules.items()}
+    assert not _cycles(module_edges), f"import cycles: {_cycles(module_edges)}"
+
+
+def test_the_dependency_checks_can_fail(tmp_path):
+    # A lazy `from clipa.train.checkpoint import ...` inside model/ is seen, and a two-module cycle is found.
+    (tmp_path / "clipa" / "model").mkdir(parents=True)
+    (tmp_path / "clipa" / "train").mkdir()
+    weights, checkpoint = tmp_path / "clipa" / "model" / "weights.py", tmp_path / "clipa" / "train" / "checkpoint.py"
+    weights.write_text("def find():\n    from clipa.train.checkpoint import CheckpointManager\n")
+    checkpoint.write_text("from clipa.model.weights import find\n")
+    modules = {"clipa.model.weights": weights, "clipa.train.checkpoint": checkpoint}
+    assert _forbidden(_package_imports(modules)) == ["clipa/model/ imports clipa/train/"]
+    assert _cycles({m: _clipa_imports(p, modules) for m, p in modules.items()}) == [sorted(modules)]
+
+
+def test_run_and_reduction_import_no_torch():
+    """clipa/run/ (names, lock, metrics, lineage) loads without torch: `clipa runs`, `clipa scaling` and a notebook
+    read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the recipe
+    too: a data worker picks its tokens without the model package."""
+    import subprocess
+
+    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.runs, "
+            "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load; "
+            "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, f"clipa/run/, clipa/reduction/ or clipa/recipe/ import {result.stdout or result.stderr}"
 
 
 def _repo_texts():

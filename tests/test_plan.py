@@ -191,7 +191,8 @@ def test_training_flops_match_torch_flop_counter_at_full_and_reduced_tokens(arch
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipa.model.build import Geometry, create_model, stage_config
-    from clipa.model.reduction import image_grid, install_patch_masker, patch_keep_indices
+    from clipa.model.masking import image_grid, install_patch_masker
+    from clipa.reduction.image import patch_keep_indices
 
     cfg = stage_config(arch, Geometry(image_size, text_length))
     model = create_model(cfg)

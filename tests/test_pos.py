@@ -1,4 +1,4 @@
-"""clipa.model.pos: offline, context-free word priorities for the "syntax" text reduction."""
+"""clipa.reduction.syntax: offline, context-free word priorities for the "syntax" text reduction."""
 
 import socket
 import subprocess
@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("lemminflect")
 
-from clipa.model import pos  # noqa: E402
-from clipa.model.pos import ADJ, NOUN, OTHER, VERB, priorities, word_priority  # noqa: E402
+from clipa.reduction import syntax as pos  # noqa: E402
+from clipa.reduction.syntax import ADJ, NOUN, OTHER, VERB, priorities, word_priority  # noqa: E402
 
 
 def classes(sentence: str) -> dict[str, int]:
@@ -117,7 +117,7 @@ def test_deterministic_and_cached():
 
 def test_never_touches_the_network(monkeypatch):
     def refuse(*args, **kwargs):
-        raise AssertionError("clipa.model.pos tried to open a socket")
+        raise AssertionError("clipa.reduction.syntax tried to open a socket")
 
     monkeypatch.setattr(socket, "socket", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
@@ -128,13 +128,13 @@ def test_never_touches_the_network(monkeypatch):
 
 
 def test_import_is_cheap_and_lexicon_loads_offline_in_fresh_process():
-    # Fresh interpreter: importing clipa.model.pos loads nothing; the first call loads the lexicon
+    # Fresh interpreter: importing clipa.reduction.syntax loads nothing; the first call loads the lexicon
     # from the installed wheel with sockets disabled, and does not drag spaCy in.
     code = (
         "import socket, sys\n"
         "def refuse(*a, **k): raise OSError('network')\n"
         "socket.socket = refuse; socket.create_connection = refuse\n"
-        "import clipa.model.pos as p\n"
+        "import clipa.reduction.syntax as p\n"
         "assert 'lemminflect' not in sys.modules\n"
         "assert p.word_priority('bicycle') == p.NOUN\n"
         "assert 'lemminflect' in sys.modules and 'spacy' not in sys.modules\n"

@@ -82,7 +82,7 @@ def _accumulated_queue_step(batch, micro, kind, masked):
     from accelerate import Accelerator
 
     from clipa.model.build import create_model, stage_config
-    from clipa.model.reduction import install_patch_masker
+    from clipa.model.masking import install_patch_masker
     from clipa.train.step import ContrastiveStep
 
     from test_accumulation import GEOMETRY, split

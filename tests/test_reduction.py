@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from clipa.model.build import Geometry, build_tokenizer, create_model, stage_config
-from clipa.model.reduction import IMAGE_MASKS, TextReducer, install_patch_masker, keep_count, patch_keep_indices
+from clipa.model.masking import install_patch_masker
+from clipa.reduction.image import IMAGE_MASKS, keep_count, patch_keep_indices
+from clipa.reduction.text import TextReducer
 
 GRIDS = [(4, 4), (7, 7), (14, 14)]
 RATIOS = [0.25, 0.3, 0.5, 0.75, 0.9]

@@ -23,9 +23,9 @@ import torch
 
 from clipa.errors import ClipaError
 from clipa.model.build import BUNDLED_CONFIGS
+from clipa.model.safeload import load_plain, rng_state, set_rng_state
 from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager
-from clipa.train.safeload import load_plain, rng_state, set_rng_state
 
 from conftest import micro_overrides
 
@@ -93,7 +93,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
 def test_rng_files_of_earlier_versions_still_load(tmp_path):
     """Before this change numpy's state was pickled as an array: allowed (arrays only), and restored."""
-    from clipa.train.safeload import load_rng
+    from clipa.model.safeload import load_rng
 
     np.random.seed(5)
     random.seed(5)
@@ -261,7 +261,7 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
 def test_the_lock_is_released_when_a_run_fails_in_this_process(tmp_path):
     from clipa.recipe.index import resolve_path
     from clipa.recipe.load import load_recipe
-    from clipa.train.runlock import RunLock
+    from clipa.run.lock import RunLock
     from clipa.train.trainer import Trainer
 
     recipe = load_recipe(resolve_path("tiny/pretrain"), micro_overrides(**{"init.checkpoint": str(tmp_path / "no")}))

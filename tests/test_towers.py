@@ -128,7 +128,7 @@ def test_timm_vit_tower_masks_patch_tokens_before_its_blocks(tmp_path):
 
 def test_patch_masker_keeps_every_prefix_token():
     """timm ViTs with register or distillation tokens put them first (num_prefix_tokens); none is dropped."""
-    from clipa.model.reduction import PatchMasker
+    from clipa.model.masking import PatchMasker
 
     masker = PatchMasker("random", 0.5, (2, 2), prefix_tokens=3)
     masker.train()

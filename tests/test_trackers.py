@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from clipa.recipe.load import load_recipe, read_run_recipe
+from clipa.recipe.load import load_recipe
 from clipa.recipe.schema import LogConfig
+from clipa.run.layout import read_run_recipe
 from clipa.train import trackers
 
 from conftest import micro_overrides, run_in_process

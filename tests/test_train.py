@@ -12,8 +12,8 @@ from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import normalize, train_transform
 from clipa.evaluate.models import load_model
 from clipa.model.build import Geometry, build_tokenizer, create_model, stage_config
-from clipa.model.reduction import TextReducer
 from clipa.recipe.load import load_recipe
+from clipa.reduction.text import TextReducer
 from clipa.train.checkpoint import CheckpointManager
 from clipa.train.loss import infonce_loss
 from clipa.train.trainer import train

@@ -173,7 +173,7 @@ def test_hub_models_get_the_tokenizer_checks_of_local_ones(hub):
 
 
 def marked_run(tmp_path):
-    from clipa.train.runlock import mark_run_dir
+    from clipa.run.lock import mark_run_dir
 
     run = tmp_path / "run"
     mark_run_dir(run)
@@ -197,8 +197,8 @@ def test_a_symlink_in_a_run_directory_is_refused_and_its_target_untouched(tmp_pa
 def test_run_files_are_opened_through_no_symlink(tmp_path, name):
     """Past the check (a link made after it): the open itself refuses the link, the target is untouched."""
     from clipa.errors import ClipaError
+    from clipa.run.lock import RunLock, write_run_file
     from clipa.train.metrics import RunLog
-    from clipa.train.runlock import RunLock, write_run_file
 
     run = marked_run(tmp_path)
     target = tmp_path / "precious"
@@ -215,7 +215,7 @@ def test_run_files_are_opened_through_no_symlink(tmp_path, name):
 
 
 def test_a_folder_that_looks_like_a_run_but_is_not_marked_is_refused(tmp_path, cli):
-    from clipa.train.runlock import check_run_dir
+    from clipa.run.lock import check_run_dir
     from clipa.train.trainer import _prepare_run_dir
 
     folder = tmp_path / "project"
@@ -235,7 +235,7 @@ def test_the_lock_dies_with_its_holder_not_with_a_forked_worker(tmp_path):
     """A DataLoader worker forked after the lock was taken must not keep the run locked once rank 0 is gone."""
     import signal
 
-    from clipa.train.runlock import RunLock
+    from clipa.run.lock import RunLock
 
     run = marked_run(tmp_path)
     lock = RunLock(run).acquire()
@@ -584,7 +584,7 @@ def test_a_step_directory_name_ending_in_a_newline_is_not_a_checkpoint(tmp_path)
 
 def test_a_state_file_that_raises_type_error_is_one_line(tmp_path):
     from clipa.errors import ClipaError
-    from clipa.train.safeload import load_plain
+    from clipa.model.safeload import load_plain
 
     marker = tmp_path / "ran"
     evil = evil_weights(tmp_path / "state.pt", marker)

@@ -28,51 +28,18 @@ def load(recipe_path: str, overrides: Optional[List[str]]):
     return recipe, Stage.of(recipe)  # checks the architecture, geometry and towers
 
 
-def weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
-    """Check every weights source a fresh run of `recipe` would read, downloading nothing; one line each
-    on published ones (cached, or will download on first use) and on the Hugging Face tokenizer."""
-    from clipa.model import published
-    from clipa.model.towers import check_image_init
-    from clipa.model.weights import find_weights
-    from clipa.train.checkpoint import CheckpointManager
-
-    notes = []
-    # A run resuming from its own checkpoints reads neither init.checkpoint nor image_init.
-    fresh = CheckpointManager(run_dir / "checkpoints").latest() is None
-    if fresh and recipe.init.checkpoint:
-        pub = published.parse(recipe.init.checkpoint, "init.checkpoint")
-        if pub is not None and pub.cfg.get("quick_gelu") and not cfg.get("quick_gelu"):
-            # open_clip's OpenAI tags: trained with QuickGELU, which only the -quickgelu configs build
-            raise ClipaError(f"init.checkpoint: {pub.spec} was trained with QuickGELU, but model.arch "
-                             f"{recipe.model.arch} uses GELU; set model.arch = \"{pub.name}-quickgelu\"")
-        note = published.check_source(recipe.init.checkpoint, "init.checkpoint")
-        if note:
-            notes.append(f"init.checkpoint {note}")
-        elif init_must_exist:
-            find_weights(recipe.init.checkpoint)  # fail now, not after building the model
-        elif not Path(recipe.init.checkpoint).exists():  # often an earlier stage's run
-            notes.append(f"init.checkpoint {recipe.init.checkpoint} does not exist yet")
-    if fresh and recipe.model.image_init:
-        note = check_image_init(recipe.model.image_init, cfg["vision_cfg"].get("timm_model_name", ""))
-        if note:
-            notes.append(f"model.image_init {note}")
-    tokenizer = published.tokenizer_note(cfg["text_cfg"])
-    if tokenizer:
-        notes.append(tokenizer)
-    return notes
-
-
 def _dry_run(recipe, numbers, stage: str, run_dir: Path, resume: Path | None, notes: list[str]) -> None:
     from clipa.data.spec import data_commands
     from clipa.flops import train_flops_per_sample
     from clipa.model.build import arch_config, native_geometry
+    from clipa.model.checkpoints import newest_loadable
     from clipa.recipe.load import dumps
+    from clipa.run.layout import CHECKPOINTS_DIR
     from clipa.train import trackers
-    from clipa.train.checkpoint import CheckpointManager
 
     native = native_geometry(arch_config(recipe.model.arch))
     full = train_flops_per_sample(numbers.model_cfg, native.image_size, native.context_length)
-    latest = resume or CheckpointManager(run_dir / "checkpoints").latest()
+    latest = resume or newest_loadable(run_dir / CHECKPOINTS_DIR)
     start = (f"resume from {latest}" if latest else
              f"weights from {recipe.init.checkpoint}" if recipe.init.checkpoint else "random initialisation")
     out.print(dumps(recipe), markup=False, highlight=False)
@@ -83,32 +50,21 @@ def _dry_run(recipe, numbers, stage: str, run_dir: Path, resume: Path | None, no
 
 
 def _train(stage: str, recipe_path: str, overrides, out_dir, resume, dry_run) -> None:
-    recipe, numbers = load(recipe_path, overrides)
-    if stage == "finetune" and not recipe.init.checkpoint:
-        raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME "
-                         "or a published ARCH:TAG / hf-hub:ORG/NAME")
-    run_dir = Path(out_dir) if out_dir else Path("runs") / recipe.name
-    if dry_run:  # a real run checks these in the trainer (on rank 0, once), before building anything
-        from clipa.train.checkpoint import resolve_resume
-        from clipa.train.runlock import check_run_dir
-        from clipa.train.trackers import check_trackers
+    if not dry_run:  # the trainer runs the preflight (on rank 0, once), before building anything
+        from clipa.recipe.index import resolve_path
+        from clipa.recipe.load import load_recipe
+        from clipa.train.trainer import train
 
-        check_run_dir(run_dir)
-        check_trackers(recipe.log)
-        if resume:
-            resume = resolve_resume(resume)
-    # Weights are checked by name (published ones looked up in the cache, never downloaded) before
-    # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
-    notes = recipe.notes + ([] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, init_must_exist=True))
-    if dry_run:
-        _dry_run(recipe, numbers, stage, run_dir, resume, notes)
+        result = train(load_recipe(resolve_path(recipe_path), overrides or []), stage, out_dir, resume=resume)
+        if result.is_main and not result.stopped_by:
+            out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
+                      f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
         return
-    from clipa.train.trainer import train
+    from clipa.train.preflight import preflight
 
-    result = train(recipe, stage, run_dir, resume=resume)
-    if result.is_main and not result.stopped_by:
-        out.print(f"{stage} finished: {result.steps} steps, {result.samples_per_s:.0f} samples/s, "
-                  f"final loss {result.final_loss:.4f}; model in {result.run_dir / 'final'}")
+    recipe, numbers = load(recipe_path, overrides)
+    checked = preflight(recipe, stage, out_dir, resume, numbers=numbers)
+    _dry_run(recipe, numbers, stage, checked.run_dir, checked.resume, checked.notes)
 
 
 _RECIPE = typer.Argument(..., help="Recipe TOML path or shipped recipe name (clipa ls).")
@@ -155,6 +111,7 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     from clipa.data.spec import data_commands
     from clipa.recipe.checks import batch_layout
     from clipa.train import trackers
+    from clipa.train.preflight import preflight
 
     recipe_obj, numbers = load(recipe, overrides)
     geometry = numbers.geometry
@@ -162,11 +119,8 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
     micro, accumulation = batch_layout(recipe_obj, processes)
-    # Published weights are checked by name and looked up in the cache, never downloaded; a local
-    # image_init must exist (a run resuming from runs/NAME takes its checkpoint's weights instead).
-    notes = recipe_obj.notes + weights_notes(recipe_obj, numbers.model_cfg, Path("runs") / recipe_obj.name,
-                                             init_must_exist=False)
-    trackers.check_trackers(recipe_obj.log)
+    # A recipe alone: an init.checkpoint that is a run still to come is a note, not an error.
+    notes = preflight(recipe_obj, numbers=numbers, starting=False).notes
     out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
               f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)

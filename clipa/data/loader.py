@@ -25,11 +25,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipa.data.sources import SHARD_REASONS, ReadOptions, build_sources, check_not_empty
 from clipa.data.spec import parse_train
-from clipa.data.streams import StreamError, StreamingTrainStream, sample_indices, sample_rng
+from clipa.data.streams import StreamError, StreamingTrainStream, reduce_batch, sample_indices, sample_rng
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
 from clipa.errors import ClipaError
-from clipa.model.reduction import reduce_batch
 
 
 class TrainStream(IterableDataset):

@@ -23,7 +23,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from clipa.data.decode import MAX_PIXELS, decode_crop
 from clipa.data.sources import Record, SkipStats
 from clipa.errors import ClipaError
-from clipa.model.reduction import reduce_batch
+from clipa.reduction.image import patch_keep_indices
 
 log = logging.getLogger("clipa.data")
 
@@ -293,3 +293,15 @@ class StreamingTrainStream(IterableDataset):
         while self.num_batches is None or b < self.start_batch + self.num_batches:
             yield self.batch(b, records, stats)
             b += workers
+
+
+def reduce_batch(captions: list[str], rngs: list, text_reducer, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch's token reduction, in the data worker: caption tokens (`text_reducer`, a
+    clipa.reduction.text.TextReducer) and kept-patch indices (`mask`: strategy, grid, ratio), from per-sample
+    generators."""
+    texts = text_reducer(captions, rngs=rngs)
+    keep = None
+    if mask is not None:
+        strategy, grid, ratio = mask
+        keep = torch.from_numpy(np.stack([patch_keep_indices(strategy, grid, ratio, rng) for rng in rngs]))
+    return texts, keep

@@ -84,7 +84,7 @@ class TimmTower:
     name: str
     patch_size: int | None  # None: no patch tokens (ResNet, ConvNeXt, ...), any resolution works
     image_size: int  # the resolution timm's pretrained weights were made at
-    maskable: bool  # has a ViT token path a patch mask can be put into (reduction.install_patch_masker)
+    maskable: bool  # has a ViT token path a patch mask can be put into (clipa.model.masking.install_patch_masker)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +96,7 @@ def timm_tower(name: str) -> TimmTower:
     """
     import timm
 
-    from clipa.model.reduction import timm_patch_slot
+    from clipa.model.masking import timm_patch_slot
 
     cfg = timm.models.get_pretrained_cfg(name)
     native = int((cfg.input_size if cfg is not None else (3, 224, 224))[-1])
@@ -162,7 +162,7 @@ def stage_geometry(recipe) -> Geometry:
 
 def check_masking(recipe, cfg: dict) -> None:
     """A patch-masking strategy needs an image tower with patch tokens; say so before any model is built."""
-    from clipa.model.reduction import IMAGE_MASKS
+    from clipa.reduction.image import IMAGE_MASKS
 
     red = recipe.reduction
     if red.image not in IMAGE_MASKS or red.mask_ratio == 0.0:

@@ -14,28 +14,17 @@ from pathlib import Path
 
 from clipa.data.urls import redact
 from clipa.model import published
-
-_MAX_STAGES = 10  # a chain of init.checkpoint runs longer than this is cut (and a cycle cannot loop)
+from clipa.run.layout import checkpoint_step, read_run_recipe
+from clipa.run.lineage import earlier_runs
+from clipa.run.metrics import read_metrics
 
 
 def _stage_of(checkpoint: Path) -> str:
     """pretrain / finetune, from the run's metrics (the recipe itself does not say)."""
-    metrics = checkpoint.parent.parent / "metrics.jsonl"
-    for row in _rows(metrics):
+    for row in read_metrics(checkpoint.parent.parent).rows:
         if "stage" in row:
             return row["stage"]
     return "stage"
-
-
-def _rows(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: the rest still counts
-                continue
-    return rows
 
 
 def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
@@ -50,49 +39,37 @@ def _describe_stage(recipe, stage: str, samples_seen: int) -> tuple[str, int]:
         samples_seen
 
 
-def _earlier_stages(recipe) -> tuple[list[tuple[str, int]], str]:
-    """Table rows of the stages before this one (oldest first) and where the first one started."""
-    from clipa.model.weights import CONFIG_FILE, find_weights
-    from clipa.recipe.load import read_run_recipe
-    from clipa.train.checkpoint import CheckpointManager, checkpoint_step
+def _origin(recipe) -> str:
+    if recipe.model.image_init:
+        return f"random initialisation; image tower from `{recipe.model.image_init}`"
+    return "random initialisation"
 
-    rows, origin, seen = [], "random initialisation", set()
-    current = recipe
-    for _ in range(_MAX_STAGES):
-        source = current.init.checkpoint
-        if current.model.image_init:
-            origin = f"random initialisation; image tower from `{current.model.image_init}`"
-        if not source:
-            break
-        if published.parse(source, "init.checkpoint") is not None:
-            origin = f"published weights `{source}`"
-            break
-        try:
-            where, kind = find_weights(source)
-        except Exception:  # noqa: BLE001 - an earlier run since moved away: say where it came from
-            origin = f"`{source}` (not found when exported)"
-            break
-        if kind == "export":  # a run's final/: its newest checkpoint holds the recipe
-            latest = CheckpointManager(where.parent / "checkpoints").latest()
-            if latest is None:
+
+def _earlier_stages(recipe, run_dir: Path) -> tuple[list[tuple[str, int]], str]:
+    """Table rows of the stages before this one (oldest first, clipa.run.lineage's walk) and where the first
+    one started."""
+    rows, origin = [], _origin(recipe)
+    for earlier in earlier_runs(recipe, run_dir):
+        source, checkpoint = earlier.init, None if earlier.looped else earlier.checkpoint
+        if checkpoint is None:  # published weights, a file, an export of no run here, a run since moved away
+            if published.parse(source, "init.checkpoint") is not None:
+                origin = f"published weights `{source}`"
+            elif not Path(source).exists():
+                origin = f"`{source}` (not found when exported)"
+            else:
                 origin = f"`{source}`"
-                break
-            where = latest
-        if kind == "file" or not (where / CONFIG_FILE).is_file() or where.resolve() in seen:
-            origin = f"`{source}`"
             break
-        seen.add(where.resolve())
-        current = read_run_recipe(where)
-        samples = checkpoint_step(where) * current.train.global_batch_size
-        rows.insert(0, _describe_stage(current, _stage_of(where), samples))
-        origin = "random initialisation"
+        current = read_run_recipe(checkpoint)
+        samples = checkpoint_step(checkpoint) * current.train.global_batch_size
+        rows.insert(0, _describe_stage(current, _stage_of(checkpoint), samples))
+        origin = _origin(current)
     return rows, origin
 
 
 def _final_metrics(run_dir: Path) -> list[str]:
     """The last training loss and the last value of every evaluation the run logged."""
     last: dict[str, tuple[int, float]] = {}
-    for row in _rows(run_dir / "metrics.jsonl"):
+    for row in read_metrics(run_dir).rows:
         for key, value in row.items():
             if isinstance(value, (int, float)) and (key == "loss" or key.startswith(("zeroshot/", "retrieval/"))):
                 last[key] = (row.get("step", 0), value)
@@ -108,11 +85,9 @@ def _final_metrics(run_dir: Path) -> list[str]:
 
 def model_card(checkpoint: Path, recipe, model_cfg: dict, num_params: int, out_dir: Path) -> str:
     """The README.md text for an export of `checkpoint` (a step checkpoint of a clipa run)."""
-    from clipa.train.checkpoint import checkpoint_step
-
     run_dir = checkpoint.parent.parent
     samples = checkpoint_step(checkpoint) * recipe.train.global_batch_size
-    earlier, origin = _earlier_stages(recipe)
+    earlier, origin = _earlier_stages(recipe, run_dir)
     stages = earlier + [_describe_stage(recipe, _stage_of(checkpoint), samples)]
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     tower = vision.get("timm_model_name") or (f"ViT, width {vision.get('width')}, {vision.get('layers')} layers, "

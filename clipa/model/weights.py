@@ -2,7 +2,8 @@
 them, loading them into a model of another stage's geometry, and writing open_clip exports.
 
 A step checkpoint's training state belongs to `clipa.train.checkpoint`; this module reads only its
-weights and recipe, so evaluation and pretrained towers need nothing from the trainer.
+weights and recipe (names and layout from clipa.run.layout, the newest loadable checkpoint from
+clipa.model.checkpoints), so evaluation and pretrained towers need nothing from the trainer.
 """
 
 from __future__ import annotations
@@ -17,13 +18,20 @@ import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 
 from clipa.errors import ClipaError, first_line
+from clipa.model.checkpoints import newest_loadable
 from clipa.model.posemb import refresh_sincos
 from clipa.model.tokenizer_kwargs import hf_tokenizer
-
-EXPORT_CONFIG = "open_clip_config.json"
-EXPORT_WEIGHTS = "open_clip_model.safetensors"
-MODEL_FILE = "model.safetensors"  # a step checkpoint's weights
-CONFIG_FILE = "config.toml"  # the recipe of a run directory and of each of its step checkpoints
+from clipa.run.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    FINAL_DIR,
+    MODEL_FILE,
+    SHARDED_DIR,
+    is_complete,
+    read_run_recipe,
+)
 
 
 def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, str]:
@@ -33,10 +41,6 @@ def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, 
     checkpoint directory) or "file" (a state-dict file). A run directory resolves to its
     exported `final/` if present, else its newest complete checkpoint.
     """
-    # The checkpoint manager owns the layout of a run's checkpoints/ (imported here, not at the top:
-    # it writes weights with this module).
-    from clipa.train.checkpoint import CheckpointManager, is_complete
-
     path = Path(path)
     if not path.exists():
         raise ClipaError(f"{key}: {path} does not exist; give a clipa run directory, a checkpoint or an exported model")
@@ -50,9 +54,9 @@ def find_weights(path: str | Path, key: str = "init.checkpoint") -> tuple[Path, 
                          "weights into that directory")
     if is_complete(path):
         return path, "checkpoint"
-    if (path / "final" / EXPORT_CONFIG).is_file():
-        return path / "final", "export"
-    latest = CheckpointManager(path / "checkpoints").latest()
+    if (path / FINAL_DIR / EXPORT_CONFIG).is_file():
+        return path / FINAL_DIR, "export"
+    latest = newest_loadable(path / CHECKPOINTS_DIR)
     if latest is not None:
         return latest, "checkpoint"
     raise ClipaError(
@@ -77,7 +81,7 @@ def read_weights_file(path: Path) -> dict:
     raise TypeError there runs its payload), so no weights file may reach it."""
     from safetensors.torch import load_file
 
-    from clipa.train.safeload import load_plain  # torch-only; the restricted load and its one-line refusal
+    from clipa.model.safeload import load_plain  # torch-only; the restricted load and its one-line refusal
 
     try:
         if path.suffix == ".safetensors":
@@ -107,7 +111,7 @@ def read_state_dict(path: Path, kind: str) -> dict:
             return load_file(str(path / EXPORT_WEIGHTS))
         path = export_weights_file(path)  # e.g. open_clip_pytorch_model.bin: read below like any weights file
     if kind == "checkpoint":
-        from clipa.train.sharded import SHARDED_DIR, read_model_state  # an FSDP run's checkpoint: DCP shards
+        from clipa.model.sharded import read_model_state  # an FSDP run's checkpoint: DCP shards
 
         if (path / SHARDED_DIR).is_dir():
             return read_model_state(path / SHARDED_DIR)
@@ -118,7 +122,6 @@ def read_state_dict(path: Path, kind: str) -> dict:
 def model_from_checkpoint(path: Path):
     """(model, recipe, geometry, model config) of a step checkpoint: its recipe rebuilds the model it trained."""
     from clipa.model.build import create_model, recipe_model_config
-    from clipa.recipe.load import read_run_recipe
 
     recipe = read_run_recipe(path)
     geometry, model_cfg = recipe_model_config(recipe)
@@ -194,7 +197,6 @@ def trained_mean_std(path: str | Path) -> tuple[list, list] | None:
         pre = json.loads((where / EXPORT_CONFIG).read_text(encoding="utf-8")).get("preprocess_cfg", {})
         return (list(pre["mean"]), list(pre["std"])) if "mean" in pre and "std" in pre else None
     if kind == "checkpoint":
-        from clipa.recipe.load import read_run_recipe
         from clipa.recipe.schema import image_mean_std
 
         return tuple(list(v) for v in image_mean_std(read_run_recipe(where).data))

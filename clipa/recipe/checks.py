@@ -32,6 +32,7 @@ from clipa.recipe.schema import (
     ReductionConfig,
     TrainConfig,
 )
+from clipa.reduction.image import IMAGE_MASKS
 
 _NAME = re.compile(r"(?!\.+\Z)[A-Za-z0-9._-]{1,200}")  # fullmatch: "$" would let a final newline in
 
@@ -155,9 +156,9 @@ def _check_reduction(r: ReductionConfig) -> None:
     _check(r.text_length != 1, "reduction.text_length: must be >= 2 (start and end tokens) or 0 for native")
     _check(0.0 <= r.mask_ratio < 1.0, f"reduction.mask_ratio: must be in [0, 1), got {r.mask_ratio}")
     _check(
-        r.mask_ratio == 0.0 or r.image in ("random", "grid", "block"),
+        r.mask_ratio == 0.0 or r.image in IMAGE_MASKS,
         f"reduction.mask_ratio: {r.mask_ratio} needs a masking strategy; set reduction.image to "
-        f"random, grid or block (it is \"{r.image}\")",
+        f"{', '.join(IMAGE_MASKS[:-1])} or {IMAGE_MASKS[-1]} (it is \"{r.image}\")",
     )
 
 

@@ -106,11 +106,6 @@ def read_toml(path: str | Path) -> dict:
         raise ClipaError(f"{path}: not UTF-8 text (byte {err.start}); TOML files are UTF-8, save it as such") from None
 
 
-def read_run_recipe(directory: str | Path) -> Recipe:
-    """The recipe a run directory (or one of its step checkpoints) was trained with: its config.toml."""
-    return recipe_from_dict(read_toml(Path(directory) / "config.toml"))
-
-
 def parse_override(text: str) -> tuple[list[str], str]:
     if "=" not in text:
         raise ClipaError(f"override '{text}': expected key=value, for example optim.lr=1e-3")

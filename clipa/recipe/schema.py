@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-IMAGE_STRATEGIES = ("resize", "random", "grid", "block", "none")
-TEXT_STRATEGIES = ("truncate", "random", "block", "syntax")
+from clipa.reduction.image import IMAGE_STRATEGIES  # noqa: F401 - each strategy is registered there once
+from clipa.reduction.text import TEXT_STRATEGIES  # noqa: F401
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "constant")
 LOSS_KINDS = ("infonce", "siglip")

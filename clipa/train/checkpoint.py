@@ -1,52 +1,41 @@
-"""Step checkpoints that survive a kill at any instant, and finding weights to start from.
+"""Writing step checkpoints that survive a kill at any instant, and reading a run's training state back.
 
 A checkpoint is a directory `checkpoints/step_000500/` holding `model.safetensors`, `state.pt`
 (optimizer, scheduler, step, samples seen, data position), `rng_rank{R}.pt` for every process
 and `config.toml`. Under train.shard = "fsdp" the weights and the optimizer state are instead DCP
-shards in `sharded/` (clipa.train.sharded), written by every process, and `state.pt` holds the rest.
+shards in `sharded/` (clipa.model.sharded), written by every process, and `state.pt` holds the rest.
 It is written under a temporary name, fsynced, then renamed: a directory with a final `step_*` name
-is always complete. `LATEST` names the newest and is replaced last.
+is always complete. `LATEST` names the newest and is replaced last. The names and the list of complete
+checkpoints are clipa.run.layout's; checking that one loads, clipa.model.checkpoints's.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import time
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
 
 from clipa.agree import agreed, fault_point
 from clipa.errors import ClipaError, first_line
-from clipa.model.weights import CONFIG_FILE, MODEL_FILE, fsync_dir, fsync_file, model_from_checkpoint, write_safetensors
-from clipa.train.safeload import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
-from clipa.train.sharded import METADATA_FILE, SHARDED_DIR
-
-STATE_FILE = "state.pt"
-LATEST_FILE = "LATEST"
-_STEP_DIR = re.compile(r"^step_(\d+)\Z")  # \Z: "step_2\n" is not a checkpoint
-DAMAGED_PREFIX = ".damaged-"  # a damaged checkpoint is renamed aside to .damaged-step_N[-K], never deleted
-READ_TRIES = 3  # an OSError while reading a checkpoint is retried this often before the run stops
-
-
-def checkpoint_step(path: Path) -> int:
-    return int(_STEP_DIR.match(path.name).group(1))
-
-
-def missing_files(path: Path) -> list[str]:
-    """What a checkpoint directory lacks: its state, its recipe, and its weights (one file, or DCP shards)."""
-    missing = [f for f in (STATE_FILE, CONFIG_FILE) if not (path / f).is_file()]
-    if not (path / MODEL_FILE).is_file() and not (path / SHARDED_DIR / METADATA_FILE).is_file():
-        missing.insert(0, f"{MODEL_FILE} or {SHARDED_DIR}/{METADATA_FILE}")
-    return missing
-
-
-def is_complete(path: Path) -> bool:
-    return bool(_STEP_DIR.match(path.name)) and not missing_files(path)
+from clipa.model.checkpoints import newest_loadable, verify
+from clipa.model.safeload import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
+from clipa.model.weights import fsync_dir, fsync_file, model_from_checkpoint, write_safetensors
+from clipa.run.layout import (
+    CONFIG_FILE,
+    DAMAGED_PREFIX,
+    LATEST_FILE,
+    MODEL_FILE,
+    SHARDED_DIR,
+    STATE_FILE,
+    checkpoint_step,
+    complete_checkpoints,
+    is_complete,
+    missing_files,
+    step_dir_name,
+    step_of,
+)
 
 
 class CheckpointManager:
@@ -58,10 +47,7 @@ class CheckpointManager:
         self.moved_aside: list[str] = []  # notes for the run's log (latest(quarantine=True))
 
     def complete(self) -> list[Path]:
-        if not self.directory.is_dir():
-            return []
-        found = [p for p in self.directory.iterdir() if p.is_dir() and is_complete(p)]
-        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+        return complete_checkpoints(self.directory)
 
     def recover(self) -> None:
         """Finish a same-step save killed between its two renames (see `save`).
@@ -79,30 +65,20 @@ class CheckpointManager:
                     old.rename(final)
 
     def latest(self, quarantine: bool = False) -> Path | None:
-        """The newest checkpoint that loads.
+        """The newest checkpoint that loads (clipa.model.checkpoints.newest_loadable).
 
-        A directory with a final `step_*` name is complete by construction (it is renamed into
-        place after its files are fsynced), so it is trusted even when a kill came before LATEST
-        was updated; LATEST is the pointer for people and tools. A disk can still corrupt a file
-        after the fact: such a checkpoint is skipped with a warning, never chosen; with
-        `quarantine` (the trainer's rank 0 only: looking never changes a run directory) it is
-        also renamed aside to `.damaged-step_N`, kept for inspection and out of every later choice.
-        A file that cannot be read at all (EIO, ESTALE) is not damage: `verify` retries and then
-        stops with an error, so a storage hiccup never silently rolls a run back.
+        A damaged one is skipped with a warning, never chosen; with `quarantine` (the trainer's rank 0
+        only: looking never changes a run directory) it is also renamed aside to `.damaged-step_N`, kept
+        for inspection and out of every later choice.
         """
-        for path in reversed(self.complete()):
-            problem = verify(path)
-            if problem is None:
-                return path
-            if quarantine and self.rank == 0:
-                aside = _aside_name(path)
-                path.rename(aside)
-                fsync_dir(self.directory)
-                self.moved_aside.append(f"damaged checkpoint {path} ({first_line(problem, 160)}) moved aside to "
-                                        f"{aside.name}")
-            else:
-                warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
-        return None
+        def move_aside(path: Path, problem: str) -> None:
+            aside = _aside_name(path)
+            path.rename(aside)
+            fsync_dir(self.directory)
+            self.moved_aside.append(f"damaged checkpoint {path} ({first_line(problem, 160)}) moved aside to "
+                                    f"{aside.name}")
+
+        return newest_loadable(self.directory, move_aside if quarantine and self.rank == 0 else None)
 
     def check_free_space(self, checkpoint_bytes: int) -> None:
         """Refuse to start when the disk cannot hold even one more checkpoint."""
@@ -121,8 +97,8 @@ class CheckpointManager:
         `write_shards(directory)`: under FSDP, every process writes its shards of the weights and
         optimizer state there (collective); `model_state` is then None.
         """
-        final = self.directory / f"step_{step:06d}"
-        tmp = self.directory / f".tmp-step_{step:06d}"
+        final = self.directory / step_dir_name(step)
+        tmp = self.directory / f".tmp-{final.name}"
         moved: list[Path] = []  # `.old-step_N` while a same-step save replaces it
 
         def begin():
@@ -145,7 +121,7 @@ class CheckpointManager:
             if final.exists():  # the same step again (e.g. after an explicit --resume rolled back)
                 # Moved aside, deleted only once the new one is in place: a kill between the two
                 # renames leaves `.old-step_*`, which `recover` puts back on the next start.
-                old = self.directory / f".old-step_{step:06d}"
+                old = self.directory / f".old-{final.name}"
                 shutil.rmtree(old, ignore_errors=True)
                 final.rename(old)
                 moved.append(old)
@@ -229,54 +205,6 @@ def _aside_name(path: Path) -> Path:
     return aside
 
 
-def _damage(path: Path) -> str | None:
-    """None if the checkpoint's files read back whole, else what is wrong; OSError propagates."""
-    from safetensors import safe_open
-
-    from clipa.train import sharded
-
-    try:
-        if (path / SHARDED_DIR).is_dir():
-            problem = sharded.damage(path / SHARDED_DIR)
-            if problem:
-                return problem
-        else:
-            with safe_open(str(path / MODEL_FILE), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    f.get_slice(key)
-        # torch.save writes a zip archive: checking every member's CRC reads the file once without
-        # unpickling gigabytes of optimizer state twice.
-        with zipfile.ZipFile(path / STATE_FILE) as archive:
-            bad = archive.testzip()
-        if bad is not None:
-            return f"{STATE_FILE}: member {bad} is corrupt"
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:  # a file gone: that is damage
-        return f"{type(err).__name__}: {err}"
-    except OSError:  # EIO, ESTALE, ...: the storage, not the checkpoint (verify retries)
-        raise
-    except Exception as err:  # noqa: BLE001 - whatever else the readers raise on bad bytes is damage
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def verify(path: Path, tries: int = READ_TRIES, delay_s: float = 1.0) -> str | None:
-    """None if the checkpoint's files load, else what is wrong with them (damage).
-
-    An OSError while reading (EIO, ESTALE on network storage) says nothing about the checkpoint:
-    it is retried `tries` times, then raises a ClipaError (exit 2) rather than passing the
-    checkpoint over, which would roll the run back to an older one without anyone asking.
-    """
-    for attempt in range(tries):
-        try:
-            return _damage(path)
-        except OSError as err:
-            reason = err.strerror or str(err)
-            if attempt + 1 < tries:
-                time.sleep(delay_s * (attempt + 1))
-    raise ClipaError(f"checkpoint: cannot read {path} ({reason}; tried {tries} times); nothing was changed. Check "
-                     "the storage (a network mount that went away, a failing disk) and rerun the same command")
-
-
 def _save_fsync(obj, path: Path) -> None:
     torch.save(obj, path)
     fsync_file(path)
@@ -304,7 +232,7 @@ def resolve_resume(path: str | Path, key: str = "--resume") -> Path:
     path = Path(path)
     if not path.exists():
         raise ClipaError(f"{key}: {path} does not exist; give runs/NAME/checkpoints/step_N or a run directory")
-    if path.is_dir() and _STEP_DIR.match(path.name) and not is_complete(path):
+    if path.is_dir() and step_of(path) is not None and not is_complete(path):
         missing = missing_files(path)
         raise ClipaError(f"{key}: {path} is an incomplete checkpoint (missing {', '.join(missing)}); "
                          "give an earlier step_N or the run directory")

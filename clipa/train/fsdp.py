@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from clipa.train import sharded
+from clipa.model import sharded
 
 BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")  # open_clip's towers, timm trunks, HF text encoders
 

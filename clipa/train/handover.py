@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from clipa.errors import ClipaError
-from clipa.train.checkpoint import STATE_FILE, CheckpointManager, is_complete
-from clipa.train.safeload import load_plain
+from clipa.model.checkpoints import newest_loadable
+from clipa.model.safeload import load_plain
+from clipa.run.layout import CHECKPOINTS_DIR, STATE_FILE, is_complete
 
 KEY = "init.optimizer_state"
 
@@ -27,7 +28,7 @@ def training_state_of(init: str) -> Path:
     path = Path(init)
     if path.is_dir() and is_complete(path):
         return path
-    latest = CheckpointManager(path / "checkpoints").latest() if path.is_dir() else None
+    latest = newest_loadable(path / CHECKPOINTS_DIR) if path.is_dir() else None
     if latest is None:
         raise ClipaError(f"{KEY}: init.checkpoint {init} holds no training state (only a clipa run directory or a "
                          "step checkpoint has the optimizer's moments); point init.checkpoint at one, or set "

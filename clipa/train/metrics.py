@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from clipa.progress import console, progress_bar
-from clipa.train.runlock import open_run_file
+from clipa.run.lock import open_run_file
 
 
 def _clean(value):

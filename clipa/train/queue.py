@@ -22,7 +22,7 @@ import copy
 import torch
 import torch.distributed as dist
 
-from clipa.model.reduction import PatchMasker
+from clipa.model.masking import PatchMasker
 from clipa.train.loss import gather_features, infonce_against
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from rich.console import Console
 
 from clipa.errors import ClipaError, did_you_mean, first_line
+from clipa.run.metrics import read_metrics
 
 STATE_FILE = "trackers.json"  # in the run directory: each tracker's run id, so a resume continues that run
 TENSORBOARD_DIR = "tensorboard"  # RUN_DIR/tensorboard/: `tensorboard --logdir runs` shows every run
@@ -123,20 +124,16 @@ def hyperparameters(recipe, stage: str) -> dict:
     return flat
 
 
-def _last_steps(metrics: Path) -> dict[str, int]:
+def _last_steps(run_dir: Path) -> dict[str, int]:
     """The last step each metric already has in metrics.jsonl (sent by an earlier attempt of this run)."""
     last: dict[str, int] = {}
-    if not metrics.is_file():
-        return last
-    with open(metrics, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-                step = int(row["step"])
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-            for key in row:
-                last[key] = max(step, last.get(key, step))
+    for row in read_metrics(run_dir).rows:  # a line cut short by a kill is left out
+        try:
+            step = int(row["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        for key in row:
+            last[key] = max(step, last.get(key, step))
     return last
 
 
@@ -161,7 +158,7 @@ class Trackers:
         self.run_dir, self.active, self.failed, self.finished = Path(run_dir), [], set(), False
         self.exported_mlflow_uri = False
         self.state = _read_state(self.run_dir)
-        self.sent = _last_steps(metrics)  # per metric, the last step the trackers have
+        self.sent = _last_steps(self.run_dir)  # per metric, the last step the trackers have (in `metrics`)
         config = hyperparameters(recipe, stage)
         for name in recipe.log.trackers:
             try:

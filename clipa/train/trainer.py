@@ -38,26 +38,37 @@ from clipa.errors import ClipaError, first_line
 from clipa.flops import device_peak_flops
 from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
-from clipa.model.reduction import TextReducer, install_patch_masker
+from clipa.model.masking import install_patch_masker
 from clipa.model.towers import apply_locks, load_image_tower
-from clipa.model.weights import CONFIG_FILE, export_open_clip, find_weights, load_weights, trained_mean_std
+from clipa.model.weights import export_open_clip, find_weights, load_weights, trained_mean_std
 from clipa.recipe.checks import check_resume_compatible
-from clipa.recipe.load import dumps, read_run_recipe
+from clipa.recipe.load import dumps
 from clipa.recipe.schema import Recipe, image_mean_std
+from clipa.reduction.text import TextReducer
+from clipa.run.layout import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    FINAL_DIR,
+    SHARDED_DIR,
+    checkpoint_step,
+    default_run_dir,
+    read_run_recipe,
+)
+from clipa.run.lock import RunLock, mark_run_dir, open_run_file, write_run_file
+from clipa.run.metrics import metrics_path
 from clipa.stage import Stage
-from clipa.train.checkpoint import CheckpointManager, checkpoint_step, load_state, resolve_resume, set_rng_state
+from clipa.train.checkpoint import CheckpointManager, load_state, set_rng_state
 from clipa.train.fsdp import Fsdp
 from clipa.train.handover import carry_optimizer_state
 from clipa.train.loss import LOSSES
 from clipa.train.metrics import MetricsWindow, RunLog
 from clipa.train.optim import build_optimizer, build_scheduler
+from clipa.train.preflight import preflight
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
-from clipa.train.runlock import RunLock, check_run_dir, mark_run_dir, open_run_file, write_run_file
-from clipa.train.sharded import SHARDED_DIR
 from clipa.train.signals import StopSignals, agreed_stop
 from clipa.train.state import TrainState
 from clipa.train.step import ContrastiveStep, clamp_logit_scale
-from clipa.train.trackers import Trackers, check_trackers
+from clipa.train.trackers import Trackers
 
 STAGES = ("pretrain", "finetune")
 
@@ -163,7 +174,7 @@ class Trainer:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         self.recipe, self.stage = recipe, stage
-        self.run_dir = Path(out_dir or Path("runs") / recipe.name)
+        self.run_dir = Path(out_dir or default_run_dir(recipe.name))
         self.state = TrainState()
         self.lock: RunLock | None = None
         try:
@@ -246,7 +257,7 @@ class Trainer:
         Rank 0 alone owns the run directory (it checks and locks it) and decides where the run starts
         (verifying that checkpoint once); every process learns the decision, or the same error.
         """
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", self.recipe.checkpoint.keep_last, self.rank,
+        self.checkpoints = CheckpointManager(self.run_dir / CHECKPOINTS_DIR, self.recipe.checkpoint.keep_last, self.rank,
                                              self.accelerator.wait_for_everyone)
         self.explicit_resume = bool(resume)
         self.replaced: list[str] = []
@@ -255,9 +266,8 @@ class Trainer:
         with agreed():
             fault_point("setup", self.rank)
             if self.main:
-                check_run_dir(self.run_dir)
-                check_trackers(self.recipe.log)  # a missing tracker library stops the run before any work
-                explicit = resolve_resume(resume) if resume else None
+                # The checks `clipa pretrain` / `finetune`, --dry-run and `clipa validate` run too.
+                explicit = preflight(self.recipe, self.stage, self.run_dir, resume, numbers=self.spec).resume
                 _prepare_run_dir(self.run_dir)
                 self.lock = RunLock(self.run_dir).acquire()
                 self.checkpoints.recover()
@@ -265,10 +275,6 @@ class Trainer:
                 start_from = explicit or self.checkpoints.latest(quarantine=True)
                 self.replaced = [p.name for p in self.checkpoints.complete()
                                  if resume and checkpoint_step(p) > checkpoint_step(start_from)]
-                if start_from is None and self.stage == "finetune" and not self.recipe.init.checkpoint:
-                    raise ClipaError("init.checkpoint: finetune needs weights to start from; set "
-                                     "init.checkpoint=runs/NAME (a pretrain run directory, a checkpoint or an "
-                                     "exported model)")
                 if start_from is None and self.recipe.init.checkpoint:
                     init_weights = self.recipe.init.checkpoint
                     if published.parse(init_weights, "init.checkpoint") is None:
@@ -409,7 +415,7 @@ class Trainer:
         return self._finish(log, time.perf_counter() - t_start, window.last_loss)
 
     def _open_log(self) -> RunLog:
-        metrics = self.run_dir / "metrics.jsonl"
+        metrics = metrics_path(self.run_dir)
         trackers = Trackers(self.recipe, self.stage, self.run_dir, metrics) if self.main and self.recipe.log.trackers \
             else None
         log = RunLog(metrics, self.total_steps, f"{self.stage} {self.recipe.name}", start=self.state.step,
@@ -523,13 +529,13 @@ class Trainer:
             from clipa.model.card import model_card
 
             card = model_card(Path(saved), self.recipe, self.model_cfg,
-                              sum(p.numel() for p in self.unwrapped.parameters()), self.run_dir / "final")
-            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / "final", readme=card, state_dict=full_state,
+                              sum(p.numel() for p in self.unwrapped.parameters()), self.run_dir / FINAL_DIR)
+            export_open_clip(self.unwrapped, self.model_cfg, self.run_dir / FINAL_DIR, readme=card, state_dict=full_state,
                              data=self.recipe.data)
         if self.evaluates:
             self.evaluate(log)
         self.accelerator.wait_for_everyone()
-        log.message(f"{self.stage} done: {self.run_dir / 'final'}")
+        log.message(f"{self.stage} done: {self.run_dir / FINAL_DIR}")
         log.close()
         return self._result(wall, last_loss)
 

@@ -99,7 +99,7 @@ class _NoSpacy(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name, path=None, target=None):  # noqa: D401
         if name == "spacy" or name.startswith("spacy."):
-            raise ImportError("clipa.model.pos: spacy is not needed by lemminflect here")
+            raise ImportError("clipa.reduction.syntax: spacy is not needed by lemminflect here")
         return None
 
 
@@ -119,7 +119,7 @@ def _lexicon():
                 try:
                     import lemminflect
                 except ImportError as err:
-                    raise ImportError("clipa.model.pos needs the lemminflect package (its English lexicon "
+                    raise ImportError("clipa.reduction.syntax needs the lemminflect package (its English lexicon "
                                       "ships in the wheel): pip install lemminflect") from err
                 finally:
                     if blocker is not None:

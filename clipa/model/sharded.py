@@ -28,9 +28,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from clipa.errors import ClipaError, first_line
-
-SHARDED_DIR = "sharded"  # inside a step checkpoint: the DCP directory
-METADATA_FILE = ".metadata"
+from clipa.run.layout import METADATA_FILE, SHARDED_DIR
 
 # What a DCP `.metadata` pickle may name: DCP's inert metadata records (dataclasses and one enum, whose
 # construction has no side effects), paths, and torch's dtypes, layouts and Size. Nothing else: no

@@ -1,0 +1,87 @@
+"""Every check a run needs before it starts, in one function: `clipa pretrain` / `finetune`, their `--dry-run`,
+`clipa validate` and the trainer all call `preflight`, so `train()` from a notebook refuses what the command
+refuses (a finetune without weights to start from, published OpenAI weights into a GELU model, ...).
+
+Nothing here builds a model or downloads anything: published weights are looked up by name in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipa.errors import ClipaError
+from clipa.recipe.schema import Recipe
+from clipa.run.layout import CHECKPOINTS_DIR, default_run_dir
+from clipa.run.lock import check_run_dir
+from clipa.stage import Stage
+
+
+@dataclass
+class Preflight:
+    numbers: Stage  # the stage's geometry, model config, steps, tokens and FLOPs
+    run_dir: Path
+    resume: Path | None  # the verified checkpoint `resume` names
+    notes: list[str]  # the recipe's own notes, then one line per weights source (cached, will download, ...)
+
+
+def preflight(recipe: Recipe, stage: str | None = None, run_dir: str | Path | None = None,
+              resume: str | Path | None = None, *, numbers: Stage | None = None, starting: bool = True) -> Preflight:
+    """Check `recipe` for a run of `stage` (pretrain | finetune; None: either, as `clipa validate` checks a
+    recipe) in `run_dir` (default runs/<name>), resuming from `resume` if given.
+
+    `starting`: a run starts there (or `--dry-run` shows one): the run directory must be usable and a local
+    `init.checkpoint` must exist. Without it (`clipa validate`) the recipe alone is checked, and an
+    `init.checkpoint` that is an earlier stage's run still to come is a note.
+    """
+    from clipa.train.checkpoint import resolve_resume
+    from clipa.train.trackers import check_trackers
+
+    numbers = numbers or Stage.of(recipe)  # checks the architecture, geometry and towers
+    if stage == "finetune" and not recipe.init.checkpoint:
+        raise ClipaError("init.checkpoint: finetune needs weights to start from; add init.checkpoint=runs/NAME "
+                         "or a published ARCH:TAG / hf-hub:ORG/NAME")
+    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe.name)
+    if starting:
+        check_run_dir(run_dir)
+    check_trackers(recipe.log)  # a missing tracker library stops the run before any work
+    if resume:
+        resume = resolve_resume(resume)
+    # Weights are checked by name (published ones looked up in the cache, never downloaded) before
+    # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
+    notes = recipe.notes + ([] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, starting))
+    return Preflight(numbers, run_dir, resume, notes)
+
+
+def weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
+    """Check every weights source a fresh run of `recipe` would read, downloading nothing; one line each
+    on published ones (cached, or will download on first use) and on the Hugging Face tokenizer."""
+    from clipa.model import published
+    from clipa.model.checkpoints import newest_loadable
+    from clipa.model.towers import check_image_init
+    from clipa.model.weights import find_weights
+
+    notes = []
+    # A run resuming from its own checkpoints reads neither init.checkpoint nor image_init.
+    fresh = newest_loadable(run_dir / CHECKPOINTS_DIR) is None
+    if fresh and recipe.init.checkpoint:
+        pub = published.parse(recipe.init.checkpoint, "init.checkpoint")
+        if pub is not None and pub.cfg.get("quick_gelu") and not cfg.get("quick_gelu"):
+            # open_clip's OpenAI tags: trained with QuickGELU, which only the -quickgelu configs build
+            raise ClipaError(f"init.checkpoint: {pub.spec} was trained with QuickGELU, but model.arch "
+                             f"{recipe.model.arch} uses GELU; set model.arch = \"{pub.name}-quickgelu\"")
+        note = published.check_source(recipe.init.checkpoint, "init.checkpoint")
+        if note:
+            notes.append(f"init.checkpoint {note}")
+        elif init_must_exist:
+            find_weights(recipe.init.checkpoint)  # fail now, not after building the model
+        elif not Path(recipe.init.checkpoint).exists():  # often an earlier stage's run
+            notes.append(f"init.checkpoint {recipe.init.checkpoint} does not exist yet")
+    if fresh and recipe.model.image_init:
+        note = check_image_init(recipe.model.image_init, cfg["vision_cfg"].get("timm_model_name", ""))
+        if note:
+            notes.append(f"model.image_init {note}")
+    tokenizer = published.tokenizer_note(cfg["text_cfg"])
+    if tokenizer:
+        notes.append(tokenizer)
+    return notes
