@@ -116,6 +116,7 @@ def test_sigterm_trackers_evaluation_and_two_nodes(tmp_path, data):
     straight = tmp_path / "straight"
     result = run_torchrun(*args(data, straight), cwd=tmp_path, env={"READS": str(tmp_path / "reads-straight")})
     assert result.stdout.count("pretrain finished") == 1  # only rank 0 reports
+    assert "x 2 process(es), cpu" in " ".join(result.stdout.split())  # one node: no node count
     expected = trajectory(straight)
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, STEPS + 1))  # one row per step, not two
@@ -156,7 +157,8 @@ def test_sigterm_trackers_evaluation_and_two_nodes(tmp_path, data):
     assert {p.name for p in saved.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     state = torch.load(saved / "state.pt", weights_only=True)
     assert state["step"] == step and state["data_position"]["processes"] == 2
-    assert f"{STEPS} steps of {BATCH} = 16 x 1 accumulation x 2 process(es)" in " ".join(out0.split())
+    assert f"{STEPS} steps of {BATCH} = 16 x 1 accumulation x 2 process(es) on 2 nodes (1 per node)," \
+        in " ".join(out0.split())
 
     # 3. The same command resumes both nodes and ends where the uninterrupted run ended.
     agents = launch_two_nodes(args(data, run), tmp_path, tmp_path / "reads-resume")

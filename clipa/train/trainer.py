@@ -442,9 +442,16 @@ class Trainer:
                         "--resume to continue this run")
         log.message(f"{self.stage}: {self.recipe.model.arch} at {self.geometry.image_size}px / "
                     f"{self.geometry.context_length} tokens, {self.total_steps} steps of {self.spec.global_batch} = "
-                    f"{self.micro} x {self.accumulation} accumulation x {self.world} process(es), "
+                    f"{self.micro} x {self.accumulation} accumulation x {self.world} process(es){self._nodes}, "
                     f"{self.accelerator.device}, precision {precision_name(self.accelerator)}")
         return log
+
+    @property
+    def _nodes(self) -> str:
+        """' on N nodes (M per node)' when the launcher (torchrun, accelerate) spread the processes over
+        several machines, else nothing."""
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or self.world)
+        return f" on {self.world // per_node} nodes ({per_node} per node)" if 0 < per_node < self.world else ""
 
     @property
     def _resume_hint(self) -> str:
