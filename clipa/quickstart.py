@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from clipa.evaluate.models import load_model
+from clipa.evaluate.models import at_geometry, load_model
 from clipa.evaluate.zeroshot import write_result, zeroshot
 from clipa.model.build import arch_config, native_geometry
 from clipa.recipe.index import resolve_path
@@ -41,7 +41,8 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0) 
         start = time.perf_counter()
         result = train(recipe, stage, run_dir)
         wall = time.perf_counter() - start
-        evaluation = zeroshot(load_model(str(run_dir)), "synthetic")
+        model = load_model(str(run_dir))
+        evaluation = zeroshot(model, "synthetic")
         write_result(evaluation, run_dir / "zeroshot_synthetic.json")
         m = evaluation["metrics"]
         # the same model at the architecture's full geometry, where the finished model is evaluated:
@@ -49,7 +50,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0) 
         # must make up (docs/openclipart.md, "Keeping the gain")
         native = native_geometry(arch_config(recipe.model.arch))
         full = evaluation if evaluation["image_size"] == native.image_size else zeroshot(
-            load_model(str(run_dir), image_size=native.image_size, text_length=native.context_length), "synthetic")
+            at_geometry(model, native.image_size, native.context_length), "synthetic")
         rows.append({"stage": stage, "image_size": evaluation["image_size"],
                      "text_length": recipe.reduction.text_length or "full", "samples": result.samples,
                      "acc1": m["acc1"], "acc5": m["acc5"], "chance": evaluation["chance"],
