@@ -515,9 +515,19 @@ def handover_settings(arch: str, samples: int, batch: int, lr: float = 0.0) -> l
     settings = [Setting(label, pretrain, {**finetune, **change}, group=group,
                         extra={"share_pretrain": True, **({"average_with_start": 0.5} if "average" in label else {})})
                 for label, change in variants.items()]
+    # The first stage at the full 64 px with 75% of the patches dropped (the same 16 image tokens as 32 px):
+    # the patch scale then does not change at the handover, which is what the 32 px stage's finetune
+    # spends its steps on. Its samples fill the same FLOPs as the 32 px stage's.
+    masked = {**pretrain, "reduction.image": "random", "reduction.image_size": 0, "reduction.mask_ratio": 0.75}
+    masked["train.total_samples"] = int(train_flops(pretrain, pretrain["train.total_samples"])
+                                        / train_flops(masked, 1)) // batch * batch
     return settings + [Setting("4x the finetune steps, first stage shortened to the same FLOPs", shortened, longer,
                                group=group, extra={"share_pretrain": True}),
-                       Setting("full tokens", claim["full tokens"].pretrain, group=group)]
+                       Setting("full tokens", claim["full tokens"].pretrain, group=group),
+                       Setting("first stage 64 px with 75% masked, then the claim's finetune", masked, finetune,
+                               group=group, extra={"share_pretrain": True}),
+                       Setting("first stage 64 px with 75% masked, then 4x the finetune steps", masked, longer,
+                               group=group, extra={"share_pretrain": True})]
 
 
 def main() -> None:
