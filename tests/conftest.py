@@ -32,7 +32,12 @@ RECIPES = REPO / "recipes"
 
 # Two cores here: keep torch from oversubscribing when pytest and a child process both run; under
 # pytest-xdist (`-n 2`, as CI runs) the workers share the cores between them.
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(THREADS)
+# The processes a test starts (`clipa ...` runs) take the same share unless the test says otherwise
+# (test_checkpoint's bitwise references pin 2 threads): two workers' children with 2 threads each on
+# 2 cores ran slower than with 1.
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 
 def run_cli(*args, cwd=None, timeout=900):
@@ -100,7 +105,23 @@ def pytest_addoption(parser):
     parser.addoption("--gpu", action="store_true", help="run the tests marked gpu (needs CUDA)")
 
 
+# The files that take longest, longest first (worker-seconds of `pytest -n 2 --durations=0`, 2026-12-07).
+# CI runs `-n 2 --dist loadfile --no-loadscope-reorder`: each file goes whole to the next free worker in
+# this order, so the long files start first and the many short ones fill in at the end. xdist's own order
+# (most tests first) started the two longest files, the quickstart and the end-to-end pipeline (~100 s
+# each), last, and one worker ran them alone while the other waited.
+LONGEST_FIRST = ("test_foundation.py", "test_end_to_end.py", "test_checkpoint.py", "test_published.py",
+                 "test_agree.py", "test_fsdp.py", "test_multiprocess_gaps.py", "test_gpu_check.py",
+                 "test_evaluate.py", "test_mixed_precision.py", "test_distributed.py", "test_cli.py")
+
+
+def _longest_first(items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+
+
 def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
     if config.getoption("--gpu"):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: run `python -m pytest --gpu -m gpu` on a GPU machine")

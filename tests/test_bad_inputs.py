@@ -30,7 +30,7 @@ from PIL import Image
 
 from clipa.recipe import schema as recipe_mod
 
-from conftest import run_in_process, tiny_overrides
+from conftest import micro_overrides, run_in_process, tiny_overrides
 
 # --------------------------------------------------------------------------- the sandbox
 
@@ -91,8 +91,9 @@ BAD_SAMPLES = {
 def sandbox(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     run = root / "trained"
-    result = run_in_process("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128,
-                                                                             "checkpoint.every_steps": 2}),
+    # clipa-micro: the cases read its files and checkpoints; none depends on the model's size
+    result = run_in_process("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 128,
+                                                                              "checkpoint.every_steps": 2}),
                             "--out", run)
     assert result.returncode == 0, result.stderr
     shards = root / "shards"
@@ -144,7 +145,9 @@ def sandbox(tmp_path_factory):
     state = models / "truncated_state" / "step_000004" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])
     other = models / "other_arch" / "step_000004" / "config.toml"
-    other.write_text(other.read_text().replace('arch = "clipa-tiny"', 'arch = "clipa-small"'))
+    written = other.read_text()
+    assert 'arch = "clipa-micro"' in written
+    other.write_text(written.replace('arch = "clipa-micro"', 'arch = "clipa-small"'))
     imagefolder = root / "imagefolder"
     (imagefolder / "cat").mkdir(parents=True)
     (imagefolder / "cat" / "bad.jpg").write_bytes(b"not an image")

@@ -23,3 +23,16 @@ def test_this_process_and_its_children_see_only_the_suites_own_offline_caches():
     assert child["torch"].startswith(conftest.ISOLATED_HOME)
     assert child["token"] is None and child["wandb_key"] is None and child["mlflow"] is None
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_the_longest_first_order_names_test_files_that_exist_and_leads_the_collection():
+    """CI's scheduling order (conftest.LONGEST_FIRST) names real files, so a renamed file cannot drop out of
+    it unnoticed, and the whole suite's collection starts with them, in that order."""
+    here = {p.name for p in conftest.REPO.joinpath("tests").glob("test_*.py")}
+    assert set(conftest.LONGEST_FIRST) <= here, set(conftest.LONGEST_FIRST) - here
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+                            cwd=conftest.REPO, capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    files = list(dict.fromkeys(line.split("::")[0].rsplit("/", 1)[-1] for line in listed.stdout.splitlines()
+                               if "::" in line))
+    assert files[:len(conftest.LONGEST_FIRST)] == list(conftest.LONGEST_FIRST), files[:len(conftest.LONGEST_FIRST)]

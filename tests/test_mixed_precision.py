@@ -1,6 +1,6 @@
 """Mixed precision through the whole pipeline on CPU (issue 22, part 1).
 
-bf16 goes through accelerate's CPU autocast exactly as on a GPU: the tiny model pretrains in bf16,
+bf16 goes through accelerate's CPU autocast exactly as on a GPU: the micro model pretrains in bf16,
 finetunes, exports and evaluates, and the export is fp32 and loads in plain open_clip. Its losses
 staying within 0.05 of the fp32 run's, and a SIGKILLed bf16 run resuming to the uninterrupted
 run's losses exactly, are asserted through gpu_check's CPU mode (tests/test_gpu_check.py).
@@ -20,12 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, run_in_process, tiny_overrides
+from conftest import micro_overrides, run_cli, run_in_process, tiny_overrides
 
 pytestmark = pytest.mark.slow  # bf16 matmuls are ~20x slower than fp32 on this CPU
 
 STEPS = 4
-COMMON = tiny_overrides(**{"train.total_samples": 32 * STEPS, "train.log_every_steps": 1})
+# clipa-micro: bf16 matmuls are ~20x slower than fp32 on a CPU, and what is tested is the precision's path
+COMMON = micro_overrides(**{"train.total_samples": 32 * STEPS, "train.log_every_steps": 1})
 
 
 def ok(result):
@@ -52,14 +53,15 @@ def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
     from clipa.data.shards import write_synthetic
 
     # One shard of 32 pairs: every step trains on the same global batch (new crops), at a learning rate
-    # that does not overshoot in 4 steps, so the loss must fall at every step (seen: 3.60 3.40 3.07 2.87).
+    # that does not overshoot in 4 steps, so the loss must fall at every step (seen: 3.83 3.60 3.40 3.38;
+    # 2e-3 and 3e-3 overshoot at step 2 or 4).
     one_batch = write_synthetic(tmp_path / "shards", num_samples=32, shard_size=32, image_size=64, eval_per_class=0)
     bf16 = tmp_path / "bf16"
-    first = ok(pretrain(bf16, "bf16", f"data.train={one_batch['train']}", "optim.lr=2e-4"))
+    first = ok(pretrain(bf16, "bf16", f"data.train={one_batch['train']}", "optim.lr=1e-3"))
     assert "precision bf16" in first.stdout + first.stderr
     mixed = losses_by_step(bf16)
     assert sorted(mixed) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in mixed.values())
-    assert all(mixed[s + 1] < mixed[s] for s in range(1, STEPS)) and mixed[STEPS] < mixed[1] - 0.4, mixed
+    assert all(mixed[s + 1] < mixed[s] for s in range(1, STEPS)) and mixed[STEPS] < mixed[1] - 0.3, mixed
 
     # the export holds fp32 tensors (bf16 changes the training arithmetic, not the stored weights)
     # and loads in plain open_clip
@@ -70,7 +72,7 @@ def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
     fine = tmp_path / "fine"
-    ok(run_cli("finetune", "tiny/finetune", *tiny_overrides(**{"train.total_samples": 32}), "train.precision=bf16",
+    ok(run_cli("finetune", "tiny/finetune", *micro_overrides(**{"train.total_samples": 32}), "train.precision=bf16",
                f"init.checkpoint={bf16}", "--out", fine))
     assert all(math.isfinite(v) for v in losses_by_step(fine).values())
     assert {t.dtype for t in load_file(str(fine / "final" / "open_clip_model.safetensors")).values()} == {torch.float32}

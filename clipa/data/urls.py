@@ -17,6 +17,7 @@ This module imports neither torch nor PIL: recipe validation uses it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import select
@@ -66,6 +67,13 @@ def check_pattern(pattern: str, key: str = "data.train") -> list[str]:
     """The URLs a shard pattern expands to, each checked. The scheme must be written before the braces:
     the announcement (`commands`) and the check read the pattern as written, so a `pipe:` hidden in
     braces (`{pipe:CMD,x.tar}`) would otherwise run unannounced."""
+    return list(_checked_urls(pattern, key))
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_urls(pattern: str, key: str) -> tuple[str, ...]:
+    # Cached: validating a recipe reads its pattern three times (the data check, the source list, the
+    # announced commands), and DataComp's 140,000-shard pattern takes about a second to expand and check.
     check_scheme(pattern, key)
     urls = expand(pattern)
     for url in urls:
@@ -74,7 +82,7 @@ def check_pattern(pattern: str, key: str = "data.train") -> list[str]:
             raise ClipaError(f"{key}: \"{printable(pattern)}\" expands to \"{printable(url)}\", a {_family(url)} "
                              "source the pattern does not start with; write the scheme before the braces "
                              "(e.g. \"pipe:CMD /data/{0..9}.tar\"), one source per scheme joined with '::'")
-    return urls
+    return tuple(urls)
 
 
 def check_scheme(pattern: str, key: str = "data.train") -> None:
