@@ -25,7 +25,7 @@ from clipa.evaluate.zeroshot import output_paths, zeroshot
 from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
-from conftest import RECIPES, run_torchrun, tiny_overrides
+from conftest import RECIPES, micro_overrides, run_torchrun, tiny_overrides
 
 HELPER = str(Path(__file__).with_name("distributed_eval.py"))
 
@@ -342,21 +342,26 @@ def test_imagefolder_bad_input(tmp_path):
 
 def test_eval_during_training_appends_results(tmp_path):
     recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml",
-                         tiny_overrides(**{"eval.every_steps": 2, "eval.zeroshot": '["synthetic"]',
-                                           "eval.retrieval": '["synthetic"]'}))
+                         micro_overrides(**{"eval.every_steps": 2, "eval.zeroshot": '["synthetic"]',
+                                            "eval.retrieval": '["synthetic"]', "checkpoint.every_steps": 2,
+                                            "checkpoint.keep_last": 3}))
     train(recipe, "pretrain", tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "zeroshot/synthetic/acc1" in r]
     assert [r["step"] for r in evals] == [2, 4, 6]
-    assert all(0 <= r["zeroshot/synthetic/acc1"] <= r["zeroshot/synthetic/acc5"] <= 1 for r in evals)
-    for r in evals:  # the retrieval recalls in the same rows, ordered in K
-        for side in ("image", "text"):
-            recalls = [r[f"retrieval/synthetic/{side}_retrieval_recall@{k}"] for k in (1, 5, 10)]
-            assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
-    # the numbers at the end equal a separate evaluation of the exported model
-    final = retrieval(load_model(str(tmp_path / "run" / "final")), "synthetic")["metrics"]
-    assert evals[-1]["retrieval/synthetic/image_retrieval_recall@5"] == pytest.approx(
-        final["image_retrieval_recall@5"], abs=1e-6)
+    # the first and the last row equal a separate evaluation of that step's checkpoint (the model the
+    # row was taken from, not the one before or after its update)
+    for r in (evals[0], evals[-1]):
+        step = tmp_path / "run" / "checkpoints" / f"step_{r['step']:06d}"
+        model = load_model(str(step))
+        zs, ret = zeroshot(model, "synthetic")["metrics"], retrieval(model, "synthetic")["metrics"]
+        assert (r["zeroshot/synthetic/acc1"], r["zeroshot/synthetic/acc5"]) == pytest.approx(
+            (zs["acc1"], zs["acc5"]), abs=1e-6), (r, zs)
+        for side in ("image", "text"):  # the retrieval recalls in the same rows
+            for k in (1, 5, 10):
+                key = f"{side}_retrieval_recall@{k}"
+                assert r[f"retrieval/synthetic/{key}"] == pytest.approx(ret[key], abs=1e-6), (r["step"], key)
+    assert len({r["retrieval/synthetic/image_retrieval_recall@5"] for r in evals}) > 1  # the model changed
     with pytest.raises(ClipaError, match="eval.retrieval_data_root: needed by eval.retrieval"):
         load_recipe(None, ['eval.retrieval=["csv"]'])
     with pytest.raises(ClipaError, match='eval.retrieval.0.: unknown value "coco"'):
@@ -367,7 +372,7 @@ def test_eval_during_training_appends_results(tmp_path):
 
 def test_report_plots_every_series_and_summarises(tmp_path, cli):
     recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml",
-                         tiny_overrides(**{"eval.every_steps": 3, "eval.zeroshot": '["synthetic"]'}))
+                         micro_overrides(**{"eval.every_steps": 3, "eval.zeroshot": '["synthetic"]'}))
     train(recipe, "pretrain", tmp_path / "run")
     result = cli("report", tmp_path / "run")
     assert result.returncode == 0, result.stderr
