@@ -187,12 +187,12 @@ def test_the_dependency_checks_can_fail(tmp_path):
 
 
 def test_run_and_reduction_import_no_torch():
-    """clipa/run/ (names, lock, metrics, lineage) loads without torch: `clipa runs`, `clipa scaling` and a notebook
+    """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a notebook
     read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the recipe
     too: a data worker picks its tokens without the model package."""
     import subprocess
 
-    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.runs, "
+    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.run.listing, "
             "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
             "print(bad); sys.exit(1 if bad else 0)")

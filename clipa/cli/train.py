@@ -89,7 +89,7 @@ def finetune(recipe: Optional[str] = typer.Argument(None, help="Recipe TOML path
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
         overrides, recipe = [recipe, *(overrides or [])], None  # `clipa finetune optim.lr=1e-4`: an override
     if recipe is None or from_run is not None:
-        from clipa.runs import next_recipe, run_to_continue
+        from clipa.run.listing import next_recipe, run_to_continue
 
         run, notes = run_to_continue(from_run)
         recipe = recipe or next_recipe(run)
