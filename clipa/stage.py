@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from clipa.flops import image_tokens, train_flops
+from clipa.cost.flops import image_tokens, train_flops
 from clipa.model.build import Geometry, recipe_model_config
 from clipa.recipe.checks import batch_layout
 from clipa.recipe.schema import Recipe

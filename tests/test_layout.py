@@ -159,6 +159,7 @@ _NEVER = {
     "model": {"train", "evaluate"},
     "run": {"train", "model", "data", "evaluate", "cli"},  # the run directory's names, below everything that uses it
     "recipe": {"train", "model", "evaluate", "run", "cli"},
+    "cost": {"train", "evaluate", "data", "run", "cli"},  # counted from the model config, below the trainer it prices
 }
 
 
@@ -186,18 +187,21 @@ def test_the_dependency_checks_can_fail(tmp_path):
     assert _cycles({m: _clipa_imports(p, modules) for m, p in modules.items()}) == [sorted(modules)]
 
 
-def test_run_and_reduction_import_no_torch():
-    """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a notebook
-    read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the recipe
-    too: a data worker picks its tokens without the model package."""
+def test_torch_free_packages_import_no_torch():
+    """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a
+    notebook read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the
+    recipe too: a data worker picks its tokens without the model package; clipa/cost/ (FLOP counts, accelerator
+    peaks, `clipa plan`) imports torch only inside the functions that count a timm tower or measure a peak."""
     import subprocess
 
     code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.run.listing, "
-            "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load; "
+            "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load, "
+            "clipa.cost.flops, clipa.cost.accelerators, clipa.cost.plan; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, f"clipa/run/, clipa/reduction/ or clipa/recipe/ import {result.stdout or result.stderr}"
+    assert result.returncode == 0, (f"clipa/run/, clipa/reduction/, clipa/recipe/ or clipa/cost/ import "
+                                    f"{result.stdout or result.stderr}")
 
 
 def _repo_texts():

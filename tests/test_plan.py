@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from clipa import flops
-from clipa import plan as plan_mod
+from clipa.cost import accelerators, flops
+from clipa.cost import plan as plan_mod
 from clipa.recipe.load import load_recipe
 
 from conftest import RECIPES, REPO
@@ -68,12 +68,12 @@ def test_timm_image_tower_is_counted_on_the_meta_device():
 
 
 def test_accelerator_names():
-    assert flops.match_accelerator("NVIDIA A100-SXM4-80GB") == "A100"
-    assert flops.match_accelerator("NVIDIA H100 PCIe") == "H100 PCIe"
-    assert flops.match_accelerator("NVIDIA L40S") == "L40S"
-    assert flops.match_accelerator("tpu-v5e") == flops.match_accelerator("v5e") == "TPU v5e"
-    assert flops.match_accelerator("abacus") is None
-    assert all(v > 0 for v in flops.PEAK_TFLOPS_BF16.values())
+    assert accelerators.match_accelerator("NVIDIA A100-SXM4-80GB") == "A100"
+    assert accelerators.match_accelerator("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert accelerators.match_accelerator("NVIDIA L40S") == "L40S"
+    assert accelerators.match_accelerator("tpu-v5e") == accelerators.match_accelerator("v5e") == "TPU v5e"
+    assert accelerators.match_accelerator("abacus") is None
+    assert all(v > 0 for v in accelerators.PEAK_TFLOPS_BF16.values())
 
 
 def test_json_shape_and_costs_add_up(cli):

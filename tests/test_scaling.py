@@ -95,7 +95,7 @@ def fake_run(root, name, stage_recipe, samples, acc1=None, eval_row=None, overri
 
 
 def test_run_directories_count_every_stage(tmp_path):
-    from clipa.flops import train_flops_per_sample
+    from clipa.cost.flops import train_flops_per_sample
     from clipa.model.build import Geometry, stage_config
 
     pre = fake_run(tmp_path / "runs", "pre", "tiny/pretrain.toml", 64_000)

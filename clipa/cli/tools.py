@@ -15,7 +15,7 @@ from clipa.errors import ClipaError
 def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe paths or shipped names, in pipeline order."),
          as_json: bool = typer.Option(False, "--json", help="Print {\"stages\": [...], \"total\": {...}} as JSON."),
          gpu: str = typer.Option("A100", "--gpu", help="Accelerator name (A100, H100, H200, L4, L40S, TPU v5e, ...; "
-                                 "see clipa.flops.PEAK_TFLOPS_BF16)."),
+                                 "see clipa.cost.accelerators.PEAK_TFLOPS_BF16)."),
          gpus: int = typer.Option(8, "--gpus", help="Accelerators working in parallel (wall hours = GPU-hours / N)."),
          mfu: float = typer.Option(0.27, "--mfu", help="Expected model-FLOPs utilisation; 0.27 is what CLIPA-v2's "
                                    "published H/14 A100-hours imply (docs/plan.md)."),
@@ -26,7 +26,7 @@ def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Rec
     """FLOPs, accelerator-hours and dollars of each stage and of the pipeline, before you spend them."""
     import json
 
-    from clipa.plan import plan as make_plan
+    from clipa.cost.plan import plan as make_plan
 
     result = make_plan(recipes, gpu=gpu, gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
     if as_json:
@@ -85,8 +85,8 @@ def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", h
     """Measured training throughput of token-reduction settings vs the analytic FLOP ratio."""
     import json
 
-    from clipa.bench import run_bench
     from clipa.model.build import arch_config
+    from clipa.train.bench import run_bench
 
     if steps < 1 or repeats < 1:
         raise ClipaError(f"--steps and --repeats: must be >= 1, got --steps {steps} --repeats {repeats}")

@@ -29,8 +29,8 @@ def load(recipe_path: str, overrides: Optional[List[str]]):
 
 
 def _dry_run(recipe, numbers, stage: str, run_dir: Path, resume: Path | None, notes: list[str]) -> None:
+    from clipa.cost.flops import train_flops_per_sample
     from clipa.data.spec import data_commands
-    from clipa.flops import train_flops_per_sample
     from clipa.model.build import arch_config, native_geometry
     from clipa.model.checkpoints import newest_loadable
     from clipa.recipe.load import dumps

@@ -1,10 +1,10 @@
 """What a pipeline of stages will cost before you run it: tokens, FLOPs, accelerator-hours, dollars.
 
-    from clipa.plan import plan
+    from clipa.cost.plan import plan
     p = plan(["vit_h14/pretrain_84", "vit_h14/finetune_224"], gpu="A100", gpus=8)
     p["total"]["gpu_hours"], p["total"]["cost"]
 
-FLOPs are clipa's analytic model FLOPs (`clipa.flops`: matmuls of both towers, forward + backward),
+FLOPs are clipa's analytic model FLOPs (`clipa.cost.flops`: matmuls of both towers, forward + backward),
 counted over the samples the trainer will actually run (whole steps). Time is
 FLOPs / (peak x MFU): `mfu` is the model-FLOPs utilisation you expect to reach, by default the one
 implied by CLIPA-v2's published H/14 A100-hours (docs/plan.md). The result is plain data in the
@@ -15,8 +15,8 @@ shape `clipa plan --json` prints (documented in docs/plan.md):
 
 from __future__ import annotations
 
+from clipa.cost.accelerators import PEAK_TFLOPS_BF16, match_accelerator
 from clipa.errors import ClipaError
-from clipa.flops import PEAK_TFLOPS_BF16, match_accelerator
 
 DEFAULT_GPU = "A100"
 DEFAULT_GPUS = 8
