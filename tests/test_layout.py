@@ -160,6 +160,7 @@ _NEVER = {
     "run": {"train", "model", "data", "evaluate", "cli"},  # the run directory's names, below everything that uses it
     "recipe": {"train", "model", "evaluate", "run", "cli"},
     "cost": {"train", "evaluate", "data", "run", "cli"},  # counted from the model config, below the trainer it prices
+    "analysis": {"train", "evaluate", "model", "data", "cli"},  # reads run directories and JSON, after the runs
 }
 
 
@@ -191,16 +192,18 @@ def test_torch_free_packages_import_no_torch():
     """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a
     notebook read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the
     recipe too: a data worker picks its tokens without the model package; clipa/cost/ (FLOP counts, accelerator
-    peaks, `clipa plan`) imports torch only inside the functions that count a timm tower or measure a peak."""
+    peaks, `clipa plan`) imports torch only inside the functions that count a timm tower or measure a peak, and
+    clipa/analysis/ (`clipa report`, `clipa scaling`) not at all."""
     import subprocess
 
     code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.run.listing, "
             "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load, "
-            "clipa.cost.flops, clipa.cost.accelerators, clipa.cost.plan; "
+            "clipa.cost.flops, clipa.cost.accelerators, clipa.cost.plan, "
+            "clipa.analysis.report, clipa.analysis.points, clipa.analysis.fit, clipa.analysis.plot; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, (f"clipa/run/, clipa/reduction/, clipa/recipe/ or clipa/cost/ import "
+    assert result.returncode == 0, (f"clipa/run/, reduction/, recipe/, cost/ or analysis/ import "
                                     f"{result.stdout or result.stderr}")
 
 

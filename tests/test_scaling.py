@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from clipa.analysis.fit import fit_power_law, t_quantile
+from clipa.analysis.points import load_points
 from clipa.errors import ClipaError
-from clipa.scaling import fit_power_law, load_points, t_quantile
 
 from conftest import RECIPES
 from test_cli import assert_user_error

@@ -49,7 +49,9 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
                 dataset: Optional[str] = typer.Option(None, "--dataset", help="Which zeroshot_*.json result to use "
                                                       "when a run directory holds several.")) -> None:
     """Power-law fit of zero-shot error against training compute, with 95% intervals and a plot."""
-    from clipa.scaling import fit_power_law, load_points, plot_fit
+    from clipa.analysis.fit import fit_power_law
+    from clipa.analysis.plot import plot_fit
+    from clipa.analysis.points import load_points
 
     if target_compute is not None and target_compute <= 0:
         raise ClipaError(f"--target-compute: must be > 0 FLOPs, got {target_compute:g}")
@@ -68,7 +70,7 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
 def report(run_dir: Path = typer.Argument(..., help="A clipa run directory."),
            out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/report).")) -> None:
     """PNG plots (loss, lr, logit scale, throughput, evaluations vs samples seen) and a text summary."""
-    from clipa.report import report as make_report
+    from clipa.analysis.report import report as make_report
 
     summary, written = make_report(run_dir, out_dir)
     out.print(summary, highlight=False)
