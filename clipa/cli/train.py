@@ -148,7 +148,7 @@ def quickstart(out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", he
                scale: float = typer.Option(1.0, "--scale",
                                            help="Fraction of the recipes' samples to train on (for a quicker look).")) -> None:
     """Pretrain -> finetune -> zero-shot on the built-in synthetic data, on a CPU, in minutes."""
-    from clipa.quickstart import run_quickstart
+    from clipa.train.quickstart import run_quickstart
 
     if not 0 < scale <= 1:
         raise ClipaError(f"--scale: must be in (0, 1], got {scale}")
