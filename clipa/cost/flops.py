@@ -27,11 +27,6 @@ from __future__ import annotations
 import functools
 
 
-def _transformer_forward(tokens: int, width: int, layers: int, mlp_width: int) -> float:
-    per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp_width) + 2 * 2 * tokens * tokens * width
-    return float(layers * per_layer)
-
-
 def image_tokens(model_cfg: dict, image_size: int, keep_ratio: float = 1.0) -> int:
     """Tokens the vision transformer runs on: kept patches (as the masker keeps them) + class token."""
     from clipa.reduction.image import keep_count
@@ -109,13 +104,6 @@ def forward_breakdown(model_cfg: dict, image_size: int, context_length: int, kee
         "text_head": 2.0 * tw * embed,
     })
     return parts
-
-
-def forward_flops(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:
-    parts = forward_breakdown(model_cfg, image_size, context_length, keep_ratio)
-    vision = sum(v for k, v in parts.items() if k.startswith("image_"))
-    text = sum(v for k, v in parts.items() if k.startswith("text_"))
-    return {"image": vision, "text": text, "total": vision + text}
 
 
 def train_flops(model_cfg: dict, image_size: int, context_length: int, keep_ratio: float = 1.0) -> dict:

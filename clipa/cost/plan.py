@@ -93,9 +93,3 @@ def plan(recipes, gpu: str = DEFAULT_GPU, gpus: int = DEFAULT_GPUS, mfu: float =
         stages.append(stage)
     total = {key: sum(s[key] for s in stages) for key in ("total_flops", "gpu_hours", "cost")}
     return {"stages": stages, "total": total}
-
-
-def implied_mfu(total_flops: float, gpu_hours: float, peak_tflops: float) -> float:
-    """The MFU at which `total_flops` take `gpu_hours` (to calibrate against a published cost)."""
-    return total_flops / (gpu_hours * 3600.0 * peak_tflops * 1e12)
-

@@ -108,7 +108,7 @@ class SettingRunner:
         images = torch.randn(batch, 3, setting.image_size, setting.image_size)
         keep = None
         if masker is not None:
-            # The masker's own grid: an open_clip ViT's or a timm ViT's (image_grid knows only the former).
+            # The masker's own grid: an open_clip ViT's or a timm ViT's.
             keep = torch.from_numpy(np.stack([patch_keep_indices(setting.image, masker.grid, setting.mask_ratio, r)
                                               for r in rngs]))
         self.micro_batches = [(images.to(accelerator.device), texts.to(accelerator.device), keep)]
