@@ -55,14 +55,14 @@ def stage_flops(recipe) -> dict:
     """Tokens and training FLOPs of one recipe (a `Recipe`): per sample and in total."""
     from clipa.stage import Stage
 
-    stage = Stage.of(recipe)
+    numbers = Stage.of(recipe)
     return {
-        "name": recipe.name, "arch": recipe.model.arch, "image_size": stage.geometry.image_size,
-        "mask_ratio": recipe.reduction.mask_ratio, "image_tokens": stage.image_tokens,
-        "text_tokens": stage.geometry.context_length, "tokens_per_sample": stage.tokens_per_sample,
-        "global_batch_size": stage.global_batch, "steps": stage.steps, "samples": stage.samples,
-        "image_flops_per_sample": stage.flops["image"], "text_flops_per_sample": stage.flops["text"],
-        "flops_per_sample": stage.flops_per_sample, "total_flops": stage.total_flops,
+        "name": recipe.name, "arch": recipe.model.arch, "image_size": numbers.geometry.image_size,
+        "mask_ratio": recipe.reduction.mask_ratio, "image_tokens": numbers.image_tokens,
+        "text_tokens": numbers.geometry.context_length, "tokens_per_sample": numbers.tokens_per_sample,
+        "global_batch_size": numbers.global_batch, "steps": numbers.steps, "samples": numbers.samples,
+        "image_flops_per_sample": numbers.flops["image"], "text_flops_per_sample": numbers.flops["text"],
+        "flops_per_sample": numbers.flops_per_sample, "total_flops": numbers.total_flops,
     }
 
 
