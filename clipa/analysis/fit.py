@@ -74,13 +74,6 @@ class Fit:
         text = f"error = {self.beta:.4g} * C^{self.alpha:.4g}"
         return text + (f" + {self.e:.4g}" if self.e is not None else "")
 
-    def as_dict(self) -> dict:
-        out = {"alpha": self.alpha, "alpha_ci": list(self.alpha_ci), "beta": self.beta, "beta_ci": list(self.beta_ci),
-               "n": self.n, "rmse_log": self.rmse_log}
-        if self.e is not None:
-            out.update(e=self.e, e_ci=list(self.e_ci))
-        return out
-
 
 def _model(params: np.ndarray, dx: np.ndarray, offset: bool) -> tuple[np.ndarray, np.ndarray]:
     """log E and its Jacobian with respect to (a, alpha[, e])."""
