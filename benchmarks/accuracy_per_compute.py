@@ -3,7 +3,7 @@
     python benchmarks/accuracy_per_compute.py [--budget-tflops 12] [--arch clipa-tiny --arch clipa-small]
                                               [--out runs/accuracy-per-compute]
 
-Per architecture, the same budget of analytic training FLOPs (clipa.flops, the counter behind
+Per architecture, the same budget of analytic training FLOPs (clipa.cost.flops, the counter behind
 `clipa plan` and the logged MFU) is spent two ways on the built-in synthetic data:
 
   full   one stage at the native 64 px / 32 tokens;
@@ -23,9 +23,9 @@ import json
 import time
 from pathlib import Path
 
+from clipa.cost.flops import train_flops_per_sample
 from clipa.evaluate.models import load_model
 from clipa.evaluate.zeroshot import zeroshot
-from clipa.flops import train_flops_per_sample
 from clipa.model.build import arch_config
 from clipa.recipe.index import resolve_path
 from clipa.recipe.load import load_recipe

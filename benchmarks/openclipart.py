@@ -114,7 +114,7 @@ def evaluate(data: Path, model: str, image_size: int = 0) -> dict:
 
 
 def train_flops(values: dict, samples: int) -> float:
-    from clipa.flops import train_flops_per_sample
+    from clipa.cost.flops import train_flops_per_sample
     from clipa.model.build import arch_config, native_geometry
 
     cfg = arch_config(values["model.arch"])

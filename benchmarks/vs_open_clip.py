@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from clipa.flops import measure_matmul_peak, train_flops_per_sample
+from clipa.cost.accelerators import measure_matmul_peak
+from clipa.cost.flops import train_flops_per_sample
 from clipa.model.build import arch_config, native_geometry
 
 MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "clipa" / "model_configs"

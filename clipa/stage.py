@@ -1,6 +1,10 @@
 """A training stage's numbers, computed once from its recipe: geometry, model config, steps, batch
 layout, tokens and FLOPs per sample. The trainer, `--dry-run`, `clipa plan`, `clipa scaling` and
 `clipa quickstart` all read them from here, so they cannot disagree.
+
+One word each: a `Stage` object is held as `numbers` (`numbers = Stage.of(recipe)`: the stage's numbers);
+`stage` on its own is "pretrain" or "finetune", as `train(recipe, stage)`, metrics.jsonl rows and `clipa runs`
+spell it.
 """
 
 from __future__ import annotations
@@ -8,7 +12,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from clipa.flops import image_tokens, train_flops
+from clipa.cost.flops import image_tokens, train_flops
 from clipa.model.build import Geometry, recipe_model_config
 from clipa.recipe.checks import batch_layout
 from clipa.recipe.schema import Recipe

@@ -1,4 +1,4 @@
-"""Run under torchrun: clipa.agree's collectives in a real 2-process gloo group.
+"""Run under torchrun: clipa.distributed's collectives in a real 2-process gloo group.
 
 Each rank writes what it saw to OUT.rank{R}.json: the agreed minimum of different values, rank 0's
 broadcast decision, and the error every rank raised when only rank 1 failed inside `agreed()`.
@@ -11,8 +11,7 @@ import sys
 
 import torch
 
-from clipa.agree import agreed, agreed_min, broadcast_value
-from clipa.distributed import leave_process_group
+from clipa.distributed import agreed, agreed_min, broadcast_value, leave_process_group
 from clipa.errors import ClipaError
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clipa.bench import default_settings
+from clipa.train.bench import default_settings
 
 from conftest import run_in_process
 
@@ -43,8 +43,8 @@ REDUCED_STEPS = ([9.9, 0.1, 0.2], [9.9, 0.2, 0.4])
 def test_bench_pairs_and_repeats_give_hand_computed_medians(monkeypatch):
     import itertools
 
-    from clipa.bench import SettingRunner, run_bench
     from clipa.model.build import Geometry, stage_config
+    from clipa.train.bench import SettingRunner, run_bench
 
     def without_a_model(self, arch, setting, batch):  # what row() reads; no model, the steps are scripted
         self.arch, self.setting, self.batch, self.text_select_s = arch, setting, batch, 0.0
@@ -85,11 +85,11 @@ def test_bench_rejects_zero_repeats():
 
 def _measured_train_flops(setting):
     """Training FLOPs per sample of `setting`, counted by torch's FlopCounterMode on the real model and
-    step (math attention, so attention matmuls are counted): independent of clipa.flops' formula."""
+    step (math attention, so attention matmuls are counted): independent of clipa.cost.flops' formula."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipa.bench import SettingRunner
+    from clipa.train.bench import SettingRunner
 
     runner = SettingRunner("clipa-tiny", setting, batch=2)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -101,7 +101,7 @@ def test_bench_flop_ratio_matches_torch_flop_counter():
     """The FLOP ratio a bench row reports (full / reduced) against the ratio FlopCounterMode measures on
     the step bench times, for a resize, a mask and a text setting. Within 3 %: the counter also sees
     the contrastive logits and the exact step's extra no-grad forward, which the analytic count leaves out."""
-    from clipa.bench import SettingRunner
+    from clipa.train.bench import SettingRunner
 
     settings = {s.label: s for s in default_settings("clipa-tiny")}
     full = settings["full 64px / 32 tok"]

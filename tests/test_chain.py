@@ -13,7 +13,7 @@ import pytest
 from clipa.errors import ClipaError
 from clipa.recipe.index import resolve_path, shipped
 from clipa.recipe.load import dumps, load_recipe
-from clipa.runs import list_runs, read_run, run_to_continue, run_to_evaluate
+from clipa.run.listing import list_runs, read_run, run_to_continue, run_to_evaluate
 
 # BASIC and LiT train a timm classifier's image tower; no shipped finetune recipe builds that tower, so
 # they name none (checked below: the day one exists, they must name it).

@@ -85,7 +85,7 @@ def test_sigkill_during_checkpointing_then_resume_is_bitwise_identical(tmp_path,
 def report_shows_each_step_once(out, straight, report_dir):
     """`clipa report` after a resume: the steps redone after the checkpoint are logged twice; the plots
     and the summary show each once, with the values of the uninterrupted run."""
-    from clipa.report import read_metrics, report, series
+    from clipa.analysis.report import read_metrics, report, series
 
     logged = [row["step"] for row in read_metrics(out) if "loss" in row]
     assert len(logged) > len(set(logged)), logged  # the case this guards: re-logged steps exist

@@ -72,6 +72,13 @@ def test_layout_map_matches_the_tree():
     for mentioned in set(re.findall(r"`clipa/(\w+)/`", section)):
         assert (CLIPA / mentioned).is_dir(), (f"docs/development.md 'How the code is laid out' names clipa/{mentioned}/, "
                                                    "which does not exist")
+    # The top floor is the shared vocabulary only, each module named where the map says so; a new one is a decision.
+    top = section.split("- top level", 1)[1]
+    modules = sorted(p.name for p in CLIPA.glob("*.py") if p.name not in ("__init__.py", "__main__.py"))
+    assert modules == ["distributed.py", "errors.py", "progress.py", "stage.py"], (
+        f"clipa/ top level is {modules}: put a new module in the package of its concern, or add it to the map's "
+        "'top level' entry and here")
+    assert all(f"`{name}`" in top for name in modules), "docs/development.md 'top level' misses a top-level module"
 
 
 def test_tables_are_built_in_one_module():
@@ -159,6 +166,8 @@ _NEVER = {
     "model": {"train", "evaluate"},
     "run": {"train", "model", "data", "evaluate", "cli"},  # the run directory's names, below everything that uses it
     "recipe": {"train", "model", "evaluate", "run", "cli"},
+    "cost": {"train", "evaluate", "data", "run", "cli"},  # counted from the model config, below the trainer it prices
+    "analysis": {"train", "evaluate", "model", "data", "cli"},  # reads run directories and JSON, after the runs
 }
 
 
@@ -186,18 +195,23 @@ def test_the_dependency_checks_can_fail(tmp_path):
     assert _cycles({m: _clipa_imports(p, modules) for m, p in modules.items()}) == [sorted(modules)]
 
 
-def test_run_and_reduction_import_no_torch():
-    """clipa/run/ (names, lock, metrics, lineage) loads without torch: `clipa runs`, `clipa scaling` and a notebook
-    read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the recipe
-    too: a data worker picks its tokens without the model package."""
+def test_torch_free_packages_import_no_torch():
+    """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a
+    notebook read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the
+    recipe too: a data worker picks its tokens without the model package; clipa/cost/ (FLOP counts, accelerator
+    peaks, `clipa plan`) imports torch only inside the functions that count a timm tower or measure a peak, and
+    clipa/analysis/ (`clipa report`, `clipa scaling`) not at all."""
     import subprocess
 
-    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.runs, "
-            "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load; "
+    code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.run.listing, "
+            "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load, "
+            "clipa.cost.flops, clipa.cost.accelerators, clipa.cost.plan, "
+            "clipa.analysis.report, clipa.analysis.points, clipa.analysis.fit, clipa.analysis.plot; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, f"clipa/run/, clipa/reduction/ or clipa/recipe/ import {result.stdout or result.stderr}"
+    assert result.returncode == 0, (f"clipa/run/, reduction/, recipe/, cost/ or analysis/ import "
+                                    f"{result.stdout or result.stderr}")
 
 
 def _repo_texts():

@@ -5,8 +5,8 @@ import importlib.util
 
 import pytest
 
+from clipa.cost.plan import plan
 from clipa.data.shards import write_synthetic
-from clipa.plan import plan
 
 from conftest import REPO
 
@@ -31,7 +31,7 @@ def test_cores_per_gpu_divides_the_planned_rate_by_a_measured_worker(tmp_path, m
                   for mfu in (0.1, 0.4))
     assert timed == [(32, ("truncate", 8))] * 2 and slow["text"] == "truncate 8" and slow["image_size"] == 32
     # By hand: an A100's 312 TFLOP/s x MFU over the stage's training FLOPs per sample (clipa-tiny at
-    # 32 px / 8 tokens, counted by clipa.flops: test_plan checks that count).
+    # 32 px / 8 tokens, counted by clipa.cost.flops: test_plan checks that count).
     flops = plan(["tiny/pretrain"], gpu="A100", gpus=1, mfu=0.1)["stages"][0]["flops_per_sample"]
     assert slow["samples_per_s_per_gpu"] == pytest.approx(312e12 * 0.1 / flops, rel=1e-12)
     assert fast["samples_per_s_per_gpu"] == pytest.approx(312e12 * 0.4 / flops, rel=1e-12)

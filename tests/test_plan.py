@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from clipa import flops
-from clipa import plan as plan_mod
+from clipa.cost import accelerators, flops
+from clipa.cost import plan as plan_mod
 from clipa.recipe.load import load_recipe
 
 from conftest import RECIPES, REPO
@@ -14,6 +14,14 @@ from conftest import RECIPES, REPO
 # A config small enough to count by hand.
 SMALL = {"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 2, "width": 16, "patch_size": 8},
          "text_cfg": {"context_length": 4, "width": 8, "layers": 1, "heads": 2}}
+
+
+def _forward(cfg: dict, *geometry) -> dict:
+    """Forward FLOPs per tower: the parts of flops.forward_breakdown added up."""
+    parts = flops.forward_breakdown(cfg, *geometry)
+    image = sum(v for k, v in parts.items() if k.startswith("image_"))
+    text = sum(v for k, v in parts.items() if k.startswith("text_"))
+    return {"image": image, "text": text, "total": image + text}
 
 
 def test_flops_match_a_hand_count():
@@ -24,13 +32,13 @@ def test_flops_match_a_hand_count():
     # text: 4 tokens, width 8, MLP 32, 1 layer
     text = 2 * 4 * 4 * 8 * 8 + 2 * 2 * 4 * 4 * 8 + 2 * 4 * 2 * 8 * 32 + 2 * 8 * 8
     assert (image, text) == (344_448, 6_784)
-    assert flops.forward_flops(SMALL, 32, 4) == {"image": image, "text": text, "total": image + text}
+    assert _forward(SMALL, 32, 4) == {"image": image, "text": text, "total": image + text}
     # training: backward = 2 forwards, except the patch embedding (no gradient for the pixels)
     assert flops.train_flops_per_sample(SMALL, 32, 4) == 3 * (image - patch_embed) + 2 * patch_embed + 3 * text == 955_392
     # masking half the patches: int(16 x 0.5) = 8 kept + CLS; the patch embedding still sees all 16
     assert flops.image_tokens(SMALL, 32, keep_ratio=0.5) == 9
     per_layer_masked = 2 * 9 * 4 * 256 + 2 * 2 * 81 * 16 + 2 * 9 * 2 * 16 * 64
-    assert flops.forward_flops(SMALL, 32, 4, keep_ratio=0.5)["image"] == patch_embed + 2 * per_layer_masked + 256
+    assert _forward(SMALL, 32, 4, 0.5)["image"] == patch_embed + 2 * per_layer_masked + 256
 
 
 def test_flops_match_torch_flop_counter_on_the_tiny_model():
@@ -50,7 +58,7 @@ def test_flops_match_torch_flop_counter_on_the_tiny_model():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
         out = model(images, texts)
         (out["image_features"].sum() + out["text_features"].sum()).backward()
-    assert forward.get_total_flops() / 2 == pytest.approx(flops.forward_flops(cfg, 32, 8)["total"], rel=0.01)
+    assert forward.get_total_flops() / 2 == pytest.approx(_forward(cfg, 32, 8)["total"], rel=0.01)
     assert step.get_total_flops() / 2 == pytest.approx(flops.train_flops_per_sample(cfg, 32, 8), rel=0.01)
 
 
@@ -62,18 +70,18 @@ def test_timm_image_tower_is_counted_on_the_meta_device():
     same_vit = {"embed_dim": 128, "vision_cfg": {"image_size": 112, "layers": 12, "width": 192, "patch_size": 16},
                 "text_cfg": SMALL["text_cfg"]}
     assert flops.image_tokens(timm_cfg, 112) == flops.image_tokens(same_vit, 112) == 50
-    timm_parts, vit = flops.forward_breakdown(timm_cfg, 112, 4), flops.forward_flops(same_vit, 112, 4)
+    timm_parts, vit = flops.forward_breakdown(timm_cfg, 112, 4), _forward(same_vit, 112, 4)
     assert timm_parts["image_trunk"] + timm_parts["image_head"] == pytest.approx(vit["image"], rel=1e-6)
     assert flops.train_flops_per_sample(timm_cfg, 112, 4) > 0
 
 
 def test_accelerator_names():
-    assert flops.match_accelerator("NVIDIA A100-SXM4-80GB") == "A100"
-    assert flops.match_accelerator("NVIDIA H100 PCIe") == "H100 PCIe"
-    assert flops.match_accelerator("NVIDIA L40S") == "L40S"
-    assert flops.match_accelerator("tpu-v5e") == flops.match_accelerator("v5e") == "TPU v5e"
-    assert flops.match_accelerator("abacus") is None
-    assert all(v > 0 for v in flops.PEAK_TFLOPS_BF16.values())
+    assert accelerators.match_accelerator("NVIDIA A100-SXM4-80GB") == "A100"
+    assert accelerators.match_accelerator("NVIDIA H100 PCIe") == "H100 PCIe"
+    assert accelerators.match_accelerator("NVIDIA L40S") == "L40S"
+    assert accelerators.match_accelerator("tpu-v5e") == accelerators.match_accelerator("v5e") == "TPU v5e"
+    assert accelerators.match_accelerator("abacus") is None
+    assert all(v > 0 for v in accelerators.PEAK_TFLOPS_BF16.values())
 
 
 def test_json_shape_and_costs_add_up(cli):
@@ -106,7 +114,7 @@ def test_defaults_reproduce_the_published_h14_cost(cli):
     data = json.loads(cli("plan", "vit_h14/pretrain_84", "vit_h14/finetune_224", "--json").stdout)
     assert data["total"]["gpu_hours"] == pytest.approx(7776, rel=0.03)
     assert data["total"]["cost"] == pytest.approx(12247, rel=0.03)
-    assert plan_mod.implied_mfu(data["total"]["total_flops"], 7776, 312) == pytest.approx(plan_mod.DEFAULT_MFU, abs=0.01)
+    assert plan_mod.hours(data["total"]["total_flops"], 312, 1.0) / 7776 == pytest.approx(plan_mod.DEFAULT_MFU, abs=0.01)
     direct = plan_mod.plan(["vit_h14/pretrain_84", "vit_h14/finetune_224"])  # the CLI's defaults are the module's
     assert direct["total"] == pytest.approx(data["total"])
 
@@ -191,7 +199,7 @@ def test_training_flops_match_torch_flop_counter_at_full_and_reduced_tokens(arch
     from torch.utils.flop_counter import FlopCounterMode
 
     from clipa.model.build import Geometry, create_model, stage_config
-    from clipa.model.masking import image_grid, install_patch_masker
+    from clipa.model.masking import install_patch_masker
     from clipa.reduction.image import patch_keep_indices
 
     cfg = stage_config(arch, Geometry(image_size, text_length))
@@ -199,7 +207,7 @@ def test_training_flops_match_torch_flop_counter_at_full_and_reduced_tokens(arch
     masker = install_patch_masker(model, "random", mask_ratio)
     model.train()
     if masker is not None:
-        keep = patch_keep_indices("random", image_grid(cfg, image_size), mask_ratio, np.random.default_rng(0))
+        keep = patch_keep_indices("random", masker.grid, mask_ratio, np.random.default_rng(0))
         masker.use(torch.from_numpy(keep)[None])
     images, texts = torch.randn(1, 3, image_size, image_size), torch.randint(0, 1000, (1, text_length))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -217,7 +225,7 @@ def test_masked_timm_vit_is_counted_at_its_kept_tokens():
     same_vit = {"embed_dim": 128, "vision_cfg": {"image_size": 112, "layers": 12, "width": 192, "patch_size": 16},
                 "text_cfg": SMALL["text_cfg"]}
     assert flops.image_tokens(timm_cfg, 112, 0.5) == flops.image_tokens(same_vit, 112, 0.5) < 50
-    timm_parts, vit = flops.forward_breakdown(timm_cfg, 112, 4, 0.5), flops.forward_flops(same_vit, 112, 4, 0.5)
+    timm_parts, vit = flops.forward_breakdown(timm_cfg, 112, 4, 0.5), _forward(same_vit, 112, 4, 0.5)
     assert timm_parts["image_trunk"] + timm_parts["image_head"] == pytest.approx(vit["image"], rel=1e-6)
     assert flops.train_flops_per_sample(timm_cfg, 112, 4, 0.5) < flops.train_flops_per_sample(timm_cfg, 112, 4)
 
@@ -264,5 +272,5 @@ def test_every_published_row_of_docs_plan_table_is_what_plan_computes():
         assert result["gpu_hours"] == pytest.approx(num(planned_h), abs=1), label
         assert result["cost"] == pytest.approx(num(planned_usd), abs=1), label
         assert result["gpu_hours"] == pytest.approx(num(published_h), rel=0.15 if model == "L/14" else 0.03), label
-        implied = plan_mod.implied_mfu(result["total_flops"], num(published_h), 312)
+        implied = plan_mod.hours(result["total_flops"], 312, 1.0) / num(published_h)  # the MFU they imply
         assert implied == pytest.approx(num(mfu), abs=0.001), label

@@ -6,8 +6,9 @@ import re
 import numpy as np
 import pytest
 
+from clipa.analysis.fit import fit_power_law, t_quantile
+from clipa.analysis.points import load_points
 from clipa.errors import ClipaError
-from clipa.scaling import fit_power_law, load_points, t_quantile
 
 from conftest import RECIPES
 from test_cli import assert_user_error
@@ -95,7 +96,7 @@ def fake_run(root, name, stage_recipe, samples, acc1=None, eval_row=None, overri
 
 
 def test_run_directories_count_every_stage(tmp_path):
-    from clipa.flops import train_flops_per_sample
+    from clipa.cost.flops import train_flops_per_sample
     from clipa.model.build import Geometry, stage_config
 
     pre = fake_run(tmp_path / "runs", "pre", "tiny/pretrain.toml", 64_000)

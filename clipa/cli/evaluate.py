@@ -66,7 +66,7 @@ def _eval_model(model: Optional[str], pretrained: Optional[str], image_size: Opt
     if precision is not None:
         resolve(precision, "cpu")  # a bad name fails before the model loads
     if model is None:
-        from clipa.runs import run_to_evaluate
+        from clipa.run.listing import run_to_evaluate
 
         if pretrained:
             raise ClipaError("--pretrained: needs --model (the architecture the weights are for)")

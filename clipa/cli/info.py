@@ -27,7 +27,7 @@ def runs(root: Path = typer.Option(Path("runs"), "--root", help="The folder hold
     """The runs under runs/: stage, recipe, parent run, steps done / total, finished, last zero-shot acc1."""
     import json
 
-    from clipa.runs import list_runs
+    from clipa.run.listing import list_runs
 
     found = list_runs(root)
     if as_json:

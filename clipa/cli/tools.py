@@ -15,7 +15,7 @@ from clipa.errors import ClipaError
 def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Recipe paths or shipped names, in pipeline order."),
          as_json: bool = typer.Option(False, "--json", help="Print {\"stages\": [...], \"total\": {...}} as JSON."),
          gpu: str = typer.Option("A100", "--gpu", help="Accelerator name (A100, H100, H200, L4, L40S, TPU v5e, ...; "
-                                 "see clipa.flops.PEAK_TFLOPS_BF16)."),
+                                 "see clipa.cost.accelerators.PEAK_TFLOPS_BF16)."),
          gpus: int = typer.Option(8, "--gpus", help="Accelerators working in parallel (wall hours = GPU-hours / N)."),
          mfu: float = typer.Option(0.27, "--mfu", help="Expected model-FLOPs utilisation; 0.27 is what CLIPA-v2's "
                                    "published H/14 A100-hours imply (docs/plan.md)."),
@@ -26,7 +26,7 @@ def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Rec
     """FLOPs, accelerator-hours and dollars of each stage and of the pipeline, before you spend them."""
     import json
 
-    from clipa.plan import plan as make_plan
+    from clipa.cost.plan import plan as make_plan
 
     result = make_plan(recipes, gpu=gpu, gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
     if as_json:
@@ -49,7 +49,9 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
                 dataset: Optional[str] = typer.Option(None, "--dataset", help="Which zeroshot_*.json result to use "
                                                       "when a run directory holds several.")) -> None:
     """Power-law fit of zero-shot error against training compute, with 95% intervals and a plot."""
-    from clipa.scaling import fit_power_law, load_points, plot_fit
+    from clipa.analysis.fit import fit_power_law
+    from clipa.analysis.plot import plot_fit
+    from clipa.analysis.points import load_points
 
     if target_compute is not None and target_compute <= 0:
         raise ClipaError(f"--target-compute: must be > 0 FLOPs, got {target_compute:g}")
@@ -68,7 +70,7 @@ def scaling_fit(inputs: List[Path] = typer.Argument(..., metavar="RUNS_OR_JSON..
 def report(run_dir: Path = typer.Argument(..., help="A clipa run directory."),
            out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default RUN_DIR/report).")) -> None:
     """PNG plots (loss, lr, logit scale, throughput, evaluations vs samples seen) and a text summary."""
-    from clipa.report import report as make_report
+    from clipa.analysis.report import report as make_report
 
     summary, written = make_report(run_dir, out_dir)
     out.print(summary, highlight=False)
@@ -85,8 +87,8 @@ def bench(arch: List[str] = typer.Option(["clipa-tiny", "ViT-B-16"], "--arch", h
     """Measured training throughput of token-reduction settings vs the analytic FLOP ratio."""
     import json
 
-    from clipa.bench import run_bench
     from clipa.model.build import arch_config
+    from clipa.train.bench import run_bench
 
     if steps < 1 or repeats < 1:
         raise ClipaError(f"--steps and --repeats: must be >= 1, got --steps {steps} --repeats {repeats}")

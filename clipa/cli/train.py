@@ -29,8 +29,8 @@ def load(recipe_path: str, overrides: Optional[List[str]]):
 
 
 def _dry_run(recipe, numbers, stage: str, run_dir: Path, resume: Path | None, notes: list[str]) -> None:
+    from clipa.cost.flops import train_flops_per_sample
     from clipa.data.spec import data_commands
-    from clipa.flops import train_flops_per_sample
     from clipa.model.build import arch_config, native_geometry
     from clipa.model.checkpoints import newest_loadable
     from clipa.recipe.load import dumps
@@ -89,7 +89,7 @@ def finetune(recipe: Optional[str] = typer.Argument(None, help="Recipe TOML path
     if recipe is not None and "=" in recipe and not Path(recipe).exists():
         overrides, recipe = [recipe, *(overrides or [])], None  # `clipa finetune optim.lr=1e-4`: an override
     if recipe is None or from_run is not None:
-        from clipa.runs import next_recipe, run_to_continue
+        from clipa.run.listing import next_recipe, run_to_continue
 
         run, notes = run_to_continue(from_run)
         recipe = recipe or next_recipe(run)
@@ -148,7 +148,7 @@ def quickstart(out_dir: Path = typer.Option(Path("runs/quickstart"), "--out", he
                scale: float = typer.Option(1.0, "--scale",
                                            help="Fraction of the recipes' samples to train on (for a quicker look).")) -> None:
     """Pretrain -> finetune -> zero-shot on the built-in synthetic data, on a CPU, in minutes."""
-    from clipa.quickstart import run_quickstart
+    from clipa.train.quickstart import run_quickstart
 
     if not 0 < scale <= 1:
         raise ClipaError(f"--scale: must be in (0, 1], got {scale}")

@@ -1,9 +1,10 @@
-"""Building open_clip models for a stage, moving weights between stages, and export.
+"""Building open_clip models for a stage: the architecture's config at the stage's geometry, a timm
+image tower, the model and its tokenizer.
 
-open_clip owns the architectures (JSON configs and their registry), the position-embedding
-resizing (`resize_pos_embed`: 2-D bicubic keeping the class token; `resize_text_pos_embed`:
-linear, as CLIPA does) and the `local-dir:` export format. This module only decides the
-*geometry* of a stage (input resolution and text length) and wires those pieces together.
+open_clip owns the architectures (JSON configs and their registry); this module only decides the
+*geometry* of a stage (input resolution and text length) and builds open_clip's model and tokenizer
+for it. Moving weights between stages (open_clip's position-embedding resizing) and the `local-dir:`
+export are clipa/model/weights.py's.
 """
 
 from __future__ import annotations

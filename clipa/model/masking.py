@@ -41,11 +41,6 @@ class PatchMasker(nn.Module):
         return torch.cat([prefix, torch.gather(patches, 1, index)], dim=1)
 
 
-def image_grid(model_cfg: dict, image_size: int) -> tuple[int, int] | None:
-    patch = model_cfg["vision_cfg"].get("patch_size")
-    return (image_size // patch, image_size // patch) if patch else None
-
-
 def timm_patch_slot(trunk: nn.Module | None) -> bool:
     """Whether a timm trunk has the ViT token path masking needs: patch_embed -> _pos_embed ->
     patch_drop -> norm_pre -> blocks (timm's VisionTransformer and its subclasses such as DeiT).

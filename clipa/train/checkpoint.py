@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from clipa.agree import agreed, fault_point
+from clipa.distributed import agreed, fault_point
 from clipa.errors import ClipaError, first_line
 from clipa.model.checkpoints import newest_loadable, verify
 from clipa.model.safeload import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported

@@ -30,12 +30,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from clipa.agree import agreed, agreed_min, broadcast_value, fault_point, peer_lost
+from clipa.cost.accelerators import device_peak_flops
 from clipa.data.loader import build_train_loader, check_resume_layout, loader_layout, resolve_workers
 from clipa.data.spec import data_commands
 from clipa.data.transforms import Normalize
+from clipa.distributed import agreed, agreed_min, broadcast_value, fault_point, peer_lost
 from clipa.errors import ClipaError, first_line
-from clipa.flops import device_peak_flops
 from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
 from clipa.model.masking import install_patch_masker

@@ -4,7 +4,7 @@ run a bare `clipa finetune` continues and which one a bare `clipa zeroshot` eval
 Plain Python over a run directory's own files (config.toml, metrics.jsonl, checkpoints/step_N, final/),
 no torch, so a notebook can call it as the CLI does:
 
-    >>> from clipa.runs import list_runs, run_to_continue, run_to_evaluate
+    >>> from clipa.run.listing import list_runs, run_to_continue, run_to_evaluate
     >>> [run.name for run in list_runs("runs")]
 
 A run is *finished* when its final/ export exists and its newest checkpoint reached the step count of

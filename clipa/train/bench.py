@@ -6,7 +6,7 @@ not timed: its cost is per step, not per token, and at real batch sizes (tens of
 samples per step) it vanishes, while at the few samples per step a CPU can afford it would
 dominate. Reported per setting:
 
-  FLOPs/sample    analytic training FLOPs (clipa.flops, the counter `clipa plan` will use)
+  FLOPs/sample    analytic training FLOPs (clipa.cost.flops, the counter `clipa plan` will use)
   speedup         measured samples/s relative to the full-token setting
   FLOP ratio      full-token FLOPs / setting FLOPs (the speedup a perfect implementation gets)
   efficiency      speedup / FLOP ratio (1.0 = every dropped token saved its full cost)
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from clipa.cost.flops import image_tokens, train_flops_per_sample
 from clipa.data.synthetic import train_sample
-from clipa.flops import image_tokens, train_flops_per_sample
 from clipa.model.build import Geometry, arch_config, build_tokenizer, create_model, native_geometry, stage_config
 from clipa.model.masking import install_patch_masker
 from clipa.recipe.schema import OptimConfig
@@ -108,7 +108,7 @@ class SettingRunner:
         images = torch.randn(batch, 3, setting.image_size, setting.image_size)
         keep = None
         if masker is not None:
-            # The masker's own grid: an open_clip ViT's or a timm ViT's (image_grid knows only the former).
+            # The masker's own grid: an open_clip ViT's or a timm ViT's.
             keep = torch.from_numpy(np.stack([patch_keep_indices(setting.image, masker.grid, setting.mask_ratio, r)
                                               for r in rngs]))
         self.micro_batches = [(images.to(accelerator.device), texts.to(accelerator.device), keep)]

@@ -1,8 +1,7 @@
 """`clipa report RUN_DIR`: PNG plots and a text summary of a run, from its metrics.jsonl.
 
-Plots are drawn with PIL (already a dependency) rather than matplotlib, so a report works on
-any machine clipa runs on: one small line chart per series (loss, learning rate, logit scale,
-throughput and every evaluation metric) against samples seen.
+One small line chart per series (loss, learning rate, logit scale, throughput and every evaluation
+metric) against samples seen, drawn by clipa/analysis/plot.py (PIL, no matplotlib).
 """
 
 from __future__ import annotations
@@ -10,13 +9,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
-
+from clipa.analysis.plot import line_chart
 from clipa.errors import ClipaError
 from clipa.run.metrics import read_metrics as read_metrics_file
 
 TRAIN_SERIES = ("loss", "lr", "logit_scale", "samples_per_s")
-_W, _H, _PAD = 640, 360, 56
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -39,42 +36,6 @@ def series(rows: list[dict], key: str) -> list[tuple[float, float]]:
         if isinstance(value, (int, float)) and math.isfinite(value):
             by_step[(row.get("stage"), row["step"])] = (float(row.get("samples", row["step"])), float(value))
     return sorted(by_step.values())
-
-
-def _ticks(low: float, high: float, n: int = 5) -> list[float]:
-    if high <= low:
-        return [low]
-    return [low + (high - low) * i / (n - 1) for i in range(n)]
-
-
-def line_chart(points: list[tuple[float, float]], title: str, path: Path) -> None:
-    image = Image.new("RGB", (_W, _H), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    draw.text((_PAD, 12), title, fill="black", font=font)
-    x0, y0, x1, y1 = _PAD, _PAD - 16, _W - 20, _H - _PAD + 8
-    draw.rectangle([x0, y0, x1, y1], outline="#888888")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    ymin, ymax = min(ys), max(ys)
-    if ymax - ymin < 1e-12:
-        ymin, ymax = ymin - 0.5, ymax + 0.5
-    to_px = lambda x, y: (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0),  # noqa: E731
-                          y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
-    for tick in _ticks(ymin, ymax):
-        _, py = to_px(xmin, tick)
-        draw.line([x0, py, x1, py], fill="#eeeeee")
-        draw.text((4, py - 6), f"{tick:.4g}", fill="black", font=font)
-    for tick in _ticks(xmin, xmax):
-        px, _ = to_px(tick, ymin)
-        draw.text((px - 16, y1 + 6), f"{tick:.3g}", fill="black", font=font)
-    draw.text(((x0 + x1) // 2 - 40, _H - 18), "samples seen", fill="black", font=font)
-    pixels = [to_px(x, y) for x, y in points]
-    if len(pixels) > 1:
-        draw.line(pixels, fill="#1f77b4", width=2)
-    for px, py in pixels if len(pixels) <= 60 else pixels[-1:]:
-        draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill="#1f77b4")
-    image.save(path)
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None) -> tuple[str, list[Path]]:

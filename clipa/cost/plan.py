@@ -1,10 +1,10 @@
 """What a pipeline of stages will cost before you run it: tokens, FLOPs, accelerator-hours, dollars.
 
-    from clipa.plan import plan
+    from clipa.cost.plan import plan
     p = plan(["vit_h14/pretrain_84", "vit_h14/finetune_224"], gpu="A100", gpus=8)
     p["total"]["gpu_hours"], p["total"]["cost"]
 
-FLOPs are clipa's analytic model FLOPs (`clipa.flops`: matmuls of both towers, forward + backward),
+FLOPs are clipa's analytic model FLOPs (`clipa.cost.flops`: matmuls of both towers, forward + backward),
 counted over the samples the trainer will actually run (whole steps). Time is
 FLOPs / (peak x MFU): `mfu` is the model-FLOPs utilisation you expect to reach, by default the one
 implied by CLIPA-v2's published H/14 A100-hours (docs/plan.md). The result is plain data in the
@@ -15,8 +15,8 @@ shape `clipa plan --json` prints (documented in docs/plan.md):
 
 from __future__ import annotations
 
+from clipa.cost.accelerators import PEAK_TFLOPS_BF16, match_accelerator
 from clipa.errors import ClipaError
-from clipa.flops import PEAK_TFLOPS_BF16, match_accelerator
 
 DEFAULT_GPU = "A100"
 DEFAULT_GPUS = 8
@@ -55,14 +55,14 @@ def stage_flops(recipe) -> dict:
     """Tokens and training FLOPs of one recipe (a `Recipe`): per sample and in total."""
     from clipa.stage import Stage
 
-    stage = Stage.of(recipe)
+    numbers = Stage.of(recipe)
     return {
-        "name": recipe.name, "arch": recipe.model.arch, "image_size": stage.geometry.image_size,
-        "mask_ratio": recipe.reduction.mask_ratio, "image_tokens": stage.image_tokens,
-        "text_tokens": stage.geometry.context_length, "tokens_per_sample": stage.tokens_per_sample,
-        "global_batch_size": stage.global_batch, "steps": stage.steps, "samples": stage.samples,
-        "image_flops_per_sample": stage.flops["image"], "text_flops_per_sample": stage.flops["text"],
-        "flops_per_sample": stage.flops_per_sample, "total_flops": stage.total_flops,
+        "name": recipe.name, "arch": recipe.model.arch, "image_size": numbers.geometry.image_size,
+        "mask_ratio": recipe.reduction.mask_ratio, "image_tokens": numbers.image_tokens,
+        "text_tokens": numbers.geometry.context_length, "tokens_per_sample": numbers.tokens_per_sample,
+        "global_batch_size": numbers.global_batch, "steps": numbers.steps, "samples": numbers.samples,
+        "image_flops_per_sample": numbers.flops["image"], "text_flops_per_sample": numbers.flops["text"],
+        "flops_per_sample": numbers.flops_per_sample, "total_flops": numbers.total_flops,
     }
 
 
@@ -93,9 +93,3 @@ def plan(recipes, gpu: str = DEFAULT_GPU, gpus: int = DEFAULT_GPUS, mfu: float =
         stages.append(stage)
     total = {key: sum(s[key] for s in stages) for key in ("total_flops", "gpu_hours", "cost")}
     return {"stages": stages, "total": total}
-
-
-def implied_mfu(total_flops: float, gpu_hours: float, peak_tflops: float) -> float:
-    """The MFU at which `total_flops` take `gpu_hours` (to calibrate against a published cost)."""
-    return total_flops / (gpu_hours * 3600.0 * peak_tflops * 1e12)
-
