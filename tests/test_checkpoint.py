@@ -346,9 +346,9 @@ def test_bad_resume_paths_exit_2_with_one_line(tmp_path, straight, cli):
 def test_saving_a_step_again_replaces_it_and_drops_an_abandoned_trajectory(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=1)
     for step, value in ((4, 1.0), (6, 2.0)):
-        manager.save(step, {"w": torch.full((3,), value)}, {"step": step}, "name = 'x'\n")
+        manager.write(step, {"w": torch.full((3,), value)}, {"step": step}, "name = 'x'\n")
     # A rollback to step 4 continues: step 4 is written again; step 6 belonged to the old trajectory.
-    manager.save(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n", rolled_back=True)
+    manager.write(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n", rolled_back=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000004"]
     assert (tmp_path / "LATEST").read_text() == "step_000004\n"
     model, state, rng = ckpt.load_state(tmp_path / "step_000004")
@@ -359,7 +359,7 @@ def test_a_save_killed_between_its_renames_is_recovered(tmp_path):
     # The same step saved again moves the old directory aside first; a kill right after that rename
     # leaves only `.old-step_4` (and the temporary directory). The next start puts it back.
     manager = CheckpointManager(tmp_path, keep_last=1)
-    manager.save(4, {"w": torch.full((3,), 1.0)}, {"step": 4}, "name = 'x'\n")
+    manager.write(4, {"w": torch.full((3,), 1.0)}, {"step": 4}, "name = 'x'\n")
     (tmp_path / "step_000004").rename(tmp_path / ".old-step_000004")
     assert CheckpointManager(tmp_path).latest() is None  # looking does not change anything...
     CheckpointManager(tmp_path).recover()  # ...the trainer's start does
@@ -388,7 +388,7 @@ def test_resume_rejects_changes_that_make_another_run(tmp_path):
 def test_skipped_fp16_step_backs_off_the_loss_scale_and_clipping_still_works():
     # accelerate makes no grad scaler on CPU, so this drives torch's real GradScaler the way the
     # trainer does: scaled backward, unscale_ (clipping), a non-finite step skipped, the next clipped.
-    from clipa.train.trainer import skip_scaled_update
+    from clipa.train.parallel import skip_scaled_update
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)
