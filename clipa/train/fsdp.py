@@ -96,10 +96,6 @@ class Fsdp:
         """Sharded already (`shard`); accelerate adds autocast only. train.compile is refused with FSDP (recipe)."""
         return model, optimizer, model
 
-    @property
-    def unwrapped(self) -> torch.nn.Module:
-        return self.model
-
     # ------------------------------------------------------------------ one step
 
     @contextlib.contextmanager

@@ -95,6 +95,7 @@ class Replicated:
 
     def __init__(self, accelerator: Accelerator, grad_clip: float = 0.0):
         self.accelerator, self.grad_clip = accelerator, grad_clip
+        self.unwrapped: torch.nn.Module | None = None  # the model itself, as built
         self.model: torch.nn.Module | None = None  # as the trainer calls it: DDP-wrapped, maybe compiled
 
     def shard(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -150,6 +150,7 @@ class Trainer:
             self.queue = QueuedNegatives(recipe.loss.queue, self.model_cfg["embed_dim"], accelerator.device, model)
             position = DataPosition(recipe.data, self.world, self.micro, lambda: self.state.step * self.accumulation,
                                     self.main)
+            # What a checkpoint holds, in the order it is saved and restored; clipa.train.checkpoint knows the files.
             self.checkpoints.register(dumps(recipe), **self.parallel.checkpoint_parts(optimizer),
                                       scheduler=self.scheduler, scaler=accelerator.scaler, train=self.state,
                                       data_position=position, queue=self.queue, rng=ProcessRng())
