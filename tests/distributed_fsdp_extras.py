@@ -43,8 +43,8 @@ def held(trainer) -> dict:
             "logit_bias": model.logit_bias.item() if getattr(model, "logit_bias", None) is not None else None,
             "visual_in_optimizer": sum(id(p) in optimized for p in model.visual.parameters()),
             "visual_with_grad": sum(p.grad is not None for p in model.visual.parameters())}
-    if trainer.queues is not None:
-        state = trainer.queues.state_dict()
+    if trainer.queue.queues is not None:
+        state = trainer.queue.queues.state_dict()
         seen["queue"] = {"pointer": int(state["pointer"]), "filled": int(state["filled"]),
                          "images": state["images"].tolist(), "texts": state["texts"].tolist()}
     return seen
@@ -55,7 +55,7 @@ def main(out: Path) -> None:
         runs = out / case
         straight = Trainer(recipe(extra), "pretrain", runs / "straight")
         rank = straight.rank
-        initial = straight.fsdp.full_model_state()  # collective; whole on rank 0
+        initial = straight.parallel.full_model_state()  # collective; whole on rank 0
         if rank == 0:
             save_file({k: v.contiguous() for k, v in initial.items()}, str(runs / "initial.safetensors"))
         straight.run()

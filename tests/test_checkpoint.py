@@ -315,6 +315,21 @@ def test_explicit_resume_rolls_back_and_replays_bitwise(tmp_path, straight):
     assert ckpt.verify(out / "checkpoints" / "step_000008") is None
 
 
+def test_a_state_file_missing_an_entry_every_checkpoint_holds_is_one_line_not_a_silent_resume(tmp_path, straight):
+    """A state.pt without its scheduler (a damaged file) stops the resume with one line naming the entry;
+    restoring parts by name must not quietly keep the freshly built scheduler."""
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    state_file = out / "checkpoints" / "step_000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["scheduler"]
+    torch.save(state, state_file)
+    result = run(out, 8, None, "--resume", str(out / "checkpoints" / "step_000002"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert 'state.pt has no "scheduler" entry' in errors[0] and "step_000002" in errors[0], errors
+
+
 def test_resume_from_a_run_directory_at_its_end_rewrites_nothing(tmp_path, straight):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
@@ -346,9 +361,9 @@ def test_bad_resume_paths_exit_2_with_one_line(tmp_path, straight, cli):
 def test_saving_a_step_again_replaces_it_and_drops_an_abandoned_trajectory(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=1)
     for step, value in ((4, 1.0), (6, 2.0)):
-        manager.save(step, {"w": torch.full((3,), value)}, {"step": step}, "name = 'x'\n")
+        manager.write(step, {"w": torch.full((3,), value)}, {"step": step}, "name = 'x'\n")
     # A rollback to step 4 continues: step 4 is written again; step 6 belonged to the old trajectory.
-    manager.save(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n", rolled_back=True)
+    manager.write(4, {"w": torch.full((3,), 3.0)}, {"step": 4}, "name = 'x'\n", rolled_back=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "step_000004"]
     assert (tmp_path / "LATEST").read_text() == "step_000004\n"
     model, state, rng = ckpt.load_state(tmp_path / "step_000004")
@@ -359,7 +374,7 @@ def test_a_save_killed_between_its_renames_is_recovered(tmp_path):
     # The same step saved again moves the old directory aside first; a kill right after that rename
     # leaves only `.old-step_4` (and the temporary directory). The next start puts it back.
     manager = CheckpointManager(tmp_path, keep_last=1)
-    manager.save(4, {"w": torch.full((3,), 1.0)}, {"step": 4}, "name = 'x'\n")
+    manager.write(4, {"w": torch.full((3,), 1.0)}, {"step": 4}, "name = 'x'\n")
     (tmp_path / "step_000004").rename(tmp_path / ".old-step_000004")
     assert CheckpointManager(tmp_path).latest() is None  # looking does not change anything...
     CheckpointManager(tmp_path).recover()  # ...the trainer's start does
@@ -388,7 +403,7 @@ def test_resume_rejects_changes_that_make_another_run(tmp_path):
 def test_skipped_fp16_step_backs_off_the_loss_scale_and_clipping_still_works():
     # accelerate makes no grad scaler on CPU, so this drives torch's real GradScaler the way the
     # trainer does: scaled backward, unscale_ (clipping), a non-finite step skipped, the next clipped.
-    from clipa.train.trainer import skip_scaled_update
+    from clipa.train.parallel import skip_scaled_update
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from clipa.evaluate.models import load_model
 from clipa.model.build import arch_config, create_model, native_geometry, stage_config
 from clipa.recipe.load import load_recipe
-from clipa.train.trainer import _accelerator, train
+from clipa.train.parallel import make_accelerator
+from clipa.train.trainer import train
 
 from conftest import RECIPES, run_cli, tiny_overrides
 from test_cli import assert_user_error
@@ -74,7 +75,7 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_reaches_accelerate():
     try:
         for precision, expected in [("auto", "no"), ("fp32", "no"), ("bf16", "bf16")]:
             AcceleratorState._reset_state(reset_partial_state=True)  # the precision is process-wide in accelerate
-            accelerator = _accelerator(precision)
+            accelerator = make_accelerator(precision)
             assert accelerator.mixed_precision == expected, precision
             assert accelerator.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     finally:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clipa.recipe.load import load_recipe
-from clipa.train import trainer as trainer_module
+from clipa.train import parallel as parallel_module
 from clipa.train.trainer import Trainer
 
 from conftest import RECIPES, tiny_overrides
@@ -51,7 +51,7 @@ def fp16_on_cpu(monkeypatch):
         made.native_amp, made.scaler = True, RecordingScaler()  # what it gives on a GPU
         return made
 
-    monkeypatch.setattr(trainer_module, "_accelerator", accelerator)
+    monkeypatch.setattr(parallel_module, "make_accelerator", accelerator)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 

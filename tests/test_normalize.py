@@ -134,13 +134,13 @@ def test_clipa_zeroshot_on_the_export_sees_what_open_clip_sees(trained):
 
 def test_a_finetune_from_weights_trained_otherwise_gets_a_note(trained):
     from clipa.model.weights import trained_mean_std
-    from clipa.train.trainer import _normalisation_note
+    from clipa.train.preflight import normalisation_note
 
     run_dir, _ = trained
     checkpoint = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     assert trained_mean_std(run_dir) == trained_mean_std(checkpoint) == (MEAN, STD)  # final/, then the recipe
     finetune = RECIPES / "tiny" / "finetune.toml"
-    note = _normalisation_note(load_recipe(finetune), str(run_dir))
+    note = normalisation_note(load_recipe(finetune), str(run_dir))
     assert note.startswith(f"init.checkpoint {run_dir} was trained with image mean {MEAN}") and "openai" in note
     same = load_recipe(finetune, ["data.normalize=custom", f"data.mean={MEAN}", f"data.std={STD}"])
-    assert _normalisation_note(same, str(run_dir)) is None
+    assert normalisation_note(same, str(run_dir)) is None

@@ -133,14 +133,14 @@ def test_training_with_queues_keeps_gradients_off_the_keys(tmp_path, kind):
     trainer = Trainer(recipe, "pretrain", tmp_path / "run")
     initial = {name: p.detach().clone() for name, p in trainer.unwrapped.named_parameters()}
     result = trainer.run()
-    assert result.steps == 4 and trainer.queues.filled == 48 and trainer.queues.pointer == 16
-    assert not trainer.queues.images.requires_grad and not trainer.queues.texts.requires_grad
+    assert result.steps == 4 and trainer.queue.queues.filled == 48 and trainer.queue.queues.pointer == 16
+    assert not trainer.queue.queues.images.requires_grad and not trainer.queue.queues.texts.requires_grad
     if kind == "momentum":
-        params = list(trainer.momentum.model.parameters())
+        params = list(trainer.queue.momentum.model.parameters())
         assert all(not p.requires_grad and p.grad is None for p in params)
         # the EMA moved towards the online weights but is not equal to them
         online = dict(trainer.unwrapped.named_parameters())
-        ema = dict(trainer.momentum.model.named_parameters())
+        ema = dict(trainer.queue.momentum.model.named_parameters())
         assert any(not torch.equal(ema[name], online[name]) for name in online)
         # ... and it was updated at all: an encoder left at its starting copy fails here. Every weight the
         # optimizer moved, the EMA moved in the same direction, by less (decay 0.995 over 4 steps).
@@ -183,17 +183,17 @@ def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
         shutil.rmtree(tmp_path / "b" / "checkpoints" / name)
     shutil.rmtree(tmp_path / "b" / "final")
     resumed = Trainer(load_recipe(RECIPES / "tiny" / "pretrain.toml", extra), "pretrain", tmp_path / "b")
-    assert resumed.step == 2 and resumed.queues.filled == 32 and resumed.queues.pointer == 32
-    assert resumed.queues.texts[:32].abs().sum() > 0 and not resumed.queues.texts[32:].any()
+    assert resumed.step == 2 and resumed.queue.queues.filled == 32 and resumed.queue.queues.pointer == 32
+    assert resumed.queue.queues.texts[:32].abs().sum() > 0 and not resumed.queue.queues.texts[32:].any()
     resumed.run()
-    assert torch.equal(resumed.queues.images, straight.queues.images)
-    assert torch.equal(resumed.queues.texts, straight.queues.texts)
-    assert (resumed.queues.pointer, resumed.queues.filled) == (straight.queues.pointer, straight.queues.filled)
+    ours, theirs = resumed.queue.queues, straight.queue.queues
+    assert torch.equal(ours.images, theirs.images) and torch.equal(ours.texts, theirs.texts)
+    assert (ours.pointer, ours.filled) == (theirs.pointer, theirs.filled)
     if kind == "momentum":
-        for a, b in zip(resumed.momentum.model.parameters(), straight.momentum.model.parameters()):
+        for a, b in zip(resumed.queue.momentum.model.parameters(), straight.queue.momentum.model.parameters()):
             assert torch.equal(a, b)
     else:
-        assert resumed.momentum is None
+        assert resumed.queue.momentum is None
     losses = lambda d: {json.loads(l)["step"]: json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()}  # noqa: E731,E741
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
 

@@ -277,7 +277,7 @@ def test_the_lock_is_released_when_a_run_fails_in_this_process(tmp_path):
 def small_checkpoints(directory, steps=(2, 4)):
     manager = CheckpointManager(directory, keep_last=10)
     for step in steps:
-        manager.save(step, {"w": torch.full((3,), float(step))}, {"step": step}, "name = 'x'\n")
+        manager.write(step, {"w": torch.full((3,), float(step))}, {"step": step}, "name = 'x'\n")
     return manager
 
 
@@ -328,9 +328,9 @@ def test_a_run_whose_newest_checkpoint_cannot_be_read_stops_and_deletes_nothing(
 
 def test_higher_steps_are_deleted_only_after_an_explicit_roll_back(tmp_path):
     manager = small_checkpoints(tmp_path, (2, 4, 6))
-    manager.save(2, {"w": torch.zeros(3)}, {"step": 2}, "name = 'x'\n")  # not a roll-back: 4 and 6 stay
+    manager.write(2, {"w": torch.zeros(3)}, {"step": 2}, "name = 'x'\n")  # not a roll-back: 4 and 6 stay
     assert [p.name for p in manager.complete()] == ["step_000002", "step_000004", "step_000006"]
-    manager.save(2, {"w": torch.ones(3)}, {"step": 2}, "name = 'x'\n", rolled_back=True)
+    manager.write(2, {"w": torch.ones(3)}, {"step": 2}, "name = 'x'\n", rolled_back=True)
     assert [p.name for p in manager.complete()] == ["step_000002"]
 
 

@@ -215,8 +215,7 @@ def test_run_files_are_opened_through_no_symlink(tmp_path, name):
 
 
 def test_a_folder_that_looks_like_a_run_but_is_not_marked_is_refused(tmp_path, cli):
-    from clipa.run.lock import check_run_dir
-    from clipa.train.trainer import _prepare_run_dir
+    from clipa.run.lock import check_run_dir, prepare_run_dir
 
     folder = tmp_path / "project"
     (folder / "checkpoints").mkdir(parents=True)
@@ -225,7 +224,7 @@ def test_a_folder_that_looks_like_a_run_but_is_not_marked_is_refused(tmp_path, c
                    f"--out: {folder} is not empty and is not a clipa run directory (it has no .clipa-run)")
     assert (folder / "config.toml").read_text() == "mine = true\n"
     run = tmp_path / "run"
-    _prepare_run_dir(run)  # what the trainer does with a new (or empty) --out
+    prepare_run_dir(run)  # what the trainer does with a new (or empty) --out
     (run / "config.toml").write_text("name = 'x'\n")
     check_run_dir(run)  # marked: taken as a run directory
     assert sorted(p.name for p in run.iterdir()) == [".clipa-run", "config.toml"]

@@ -123,6 +123,21 @@ def check_resume_layout(saved: dict | None, data, processes: int, micro_batch: i
     return message
 
 
+class DataPosition:
+    """The checkpoint part `data_position`: the next micro-batch (`next_micro_batch()`) and the layout it
+    counts in. The loader restarts from the step; restoring only checks the layout (`check_resume_layout`)."""
+
+    def __init__(self, data, processes: int, micro_batch: int, next_micro_batch, main: bool = True):
+        self.data, self.processes, self.micro_batch, self.main = data, processes, micro_batch, main
+        self.next_micro_batch = next_micro_batch
+
+    def state_dict(self) -> dict:
+        return {"micro_batch": self.next_micro_batch(), **loader_layout(self.data, self.processes, self.micro_batch)}
+
+    def load_state_dict(self, saved: dict) -> None:
+        check_resume_layout(saved, self.data, self.processes, self.micro_batch, self.main)
+
+
 def build_source(recipe):
     """The synthetic source, or the list of streaming sources `data.train` names (checked to yield data)."""
     data = recipe.data

@@ -95,6 +95,18 @@ def mark_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
+def prepare_run_dir(run_dir: Path) -> None:
+    """Mark the (checked) run directory as clipa's and prove it writable, through no symbolic link."""
+    try:
+        mark_run_dir(run_dir)
+        probe = run_dir / ".write-test"
+        probe.unlink(missing_ok=True)  # a stale probe (or a link: unlink removes the link, not its target)
+        os.close(open_run_file(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+        probe.unlink()
+    except OSError as err:
+        raise ClipaError(f"--out: cannot write to {run_dir} ({err.strerror}); choose a writable directory") from None
+
+
 # Descriptors of locks this process holds: a forked child (a DataLoader worker) closes its copies, so
 # an flock lock, which lives as long as any descriptor of it, dies with the process that took it.
 _HELD: set[int] = set()

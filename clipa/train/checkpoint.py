@@ -7,6 +7,14 @@ shards in `sharded/` (clipa.model.sharded), written by every process, and `state
 It is written under a temporary name, fsynced, then renamed: a directory with a final `step_*` name
 is always complete. `LATEST` names the newest and is replaced last. The names and the list of complete
 checkpoints are clipa.run.layout's; checking that one loads, clipa.model.checkpoints's.
+
+What a checkpoint holds is registered as named stateful parts (anything with `state_dict()` and
+`load_state_dict()`: model, optimizer, scheduler, scaler, train counters, data position, queues, RNG),
+which `save` writes and `restore` reads back in the order they were registered. This module alone
+knows which file each part lives in (the part names below); every other name is an entry of
+`state.pt`. A part registered as None (no scaler, no queue) is saved as None; a part restores only
+from an entry that is there and not None (checkpoints older than the entry carry none), except the
+entries every checkpoint has held (`ALWAYS_SAVED`): one of those missing is a damaged file, and an error.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 
 from clipa.distributed import agreed, fault_point
 from clipa.errors import ClipaError, first_line
 from clipa.model.checkpoints import newest_loadable, verify
-from clipa.model.safeload import load_plain, load_rng, rng_state, set_rng_state  # noqa: F401 - set_rng_state re-exported
+from clipa.model.safeload import load_plain, load_rng, rng_state, set_rng_state
 from clipa.model.weights import fsync_dir, fsync_file, model_from_checkpoint, write_safetensors
 from clipa.run.layout import (
     CONFIG_FILE,
@@ -37,20 +46,116 @@ from clipa.run.layout import (
     step_of,
 )
 
+# Parts that live outside state.pt, by name; the names are this module's, the files the run directory's format.
+WEIGHTS = "model"  # model.safetensors: the whole weights, written by process 0
+SHARDS = "sharded"  # sharded/: every process its DCP shards of weights and optimizer state (train.shard = "fsdp")
+RNG = "rng"  # rng_rank{R}.pt: every process its own generators
+# state.pt entries every clipa checkpoint has held since its first version: one missing means a damaged file,
+# not an older one (entries added later, such as the queue, restore only when present)
+ALWAYS_SAVED = ("optimizer", "scheduler")
+COUNTERS = "train"  # spread over state.pt's top level (step, wall_time_s, ...), where they were before parts had names
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class ProcessRng:
+    """The RNG part: this process's Python, NumPy and torch generators."""
+
+    def state_dict(self) -> dict:
+        return rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        set_rng_state(state)
+
 
 class CheckpointManager:
-    """Owns `RUN/checkpoints/`: atomic save, keep-last-N pruning, finding the newest."""
+    """Owns `RUN/checkpoints/`: what a checkpoint holds (`register`), when one is due (`due`), atomic save of
+    the parts and their restore, keep-last-N pruning, finding the newest."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, barrier=lambda: None):
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, barrier=lambda: None, *,
+                 every_steps: int = 0, last_step: int = 0, rolled_back: bool = False):
         self.directory = Path(directory)
         self.keep_last, self.rank, self.barrier = keep_last, rank, barrier
+        self.every_steps, self.last_step, self.rolled_back = every_steps, last_step, rolled_back
         self.moved_aside: list[str] = []  # notes for the run's log (latest(quarantine=True))
+        self.parts: dict[str, Stateful | None] = {}
+        self.config_text = ""
+        self.restored: tuple[Path, int] | None = None  # the checkpoint `restore` read, and its step
+
+    def register(self, config_text: str, **parts: Stateful | None) -> None:
+        """What every checkpoint holds: the resolved recipe (config.toml) and the named parts, in order."""
+        self.config_text = config_text
+        self.parts.update(parts)
+
+    def due(self, step: int, nonfinite_in_row: int = 0) -> bool:
+        """A periodic checkpoint after `step`: every `every_steps`, before the last step (the run's end saves
+        anyway). None inside a non-finite streak: "the last good checkpoint" then predates the trouble,
+        whatever caused it."""
+        return bool(self.every_steps) and step % self.every_steps == 0 and step < self.last_step \
+            and not nonfinite_in_row
+
+    def save(self, step: int) -> Path:
+        """Write the registered parts as checkpoint `step`; every process calls this (collective)."""
+        if self.restored is not None and self.restored[1] == step \
+                and self.restored[0].parent.resolve() == self.directory.resolve():
+            # Nothing trained since this very checkpoint was loaded (a run resumed at its end):
+            # rewriting it could only risk it, e.g. a kill mid-write with keep_last = 1.
+            return self.restored[0]
+        parts, main = self.parts, self.rank == 0
+        state = self._state_entries() if main else None
+        write_shards = None
+        if SHARDS in parts:
+            def write_shards(directory: Path) -> None:
+                from clipa.model import sharded
+
+                sharded.save(parts[SHARDS].state_dict(), directory)
+        return self.write(step, parts[WEIGHTS].state_dict() if main and WEIGHTS in parts else None, state,
+                          self.config_text, rolled_back=self.rolled_back, write_shards=write_shards,
+                          rng=parts[RNG].state_dict if RNG in parts else rng_state)
+
+    def _state_entries(self) -> dict:
+        """state.pt: every part that has no file of its own, in registration order."""
+        state = {}
+        for name, part in self.parts.items():
+            if name in (WEIGHTS, SHARDS, RNG):
+                continue
+            saved = part.state_dict() if part is not None else None
+            if name == COUNTERS:
+                state.update(saved)
+            else:
+                state[name] = saved
+        return state
+
+    def restore(self, checkpoint: Path) -> None:
+        """Load every registered part from `checkpoint`, in registration order."""
+        model_state, state, rng = load_state(checkpoint, self.rank)
+        outside = {WEIGHTS: model_state, RNG: rng, COUNTERS: state}
+        for name, part in self.parts.items():
+            if name == SHARDS:  # read into this layout's targets, at any number of processes
+                from clipa.model import sharded
+
+                target = part.state_dict()
+                sharded.load(target, checkpoint / SHARDED_DIR)
+                part.load_state_dict(target)
+                continue
+            if name in ALWAYS_SAVED and name not in state:
+                raise ClipaError(f"checkpoint {checkpoint}: its {STATE_FILE} has no \"{name}\" entry, which every "
+                                 "clipa checkpoint holds: the file is damaged; resume from an earlier checkpoint "
+                                 "with --resume, or move this one away")
+            saved = outside[name] if name in outside else state.get(name)
+            if part is not None and saved is not None:
+                part.load_state_dict(saved)
+        self.restored = (checkpoint, state["step"])
 
     def complete(self) -> list[Path]:
         return complete_checkpoints(self.directory)
 
     def recover(self) -> None:
-        """Finish a same-step save killed between its two renames (see `save`).
+        """Finish a same-step save killed between its two renames (see `write`).
 
         Rank 0 puts `.old-step_N` back when the new `step_N` never landed, and deletes it when the
         new one did. Only the trainer calls this, holding the run lock: commands that merely look at
@@ -88,9 +193,10 @@ class CheckpointManager:
             raise ClipaError(f"--out: {self.directory} has {free / 2**30:.2f} GiB free, a checkpoint needs about "
                              f"{checkpoint_bytes / 2**30:.2f} GiB; free some space or choose another --out")
 
-    def save(self, step: int, model_state: dict | None, state: dict | None, config_text: str,
-             rolled_back: bool = False, write_shards=None) -> Path:
-        """Every process calls this (it writes its RNG state); rank 0 writes the rest and renames.
+    def write(self, step: int, model_state: dict | None, state: dict | None, config_text: str,
+              rolled_back: bool = False, write_shards=None, rng=rng_state) -> Path:
+        """The files of checkpoint `step`. Every process calls this (it writes its RNG state, as `rng()`
+        returns it); rank 0 writes the rest and renames.
 
         `rolled_back`: this run started from an explicit `--resume` to an earlier step, so higher
         steps belong to the abandoned trajectory and are deleted once this one is in place.
@@ -143,7 +249,7 @@ class CheckpointManager:
             _agreed_phase(begin)
             if write_shards is not None:
                 _agreed_phase(lambda: write_shards(tmp / SHARDED_DIR))
-            _agreed_phase(lambda: _save_fsync(rng_state(), tmp / f"rng_rank{self.rank}.pt"))
+            _agreed_phase(lambda: _save_fsync(rng(), tmp / f"rng_rank{self.rank}.pt"))
             _agreed_phase(finish)
         except ClipaError as err:
             if self.rank == 0:

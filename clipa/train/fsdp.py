@@ -23,7 +23,6 @@ the device mesh is the default process group on the accelerator's device type.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from clipa.model import sharded
+from clipa.errors import ClipaError
+from clipa.train.checkpoint import SHARDS
 
 BLOCK_LISTS = ("resblocks", "blocks", "layer", "layers")  # open_clip's towers, timm trunks, HF text encoders
 
@@ -48,12 +48,15 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class Fsdp:
-    """Shards one model and owns what changes with sharding: gradient sync, norm, state dicts."""
+    """Shards one model and owns what changes with sharding: gradient sync, norm, state dicts. The trainer
+    uses it through the surface clipa.train.parallel describes, as it uses `Replicated`."""
 
-    def __init__(self, device: torch.device, cpu_offload: bool = False, reshard_after_forward: bool = True):
+    def __init__(self, device: torch.device, cpu_offload: bool = False, reshard_after_forward: bool = True,
+                 grad_clip: float = 0.0):
         from torch.distributed.device_mesh import init_device_mesh
 
         self.device, self.cpu_offload, self.reshard_after_forward = device, cpu_offload, reshard_after_forward
+        self.grad_clip = grad_clip
         self.own_group = not dist.is_initialized()
         if self.own_group:
             # One process: a group of one in memory (no rendezvous, no port).
@@ -84,6 +87,14 @@ class Fsdp:
         fully_shard(model, ignored_params=set(self.replicated), **options)
         self.model = model
         return model
+
+    def carry_optimizer_state(self, optimizer, init: str) -> str:
+        raise ClipaError("init.optimizer_state: not with train.shard=fsdp (the moments are sharded); "
+                         "set init.optimizer_state=false")
+
+    def wrap(self, model, optimizer, compile: bool = False):
+        """Sharded already (`shard`); accelerate adds autocast only. train.compile is refused with FSDP (recipe)."""
+        return model, optimizer, model
 
     # ------------------------------------------------------------------ one step
 
@@ -139,19 +150,24 @@ class Fsdp:
                 local.detach().mul_(coef.to(local.device, local.dtype))
         return total
 
-    # ------------------------------------------------------------------ checkpoints
+    def clip_and_norm(self) -> torch.Tensor:
+        """The norm over every process's shards, after clipping to `grad_clip` if set."""
+        return self.clip_grad_norm_(self.grad_clip) if self.grad_clip else self.grad_norm()
 
-    def save(self, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        """Model and optimizer state, each process its own shards; collective."""
-        model_state, optim_state = get_state_dict(self.model, optimizer)
-        sharded.save({"model": model_state, "optim": optim_state}, directory)
+    def skip_step(self, optimizer) -> None:
+        pass  # no loss scaler to back off: train.precision "fp16" is refused with FSDP (recipe)
 
-    def load(self, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        """Model and optimizer state from a sharded checkpoint written at any number of processes."""
-        model_state, optim_state = get_state_dict(self.model, optimizer)  # this layout's targets
-        state = {"model": model_state, "optim": optim_state}
-        sharded.load(state, directory)
-        set_state_dict(self.model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    # ------------------------------------------------------------------ checkpoints, export, evaluation
+
+    def checkpoint_parts(self, optimizer: torch.optim.Optimizer) -> dict:
+        """Weights and optimizer state as DCP shards (any number of processes reads them back); state.pt
+        keeps an empty "optimizer" entry, as it always has."""
+        return {SHARDS: ShardedState(self.model, optimizer), "optimizer": None}
+
+    def evaluation_model(self, build) -> torch.nn.Module:
+        """A whole copy on every process (each evaluates its share of the data, unequal in batches, which
+        sharded forwards could not be); it lives for one evaluation only."""
+        return self.whole_copy(build)
 
     def whole_copy(self, build) -> torch.nn.Module:
         """An unsharded copy of the model on this process's device (`build()` makes the blank one): every
@@ -168,3 +184,19 @@ class Fsdp:
         """The whole model's state dict on process 0, in CPU memory (empty elsewhere); collective: the
         shards are gathered one tensor at a time, so no process holds more than the result."""
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class ShardedState:
+    """The checkpoint part of a sharded run: model and optimizer state, each process its own shards (DTensors).
+    The checkpoint writes it with DCP and reads it back into `state_dict()`'s targets (this layout's, at any
+    number of processes) before `load_state_dict`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -25,13 +25,16 @@ class RunLog:
     """Writes metrics for the main process; other processes get a silent instance."""
 
     def __init__(self, path: Path | None, total: int, description: str, *, start: int = 0, enabled: bool = True,
-                 trackers=None):
-        self.enabled = enabled
+                 trackers=None, every: int = 1):
+        self.enabled, self.every = enabled, every  # a training row every `every` steps and at the last
         self.trackers = trackers  # clipa.train.trackers.Trackers: each row also goes to TensorBoard, W&B, ...
         self.file = os.fdopen(open_run_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a", encoding="utf-8") \
             if (enabled and path) else None
         self.progress, self.task = progress_bar(description, total, start, status=True) if enabled else (None, None)
         self.description, self.total = description, total
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total
 
     def advance(self, n: int = 1) -> None:
         if self.progress:

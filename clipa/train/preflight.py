@@ -85,3 +85,19 @@ def weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> li
     if tokenizer:
         notes.append(tokenizer)
     return notes
+
+
+def normalisation_note(recipe: Recipe, init: str) -> str | None:
+    """A note when init.checkpoint's weights were trained with another image mean/std than data.normalize."""
+    import math
+
+    from clipa.model.weights import trained_mean_std
+    from clipa.recipe.schema import image_mean_std
+
+    theirs = trained_mean_std(init)
+    ours = [list(v) for v in image_mean_std(recipe.data)]
+    if theirs is None or all(math.isclose(a, b, rel_tol=1e-6) for x, y in zip(theirs, ours) for a, b in zip(x, y)):
+        return None
+    return (f"init.checkpoint {init} was trained with image mean {theirs[0]} / std {theirs[1]}, data.normalize "
+            f"(\"{recipe.data.normalize}\") is mean {ours[0]} / std {ours[1]}; the weights start with inputs they "
+            "did not learn (set data.normalize to theirs to continue as they trained)")

@@ -106,6 +106,52 @@ class MomentumEncoder:
         torch._foreach_lerp_(ema, current, 1.0 - self.momentum)
 
 
+class QueuedNegatives:
+    """The recipe's `[loss.queue]` in a run: the queues (None for kind "none"), the momentum encoder (kind
+    "momentum"), each step's loss with them and what follows its update, and the checkpoint part `queue`."""
+
+    def __init__(self, cfg, embed_dim: int, device, model: torch.nn.Module):
+        self.warmup_steps = cfg.warmup_steps
+        self.queues = FeatureQueues(cfg.size, embed_dim, device) if cfg.kind != "none" else None
+        self.momentum = None
+        if cfg.kind == "momentum":  # starts as a copy of the online weights (a restore then loads its own)
+            self.momentum = MomentumEncoder(model, cfg.momentum)
+            self.momentum.model.to(device)
+
+    def step_loss(self, micro_batches, step: int, online: torch.nn.Module, autocast):
+        """This step's loss function (None: the plain loss) and what to do after its update: with queues,
+        momentum keys (computed before the online forward) and the queue's negatives join the InfoNCE columns."""
+        if self.queues is None:
+            return None, lambda: None
+        keys = self.momentum.keys(micro_batches, autocast) if self.momentum else None
+        negatives = self.queues.negatives(step, self.warmup_steps)
+        captured: list = []
+
+        def loss_fn(images, texts, scale, bias=None):
+            return queue_infonce_loss(images, texts, scale, keys, negatives, captured)
+
+        def after_update() -> None:  # EMA update, then enqueue the step's keys (or online features)
+            if self.momentum is not None:
+                self.momentum.update(online)
+                self.queues.enqueue(*keys)
+            else:
+                self.queues.enqueue(*captured)
+        return loss_fn, after_update
+
+    def state_dict(self) -> dict | None:
+        if self.queues is None:
+            return None
+        return {"queues": self.queues.state_dict(),
+                "momentum": self.momentum.model.state_dict() if self.momentum is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.queues is None:
+            return
+        self.queues.load_state_dict(state["queues"])
+        if self.momentum is not None:
+            self.momentum.model.load_state_dict(state["momentum"])
+
+
 def queue_infonce_loss(image_features, text_features, logit_scale, keys=None, negatives=None,
                        captured: list | None = None) -> torch.Tensor:
     """InfoNCE whose columns are the batch (momentum keys, or the online features) plus the queue.

@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 
 @dataclass
 class TrainState:
+    global_batch: int = 0  # samples per step: the checkpoint records the samples seen
     step: int = 0  # optimizer steps done (a skipped non-finite step counts: data and schedule move on)
     wall_before: float = 0.0  # seconds trained by earlier sessions of this run (cost survives resumes)
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient, over the whole run
     nonfinite_in_row: int = 0  # the current streak; not saved (a checkpoint is never written inside one)
+    started: float = field(default_factory=time.perf_counter)  # when this session's training began
+    stopped: float | None = None  # when it ended: the last checkpoint and the result count the same time
 
-    def state_dict(self, elapsed: float) -> dict:
-        """What a checkpoint keeps; `elapsed` is this session's training time so far."""
-        return {"step": self.step, "wall_time_s": self.wall_before + elapsed, "skipped_steps": self.skipped_steps}
+    def start_clock(self) -> None:
+        self.started, self.stopped = time.perf_counter(), None
+
+    def stop_clock(self) -> None:
+        self.stopped = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """This session's training time so far (up to `stop_clock`, once called)."""
+        return (self.stopped if self.stopped is not None else time.perf_counter()) - self.started
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (the top level of state.pt)."""
+        return {"step": self.step, "wall_time_s": self.wall_before + self.elapsed(), "skipped_steps": self.skipped_steps,
+                "samples": self.step * self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)

@@ -41,7 +41,8 @@ def _set_rng_state(state, device: torch.device) -> None:
 
 class ContrastiveStep:
     """`micro_step(last)`: the context of one micro-step's forward and backward, which synchronises
-    gradients only when `last`; default DDP's (`no_sync` before the last), FSDP's is `Fsdp.micro_step`."""
+    gradients only when `last`; the trainer passes its parallelism's (clipa.train.parallel), the default is
+    DDP's (`no_sync` before the last)."""
 
     def __init__(self, model, unwrapped, loss_fn, accelerator, masker=None, micro_step=None):
         self.model, self.unwrapped, self.loss_fn = model, unwrapped, loss_fn
