@@ -35,8 +35,8 @@ def _stats(values: list[int]) -> dict | None:
 
 
 class _Summary:
-    def __init__(self, name: str, kind: str, units: int | None):
-        self.name, self.kind, self.units = name, kind, units
+    def __init__(self, name: str, kind: str, units: int | None, unit: str = ""):
+        self.name, self.kind, self.units, self.unit = name, kind, units, unit
         self.samples, self.words, self.tokens = 0, [], []
         self.sizes: list[tuple[int, int]] = []
         self.formats: Counter = Counter()
@@ -54,7 +54,7 @@ class _Summary:
         skipped = {r: n for r, n in sorted(self.stats.counts.items()) if r not in SHARD_REASONS}
         shards = {r: n for r, n in sorted(self.stats.counts.items()) if r in SHARD_REASONS}
         sides = [min(s) for s in self.sizes]
-        return {"name": self.name, "kind": self.kind, "units": self.units, "samples": self.samples,
+        return {"name": self.name, "kind": self.kind, "units": self.units, "unit": self.unit, "samples": self.samples,
                 "skipped": skipped, "skipped_samples": sum(skipped.values()),
                 "corrupt": skipped.get("corrupt_image", 0),
                 "bad_shards": shards, "caption_words": _stats(self.words), "caption_tokens": _stats(self.tokens),
@@ -90,7 +90,7 @@ def inspect_dataset(path: str, options: ReadOptions | None = None, max_samples: 
         results.append(summary.result())
     else:
         for source in build_sources(specs, options):
-            summary = _Summary(source.name, source.kind, len(source))
+            summary = _Summary(source.name, source.kind, len(source), source.unit)
             for unit in range(len(source)):
                 for record in source.read(unit, summary.stats):
                     try:
@@ -163,8 +163,7 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
 
     rows = []
     for r in summary["sources"]:
-        units = {"shards": "shards", "csv": "rows", "synthetic": ""}[r["kind"]]
-        rows.append(("source", f"{r['name']} ({r['kind']}" + (f", {r['units']} {units})" if r["units"] is not None
+        rows.append(("source", f"{r['name']} ({r['kind']}" + (f", {r['units']} {r['unit']}s)" if r["units"] is not None
                                                              else ", endless: first samples only)")))
         rows.append(("samples", f"{r['samples']:,}"))
         skipped = ", ".join(f"{k.replace('_', ' ')}: {n}" for k, n in r["skipped"].items()) or "none"

@@ -130,7 +130,8 @@ def _local_path(url: str) -> str | None:
 class ShardSource:
     """Webdataset shards: a brace pattern, a folder of tars, `pipe:` commands or URLs."""
 
-    kind = "shards"
+    kind, unit = "shards", "shard"  # its SourceSpec kind; what one of its len() units is called
+    interleaves = True  # data.interleave applies: several shards are read at once and their samples mixed
 
     def __init__(self, spec: SourceSpec, options: ReadOptions):
         self.name, self.weight, self.options = spec.pattern, spec.weight, options
@@ -262,7 +263,8 @@ class ShardSource:
 class CsvSource:
     """Rows of one or more CSV/TSV files: an image path column and a caption column."""
 
-    kind = "csv"
+    kind, unit = "csv", "row"
+    interleaves = False  # its rows are permuted already
 
     def __init__(self, spec: SourceSpec, options: ReadOptions):
         self.name, self.weight, self.options = spec.pattern, spec.weight, options
@@ -328,8 +330,13 @@ class CsvSource:
         yield Record(f"{row} ({path})", csv_path, (path, 0, -1), caption)
 
 
+# Each SourceSpec kind (clipa/data/spec.py's source_kind) and the source that reads it ("synthetic" is the
+# endless built-in stream, clipa/data/synthetic.py). A new format: recognise it in spec.py, add it here.
+SOURCES = {ShardSource.kind: ShardSource, CsvSource.kind: CsvSource}
+
+
 def build_sources(specs: list[SourceSpec], options: ReadOptions) -> list:
-    return [CsvSource(s, options) if s.kind == "csv" else ShardSource(s, options) for s in specs]
+    return [SOURCES[s.kind](s, options) for s in specs]
 
 
 def check_not_empty(source, options: ReadOptions | None = None) -> None:
@@ -347,7 +354,7 @@ def check_not_empty(source, options: ReadOptions | None = None) -> None:
                 return
             except Exception:  # noqa: BLE001 - any decode failure: try the next sample
                 stats.skip("corrupt_image", record.where, record.key)
-    what = ("shard" if source.kind == "shards" else "row") + ("" if len(source) == 1 else "s")
+    what = source.unit + ("" if len(source) == 1 else "s")
     found = "; ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in sorted(stats.counts.items()))
     if stats.counts.get("stalled_shard"):
         raise ClipaError(f"data.train: {source.name} yields no usable sample ({len(source)} {what} read; {found}): "

@@ -98,7 +98,7 @@ class _Drought:
             return
         self.empty += 1
         if self.empty >= self.limit:
-            what = ("shard" if self.source.kind == "shards" else "row") + ("s" if self.empty > 1 else "")
+            what = self.source.unit + ("s" if self.empty > 1 else "")
             streak = sorted((self.stats.counts - self.since).items())
             reasons = "; ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in streak) or "no samples in them"
             raise ClipaError(
@@ -222,7 +222,7 @@ class StreamingTrainStream(IterableDataset):
         if not resampled:
             for source in sources:
                 if len(source) < slots:
-                    what = "shards" if source.kind == "shards" else "rows"
+                    what = f"{source.unit}s"
                     raise ClipaError(
                         f"data.train: {source.name} has {len(source)} {what} but {slots} loader streams read it "
                         f"({processes} process(es) x {self.workers} worker(s)), so some would get none; give it at "
@@ -236,7 +236,7 @@ class StreamingTrainStream(IterableDataset):
         slot, slots = self.slot(lane), self.processes * self.workers
         streams = [source_stream(s, i, seed=self.seed, slot=slot, slots=slots, resampled=self.resampled,
                                  buffer=self.shuffle_buffer, stats=stats, mode=mode, session=session,
-                                 interleave=self.interleave if s.kind == "shards" else 1)  # CSV rows: permuted already
+                                 interleave=self.interleave if s.interleaves else 1)
                    for i, s in enumerate(self.sources)]
         rng = np.random.default_rng([*_key(self.seed, session), slot, _MIX_STREAM])
         return mixed(streams, [s.weight for s in self.sources], rng)
