@@ -34,10 +34,8 @@ RECIPES = REPO / "recipes"
 # pytest-xdist (`-n 2`, as CI runs) the workers share the cores between them.
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 torch.set_num_threads(THREADS)
-# The processes a test starts (`clipa ...` runs) take the same share unless the test says otherwise
-# (test_checkpoint's bitwise references pin 2 threads): two workers' children with 2 threads each on
-# 2 cores ran slower than with 1.
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# The processes a test starts keep torch's default (all cores): giving them the worker's one thread
+# (OMP_NUM_THREADS) made CI no faster (`.ci/run` 699 s with and without it, 2026-12-07).
 
 
 def run_cli(*args, cwd=None, timeout=900):
