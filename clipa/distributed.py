@@ -24,6 +24,12 @@ import torch
 from clipa.errors import ClipaError, first_line
 
 
+def processes_per_node(default: int) -> int:
+    """This machine's processes of the run, as the launcher (torchrun, accelerate) says in LOCAL_WORLD_SIZE;
+    `default` when no launcher set it."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or default)
+
+
 def _group_size() -> int:
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

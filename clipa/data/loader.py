@@ -28,6 +28,7 @@ from clipa.data.spec import parse_train
 from clipa.data.streams import StreamError, StreamingTrainStream, reduce_batch, sample_indices, sample_rng
 from clipa.data.synthetic import SyntheticSource
 from clipa.data.transforms import train_transform
+from clipa.distributed import processes_per_node
 from clipa.errors import ClipaError
 
 
@@ -74,7 +75,7 @@ def resolve_workers(num_workers: int) -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = max(1, processes_per_node(1))
     return max(1, min(16, cores // local - 1))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from clipa.cost.accelerators import device_peak_flops
 from clipa.data.loader import DataPosition, build_train_loader, resolve_workers
 from clipa.data.spec import data_commands
 from clipa.data.transforms import Normalize
-from clipa.distributed import agreed, agreed_min, broadcast_value, fault_point, peer_lost
+from clipa.distributed import agreed, agreed_min, broadcast_value, fault_point, peer_lost, processes_per_node
 from clipa.errors import ClipaError, first_line
 from clipa.model import published
 from clipa.model.build import build_tokenizer, create_model
@@ -340,7 +339,7 @@ class Trainer:
     def _nodes(self) -> str:
         """' on N nodes (M per node)' when the launcher (torchrun, accelerate) spread the processes over
         several machines, else nothing."""
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or self.world)
+        per_node = processes_per_node(self.world)
         return f" on {self.world // per_node} nodes ({per_node} per node)" if 0 < per_node < self.world else ""
 
     @property
