@@ -242,7 +242,7 @@ def test_a_resumed_run_sends_only_steps_after_those_already_in_metrics_jsonl(tmp
               {"step": 4, "zeroshot/synthetic/acc1": 0.25}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in before) + '{"step": 6, "lo')
     recipe = load_recipe(None, ['log.trackers=["tensorboard"]', "name=t"])
-    sink = trackers.Trackers(recipe, "pretrain", run, run / "metrics.jsonl")
+    sink = trackers.Trackers(recipe, "pretrain", run)
     sink.log({"step": 4, "loss": 3.6, "samples": 128, "mfu": None, "lr": float("nan"), "stage": "pretrain"})
     sink.log({"step": 4, "zeroshot/synthetic/acc1": 0.3})
     sink.log({"step": 6, "loss": 3.0, "samples": 192})
@@ -262,12 +262,12 @@ def test_mlflow_resumes_its_run_by_the_stored_id(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
     recipe = load_recipe(None, ['log.trackers=["mlflow"]', "name=t", 'log.tags=["smoke"]'])
-    first = trackers.Trackers(recipe, "finetune", run, run / "metrics.jsonl")
+    first = trackers.Trackers(recipe, "finetune", run)
     first.log({"step": 1, "loss": 2.0})
     first.finish()
     run_id = json.loads((run / trackers.STATE_FILE).read_text())["mlflow"]["run_id"]
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
-    second = trackers.Trackers(recipe, "finetune", run, run / "metrics.jsonl")
+    second = trackers.Trackers(recipe, "finetune", run)
     second.log({"step": 1, "loss": 2.5})
     second.log({"step": 2, "loss": 1.5})
     second.finish()

@@ -554,13 +554,12 @@ def test_mlflow_without_a_tracking_uri_writes_into_the_run(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     run.mkdir()
-    first = trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]']), "pretrain", run, run / "metrics.jsonl")
+    first = trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]']), "pretrain", run)
     assert seen == {"uri": f"sqlite:///{run / 'mlflow.db'}", "artifacts": (run / "mlartifacts").as_uri()}
     first.finish()  # mlflow exported the run's store to os.environ; the next run in this process picks its own
     assert "MLFLOW_TRACKING_URI" not in os.environ
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # the user's choice wins
-    trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]', "name=b"]), "pretrain", tmp_path / "b",
-                      tmp_path / "b" / "metrics.jsonl")
+    trackers.Trackers(load_recipe(None, ['log.trackers=["mlflow"]', "name=b"]), "pretrain", tmp_path / "b")
     assert seen == {"uri": "http://mlflow.example:5000", "artifacts": None}
 
 

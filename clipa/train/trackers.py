@@ -154,11 +154,11 @@ def _write_state(run_dir: Path, state: dict) -> None:
 class Trackers:
     """The recipe's trackers for one run (rank 0 only): `log(row)` after each metrics.jsonl row, `finish()`."""
 
-    def __init__(self, recipe, stage: str, run_dir: Path, metrics: Path):
+    def __init__(self, recipe, stage: str, run_dir: Path):
         self.run_dir, self.active, self.failed, self.finished = Path(run_dir), [], set(), False
         self.exported_mlflow_uri = False
         self.state = _read_state(self.run_dir)
-        self.sent = _last_steps(self.run_dir)  # per metric, the last step the trackers have (in `metrics`)
+        self.sent = _last_steps(self.run_dir)  # per metric, the last step the trackers have (in metrics.jsonl)
         config = hyperparameters(recipe, stage)
         for name in recipe.log.trackers:
             try:

@@ -305,7 +305,7 @@ class Trainer:
 
     def _open_log(self) -> RunLog:
         metrics = metrics_path(self.run_dir)
-        trackers = Trackers(self.recipe, self.stage, self.run_dir, metrics) if self.main and self.recipe.log.trackers \
+        trackers = Trackers(self.recipe, self.stage, self.run_dir) if self.main and self.recipe.log.trackers \
             else None
         log = RunLog(metrics, self.total_steps, f"{self.stage} {self.recipe.name}", start=self.state.step,
                      enabled=self.main, trackers=trackers, every=self.recipe.train.log_every_steps)
