@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,8 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # torch read their settings: no test may download, read a developer's real model cache, or log to a
 # real tracker account. A test that needs a cache builds its own (tests/test_published.py).
 ISOLATED_HOME = tempfile.mkdtemp(prefix="clipa-tests-home-")
+# Removed when the process ends: a suite that left its caches behind filled CI's disk (about 1,200 of them).
+atexit.register(shutil.rmtree, ISOLATED_HOME, ignore_errors=True)
 os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                   HF_HOME=os.path.join(ISOLATED_HOME, "hf"), TORCH_HOME=os.path.join(ISOLATED_HOME, "torch"),
                   XDG_CACHE_HOME=os.path.join(ISOLATED_HOME, "cache"), WANDB_MODE="offline",

@@ -25,14 +25,17 @@ def test_this_process_and_its_children_see_only_the_suites_own_offline_caches():
     assert os.environ["WANDB_MODE"] == "offline"
 
 
-def test_the_longest_first_order_names_test_files_that_exist_and_leads_the_collection():
+def test_the_longest_first_order_names_test_files_that_exist_and_leads_the_collection(tmp_path):
     """CI's scheduling order (conftest.LONGEST_FIRST) names real files, so a renamed file cannot drop out of
-    it unnoticed, and the whole suite's collection starts with them, in that order."""
+    it unnoticed, and the whole suite's collection starts with them, in that order. The collecting process
+    removes its isolated home when it ends (a suite that left them behind filled CI's disk)."""
     here = {p.name for p in conftest.REPO.joinpath("tests").glob("test_*.py")}
     assert set(conftest.LONGEST_FIRST) <= here, set(conftest.LONGEST_FIRST) - here
     listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                            cwd=conftest.REPO, capture_output=True, text=True, timeout=300)
+                            cwd=conftest.REPO, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, TMPDIR=str(tmp_path)))
     assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    assert not list(tmp_path.glob("clipa-tests-home-*")), list(tmp_path.iterdir())
     files = list(dict.fromkeys(line.split("::")[0].rsplit("/", 1)[-1] for line in listed.stdout.splitlines()
                                if "::" in line))
     assert files[:len(conftest.LONGEST_FIRST)] == list(conftest.LONGEST_FIRST), files[:len(conftest.LONGEST_FIRST)]
