@@ -39,7 +39,10 @@ RECIPES = REPO / "recipes"
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 torch.set_num_threads(THREADS)
 # The processes a test starts keep torch's default (all cores): giving them the worker's one thread
-# (OMP_NUM_THREADS) made CI no faster (`.ci/run` 699 s with and without it, 2026-12-07).
+# (OMP_NUM_THREADS) made CI no faster (`.ci/run` 699 s with and without it, 2026-12-07). But they must
+# not spin: OpenMP threads busy-wait at every barrier by default, and beside the other worker's process
+# a 2-thread `clipa pretrain` of clipa-tiny then ran 3-5x slower (52 s against 17 s; alone, 9 s either way).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def run_cli(*args, cwd=None, timeout=900):
