@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from clipa.cost.accelerators import PEAK_TFLOPS_BF16, match_accelerator
 from clipa.errors import ClipaError
+from clipa.recipe.advice import advice
 
 DEFAULT_GPU = "A100"
 DEFAULT_GPUS = 8
@@ -84,9 +85,11 @@ def plan(recipes, gpu: str = DEFAULT_GPU, gpus: int = DEFAULT_GPUS, mfu: float =
         raise ClipaError(f"--price: must be >= 0 dollars per accelerator-hour, got {price:g}")
     gpu_name, peak = accelerator_peak(gpu, peak_tflops)
     stages = []
+    start = None  # the stage before, which the next one finetunes from (the finetune-length note needs it)
     for recipe in recipes:
         source, loaded = _load(recipe)
-        stage = {"recipe": source, **stage_flops(loaded), "notes": list(loaded.notes)}
+        stage = {"recipe": source, **stage_flops(loaded), "notes": loaded.notes + advice(loaded, start)}
+        start = loaded
         gpu_hours = hours(stage["total_flops"], peak, mfu)
         stage.update({"gpu": gpu_name, "gpus": gpus, "peak_tflops": peak, "mfu": mfu, "price_per_gpu_hour": price,
                       "gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus, "cost": gpu_hours * price})

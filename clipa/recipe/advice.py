@@ -5,8 +5,6 @@ judge whether it applies to their scale. Notes, not errors: the recipe still run
 
 from __future__ import annotations
 
-import tomllib
-
 from clipa.recipe.schema import Recipe
 
 # docs/openclipart.md, "Keeping the gain": clipa-tiny on OpenClipart, 3 seeds, all from the same
@@ -17,32 +15,18 @@ from clipa.recipe.schema import Recipe
 # finetunes are thousands of steps, far above this. What costs the steps is the change of patch scale:
 # a first stage at the finetune's resolution with 75% of its patches masked (the same tokens) kept its
 # per-class recall and all but a tenth of its R@5 through the 19-step finetune (3 seeds), so a finetune
-# that starts from a run at its own image size gets no note.
+# from a stage at its own image size gets no note (preflight and plan pass that stage's recipe).
 MIN_FINETUNE_STEPS = 76
 
 
-def _same_image_size_as_its_start(recipe: Recipe) -> bool:
-    """init.checkpoint names a clipa run here that trained this architecture at this image size (so the
-    finetune changes no patch scale). False when it names anything else: published weights, a file."""
-    from clipa.run.layout import CONFIG_FILE
-    from clipa.run.lineage import find_run
-
-    found = find_run(recipe.init.checkpoint)
-    if found is None:
-        return False
-    try:
-        earlier = tomllib.loads((found[0] / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return False  # the run's own loader says what is wrong with it when the finetune starts
-    model, reduction = earlier.get("model", {}), earlier.get("reduction", {})
-    return (model.get("arch") == recipe.model.arch and model.get("arch") is not None
-            and reduction.get("image_size", 0) == recipe.reduction.image_size)
-
-
-def advice(recipe: Recipe) -> list[str]:
+def advice(recipe: Recipe, start: Recipe | None = None) -> list[str]:
+    """`start`: the recipe of the stage `recipe` finetunes from, when it is known (a clipa run, the stage
+    before it in a plan); None: published weights, a weights file, a run not there yet."""
     notes = []
     steps = recipe.train.total_samples // recipe.train.global_batch_size
-    if recipe.init.checkpoint and steps < MIN_FINETUNE_STEPS and not _same_image_size_as_its_start(recipe):
+    same_patch_scale = (start is not None and start.model.arch == recipe.model.arch
+                        and start.reduction.image_size == recipe.reduction.image_size)
+    if recipe.init.checkpoint and steps < MIN_FINETUNE_STEPS and not same_patch_scale:
         notes.append(f"train.total_samples: this finetune runs {steps} steps of {recipe.train.global_batch_size}; "
                      f"finetunes under {MIN_FINETUNE_STEPS} steps that change the image size gave back a third of "
                      f"the low-resolution stage's retrieval on real images (clipa-tiny; docs/openclipart.md, "

@@ -20,7 +20,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 import tomli_w
 
 from clipa.errors import ClipaError, did_you_mean, shown
-from clipa.recipe.advice import advice
 from clipa.recipe.checks import validate
 from clipa.recipe.schema import RENAMED, Recipe
 
@@ -241,7 +240,6 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     from clipa.recipe.index import find_next
 
     recipe.next = find_next(recipe)
-    recipe.notes += advice(recipe)
     return recipe
 
 
@@ -250,7 +248,6 @@ def recipe_from_dict(table: dict) -> Recipe:
     recipe = _build(Recipe, table)
     recipe.notes = notes
     validate(recipe)
-    recipe.notes += advice(recipe)
     return recipe
 
 

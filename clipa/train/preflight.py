@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipa.errors import ClipaError
+from clipa.recipe.advice import advice
 from clipa.recipe.schema import Recipe
-from clipa.run.layout import CHECKPOINTS_DIR, default_run_dir
+from clipa.run.layout import CHECKPOINTS_DIR, default_run_dir, read_run_recipe
+from clipa.run.lineage import find_run
 from clipa.run.lock import check_run_dir
 from clipa.stage import Stage
 
@@ -49,8 +51,21 @@ def preflight(recipe: Recipe, stage: str | None = None, run_dir: str | Path | No
         resume = resolve_resume(resume)
     # Weights are checked by name (published ones looked up in the cache, never downloaded) before
     # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
-    notes = recipe.notes + ([] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, starting))
+    notes = recipe.notes + advice(recipe, start_recipe(recipe))
+    notes += [] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, starting)
     return Preflight(numbers, run_dir, resume, notes)
+
+
+def start_recipe(recipe: Recipe) -> Recipe | None:
+    """The recipe of the clipa run `init.checkpoint` names (its config.toml), else None: published weights,
+    a weights file, a run not there yet or one whose config does not load (the run's start says why)."""
+    found = find_run(recipe.init.checkpoint) if recipe.init.checkpoint else None
+    if found is None:
+        return None
+    try:
+        return read_run_recipe(found[0])
+    except ClipaError:
+        return None
 
 
 def weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
