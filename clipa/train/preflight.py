@@ -13,8 +13,8 @@ from pathlib import Path
 from clipa.errors import ClipaError
 from clipa.recipe.advice import advice
 from clipa.recipe.schema import Recipe
-from clipa.run.layout import CHECKPOINTS_DIR, default_run_dir, read_run_recipe
-from clipa.run.lineage import find_run
+from clipa.run.layout import CHECKPOINTS_DIR, default_run_dir
+from clipa.run.lineage import earlier_runs
 from clipa.run.lock import check_run_dir
 from clipa.stage import Stage
 
@@ -51,21 +51,21 @@ def preflight(recipe: Recipe, stage: str | None = None, run_dir: str | Path | No
         resume = resolve_resume(resume)
     # Weights are checked by name (published ones looked up in the cache, never downloaded) before
     # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
-    notes = recipe.notes + advice(recipe, start_recipe(recipe))
-    notes += [] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, starting)
+    # Only a finetune short enough for a note reads the run it starts from (to see whether it changes image size).
+    noted = advice(recipe) and advice(recipe, start_recipe(recipe, run_dir))
+    notes = recipe.notes + noted + ([] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, starting))
     return Preflight(numbers, run_dir, resume, notes)
 
 
-def start_recipe(recipe: Recipe) -> Recipe | None:
-    """The recipe of the clipa run `init.checkpoint` names (its config.toml), else None: published weights,
-    a weights file, a run not there yet or one whose config does not load (the run's start says why)."""
-    found = find_run(recipe.init.checkpoint) if recipe.init.checkpoint else None
-    if found is None:
-        return None
+def start_recipe(recipe: Recipe, run_dir: Path) -> Recipe | None:
+    """The recipe of the clipa run `init.checkpoint` names, found as the model card and `clipa scaling` find
+    it (clipa/run/lineage.py); None: published weights, a weights file, a run not there yet, or one whose
+    config does not load (the run's start says why)."""
     try:
-        return read_run_recipe(found[0])
+        start = next(earlier_runs(recipe, run_dir, limit=1), None)
     except ClipaError:
         return None
+    return start.recipe if start is not None else None
 
 
 def weights_notes(recipe, cfg: dict, run_dir: Path, init_must_exist: bool) -> list[str]:
