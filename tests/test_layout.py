@@ -195,6 +195,24 @@ def test_the_dependency_checks_can_fail(tmp_path):
     assert _cycles({m: _clipa_imports(p, modules) for m, p in modules.items()}) == [sorted(modules)]
 
 
+def _literal_names(path: Path, name: str) -> tuple:
+    """The names of a top-level `NAME = (...)` tuple, or the keys of a `NAME = {...}` dict, read without importing."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            value = node.value
+            return tuple(ast.literal_eval(k) for k in value.keys) if isinstance(value, ast.Dict) else ast.literal_eval(value)
+    raise AssertionError(f"{path.relative_to(ROOT)} no longer assigns {name}")
+
+
+def test_the_recipe_accepts_exactly_the_losses_the_trainer_has():
+    """A new loss is two files (docs/development.md): its LOSSES entry in clipa/train/loss.py and its name in
+    clipa/recipe/schema.py's LOSS_KINDS, which the torch-free recipe validates against. Forgetting either is caught
+    here, not by a recipe refused or a KeyError at the first step."""
+    losses = _literal_names(CLIPA / "train" / "loss.py", "LOSSES")
+    kinds = _literal_names(CLIPA / "recipe" / "schema.py", "LOSS_KINDS")
+    assert sorted(losses) == sorted(kinds), f"clipa/train/loss.py LOSSES {losses} != clipa/recipe/schema.py LOSS_KINDS {kinds}"
+
+
 def test_torch_free_packages_import_no_torch():
     """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a
     notebook read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the
