@@ -154,7 +154,7 @@ def end_to_end(train: str, size: int, workers: int, batch: int, steps: int) -> d
 
 def cores_per_gpu(train: str, recipes: list[str], gpu: str, mfu: float, micro: int, batches: int) -> list[dict]:
     """Per recipe: the planner's samples/s per accelerator against one loader worker's measured samples/s."""
-    from clipa.cost.plan import plan
+    from clipa.analysis.plan import plan
     from clipa.recipe.index import resolve_path
     from clipa.recipe.load import load_recipe
 

@@ -31,7 +31,7 @@ def test_a_pretraining_recipe_gets_no_finetune_advice(cli):
 
 
 def test_plan_names_the_short_stage(cli, tmp_path):
-    from clipa.cost.plan import plan
+    from clipa.analysis.plan import plan
 
     result = plan(["tiny/pretrain", "tiny/finetune"])
     assert not result["stages"][0]["notes"]

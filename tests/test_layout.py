@@ -176,9 +176,12 @@ def _forbidden(edges: dict[str, set[str]]) -> list[str]:
 
 
 def test_dependencies_point_one_way():
-    """No package imports one it must not (not even lazily), and no module import cycle hides behind lazy imports."""
+    """No package imports one it must not (not even lazily), and no import cycle, between modules or between
+    packages, hides behind lazy imports."""
     modules = _modules()
-    assert not _forbidden(_package_imports(modules)), "\n".join(_forbidden(_package_imports(modules)))
+    packages = _package_imports(modules)
+    assert not _forbidden(packages), "\n".join(_forbidden(packages))
+    assert not _cycles(packages), f"package import cycles: {_cycles(packages)}"
     module_edges = {m: _clipa_imports(p, modules) - {m} for m, p in modules.items()}
     assert not _cycles(module_edges), f"import cycles: {_cycles(module_edges)}"
 
@@ -193,6 +196,7 @@ def test_the_dependency_checks_can_fail(tmp_path):
     modules = {"clipa.model.weights": weights, "clipa.train.checkpoint": checkpoint}
     assert _forbidden(_package_imports(modules)) == ["clipa/model/ imports clipa/train/"]
     assert _cycles({m: _clipa_imports(p, modules) for m, p in modules.items()}) == [sorted(modules)]
+    assert _cycles(_package_imports(modules)) == [["model", "train"]]
 
 
 def _literal_names(path: Path, name: str) -> tuple:
@@ -217,13 +221,13 @@ def test_torch_free_packages_import_no_torch():
     """clipa/run/ (names, lock, metrics, lineage, listing) loads without torch: `clipa runs`, `clipa scaling` and a
     notebook read run directories without paying for it; clipa/reduction/ (mask sampling, caption reduction) and the
     recipe too: a data worker picks its tokens without the model package; clipa/cost/ (FLOP counts, accelerator
-    peaks, `clipa plan`) imports torch only inside the functions that count a timm tower or measure a peak, and
-    clipa/analysis/ (`clipa report`, `clipa scaling`) not at all."""
+    peaks) imports torch only inside the functions that count a timm tower or measure a peak, and
+    clipa/analysis/ (`clipa report`, `clipa scaling`, `clipa plan`) not at all."""
     import subprocess
 
     code = ("import sys; import clipa.run.layout, clipa.run.lock, clipa.run.metrics, clipa.run.lineage, clipa.run.listing, "
             "clipa.reduction.image, clipa.reduction.text, clipa.reduction.syntax, clipa.recipe.load, "
-            "clipa.cost.flops, clipa.cost.accelerators, clipa.cost.plan, "
+            "clipa.cost.flops, clipa.cost.accelerators, clipa.analysis.plan, "
             "clipa.analysis.report, clipa.analysis.points, clipa.analysis.fit, clipa.analysis.plot; "
             "bad = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'open_clip', 'timm'}); "
             "print(bad); sys.exit(1 if bad else 0)")

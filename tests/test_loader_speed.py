@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from clipa.cost.plan import plan
+from clipa.analysis.plan import plan
 from clipa.data.shards import write_synthetic
 
 from conftest import REPO

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from clipa.analysis import plan as plan_mod
 from clipa.cost import accelerators, flops
-from clipa.cost import plan as plan_mod
 from clipa.recipe.load import load_recipe
 
 from conftest import RECIPES, REPO

@@ -4,6 +4,7 @@ import torch
 from clipa.data.loader import TrainStream
 from clipa.data.synthetic import CLASSNAMES, SyntheticEvalSet, SyntheticSource, eval_sample, train_sample
 from clipa.data.transforms import train_transform
+from clipa.recipe.schema import AugmentConfig
 
 
 def pixels(image):
@@ -39,7 +40,7 @@ def test_eval_set_is_balanced_and_held_out():
 
 def _stream(micro=4, processes=2, **kw):
     tokenize = lambda caps, rngs=None: torch.tensor([[len(c)] for c in caps])  # noqa: E731 - stand-in tokenizer
-    return TrainStream(SyntheticSource(seed=0, image_size=32), train_transform(16), tokenize,
+    return TrainStream(SyntheticSource(seed=0, image_size=32), train_transform(16, AugmentConfig()), tokenize,
                        micro_batch=micro, processes=processes, **kw)
 
 

@@ -26,7 +26,7 @@ def plan(recipes: List[str] = typer.Argument(..., metavar="RECIPE...", help="Rec
     """FLOPs, accelerator-hours and dollars of each stage and of the pipeline, before you spend them."""
     import json
 
-    from clipa.cost.plan import plan as make_plan
+    from clipa.analysis.plan import plan as make_plan
 
     result = make_plan(recipes, gpu=gpu, gpus=gpus, mfu=mfu, price=price, peak_tflops=peak_tflops)
     if as_json:

@@ -76,13 +76,10 @@ class RandomResizedCrop:
 _JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
 
-def train_transform(image_size: int, augment=None) -> RandomResizedCrop:
-    """The training transform of `[data.augment]` (an `AugmentConfig`; None = its defaults)."""
-    if augment is None:
-        from clipa.recipe.schema import AugmentConfig
-
-        augment = AugmentConfig()
-    elif isinstance(augment, (tuple, list)):  # a crop scale alone
+def train_transform(image_size: int, augment) -> RandomResizedCrop:
+    """The training transform of `[data.augment]` (an `AugmentConfig`, or a crop scale alone). No default:
+    filling one in here would make data/ import recipe/, which imports data/ to check `data.train`."""
+    if isinstance(augment, (tuple, list)):  # a crop scale alone
         return RandomResizedCrop(image_size, augment)
     return RandomResizedCrop(image_size, augment.scale, augment.ratio, augment.interpolation, augment.hflip_prob,
                              augment.color_jitter, augment.color_jitter_prob, augment.gray_scale_prob)

@@ -1,6 +1,6 @@
 """What a pipeline of stages will cost before you run it: tokens, FLOPs, accelerator-hours, dollars.
 
-    from clipa.cost.plan import plan
+    from clipa.analysis.plan import plan
     p = plan(["vit_h14/pretrain_84", "vit_h14/finetune_224"], gpu="A100", gpus=8)
     p["total"]["gpu_hours"], p["total"]["cost"]
 
