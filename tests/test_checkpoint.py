@@ -20,20 +20,33 @@ from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager, export_checkpoint
 from clipa.train.trainer import NonFiniteError, Trainer
 
-from conftest import MICRO, RECIPES
+from conftest import MICRO, RECIPES, run_in_process
 
 ARGS = [MICRO, "train.global_batch_size=32", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=2",
         "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
 
 
+def arguments(out, steps=8, *extra):
+    return ["pretrain", "tiny/pretrain", *ARGS, f"train.total_samples={32 * steps}", *extra, "--out", str(out)]
+
+
 def command(out, steps=8, *extra):
-    return [sys.executable, "-m", "clipa", "pretrain", "tiny/pretrain", *ARGS, f"train.total_samples={32 * steps}",
-            *extra, "--out", str(out)]
+    return [sys.executable, "-m", "clipa", *arguments(out, steps, *extra)]
+
+
+# A run that is killed or signalled is a real process; one that is not (the reference run, a resume) runs in
+# this process, which saves a process start (~4 CPU-s of imports) each. Both take this process's torch
+# thread count, so their losses compare bit for bit.
+THREAD_ENV = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 def run(out, steps=8, env=None, *extra):
-    full_env = dict(os.environ, OMP_NUM_THREADS="2", **(env or {}))
-    return subprocess.run(command(out, steps, *extra), env=full_env, capture_output=True, text=True, timeout=600)
+    """`clipa pretrain`, in a subprocess when `env` asks for a crash (CLIPA_CRASH_AT kills the process),
+    else in this process."""
+    if env:
+        return subprocess.run(command(out, steps, *extra), env=dict(os.environ, **THREAD_ENV, **env),
+                              capture_output=True, text=True, timeout=600)
+    return run_in_process(*arguments(out, steps, *extra))
 
 
 def wait_for_logged_steps(run_dir, n, timeout=300):
@@ -98,7 +111,7 @@ def report_shows_each_step_once(out, straight, report_dir):
 def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path, straight):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, OMP_NUM_THREADS="2"))
+                            env=dict(os.environ, **THREAD_ENV))
     wait_for_logged_steps(out, 5)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -109,7 +122,7 @@ def test_sigkill_at_an_arbitrary_moment_then_resume(tmp_path, straight):
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight):
     out = tmp_path / "run"
     proc = subprocess.Popen(command(out, 8, "checkpoint.every_steps=0"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, **THREAD_ENV))
     wait_for_logged_steps(out, 2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
@@ -123,7 +136,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, straight):
 
 def start(out, *extra):
     return subprocess.Popen(command(out, 8, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, **THREAD_ENV, PYTHONUNBUFFERED="1"))
 
 
 def test_sigint_mid_run_saves_and_exits_zero(tmp_path):
@@ -285,7 +298,7 @@ def test_real_write_failure_keeps_earlier_checkpoints(tmp_path, straight):
     weights, state = (before[name] for name in ("model.safetensors", "state.pt"))
     assert len(weights) < len(state)
     limit = (len(weights) + len(state)) // 2
-    proc = subprocess.run(command(out, 8), env=dict(os.environ, OMP_NUM_THREADS="2"), capture_output=True,
+    proc = subprocess.run(command(out, 8), env=dict(os.environ, **THREAD_ENV), capture_output=True,
                           text=True, timeout=600, preexec_fn=_limit_file_size(limit))
     assert proc.returncode == 2, proc.stderr
     error = proc.stderr.strip()
