@@ -1,6 +1,10 @@
 """Run under torchrun: one exact-accumulation step in a real process group; rank 0 saves the gradients.
 
 usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_grads.py OUT.pt MICRO [LOSS] [MASKED] [SHARD]
+                                                       [-- OUT2.pt MICRO ...]
+
+Several configurations, separated by `--`, run one after the other in the same group: a launch costs three
+process starts (~4 CPU-s of imports each), a configuration a fraction of a second.
 
 SHARD "fsdp" shards the model with clipa's FSDP2 path instead of DDP; the sharded gradients are
 gathered whole for the comparison, and the norm clipa clips with is saved beside DTensor's own.
@@ -88,5 +92,9 @@ def fsdp_step(out, model, masker, accelerator, micro, loss_kind, masked):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+    configurations = [[]]
+    for arg in sys.argv[1:]:
+        configurations.append([]) if arg == "--" else configurations[-1].append(arg)
+    for out, micro, *rest in configurations:
+        main(out, int(micro), *rest)
     leave_process_group()

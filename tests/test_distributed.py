@@ -1,27 +1,17 @@
 """A real 2-process gloo group (torchrun) trains exactly like one process with the same global batch."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MICRO, run_torchrun
+from conftest import MICRO, run_in_process, run_torchrun
 
 HELPER = str(__import__("pathlib").Path(__file__).with_name("distributed_grads.py"))
 
 COMMON = [MICRO, "train.global_batch_size=64", "train.total_samples=192", "train.log_every_steps=1", "data.num_workers=0",
           "checkpoint.every_steps=0", "optim.warmup_steps=1", "reduction.image=random", "reduction.mask_ratio=0.5"]
-
-
-def run(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 def losses(run_dir):
@@ -34,7 +24,9 @@ def test_two_processes_with_accumulation_match_one_process(tmp_path):
     two = run_torchrun("-m", "clipa", "pretrain", "tiny/pretrain", *COMMON, "train.micro_batch_size=16",
                        "--out", tmp_path / "two", cwd=tmp_path)
     assert two.stdout.count("pretrain finished") == 1  # only rank 0 reports
-    run([sys.executable, "-m", "clipa", "pretrain", "tiny/pretrain", *COMMON, "--out", tmp_path / "one"], tmp_path)
+    # The one-process reference runs in this process (a process start is ~4 CPU-s of imports).
+    one = run_in_process("pretrain", "tiny/pretrain", *COMMON, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
     for a, b in zip(losses(tmp_path / "two"), losses(tmp_path / "one"), strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (a, b)
     # The losses show every step but the last; the final weights show the last update, which moves
@@ -55,14 +47,27 @@ def assert_final_weights_agree(run, reference):
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=last_lr / 10, msg=lambda m: f"{name}: {m}")
 
 
+# The gradient checks' configurations: (micro-batch, loss, masked, sharding). One torchrun launch computes all.
+GRADS = {("infonce", "1"): ("8", "infonce", "1", "ddp"), ("siglip", "0"): ("8", "siglip", "0", "ddp"),
+         "fsdp": ("8", "infonce", "1", "fsdp")}
+
+
+@pytest.fixture(scope="module")
+def grads(tmp_path_factory):
+    """Rank 0's saved gradients of every configuration in GRADS, from one 2-process launch."""
+    folder = tmp_path_factory.mktemp("grads")
+    files = {key: folder / f"grads-{i}.pt" for i, key in enumerate(GRADS)}
+    args = [arg for key in GRADS for arg in ("--", files[key], *GRADS[key])][1:]
+    run_torchrun(HELPER, *args, cwd=folder)
+    return {key: torch.load(path, weights_only=False) for key, path in files.items()}
+
+
 @pytest.mark.parametrize("loss_kind, masked", [("infonce", "1"), ("siglip", "0")])
 @pytest.mark.slow
-def test_two_process_gradients_equal_one_process(tmp_path, loss_kind, masked):
+def test_two_process_gradients_equal_one_process(grads, loss_kind, masked):
     from test_accumulation import assert_same_gradients, global_batch, gradients, split
 
-    out = tmp_path / "grads.pt"
-    run_torchrun(HELPER, out, "8", loss_kind, masked, cwd=tmp_path)
-    saved = torch.load(out, weights_only=False)
+    saved = grads[(loss_kind, masked)]
     assert saved["world"] == 2
     # 32 rows per process in micro-batches of 8: four micro-steps, gradients all-reduced on the last
     # only (three skipped by no_sync); equal gradients below show that one sync carried everything.
@@ -70,3 +75,19 @@ def test_two_process_gradients_equal_one_process(tmp_path, loss_kind, masked):
     loss, expected = gradients(split(global_batch(64, masked == "1"), 64), loss_kind, masked == "1")
     assert saved["loss"] == pytest.approx(loss, rel=1e-6)
     assert_same_gradients(saved["grads"], expected)
+
+
+@pytest.mark.slow
+def test_fsdp_accumulated_gradients_equal_one_process(grads):
+    from test_accumulation import assert_same_gradients, global_batch, gradients, split
+
+    saved = grads["fsdp"]
+    # 32 rows per process in micro-batches of 8: gradients reduce-scattered on the last of 4 only.
+    assert saved["world"] == 2 and saved["micro_steps"] == 4 and saved["sharded"] > 0
+    loss, expected = gradients(split(global_batch(64, True), 64), "infonce", True)
+    assert saved["loss"] == pytest.approx(loss, rel=1e-6)
+    assert_same_gradients(saved["grads"], expected)
+    # The norm clipa clips with is DTensor's total norm, and the one-process norm.
+    whole = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])).item()
+    assert saved["norm"] == pytest.approx(saved["dtensor_norm"], rel=1e-6)
+    assert saved["norm"] == pytest.approx(whole, rel=1e-5)

@@ -56,24 +56,6 @@ def test_fsdp_trains_like_ddp_with_sharded_checkpoints(tmp_path, fsdp_run):
 
 
 @pytest.mark.slow
-def test_fsdp_accumulated_gradients_equal_one_process(tmp_path):
-    from test_accumulation import assert_same_gradients, global_batch, gradients, split
-
-    helper = str(__import__("pathlib").Path(__file__).with_name("distributed_grads.py"))
-    run_torchrun(helper, tmp_path / "grads.pt", "8", "infonce", "1", "fsdp", cwd=tmp_path)
-    saved = torch.load(tmp_path / "grads.pt", weights_only=False)
-    # 32 rows per process in micro-batches of 8: gradients reduce-scattered on the last of 4 only.
-    assert saved["world"] == 2 and saved["micro_steps"] == 4 and saved["sharded"] > 0
-    loss, expected = gradients(split(global_batch(64, True), 64), "infonce", True)
-    assert saved["loss"] == pytest.approx(loss, rel=1e-6)
-    assert_same_gradients(saved["grads"], expected)
-    # The norm clipa clips with is DTensor's total norm, and the one-process norm.
-    whole = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])).item()
-    assert saved["norm"] == pytest.approx(saved["dtensor_norm"], rel=1e-6)
-    assert saved["norm"] == pytest.approx(whole, rel=1e-5)
-
-
-@pytest.mark.slow
 def test_sigkill_while_checkpointing_then_resume_gives_the_uninterrupted_run(tmp_path, fsdp_run):
     out = tmp_path / "run"
     # Process 0 dies after every process wrote its shards of the last step's checkpoint (4), before it
