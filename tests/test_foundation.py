@@ -82,7 +82,7 @@ def test_precision_auto_is_fp32_on_cpu_and_bf16_reaches_accelerate():
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_architecture_plus_weights_file_loads_those_weights(tmp_path):
+def test_architecture_plus_weights_file_loads_those_weights(tmp_path, cli):
     original = _random_weights("clipa-tiny", tmp_path / "tiny.safetensors")
     loaded = load_model("clipa-tiny", str(tmp_path / "tiny.safetensors"))
     images = torch.randn(2, 3, loaded.image_size, loaded.image_size)
@@ -90,8 +90,8 @@ def test_architecture_plus_weights_file_loads_those_weights(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.encode_image(images), original.encode_image(images))
     out = tmp_path / "r.json"
-    result = run_cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "tiny.safetensors",
-                     "--dataset", "synthetic", "--output", out)
+    result = cli("zeroshot", "--model", "clipa-tiny", "--pretrained", tmp_path / "tiny.safetensors",
+                 "--dataset", "synthetic", "--output", out)
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["pretrained"] == str(tmp_path / "tiny.safetensors")
 
