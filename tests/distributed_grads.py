@@ -1,10 +1,8 @@
 """Run under torchrun: one exact-accumulation step in a real process group; rank 0 saves the gradients.
 
 usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_grads.py OUT.pt MICRO [LOSS] [MASKED] [SHARD]
-                                                       [-- OUT2.pt MICRO ...]
 
-Several configurations, separated by `--`, run one after the other in the same group: a launch costs three
-process starts (~4 CPU-s of imports each), a configuration a fraction of a second.
+tests/distributed_run.py runs several configurations (and other helpers) in one launch.
 
 SHARD "fsdp" shards the model with clipa's FSDP2 path instead of DDP; the sharded gradients are
 gathered whole for the comparison, and the norm clipa clips with is saved beside DTensor's own.
@@ -26,8 +24,8 @@ from clipa.train.step import ContrastiveStep  # noqa: E402
 from test_accumulation import GEOMETRY, global_batch  # noqa: E402
 
 
-def main(out: str, micro: int, loss_kind: str = "infonce", masked: str = "0", shard: str = "ddp") -> None:
-    masked = masked == "1"
+def main(out: str, micro: int | str, loss_kind: str = "infonce", masked: str = "0", shard: str = "ddp") -> None:
+    micro, masked = int(micro), masked == "1"
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(0)
@@ -92,9 +90,5 @@ def fsdp_step(out, model, masker, accelerator, micro, loss_kind, masked):
 
 
 if __name__ == "__main__":
-    configurations = [[]]
-    for arg in sys.argv[1:]:
-        configurations.append([]) if arg == "--" else configurations[-1].append(arg)
-    for out, micro, *rest in configurations:
-        main(out, int(micro), *rest)
+    main(*sys.argv[1:])
     leave_process_group()

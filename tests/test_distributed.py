@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import MICRO, run_in_process, run_torchrun
 
-HELPER = str(__import__("pathlib").Path(__file__).with_name("distributed_grads.py"))
+RUNNER = str(__import__("pathlib").Path(__file__).with_name("distributed_run.py"))
 
 COMMON = [MICRO, "train.global_batch_size=64", "train.total_samples=192", "train.log_every_steps=1", "data.num_workers=0",
           "checkpoint.every_steps=0", "optim.warmup_steps=1", "reduction.image=random", "reduction.mask_ratio=0.5"]
@@ -47,27 +47,29 @@ def assert_final_weights_agree(run, reference):
         torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=last_lr / 10, msg=lambda m: f"{name}: {m}")
 
 
-# The gradient checks' configurations: (micro-batch, loss, masked, sharding). One torchrun launch computes all.
+# The gradient checks' configurations: (micro-batch, loss, masked, sharding).
 GRADS = {("infonce", "1"): ("8", "infonce", "1", "ddp"), ("siglip", "0"): ("8", "siglip", "0", "ddp"),
          "fsdp": ("8", "infonce", "1", "fsdp")}
 
 
 @pytest.fixture(scope="module")
-def grads(tmp_path_factory):
-    """Rank 0's saved gradients of every configuration in GRADS, from one 2-process launch."""
-    folder = tmp_path_factory.mktemp("grads")
+def group_checks(tmp_path_factory):
+    """One 2-process launch (tests/distributed_run.py) for the helper checks: rank 0's gradients of every
+    configuration in GRADS (distributed_grads.py) and both ranks' queues (distributed_queue.py)."""
+    folder = tmp_path_factory.mktemp("group")
     files = {key: folder / f"grads-{i}.pt" for i, key in enumerate(GRADS)}
-    args = [arg for key in GRADS for arg in ("--", files[key], *GRADS[key])][1:]
-    run_torchrun(HELPER, *args, cwd=folder)
-    return {key: torch.load(path, weights_only=False) for key, path in files.items()}
+    args = [arg for key in GRADS for arg in ("--", "distributed_grads", files[key], *GRADS[key])]
+    run_torchrun(RUNNER, *args[1:], "--", "distributed_queue", folder / "queues.pt", cwd=folder)
+    return {**{key: torch.load(path, weights_only=False) for key, path in files.items()},
+            "queues": torch.load(folder / "queues.pt", weights_only=False)}
 
 
 @pytest.mark.parametrize("loss_kind, masked", [("infonce", "1"), ("siglip", "0")])
 @pytest.mark.slow
-def test_two_process_gradients_equal_one_process(grads, loss_kind, masked):
+def test_two_process_gradients_equal_one_process(group_checks, loss_kind, masked):
     from test_accumulation import assert_same_gradients, global_batch, gradients, split
 
-    saved = grads[(loss_kind, masked)]
+    saved = group_checks[(loss_kind, masked)]
     assert saved["world"] == 2
     # 32 rows per process in micro-batches of 8: four micro-steps, gradients all-reduced on the last
     # only (three skipped by no_sync); equal gradients below show that one sync carried everything.
@@ -78,10 +80,10 @@ def test_two_process_gradients_equal_one_process(grads, loss_kind, masked):
 
 
 @pytest.mark.slow
-def test_fsdp_accumulated_gradients_equal_one_process(grads):
+def test_fsdp_accumulated_gradients_equal_one_process(group_checks):
     from test_accumulation import assert_same_gradients, global_batch, gradients, split
 
-    saved = grads["fsdp"]
+    saved = group_checks["fsdp"]
     # 32 rows per process in micro-batches of 8: gradients reduce-scattered on the last of 4 only.
     assert saved["world"] == 2 and saved["micro_steps"] == 4 and saved["sharded"] > 0
     loss, expected = gradients(split(global_batch(64, True), 64), "infonce", True)
@@ -91,3 +93,18 @@ def test_fsdp_accumulated_gradients_equal_one_process(grads):
     whole = torch.linalg.vector_norm(torch.stack([g.norm() for g in expected.values()])).item()
     assert saved["norm"] == pytest.approx(saved["dtensor_norm"], rel=1e-6)
     assert saved["norm"] == pytest.approx(whole, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_enqueue_every_process_keys(group_checks):
+    states = group_checks["queues"]
+    local = [state["local"] for state in states]  # each rank's own keys / online features, never gathered
+    assert not torch.allclose(local[0]["momentum"][0], local[1]["momentum"][0])  # the ranks saw different data
+    for state in states:  # both processes hold the same queues: rank 0's rows, then rank 1's
+        for kind in ("momentum", "memory_bank"):
+            queue = state[kind]
+            for column, name in enumerate(("images", "texts")):
+                expected = torch.cat([local[0][kind][column], local[1][kind][column]])
+                torch.testing.assert_close(queue[name][:8], expected)
+                assert not queue[name][8:].any()
+            assert queue["filled"] == 8 and queue["pointer"] == 8

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from clipa.recipe.load import load_recipe
 from clipa.train.queue import FeatureQueues, MomentumEncoder, queue_infonce_loss
 from clipa.train.trainer import Trainer
 
-from conftest import RECIPES, run_torchrun
+from conftest import RECIPES
 
 ARGS = ["train.global_batch_size=16", "train.log_every_steps=1", "data.num_workers=0", "checkpoint.every_steps=2",
         "checkpoint.keep_last=10", "loss.queue.size=48", "loss.queue.warmup_steps=1"]
@@ -196,23 +195,6 @@ def test_queue_state_round_trips_through_a_checkpoint(tmp_path, kind):
         assert resumed.queue.momentum is None
     losses = lambda d: {json.loads(l)["step"]: json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()}  # noqa: E731,E741
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
-
-
-@pytest.mark.slow
-def test_two_processes_enqueue_every_process_keys(tmp_path):
-    out = tmp_path / "states.pt"
-    run_torchrun(Path(__file__).with_name("distributed_queue.py"), out, timeout=300)
-    states = torch.load(out, weights_only=False)
-    local = [state["local"] for state in states]  # each rank's own keys / online features, never gathered
-    assert not torch.allclose(local[0]["momentum"][0], local[1]["momentum"][0])  # the ranks saw different data
-    for state in states:  # both processes hold the same queues: rank 0's rows, then rank 1's
-        for kind in ("momentum", "memory_bank"):
-            queue = state[kind]
-            for column, name in enumerate(("images", "texts")):
-                expected = torch.cat([local[0][kind][column], local[1][kind][column]])
-                torch.testing.assert_close(queue[name][:8], expected)
-                assert not queue[name][8:].any()
-            assert queue["filled"] == 8 and queue["pointer"] == 8
 
 
 @pytest.mark.parametrize("override, message", [
