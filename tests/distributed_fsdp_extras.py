@@ -50,7 +50,8 @@ def held(trainer) -> dict:
     return seen
 
 
-def main(out: Path) -> None:
+def main(out: Path | str) -> None:
+    out = Path(out)
     for case, extra in CASES.items():
         runs = out / case
         straight = Trainer(recipe(extra), "pretrain", runs / "straight")

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_checkpoint import trajectory
 
 from conftest import MICRO, run_in_process, run_torchrun
 
@@ -55,13 +56,15 @@ GRADS = {("infonce", "1"): ("8", "infonce", "1", "ddp"), ("siglip", "0"): ("8", 
 @pytest.fixture(scope="module")
 def group_checks(tmp_path_factory):
     """One 2-process launch (tests/distributed_run.py) for the helper checks: rank 0's gradients of every
-    configuration in GRADS (distributed_grads.py) and both ranks' queues (distributed_queue.py)."""
+    configuration in GRADS (distributed_grads.py), both ranks' queues (distributed_queue.py), and FSDP
+    training runs with a locked tower, the memory bank and SigLIP (distributed_fsdp_extras.py)."""
     folder = tmp_path_factory.mktemp("group")
     files = {key: folder / f"grads-{i}.pt" for i, key in enumerate(GRADS)}
     args = [arg for key in GRADS for arg in ("--", "distributed_grads", files[key], *GRADS[key])]
-    run_torchrun(RUNNER, *args[1:], "--", "distributed_queue", folder / "queues.pt", cwd=folder)
+    run_torchrun(RUNNER, *args[1:], "--", "distributed_queue", folder / "queues.pt",
+                 "--", "distributed_fsdp_extras", folder / "fsdp_extras", cwd=folder)
     return {**{key: torch.load(path, weights_only=False) for key, path in files.items()},
-            "queues": torch.load(folder / "queues.pt", weights_only=False)}
+            "queues": torch.load(folder / "queues.pt", weights_only=False), "fsdp_extras": folder / "fsdp_extras"}
 
 
 @pytest.mark.parametrize("loss_kind, masked", [("infonce", "1"), ("siglip", "0")])
@@ -108,3 +111,51 @@ def test_two_processes_enqueue_every_process_keys(group_checks):
                 torch.testing.assert_close(queue[name][:8], expected)
                 assert not queue[name][8:].any()
             assert queue["filled"] == 8 and queue["pointer"] == 8
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_locked_tower_the_memory_bank_and_siglip_trains_saves_and_resumes(group_checks, tmp_path):
+    """train.shard=fsdp, 2 processes (tests/distributed_fsdp_extras.py, in the group launch): 4 steps, then the
+    run as it was at step 2 resumed in the same processes."""
+    from safetensors.torch import load_file
+
+    from clipa.train.checkpoint import export_checkpoint
+
+    for case in ("locked_bank", "siglip"):
+        runs = group_checks["fsdp_extras"] / case
+        seen = [json.loads((runs / f"seen.rank{r}.json").read_text()) for r in (0, 1)]
+        assert seen[0] == seen[1], case  # the queue and the whole scalars are the same on both processes
+        seen = seen[0]
+        assert seen["resumed_start"]["step"] == 2 and seen["resumed_end"] == seen["straight_end"], case
+        # The resume replays steps 3 and 4 bitwise and ends with the uninterrupted run's weights.
+        assert trajectory(runs / "resumed") == trajectory(runs / "straight") and len(trajectory(runs / "straight")) == 4
+        initial = load_file(str(runs / "initial.safetensors"))
+        final = load_file(str(runs / "straight" / "final" / "open_clip_model.safetensors"))
+        resumed = load_file(str(runs / "resumed" / "final" / "open_clip_model.safetensors"))
+        assert final.keys() == resumed.keys() == initial.keys()
+        for name in final:
+            assert torch.equal(final[name], resumed[name]), (case, name)
+        assert not torch.equal(final["text_projection"], initial["text_projection"])  # it trained
+        step2 = runs / "straight" / "checkpoints" / "step_000002"
+        if case == "locked_bank":
+            # The locked image tower: never in the optimizer, every weight as it started, through a resume.
+            assert seen["straight_end"]["visual_in_optimizer"] == 0
+            visual = [name for name in initial if name.startswith("visual.")]
+            assert len(visual) > 10
+            for name in visual:
+                assert torch.equal(final[name], initial[name]) and torch.equal(resumed[name], initial[name]), name
+            # The memory bank: full after 2 steps of 32, and restored exactly as step 2's checkpoint holds it.
+            saved = torch.load(step2 / "state.pt", weights_only=True)["queue"]["queues"]
+            queue = seen["resumed_start"]["queue"]
+            assert (queue["pointer"], queue["filled"]) == (int(saved["pointer"]), int(saved["filled"])) == (0, 64)
+            assert torch.equal(torch.tensor(queue["images"]), saved["images"])
+            assert torch.equal(torch.tensor(queue["texts"]), saved["texts"]) and saved["texts"].abs().sum() > 0
+            assert queue != seen["straight_end"]["queue"]  # steps 3-4 replaced its rows
+        else:
+            # SigLIP's bias (0-dim, whole on every process under FSDP): trained, saved in the sharded
+            # checkpoint, restored from it on resume.
+            step2_weights = load_file(str(export_checkpoint(step2, tmp_path / "export") / "open_clip_model.safetensors"))
+            assert initial["logit_bias"].item() == -10.0 and final["logit_bias"].item() != -10.0
+            assert seen["resumed_start"]["logit_bias"] == step2_weights["logit_bias"].item() != -10.0
+            assert seen["resumed_start"]["logit_bias"] != seen["straight_end"]["logit_bias"]
+            assert seen["resumed_end"]["logit_bias"] == final["logit_bias"].item()
