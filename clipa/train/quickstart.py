@@ -49,8 +49,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0) 
         # a low-resolution stage scoring higher at its own size than at full size is what the finetune
         # must make up (docs/openclipart.md, "Keeping the gain")
         native = native_geometry(arch_config(recipe.model.arch))
-        full = evaluation if evaluation["image_size"] == native.image_size else zeroshot(
-            at_geometry(model, native.image_size, native.context_length), "synthetic")
+        at_full = (evaluation["image_size"], evaluation["text_length"]) == (native.image_size, native.context_length)
+        full = evaluation if at_full else zeroshot(at_geometry(model, native.image_size, native.context_length),
+                                                   "synthetic")
         rows.append({"stage": stage, "image_size": evaluation["image_size"],
                      "text_length": recipe.reduction.text_length or "full", "samples": result.samples,
                      "acc1": m["acc1"], "acc5": m["acc5"], "chance": evaluation["chance"],
