@@ -1,8 +1,8 @@
 """`clipa quickstart`: the whole CLIPA pipeline on the built-in data, on a CPU, in minutes.
 
-pretrain (recipes/tiny/pretrain: 32 px, 8 tokens) -> zero-shot -> finetune (recipes/tiny/finetune:
-64 px, 32 tokens, position embeddings interpolated) -> zero-shot; one row per stage for the table
-`clipa quickstart` prints.
+pretrain (recipes/tiny/pretrain: 64 px with 75% of the patches masked, 8 tokens) -> zero-shot ->
+finetune (recipes/tiny/finetune: 64 px, 32 tokens, text position embeddings interpolated) -> zero-shot;
+one row per stage for the table `clipa quickstart` prints.
 """
 
 from __future__ import annotations
