@@ -40,6 +40,8 @@ VARIANTS = {
     "sincos2d + jitter": ["model.pos_embed=\"sincos2d\"", *JITTER],
 }
 COMMON = ["checkpoint.every_steps=0", "train.log_every_steps=20"]
+# the first stage at 32 px, as tiny/pretrain was when this was measured (it masks at 64 px since issue #33)
+RESIZE_32 = ["reduction.image=resize", "reduction.image_size=32", "reduction.mask_ratio=0"]
 
 
 def acc1(run_dir: Path, image_size: int | None = None) -> float:
@@ -48,7 +50,7 @@ def acc1(run_dir: Path, image_size: int | None = None) -> float:
 
 def run_variant(label: str, extra: list[str], seed: int, pretrain_samples: int, out: Path) -> dict:
     where = out / f"{label.replace(' + ', '-')}-seed{seed}"
-    pretrain = load_recipe(resolve_path("tiny/pretrain"), [*COMMON, *extra, f"train.seed={seed}",
+    pretrain = load_recipe(resolve_path("tiny/pretrain"), [*COMMON, *RESIZE_32, *extra, f"train.seed={seed}",
                                                            f"train.total_samples={pretrain_samples}"])
     pre = train(pretrain, "pretrain", where / "pretrain")
     finetune = load_recipe(resolve_path("tiny/finetune"), [*COMMON, *extra, f"train.seed={seed + 100}",

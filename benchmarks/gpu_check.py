@@ -80,7 +80,9 @@ class Checker:
     def __init__(self, work: Path, arch: str, image_size: int, text_length: int, batch: int, steps: int, cuda: bool):
         self.work, self.cuda, self.steps = work, cuda, steps
         self.arch, self.image_size, self.text_length, self.batch = arch, image_size, text_length, batch
-        self.base = [f"model.arch={arch}", f"reduction.image_size={image_size}", f"reduction.text_length={text_length}",
+        # resized, not masked: tiny/pretrain masks 75% of the patches since issue #33
+        self.base = [f"model.arch={arch}", "reduction.image=resize", "reduction.mask_ratio=0",
+                     f"reduction.image_size={image_size}", f"reduction.text_length={text_length}",
                      f"train.global_batch_size={batch}", f"train.total_samples={batch * steps}",
                      "train.log_every_steps=1", "optim.warmup_steps=1", "checkpoint.every_steps=0",
                      "data.num_workers=0" if not cuda else "data.num_workers=-1"]

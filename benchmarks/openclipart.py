@@ -92,8 +92,11 @@ def _run(cmd: list[str], what: str) -> str:
 def clipa_stage(command: str, values: dict, out: Path) -> dict:
     """Run `clipa pretrain|finetune` with these recipe values; returns the last metrics row and wall time."""
     base = "tiny/pretrain" if command == "pretrain" else "tiny/finetune"
+    # tiny/pretrain masks 75% of the patches at 64 px since issue #33; the settings here name their image
+    # reduction and expect the resize it had before (a setting's own values still win)
+    pinned = ["reduction.image=\"resize\"", "reduction.mask_ratio=0.0"] if command == "pretrain" else []
     t0 = time.perf_counter()
-    _run([sys.executable, "-m", "clipa", command, base, *overrides(values), "--out", str(out)], f"clipa {command}")
+    _run([sys.executable, "-m", "clipa", command, base, *pinned, *overrides(values), "--out", str(out)], f"clipa {command}")
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]

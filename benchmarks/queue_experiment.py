@@ -26,7 +26,9 @@ def child(out: str, batch: int, steps: int, kind: str, size: int) -> None:
     from clipa.train.trainer import train
 
     overrides = [f"train.global_batch_size={batch}", f"train.total_samples={batch * steps}", "checkpoint.every_steps=0",
-                 "train.log_every_steps=20", "optim.warmup_steps=20", f"loss.queue.kind={kind}"]
+                 "train.log_every_steps=20", "optim.warmup_steps=20", f"loss.queue.kind={kind}",
+                 # tiny/pretrain as it was when this was measured (it masks at 64 px since issue #33)
+                 "reduction.image=resize", "reduction.image_size=32", "reduction.mask_ratio=0"]
     if kind != "none":
         overrides += [f"loss.queue.size={size}"]
     result = train(load_recipe(resolve_path("tiny/pretrain"), overrides), "pretrain", out)

@@ -46,13 +46,13 @@ def test_a_short_finetune_from_a_run_at_its_own_image_size_gets_no_note(cli, tmp
     """The floor is the cost of a change of patch scale: a finetune from a clipa run that trained the same
     architecture at the finetune's image size (a masked first stage) is not told to run longer; one from a
     32 px run, a missing run or a weights file still is."""
-    from conftest import micro_overrides
+    from conftest import RESIZE_32, micro_overrides
 
     monkeypatch.chdir(tmp_path)
     one_step = micro_overrides(**{"train.total_samples": 32})
     masked = ["reduction.image=random", "reduction.image_size=0", "reduction.mask_ratio=0.75"]
     assert cli("pretrain", "tiny/pretrain", *one_step, *masked, "--out", "masked").returncode == 0
-    assert cli("pretrain", "tiny/pretrain", *one_step, "--out", "low_res").returncode == 0
+    assert cli("pretrain", "tiny/pretrain", *one_step, *RESIZE_32, "--out", "low_res").returncode == 0
     short = [SHORT, "model.arch=clipa-micro"]
     for start, noted in (("masked", False), ("masked/final", False), ("low_res", True), ("absent", True)):
         result = cli("validate", "tiny/finetune", *short, f"init.checkpoint={start}")

@@ -20,10 +20,11 @@ from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager, export_checkpoint
 from clipa.train.trainer import NonFiniteError, Trainer
 
-from conftest import MICRO, RECIPES, run_in_process
+from conftest import MICRO, RECIPES, RESIZE_32, run_in_process
 
+# the 32 px first stage: the export below is checked on 32 px images
 ARGS = [MICRO, "train.global_batch_size=32", "train.log_every_steps=1", "data.num_workers=0", "optim.warmup_steps=2",
-        "checkpoint.every_steps=2", "checkpoint.keep_last=10"]
+        "checkpoint.every_steps=2", "checkpoint.keep_last=10", *RESIZE_32]
 
 
 def arguments(out, steps=8, *extra):

@@ -78,7 +78,7 @@ def test_dry_run_prints_resolved_recipe_and_trains_nothing(cli, tmp_path):
     result = cli("pretrain", "tiny/pretrain", "optim.lr=0.001", "--dry-run", "--out", tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "lr = 0.001" in result.stdout
-    assert "dry run" in result.stdout and "32px" in result.stdout
+    assert "dry run" in result.stdout and "64px" in result.stdout and "mask ratio 0.75" in result.stdout
     assert not (tmp_path / "run").exists()
 
 

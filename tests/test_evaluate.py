@@ -25,7 +25,7 @@ from clipa.evaluate.zeroshot import output_paths, zeroshot
 from clipa.recipe.load import load_recipe
 from clipa.train.trainer import train
 
-from conftest import RECIPES, micro_overrides, run_torchrun, tiny_overrides
+from conftest import RECIPES, RESIZE_32, micro_overrides, run_torchrun, tiny_overrides
 
 HELPER = str(Path(__file__).with_name("distributed_eval.py"))
 
@@ -34,7 +34,9 @@ HELPER = str(Path(__file__).with_name("distributed_eval.py"))
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     info = write_synthetic(root / "synth", num_samples=1, shard_size=1, eval_per_class=3)
-    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{"train.total_samples": 32 * 10}))
+    # the 32 px first stage: evaluating at 48 px below grows its position embeddings
+    recipe = load_recipe(RECIPES / "tiny" / "pretrain.toml", [*tiny_overrides(**{"train.total_samples": 32 * 10}),
+                                                              *RESIZE_32])
     run = train(recipe, "pretrain", root / "run")
     return run.run_dir, Path(info["eval"])
 
@@ -120,7 +122,7 @@ def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path
 def test_image_size_and_text_length_rebuild_the_model(trained):
     run_dir, eval_dir = trained
     default = load_model(str(run_dir))
-    assert (default.image_size, default.context_length) == (32, 8)  # the tiny pretrain recipe's geometry
+    assert (default.image_size, default.context_length) == (32, 8)  # the 32 px first stage's geometry
     native = zeroshot(default, "imagefolder", str(eval_dir), batch_size=16)
     same = zeroshot(load_model(str(run_dir), image_size=32, text_length=8), "imagefolder", str(eval_dir), batch_size=16)
     del native["metrics"]["images_per_s"], same["metrics"]["images_per_s"]

@@ -17,7 +17,7 @@ from clipa.recipe.load import load_recipe
 from clipa.train import parallel as parallel_module
 from clipa.train.trainer import Trainer
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, RESIZE_32, tiny_overrides
 
 pytestmark = pytest.mark.slow  # fp16 matmuls on this CPU are slow, as bf16's (tests/test_mixed_precision.py)
 
@@ -57,10 +57,11 @@ def fp16_on_cpu(monkeypatch):
 
 
 def recipe():
+    # the 32 px first stage: the overflow pattern below is its
     return load_recipe(RECIPES / "tiny" / "pretrain.toml",
                        [*tiny_overrides(**{"train.total_samples": 32 * 4, "train.log_every_steps": 1,
                                            "checkpoint.every_steps": 1, "checkpoint.keep_last": 10}),
-                        "train.precision=fp16", "optim.grad_clip=1.0"])
+                        "train.precision=fp16", "optim.grad_clip=1.0", *RESIZE_32])
 
 
 def test_fp16_overflow_skips_the_step_halves_the_scale_and_resume_restores_the_scaler(tmp_path, fp16_on_cpu):

@@ -9,7 +9,7 @@ from clipa.recipe.load import load_recipe
 from clipa.train.checkpoint import STATE_FILE, CheckpointManager
 from clipa.train.trainer import Trainer, train
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, RESIZE_32, tiny_overrides
 
 
 def finetune_recipe(init, **extra):
@@ -19,7 +19,8 @@ def finetune_recipe(init, **extra):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     run = tmp_path_factory.mktemp("handover") / "pretrain"
-    train(load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**{"train.total_samples": 32 * 3})),
+    # the 32 px first stage: the finetune resizes both position tables
+    train(load_recipe(RECIPES / "tiny" / "pretrain.toml", [*tiny_overrides(**{"train.total_samples": 32 * 3}), *RESIZE_32]),
           "pretrain", run)
     return run
 

@@ -29,18 +29,18 @@ def test_cores_per_gpu_divides_the_planned_rate_by_a_measured_worker(tmp_path, m
                         timed.append((size, stage["text"])) or 3000.0)
     slow, fast = (bench.cores_per_gpu(train, ["tiny/pretrain"], "A100", mfu, micro=8, batches=2)[0]
                   for mfu in (0.1, 0.4))
-    assert timed == [(32, ("truncate", 8))] * 2 and slow["text"] == "truncate 8" and slow["image_size"] == 32
+    assert timed == [(64, ("truncate", 8))] * 2 and slow["text"] == "truncate 8" and slow["image_size"] == 64
     # By hand: an A100's 312 TFLOP/s x MFU over the stage's training FLOPs per sample (clipa-tiny at
-    # 32 px / 8 tokens, counted by clipa.cost.flops: test_plan checks that count).
+    # 64 px with 75% of the patches masked / 8 tokens, counted by clipa.cost.flops: test_plan checks that count).
     flops = plan(["tiny/pretrain"], gpu="A100", gpus=1, mfu=0.1)["stages"][0]["flops_per_sample"]
     assert slow["samples_per_s_per_gpu"] == pytest.approx(312e12 * 0.1 / flops, rel=1e-12)
     assert fast["samples_per_s_per_gpu"] == pytest.approx(312e12 * 0.4 / flops, rel=1e-12)
-    # 121,903,104 FLOPs/sample: 255,941 samples/s at 10 % MFU = 85.31 workers of 3000/s -> 86 (a
-    # part-used worker is a whole core) + 1 core for the training process; at 40 %: 1,023,764/s =
-    # 341.25 workers -> 342 + 1.
-    assert flops == 121_903_104
-    assert (slow["workers_per_gpu"], slow["cores_per_gpu"]) == (pytest.approx(85.313660, rel=1e-6), 87)
-    assert (fast["workers_per_gpu"], fast["cores_per_gpu"]) == (pytest.approx(341.254641, rel=1e-6), 343)
+    # 126,621,696 FLOPs/sample: 246,403 samples/s at 10 % MFU = 82.13 workers of 3000/s -> 83 (a
+    # part-used worker is a whole core) + 1 core for the training process; at 40 %: 985,613/s =
+    # 328.54 workers -> 329 + 1.
+    assert flops == 126_621_696
+    assert (slow["workers_per_gpu"], slow["cores_per_gpu"]) == (pytest.approx(82.134423, rel=1e-6), 84)
+    assert (fast["workers_per_gpu"], fast["cores_per_gpu"]) == (pytest.approx(328.537694, rel=1e-6), 330)
 
 
 def test_interleave_times_each_value_in_alternating_rounds(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from clipa.recipe.load import load_recipe
 from clipa.recipe.schema import NORMALIZATIONS, image_mean_std
 from clipa.train.trainer import train
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, RESIZE_32, tiny_overrides
 
 TINY = RECIPES / "tiny" / "pretrain.toml"
 MEAN, STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]  # neither OpenAI's nor ImageNet's nor 0.5/0.5
@@ -86,7 +86,7 @@ def trained(tmp_path_factory):
     overrides = tiny_overrides(**{"train.global_batch_size": 16, "train.total_samples": 16 * 2,
                                   "data.normalize": "custom", "data.mean": MEAN,
                                   "data.std": STD, "data.augment.interpolation": "bilinear"})
-    run = train(load_recipe(TINY, overrides), "pretrain", root / "run")
+    run = train(load_recipe(TINY, [*overrides, *RESIZE_32]), "pretrain", root / "run")  # 32 px, as checked below
     return run.run_dir, Path(info["eval"])
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from clipa.model.posemb import sincos_2d
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, RESIZE_32, tiny_overrides
 
 
 def test_formula_is_big_visions_posemb_sincos_2d():
@@ -49,8 +49,8 @@ def image_pos(run_dir):
 @pytest.mark.slow
 def test_sincos_stays_fixed_is_recomputed_per_stage_and_exports_load_in_open_clip(tmp_path, cli):
     pre, fine, learned = tmp_path / "pre", tmp_path / "fine", tmp_path / "learned"
-    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128}), "model.pos_embed=sincos2d",
-                 "--out", pre)
+    result = cli("pretrain", "tiny/pretrain", *tiny_overrides(**{"train.total_samples": 128}), *RESIZE_32,
+                 "model.pos_embed=sincos2d", "--out", pre)
     assert result.returncode == 0, result.stderr
     assert torch.equal(image_pos(pre), sincos_2d(4, 128))  # 32 px / patch 8; trained, yet unchanged
     result = cli("finetune", "tiny/finetune", *tiny_overrides(**{"train.total_samples": 64}), "model.pos_embed=sincos2d",

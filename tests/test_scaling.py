@@ -105,7 +105,8 @@ def test_run_directories_count_every_stage(tmp_path):
     ft = fake_run(tmp_path / "runs", "ft", "tiny/finetune.toml", 12_800, acc1=0.75,
                   overrides=[f"init.checkpoint={pre}/checkpoints/step_000100"])
     (point,) = load_points([ft])
-    pre_flops = train_flops_per_sample(stage_config("clipa-tiny", Geometry(32, 8)), 32, 8) * 100 * 256  # up to step 100
+    # up to step 100 of tiny/pretrain: 64 px with 75% of the patches masked, 8 tokens
+    pre_flops = train_flops_per_sample(stage_config("clipa-tiny", Geometry(64, 8)), 64, 8, 0.25) * 100 * 256
     ft_flops = train_flops_per_sample(stage_config("clipa-tiny", Geometry(64, 32)), 64, 32, 0.7) * 12_800  # 30% masked
     assert point.compute == pytest.approx(pre_flops + ft_flops)
     assert point.error == pytest.approx(0.25) and point.label == "ft"
@@ -114,7 +115,8 @@ def test_run_directories_count_every_stage(tmp_path):
                     eval_row={"step": 250, "zeroshot/synthetic/acc1": 0.4})
     (point,) = load_points([solo])
     assert point.error == pytest.approx(0.6)
-    assert point.compute == pytest.approx(train_flops_per_sample(stage_config("clipa-tiny", Geometry(32, 8)), 32, 8) * 64_000)
+    assert point.compute == pytest.approx(train_flops_per_sample(stage_config("clipa-tiny", Geometry(64, 8)), 64, 8, 0.25)
+                                          * 64_000)
 
 
 def test_cli_fit_and_plot(cli, tmp_path):

@@ -14,7 +14,7 @@ from clipa.model.build import create_model, recipe_model_config
 from clipa.recipe.checks import check_resume_compatible
 from clipa.recipe.load import dumps, load_recipe, recipe_from_dict
 
-from conftest import RECIPES
+from conftest import RECIPES, RESIZE_32
 
 TINY = RECIPES / "tiny" / "pretrain.toml"
 CLIPA_V2 = ["model.vision_cfg.pool_type=avg", "model.vision_cfg.no_ln_pre=true",
@@ -24,7 +24,7 @@ CLIPA_V2 = ["model.vision_cfg.pool_type=avg", "model.vision_cfg.no_ln_pre=true",
 
 
 def test_overrides_lay_over_the_architecture_and_build_those_towers():
-    recipe = load_recipe(TINY, CLIPA_V2)
+    recipe = load_recipe(TINY, [*CLIPA_V2, *RESIZE_32])  # a stage at 32 px, so its size is not the arch's 64
     assert recipe.model.vision_cfg == {"pool_type": "avg", "no_ln_pre": True, "final_ln_after_pool": True,
                                        "act_kwargs": {"approximate": "tanh"}, "norm_kwargs": {"eps": 1e-6}}
     _, cfg = recipe_model_config(recipe)
@@ -56,7 +56,7 @@ def test_defaults_come_from_the_architecture_and_the_recipe_wins():
 def test_export_loads_in_plain_open_clip_with_the_same_outputs(tmp_path):
     from clipa.model.weights import export_open_clip
 
-    _, cfg = recipe_model_config(load_recipe(TINY, CLIPA_V2))
+    _, cfg = recipe_model_config(load_recipe(TINY, [*CLIPA_V2, *RESIZE_32]))  # a 32 px stage, as the images below
     torch.manual_seed(0)
     ours = create_model(cfg).eval()
     export_open_clip(ours, cfg, tmp_path / "export")

@@ -9,7 +9,7 @@ from clipa.errors import ClipaError
 from clipa.recipe.load import load_recipe
 from clipa.train.trainer import Trainer, train
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, RESIZE_32, tiny_overrides
 
 
 def recipe(*extra, **kw):
@@ -93,7 +93,8 @@ def test_timm_tower_unlocked_last_groups_are_exactly_those(tmp_path):
 @pytest.mark.parametrize("freeze", [True, False])
 def test_locked_batchnorm_statistics_stay_frozen_by_default(tmp_path, freeze):
     extra = [] if freeze else ["model.lock_image_freeze_norm=false"]
-    trainer = Trainer(recipe("model.image_tower=resnet18", "model.lock_image=true", *extra,
+    # resized to 32 px: a CNN has no patch tokens to mask
+    trainer = Trainer(recipe("model.image_tower=resnet18", "model.lock_image=true", *RESIZE_32, *extra,
                              **{"train.global_batch_size": 8, "train.total_samples": 16}), "pretrain", tmp_path / "r")
     trunk = trainer.unwrapped.visual.trunk
     stats = {n: b.clone() for n, b in trunk.named_buffers() if n.endswith(("running_mean", "running_var"))}

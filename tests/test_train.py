@@ -18,11 +18,11 @@ from clipa.train.checkpoint import CheckpointManager
 from clipa.train.loss import infonce_loss
 from clipa.train.trainer import train
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, RESIZE_32, tiny_overrides
 
 
-def pretrain_recipe(**extra):
-    return load_recipe(RECIPES / "tiny" / "pretrain.toml", tiny_overrides(**extra))
+def pretrain_recipe(*pinned, **extra):
+    return load_recipe(RECIPES / "tiny" / "pretrain.toml", [*tiny_overrides(**extra), *pinned])
 
 
 def heldout_loss(model, geometry):
@@ -39,8 +39,8 @@ def heldout_loss(model, geometry):
 
 def test_short_run_lowers_the_loss(tmp_path):
     # 60 steps: with the recipes' crop area 0.9-1.0 (was 0.6-1.0) 40 steps lowered the held-out loss by 0.26
-    recipe = pretrain_recipe(**{"train.global_batch_size": 64, "train.total_samples": 64 * 60, "optim.lr": 1e-3,
-                                "optim.warmup_steps": 3})
+    recipe = pretrain_recipe(*RESIZE_32, **{"train.global_batch_size": 64, "train.total_samples": 64 * 60,
+                                            "optim.lr": 1e-3, "optim.warmup_steps": 3})
     geometry = Geometry(32, 8)
     torch.manual_seed(recipe.train.seed)
     initial = create_model(stage_config("clipa-tiny", geometry))
@@ -56,7 +56,7 @@ def test_short_run_lowers_the_loss(tmp_path):
 
 
 def test_final_loads_with_plain_open_clip_and_matches_clipa(tmp_path):
-    result = train(pretrain_recipe(), "pretrain", tmp_path / "run")
+    result = train(pretrain_recipe(*RESIZE_32), "pretrain", tmp_path / "run")  # a 32 px stage, as checked below
     final = result.run_dir / "final"
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{final}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{final}")
@@ -80,7 +80,7 @@ def test_final_loads_with_plain_open_clip_and_matches_clipa(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_starts_from_interpolated_pretrain_weights(tmp_path):
-    pre = train(pretrain_recipe(), "pretrain", tmp_path / "pre")
+    pre = train(pretrain_recipe(*RESIZE_32), "pretrain", tmp_path / "pre")  # 32 px, so the image grid grows too
     recipe = load_recipe(RECIPES / "tiny" / "finetune.toml",
                          tiny_overrides(**{"init.checkpoint": pre.run_dir, "optim.lr": 1e-12,
                                            "train.total_samples": 64}))

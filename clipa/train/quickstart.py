@@ -1,8 +1,8 @@
 """`clipa quickstart`: the whole CLIPA pipeline on the built-in data, on a CPU, in minutes.
 
-pretrain (recipes/tiny/pretrain: 32 px, 8 tokens) -> zero-shot -> finetune (recipes/tiny/finetune:
-64 px, 32 tokens, position embeddings interpolated) -> zero-shot; one row per stage for the table
-`clipa quickstart` prints.
+pretrain (recipes/tiny/pretrain: 64 px with 75% of the patches masked, 8 tokens) -> zero-shot ->
+finetune (recipes/tiny/finetune: 64 px, 32 tokens, text position embeddings interpolated) -> zero-shot;
+one row per stage for the table `clipa quickstart` prints.
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", scale: float = 1.0) 
         # a low-resolution stage scoring higher at its own size than at full size is what the finetune
         # must make up (docs/openclipart.md, "Keeping the gain")
         native = native_geometry(arch_config(recipe.model.arch))
-        full = evaluation if evaluation["image_size"] == native.image_size else zeroshot(
-            at_geometry(model, native.image_size, native.context_length), "synthetic")
+        at_full = (evaluation["image_size"], evaluation["text_length"]) == (native.image_size, native.context_length)
+        full = evaluation if at_full else zeroshot(at_geometry(model, native.image_size, native.context_length),
+                                                   "synthetic")
         rows.append({"stage": stage, "image_size": evaluation["image_size"],
                      "text_length": recipe.reduction.text_length or "full", "samples": result.samples,
                      "acc1": m["acc1"], "acc5": m["acc5"], "chance": evaluation["chance"],
