@@ -62,6 +62,10 @@ def test_override_precedence_over_file(tmp_path):
     ("", "train.precision=fp8", "train.precision: unknown value"),
     ("", "loss.kind=triplet", "loss.kind: unknown value"),
     ("", "train.total_samples=10", "train.total_samples: 10 is less than one batch"),
+    # the way back from a masking recipe (tiny/pretrain) to resizing is named in the error
+    ("[reduction]\nimage = 'random'\nmask_ratio = 0.75\n", "reduction.image=resize",
+     'reduction.mask_ratio: 0.75 needs a masking strategy; set reduction.image to random, grid or block (it is '
+     '"resize"), or reduction.mask_ratio=0 to resize without masking'),
 ])
 def test_errors_name_the_key(tmp_path, text, override, expected):
     with pytest.raises(ClipaError) as info:

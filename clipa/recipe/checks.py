@@ -158,7 +158,8 @@ def _check_reduction(r: ReductionConfig) -> None:
     _check(
         r.mask_ratio == 0.0 or r.image in IMAGE_MASKS,
         f"reduction.mask_ratio: {r.mask_ratio} needs a masking strategy; set reduction.image to "
-        f"{', '.join(IMAGE_MASKS[:-1])} or {IMAGE_MASKS[-1]} (it is \"{r.image}\")",
+        f"{', '.join(IMAGE_MASKS[:-1])} or {IMAGE_MASKS[-1]} (it is \"{r.image}\"), or reduction.mask_ratio=0 to "
+        f"{r.image} without masking",
     )
 
 
