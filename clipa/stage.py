@@ -46,6 +46,14 @@ class Stage:
         return 1.0 - self.recipe.reduction.mask_ratio
 
     @property
+    def shape(self) -> str:
+        """What one sample is to the model in this stage, as the run's first line and `clipa validate` print it:
+        "64px (75% of patches masked) / 8 tokens" (a masked stage and a resized one must not read alike)."""
+        mask = self.recipe.reduction.mask_ratio
+        masked = f" ({mask:.0%} of patches masked)" if mask else ""
+        return f"{self.geometry.image_size}px{masked} / {self.geometry.context_length} tokens"
+
+    @property
     def global_batch(self) -> int:
         return self.recipe.train.global_batch_size
 

@@ -67,6 +67,12 @@ def test_ls_cp_validate_shipped_recipes(cli, tmp_path):
     for name in shipped:  # as shipped: published weights are checked by name, never downloaded
         assert name in listing.stdout
         assert cli("validate", RECIPES / f"{name}.toml").returncode == 0
+    # what a sample is to the model: a masked stage does not read like a resized one
+    masked = " ".join(cli("validate", "tiny/pretrain").stdout.split())
+    assert "clipa-tiny at 64px (75% of patches masked) / 8 tokens;" in masked, masked
+    resized = " ".join(cli("validate", "tiny/pretrain", "reduction.image=resize", "reduction.image_size=32",
+                           "reduction.mask_ratio=0").stdout.split())
+    assert "clipa-tiny at 32px / 8 tokens;" in resized, resized
     copied = cli("cp", "tiny/pretrain", tmp_path)
     assert copied.returncode == 0
     assert (tmp_path / "pretrain.toml").read_text() == (RECIPES / "tiny" / "pretrain.toml").read_text()

@@ -129,6 +129,10 @@ def test_quickstart_runs_both_stages_and_prints_the_table(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.strip().startswith(starts)]
     assert len(rows) == 2, result.stdout
     assert "acc1 at 64 px" in result.stdout, result.stdout
+    # each stage's first line says what a sample is to the model (the first stage masks, it does not resize)
+    flat = " ".join(result.stdout.split())
+    assert "pretrain: clipa-tiny at 64px (75% of patches masked) / 8 tokens," in flat, result.stdout[:3000]
+    assert "finetune: clipa-tiny at 64px (30% of patches masked) / 32 tokens," in flat, result.stdout[:3000]
     # that column is the pretraining stage evaluated at the finetune's 64 px (what the finetune starts from)
     from clipa.evaluate.models import load_model
     from clipa.evaluate.zeroshot import zeroshot

@@ -327,7 +327,7 @@ def test_without_network_validate_passes_and_a_download_failure_is_one_line(worl
     assert ("note: init.checkpoint ViT-L-14-CLIPA:datacomp1b: not cached; will download on first use "
             "(UCSC-VLAA/ViT-L-14-CLIPA-datacomp1B)") in released
     assert "note: tokenizer bert-base-uncased: not cached; will download on first use" in released
-    assert "336px / 32 tokens" in released
+    assert "336px (40% of patches masked) / 32 tokens" in released
     assert_user_error(results[-1], "--model: could not get hf-hub:clipa-test/absent",
                       "hf download clipa-test/absent")
     assert not list((tmp_path / "empty").rglob("*.safetensors"))

@@ -114,15 +114,14 @@ def validate(recipe: str = typer.Argument(..., help="Recipe TOML path or shipped
     from clipa.train.preflight import preflight
 
     recipe_obj, numbers = load(recipe, overrides)
-    geometry = numbers.geometry
     # The batch layout depends on the process count: the launcher's WORLD_SIZE when run under
     # one, else 1 (the global-by-micro divisibility and the micro-batch-1 check hold for any count).
     processes = int(os.environ.get("WORLD_SIZE") or 1)
     micro, accumulation = batch_layout(recipe_obj, processes)
     # A recipe alone: an init.checkpoint that is a run still to come is a note, not an error.
     notes = preflight(recipe_obj, numbers=numbers, starting=False).notes
-    out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {geometry.image_size}px / "
-              f"{geometry.context_length} tokens; batch {recipe_obj.train.global_batch_size} = {micro} micro x "
+    out.print(f"[green]ok[/] {recipe}: {recipe_obj.name}, {recipe_obj.model.arch} at {numbers.shape}; "
+              f"batch {recipe_obj.train.global_batch_size} = {micro} micro x "
               f"{accumulation} accumulation x {processes} process(es)", highlight=False)
     # a recipe can run commands, like a Makefile
     for command in data_commands(recipe_obj.data.train, timeout=recipe_obj.data.read_timeout_s):

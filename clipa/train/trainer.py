@@ -329,8 +329,8 @@ class Trainer:
             log.message(f"note: {self.checkpoints.directory} holds newer checkpoints ({', '.join(self.replaced)}); "
                         "they are replaced or deleted as this run saves. After an interruption, rerun without "
                         "--resume to continue this run")
-        log.message(f"{self.stage}: {self.recipe.model.arch} at {self.geometry.image_size}px / "
-                    f"{self.geometry.context_length} tokens, {self.total_steps} steps of {self.numbers.global_batch} = "
+        log.message(f"{self.stage}: {self.recipe.model.arch} at {self.numbers.shape}, "
+                    f"{self.total_steps} steps of {self.numbers.global_batch} = "
                     f"{self.micro} x {self.accumulation} accumulation x {self.world} process(es){self._nodes}, "
                     f"{self.accelerator.device}, precision {parallel.precision_name(self.accelerator)}")
         return log
