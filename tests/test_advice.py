@@ -57,6 +57,16 @@ def test_a_short_finetune_from_a_run_at_its_own_image_size_gets_no_note(cli, tmp
     for start, noted in (("masked", False), ("masked/final", False), ("low_res", True), ("absent", True)):
         result = cli("validate", "tiny/finetune", *short, f"init.checkpoint={start}")
         assert result.returncode == 0 and _short_note(result.stdout) == noted, (start, result.stdout)
+    # from the masked start the short finetune's one change left is the text's, 8 -> 32 tokens: that is noted,
+    # and keeping 8 tokens is not
+    text_note = "changes the text from the first stage's 8 tokens to the native length"
+    lengthened = cli("validate", "tiny/finetune", *short, "init.checkpoint=masked")
+    assert text_note in " ".join(lengthened.stdout.split()) and "reduction.text_length=8 kept" in \
+        " ".join(lengthened.stdout.split()), lengthened.stdout
+    kept = cli("validate", "tiny/finetune", *short, "init.checkpoint=masked", "reduction.text_length=8")
+    assert kept.returncode == 0 and "changes the text" not in kept.stdout, kept.stdout
+    low_res = cli("validate", "tiny/finetune", *short, "init.checkpoint=low_res")  # the patch-scale note only
+    assert "changes the text" not in low_res.stdout, low_res.stdout
     # the same masked start, but the finetune changes the image size (48 px): noted
     result = cli("validate", "tiny/finetune", *short, "init.checkpoint=masked", "reduction.image_size=48")
     assert result.returncode == 0 and _short_note(result.stdout), result.stdout

@@ -16,6 +16,9 @@ from clipa.recipe.schema import Recipe
 # a first stage at the finetune's resolution with 75% of its patches masked (the same tokens) kept its
 # per-class recall and all but a tenth of its R@5 through the 19-step finetune (3 seeds), so a finetune
 # from a stage at its own image size gets no note (preflight and plan pass that stage's recipe).
+# What such a short finetune still gave back (R@5 0.162 -> 0.145 at clipa-tiny, 0.163 -> 0.150 at
+# clipa-small, 3 seeds each) was the text's change from 8 to 32 tokens: with the first stage's 8 tokens
+# kept, the same 19 steps ended at the first stage on both metrics (0.167 and 0.169).
 MIN_FINETUNE_STEPS = 76
 
 
@@ -32,4 +35,12 @@ def advice(recipe: Recipe, start: Recipe | None = None) -> list[str]:
                      f"the low-resolution stage's retrieval on real images (clipa-tiny; docs/openclipart.md, "
                      f"\"Keeping the gain\"); train.total_samples={MIN_FINETUNE_STEPS * recipe.train.global_batch_size} "
                      "or more kept it there, and a larger model needs more")
+    short_text = start.reduction.text_length if same_patch_scale else 0
+    if recipe.init.checkpoint and steps < MIN_FINETUNE_STEPS and short_text \
+            and recipe.reduction.text_length != short_text:
+        notes.append(f"reduction.text_length: this {steps}-step finetune changes the text from the first stage's "
+                     f"{short_text} tokens to {recipe.reduction.text_length or 'the native length'}; from a first "
+                     f"stage at its own image size, 19 such steps gave back a tenth of the retrieval on real images "
+                     f"and reduction.text_length={short_text} kept all of it (clipa-tiny and clipa-small, 3 seeds; "
+                     "docs/openclipart.md, \"Keeping the gain\")")
     return notes
