@@ -533,7 +533,14 @@ def handover_settings(arch: str, samples: int, batch: int, lr: float = 0.0) -> l
                        Setting("first stage 64 px with 75% masked, then the claim's finetune", masked, finetune,
                                group=group, extra={"share_pretrain": True}),
                        Setting("first stage 64 px with 75% masked, then 4x the finetune steps", masked, longer,
-                               group=group, extra={"share_pretrain": True})]
+                               group=group, extra={"share_pretrain": True}),
+                       # with no change of patch scale, what is left of the handover: the text's 8 -> 32 tokens
+                       # and the finetune's learning rate
+                       Setting("first stage 64 px with 75% masked, then lr / 10", masked,
+                               {**finetune, "optim.lr": peak / 10}, group=group, extra={"share_pretrain": True}),
+                       Setting("first stage 64 px with 75% masked, then text stays 8 tokens", masked,
+                               {**finetune, "reduction.text_length": 8}, group=group,
+                               extra={"share_pretrain": True})]
 
 
 def main() -> None:
