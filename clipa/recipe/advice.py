@@ -22,25 +22,32 @@ from clipa.recipe.schema import Recipe
 MIN_FINETUNE_STEPS = 76
 
 
+def short_finetune(recipe: Recipe) -> bool:
+    """A stage that starts from weights (`init.checkpoint`) and runs fewer than MIN_FINETUNE_STEPS steps: the
+    only kind `advice` has anything to say about."""
+    return bool(recipe.init.checkpoint) and \
+        recipe.train.total_samples // recipe.train.global_batch_size < MIN_FINETUNE_STEPS
+
+
 def advice(recipe: Recipe, start: Recipe | None = None) -> list[str]:
     """`start`: the recipe of the stage `recipe` finetunes from, when it is known (a clipa run, the stage
     before it in a plan); None: published weights, a weights file, a run not there yet."""
-    notes = []
+    if not short_finetune(recipe):
+        return []
     steps = recipe.train.total_samples // recipe.train.global_batch_size
     same_patch_scale = (start is not None and start.model.arch == recipe.model.arch
                         and start.reduction.image_size == recipe.reduction.image_size)
-    if recipe.init.checkpoint and steps < MIN_FINETUNE_STEPS and not same_patch_scale:
-        notes.append(f"train.total_samples: this finetune runs {steps} steps of {recipe.train.global_batch_size}; "
-                     f"finetunes under {MIN_FINETUNE_STEPS} steps that change the image size gave back a third of "
-                     f"the low-resolution stage's retrieval on real images (clipa-tiny; docs/openclipart.md, "
-                     f"\"Keeping the gain\"); train.total_samples={MIN_FINETUNE_STEPS * recipe.train.global_batch_size} "
-                     "or more kept it there, and a larger model needs more")
-    short_text = start.reduction.text_length if same_patch_scale else 0
-    if recipe.init.checkpoint and steps < MIN_FINETUNE_STEPS and short_text \
-            and recipe.reduction.text_length != short_text:
-        notes.append(f"reduction.text_length: this {steps}-step finetune changes the text from the first stage's "
-                     f"{short_text} tokens to {recipe.reduction.text_length or 'the native length'}; from a first "
-                     f"stage at its own image size, 19 such steps gave back a tenth of the retrieval on real images "
-                     f"and reduction.text_length={short_text} kept all of it (clipa-tiny and clipa-small, 3 seeds; "
-                     "docs/openclipart.md, \"Keeping the gain\")")
-    return notes
+    if not same_patch_scale:
+        return [f"train.total_samples: this finetune runs {steps} steps of {recipe.train.global_batch_size}; "
+                f"finetunes under {MIN_FINETUNE_STEPS} steps that change the image size gave back a third of "
+                f"the low-resolution stage's retrieval on real images (clipa-tiny; docs/openclipart.md, "
+                f"\"Keeping the gain\"); train.total_samples={MIN_FINETUNE_STEPS * recipe.train.global_batch_size} "
+                "or more kept it there, and a larger model needs more"]
+    short_text = start.reduction.text_length
+    if short_text and recipe.reduction.text_length != short_text:
+        return [f"reduction.text_length: this {steps}-step finetune changes the text from the first stage's "
+                f"{short_text} tokens to {recipe.reduction.text_length or 'the native length'}; from a first "
+                f"stage at its own image size, 19 such steps gave back a tenth of the retrieval on real images "
+                f"and reduction.text_length={short_text} kept all of it (clipa-tiny and clipa-small, 3 seeds; "
+                "docs/openclipart.md, \"Keeping the gain\")"]
+    return []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipa.errors import ClipaError
-from clipa.recipe.advice import advice
+from clipa.recipe.advice import advice, short_finetune
 from clipa.recipe.schema import Recipe
 from clipa.run.layout import CHECKPOINTS_DIR, default_run_dir
 from clipa.run.lineage import earlier_runs
@@ -51,8 +51,8 @@ def preflight(recipe: Recipe, stage: str | None = None, run_dir: str | Path | No
         resume = resolve_resume(resume)
     # Weights are checked by name (published ones looked up in the cache, never downloaded) before
     # anything is built; a run resuming from a checkpoint reads neither init nor image_init.
-    # Only a finetune short enough for a note reads the run it starts from (to see whether it changes image size).
-    noted = advice(recipe) and advice(recipe, start_recipe(recipe, run_dir))
+    # Only a finetune short enough for a note reads the run it starts from (whether it changes image size or text length).
+    noted = advice(recipe, start_recipe(recipe, run_dir)) if short_finetune(recipe) else []
     notes = recipe.notes + noted + ([] if resume else weights_notes(recipe, numbers.model_cfg, run_dir, starting))
     return Preflight(numbers, run_dir, resume, notes)
 
