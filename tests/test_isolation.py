@@ -25,17 +25,30 @@ def test_this_process_and_its_children_see_only_the_suites_own_offline_caches():
     assert os.environ["WANDB_MODE"] == "offline"
 
 
-def test_the_longest_first_order_names_test_files_that_exist_and_leads_the_collection(tmp_path):
+def test_the_longest_first_order_names_test_files_that_exist_and_leads_the_collection(tmp_path, request):
     """CI's scheduling order (conftest.LONGEST_FIRST) names real files, so a renamed file cannot drop out of
-    it unnoticed, and the whole suite's collection starts with them, in that order. The collecting process
-    removes its isolated home when it ends (a suite that left them behind filled CI's disk)."""
+    it unnoticed, and the whole suite's collection starts with them, in that order."""
     here = {p.name for p in conftest.REPO.joinpath("tests").glob("test_*.py")}
     assert set(conftest.LONGEST_FIRST) <= here, set(conftest.LONGEST_FIRST) - here
-    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                            cwd=conftest.REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, TMPDIR=str(tmp_path)))
-    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
-    assert not list(tmp_path.glob("clipa-tests-home-*")), list(tmp_path.iterdir())
-    files = list(dict.fromkeys(line.split("::")[0].rsplit("/", 1)[-1] for line in listed.stdout.splitlines()
-                               if "::" in line))
+    # This session's own collection when it holds the whole suite (CI's run, and each pytest-xdist worker's);
+    # run alone, this test collects the suite in a fresh pytest process.
+    collected = [item.path.name for item in request.session.items]
+    if set(collected) < here:
+        listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 "tests"], cwd=conftest.REPO, capture_output=True, text=True, timeout=300)
+        assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+        collected = [line.split("::")[0].rsplit("/", 1)[-1] for line in listed.stdout.splitlines() if "::" in line]
+    files = list(dict.fromkeys(collected))
     assert files[:len(conftest.LONGEST_FIRST)] == list(conftest.LONGEST_FIRST), files[:len(conftest.LONGEST_FIRST)]
+
+
+def test_a_process_that_loads_the_suites_settings_removes_its_isolated_home(tmp_path):
+    """Each process that loads conftest.py (pytest, each xdist worker) removes its isolated home when it ends:
+    a suite that left them behind filled CI's disk."""
+    probe = "import sys; sys.path.insert(0, 'tests'); import conftest; print(conftest.ISOLATED_HOME)"
+    child = subprocess.run([sys.executable, "-c", probe], cwd=conftest.REPO, capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert child.returncode == 0, child.stderr[-2000:]
+    home = child.stdout.strip().splitlines()[-1]
+    assert home.startswith(str(tmp_path)), home  # it was made where TMPDIR said
+    assert not list(tmp_path.glob("clipa-tests-home-*")), list(tmp_path.iterdir())

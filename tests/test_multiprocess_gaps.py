@@ -25,7 +25,7 @@ from test_trackers import _approx, _expected, _tensorboard
 
 from clipa.train import trackers
 
-from conftest import run_in_process, run_torchrun
+from conftest import MICRO, run_in_process, run_torchrun
 
 pytestmark = pytest.mark.slow  # real 2-process groups, as tests/test_agree.py
 
@@ -47,7 +47,8 @@ def data(tmp_path_factory):
 
 
 def args(data, out):
-    return ["-m", "clipa", "pretrain", "tiny/pretrain", f"train.global_batch_size={BATCH}",
+    # clipa-micro: what is tested here (stops, ranks, shards, trackers, evaluation) does not depend on the model's size
+    return ["-m", "clipa", "pretrain", "tiny/pretrain", MICRO, f"train.global_batch_size={BATCH}",
             f"train.total_samples={BATCH * STEPS}", "train.log_every_steps=1", "optim.warmup_steps=1",
             f"data.train=pipe:sh {data / 'read.sh'} {data / 'synth' / 'train'}/{{00000..{SHARDS - 1:05d}}}.tar",
             "data.num_workers=0", "data.shuffle_buffer=0", "data.interleave=1", "checkpoint.every_steps=2",

@@ -34,7 +34,14 @@ CLASSES = ("circle", "square", "triangle")
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "the", *CLASSES, "."]
 
 RUNNER = textwrap.dedent(f"""
-    import json, sys, traceback
+    import json, os, sys, time, traceback, types
+    backoff = []
+    if os.environ.get("CLIPA_TEST_NO_HUB_BACKOFF"):
+        # huggingface_hub retries an unreachable Hub 5 times, sleeping 1+2+4+8+8 s between tries: the library's
+        # own behaviour, not clipa's. Its sleeps are counted here instead of slept (the tries still happen).
+        import huggingface_hub.utils._http as hub_http
+        hub_http.time = types.SimpleNamespace(**{{**{{k: getattr(time, k) for k in dir(time) if not k.startswith("_")}},
+                                                 "sleep": backoff.append}})
     from open_clip import pretrained
     # open_clip has no public call that adds a pretrained tag; its registry is this dict, and the entry is
     # built by its own helper exactly like the shipped hf_hub entries ("org/name/" = the default file).
@@ -46,14 +53,16 @@ RUNNER = textwrap.dedent(f"""
         r = CliRunner().invoke(app, args, env={{"COLUMNS": "200"}})
         if r.exception and not isinstance(r.exception, SystemExit):
             traceback.print_exception(r.exception)
-        results.append({{"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr}})
+        results.append({{"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr, "backoff": backoff[:]}})
+        backoff.clear()
     print("RESULTS" + json.dumps(results))
 """)
 
 
 class Result:
-    def __init__(self, code, stdout, stderr):
+    def __init__(self, code, stdout, stderr, backoff=()):
         self.returncode, self.stdout, self.stderr = code, stdout, stderr
+        self.backoff = backoff  # the seconds huggingface_hub would have slept between retries (CLIPA_TEST_NO_HUB_BACKOFF)
 
 
 def put_in_cache(hf_home: Path, repo: str, files: dict) -> Path:
@@ -87,7 +96,7 @@ def run_commands(tmp: Path, env: dict, commands: list[list]) -> list[Result]:
                           env=env, capture_output=True, text=True, timeout=900, cwd=tmp)
     assert "RESULTS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = json.loads(proc.stdout.split("RESULTS", 1)[1])
-    return [Result(r["code"], r["stdout"], r["stderr"]) for r in results]
+    return [Result(r["code"], r["stdout"], r["stderr"], r["backoff"]) for r in results]
 
 
 def metrics(path: Path) -> dict:
@@ -315,7 +324,7 @@ def test_without_network_validate_passes_and_a_download_failure_is_one_line(worl
     """A fresh install: empty cache, not offline, the Hub unreachable (HF_ENDPOINT at a closed local port).
     Every shipped recipe validates; published weights are "not cached; will download on first use"."""
     shipped = sorted(p.relative_to(RECIPES).with_suffix("").as_posix() for p in RECIPES.rglob("*.toml"))
-    env = hf_env(tmp_path / "empty", offline=False, HF_ENDPOINT="http://127.0.0.1:9")
+    env = hf_env(tmp_path / "empty", offline=False, HF_ENDPOINT="http://127.0.0.1:9", CLIPA_TEST_NO_HUB_BACKOFF="1")
     results = run_commands(tmp_path, env, [["validate", name] for name in shipped]
                            + [zeroshot_args(world, "hf-hub:clipa-test/absent", "x.json")])
     for name, result in zip(shipped, results):
@@ -330,6 +339,7 @@ def test_without_network_validate_passes_and_a_download_failure_is_one_line(worl
     assert "336px (40% of patches masked) / 32 tokens" in released
     assert_user_error(results[-1], "--model: could not get hf-hub:clipa-test/absent",
                       "hf download clipa-test/absent")
+    assert results[-1].backoff, "the Hub was never tried: the error came from an offline short cut"
     assert not list((tmp_path / "empty").rglob("*.safetensors"))
 
 

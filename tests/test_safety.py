@@ -234,7 +234,10 @@ def _clipa(out, *extra, env=None):
 @pytest.mark.slow
 def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path):
     out = tmp_path / "run"
-    first = _clipa(out, *micro_overrides(**{"train.total_samples": 32 * 2000, "train.log_every_steps": 1}))
+    # The holder stops answering after its first step (CLIPA_HANG_AT): it holds the lock as a long run does,
+    # without training on a core beside the second run for the whole test.
+    first = _clipa(out, *micro_overrides(**{"train.total_samples": 32 * 20, "train.log_every_steps": 1}),
+                   env={"CLIPA_HANG_AT": "step1:0"})
     try:
         lock = out / ".clipa-lock"
         deadline = time.time() + 300
