@@ -12,15 +12,12 @@ GradScaler in test_checkpoint.py.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import micro_overrides, run_cli, run_in_process, tiny_overrides
+from conftest import micro_overrides, run_in_process, tiny_overrides
 
 pytestmark = pytest.mark.slow  # bf16 matmuls are ~20x slower than fp32 on this CPU
 
@@ -40,16 +37,14 @@ def losses_by_step(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def pretrain(out, precision, *extra, env=None):
-    return subprocess.run([sys.executable, "-m", "clipa", "pretrain", "tiny/pretrain", *COMMON,
-                           f"train.precision={precision}", *extra, "--out", str(out)],
-                          capture_output=True, text=True, timeout=900,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+def pretrain(out, precision, *extra):
+    return run_in_process("pretrain", "tiny/pretrain", *COMMON, f"train.precision={precision}", *extra, "--out", out)
 
 
 def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
     """bf16 against fp32 loss by loss, and bf16 kill + resume (bitwise), are checked by gpu_check's CPU
-    mode (tests/test_gpu_check.py); this test takes bf16 through the rest of the pipeline."""
+    mode (tests/test_gpu_check.py); this test takes bf16 through the rest of the pipeline, in this process
+    (after whatever fp32 runs this worker trained before: each run sets its own precision)."""
     from clipa.data.shards import write_synthetic
 
     # One shard of 32 pairs: every step trains on the same global batch (new crops), at a learning rate
@@ -72,11 +67,11 @@ def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
     fine = tmp_path / "fine"
-    ok(run_cli("finetune", "tiny/finetune", *micro_overrides(**{"train.total_samples": 32}), "train.precision=bf16",
+    ok(run_in_process("finetune", "tiny/finetune", *micro_overrides(**{"train.total_samples": 32}), "train.precision=bf16",
                f"init.checkpoint={bf16}", "--out", fine))
     assert all(math.isfinite(v) for v in losses_by_step(fine).values())
     assert {t.dtype for t in load_file(str(fine / "final" / "open_clip_model.safetensors")).values()} == {torch.float32}
-    ok(run_cli("zeroshot", "--model", fine, "--dataset", "synthetic", "--output", tmp_path / "zs.json"))
+    ok(run_in_process("zeroshot", "--model", fine, "--dataset", "synthetic", "--output", tmp_path / "zs.json"))
     metrics = json.loads((tmp_path / "zs.json").read_text())["metrics"]
     # every one of the 960 held-out images (24 classes x 40) scored: accuracies are counts out of 960
     assert metrics["num_samples"] == 960 and metrics["skipped_images"] == 0, metrics

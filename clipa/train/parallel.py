@@ -42,9 +42,20 @@ def make_accelerator(precision: str, timeout_s: int = 1800) -> Accelerator:
         raise ClipaError('train.precision: "fp16" needs a GPU (on CPU accelerate trains fp32 without saying so); '
                          'use "bf16" or "fp32" here')
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    _forget_the_last_runs_settings()
     # The process-group timeout bounds how long a process waits for a peer that is gone or stuck.
     return Accelerator(cpu=not on_gpu, mixed_precision=mixed,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))])
+
+
+def _forget_the_last_runs_settings() -> None:
+    """accelerate keeps one mixed precision per process and refuses another ("restart your runtime completely"),
+    so a notebook that trained an fp32 run could not train a bf16 one. Each run makes its own Accelerator:
+    the last run's settings are cleared first, the process group (accelerate's PartialState) is kept.
+    accelerate has no public call for this; `_reset_state` is the one its own tests use."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def precision_name(accelerator: Accelerator) -> str:
