@@ -7,8 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -19,7 +17,7 @@ from test_distributed import assert_final_weights_agree
 
 from clipa.model.sharded import SHARDED_DIR
 
-from conftest import MICRO, run_torchrun
+from conftest import MICRO, run_in_process, run_torchrun
 
 # 2 processes x micro-batch 8 x 2 accumulation steps, random patch masks (RNG replayed in pass 2),
 # gradients clipped (the micro model's norm starts near 38), 4 steps, a checkpoint every 2.
@@ -109,9 +107,11 @@ def test_resume_on_one_process_with_offload_and_evaluation_then_bf16(tmp_path, f
 
 
 def run_one(*args):
-    result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1"))
+    """A run on one process, in this one: FSDP makes its own process group of one and leaves it at the end."""
+    assert args[:2] == ("-m", "clipa"), args
+    result = run_in_process(*args[2:])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert not torch.distributed.is_initialized()  # the tests after this one in this process run alone
     return result
 
 
