@@ -2,10 +2,11 @@
 same step with a checkpoint and exit 0, and the resume ends where an uninterrupted run ends; only rank 0
 writes trackers; the in-training evaluation runs over both processes, once, with a 1-process evaluation's
 numbers; and a two-node launch (two torchrun agents, static rendezvous on localhost) gives each node its
-rank and its own share of the shards.
+rank and its own share of the shards; an explicit --resume on two processes replays the run bitwise.
 
-Three launches of two processes: an uninterrupted run (one node, two processes) as the reference, a
-two-node run stopped by SIGTERM to node 1's process, and its resume. Each process's data command logs
+Four launches of two processes: an uninterrupted run (one node, two processes) as the reference, a
+two-node run stopped by SIGTERM to node 1's process, its resume, and an explicit --resume of the
+reference's step 2 into a new directory. Each process's data command logs
 the launcher's environment it saw and the shard it read.
 """
 
@@ -170,6 +171,14 @@ def test_sigterm_trackers_evaluation_and_two_nodes(tmp_path, data):
     # After a stop and a resume: two TensorBoard writers (one per launch, rank 0's), each step once.
     _approx(_tensorboard(run), _expected(run))
     assert len(list((run / trackers.TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 2
+
+    # 4. An explicit --resume of the uninterrupted run's step 2 into a new directory, on one node: steps 3-6
+    # (random patch masks, each rank's data position) replay bitwise.
+    again = tmp_path / "explicit"
+    run_torchrun(*args(data, again), "--resume", straight / "checkpoints" / "step_000002", cwd=tmp_path,
+                 env={"READS": str(tmp_path / "reads-explicit")})
+    assert trajectory(again) == {s: loss for s, loss in expected.items() if s > 2}
+    assert eval_rows(again) == {s: row for s, row in evals.items() if s > 2}
 
     # Each node's process: its node rank, local rank 0, one process per node, two in all; under one node,
     # both processes are node 0 with local ranks 0 and 1.
