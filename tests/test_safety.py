@@ -27,7 +27,7 @@ from clipa.model.safeload import load_plain, rng_state, set_rng_state
 from clipa.train import checkpoint as ckpt
 from clipa.train.checkpoint import CheckpointManager
 
-from conftest import micro_overrides
+from conftest import micro_overrides, run_in_process
 
 
 def one_line_error(result, *needles):
@@ -43,8 +43,6 @@ def one_line_error(result, *needles):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A finished 4-step micro-model run with checkpoints at steps 2 and 4 (shared, never modified)."""
-    from conftest import run_in_process
-
     out = tmp_path_factory.mktemp("trained") / "run"
     result = run_in_process("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 128,
                                                                              "checkpoint.every_steps": 2}),
@@ -254,10 +252,10 @@ def test_a_second_run_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_pa
         first.communicate()
     # The dead holder's record is still in the file; its lock died with it and is taken over.
     assert json.loads((out / ".clipa-lock").read_text())["pid"] == first.pid
-    third = _clipa(out, *micro_overrides(**{"train.total_samples": 64}))
-    stdout, stderr = third.communicate(timeout=600)
-    assert third.returncode == 0, stderr
-    assert f"took over {out}'s lock from PID {first.pid}" in " ".join(stdout.split())
+    # (the run that takes over is this process: the lock knows processes, not commands)
+    third = run_in_process("pretrain", "tiny/pretrain", *micro_overrides(**{"train.total_samples": 64}), "--out", out)
+    assert third.returncode == 0, third.stderr
+    assert f"took over {out}'s lock from PID {first.pid}" in " ".join(third.stdout.split())
     assert (out / ".clipa-lock").read_text() == ""  # a clean end names no holder
 
 
