@@ -464,4 +464,4 @@ def test_export_command_writes_an_open_clip_directory(tmp_path, straight, cli):
 
 
 # A 2-process run's explicit --resume (random patch masks, each rank's data position, bitwise) is in
-# tests/test_multiprocess_gaps.py, beside its SIGTERM stop and same-command resume.
+# tests/test_multiprocess_gaps.py, after its SIGTERM stop; the same command's resume in tests/test_agree.py.
