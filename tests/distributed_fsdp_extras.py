@@ -22,7 +22,7 @@ from clipa.distributed import leave_process_group
 from clipa.recipe.load import load_recipe
 from clipa.train.trainer import Trainer
 
-from conftest import RECIPES, tiny_overrides
+from conftest import RECIPES, micro_overrides
 
 CASES = {"locked_bank": ["model.lock_image=true", "loss.queue.kind=memory_bank", "loss.queue.size=64"],
          "siglip": ["loss.kind=siglip"]}
@@ -30,7 +30,7 @@ CASES = {"locked_bank": ["model.lock_image=true", "loss.queue.kind=memory_bank",
 
 def recipe(extra):
     return load_recipe(RECIPES / "tiny" / "pretrain.toml",
-                       [*tiny_overrides(**{"train.total_samples": 32 * 4, "train.log_every_steps": 1,
+                       [*micro_overrides(**{"train.total_samples": 32 * 4, "train.log_every_steps": 1,
                                            "checkpoint.every_steps": 2, "checkpoint.keep_last": 10}),
                         "train.shard=fsdp", *extra])
 
