@@ -1,7 +1,9 @@
-"""Run under torchrun: retrieval and the linear probe sharded over a real process group; rank 0
-writes both results.
+"""Run under torchrun: retrieval and the linear probe sharded over a real process group (rank 0 writes both
+results), then `clipa zeroshot` through the CLI's own app in the same group (every rank writes its exit code and
+what it printed), so one launch serves tests/test_evaluate.py's two-process checks.
 
-usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_eval.py MODEL CSV PROBE_ROOT CACHE OUT.json
+usage: python -m torch.distributed.run --nproc_per_node N tests/distributed_eval.py MODEL CSV PROBE_ROOT CACHE OUT.json \
+    [ZEROSHOT ARGS...]
 """
 
 import json
@@ -14,7 +16,7 @@ from clipa.evaluate.retrieval import retrieval
 from clipa.evaluate.sharding import join_launcher
 
 
-def main(model: str, csv_path: str, probe_root: str, cache: str, out: str) -> None:
+def main(model: str, csv_path: str, probe_root: str, cache: str, out: str, *zeroshot_args: str) -> None:
     accelerator = join_launcher()  # the gloo process group from torchrun's environment, as the CLI does
     loaded = load_model(model)
     result = {"retrieval": retrieval(loaded, "csv", csv_path, batch_size=4),
@@ -23,8 +25,16 @@ def main(model: str, csv_path: str, probe_root: str, cache: str, out: str) -> No
     if accelerator.is_main_process:
         with open(out, "w") as f:
             json.dump(result, f)
+    if zeroshot_args:
+        from typer.testing import CliRunner
+
+        from clipa.cli.app import app
+
+        cli = CliRunner().invoke(app, ["zeroshot", *zeroshot_args], env={"COLUMNS": "200"})
+        with open(f"{out}.cli.rank{accelerator.process_index}.json", "w") as f:
+            json.dump({"code": cli.exit_code, "stdout": cli.stdout, "stderr": cli.stderr}, f)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:])
     leave_process_group()

@@ -69,29 +69,21 @@ def test_zeroshot_equals_open_clip_classifier_and_a_plain_loop(trained):
     assert result["metrics"]["acc5"] == pytest.approx(hits5 / total)
 
 
-@pytest.mark.slow
-def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, tmp_path, cli):
-    # Two processes each classify half the images; rank 0 alone prints the table and writes the JSON.
+def zeroshot_args(trained) -> list:
     run_dir, eval_dir = trained
-    args = ["zeroshot", "--model", run_dir, "--dataset", "imagefolder", "--data-root", eval_dir, "--num-workers", "0",
+    return ["--model", run_dir, "--dataset", "imagefolder", "--data-root", eval_dir, "--num-workers", "0",
             "--batch-size", "16"]
-    two = run_torchrun("-m", "clipa", *args, "--output", tmp_path / "two.json", cwd=tmp_path, timeout=300)
-    assert two.stdout.count("zero-shot classification") == 1 and two.stdout.count("wrote ") == 1
-    one = cli(*args, "--output", tmp_path / "one.json")
-    assert one.returncode == 0, one.stderr
-    two_json, one_json = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
-    for result in (two_json, one_json):
-        del result["metrics"]["images_per_s"]  # timing, not a result
-    assert two_json == one_json
-    assert one_json["metrics"]["num_samples"] == 72
 
 
-@pytest.mark.slow
-def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(trained, tmp_path_factory):
+    """One 2-process launch (tests/distributed_eval.py): retrieval and the probe's features split over the group,
+    then `clipa zeroshot` in the same group; each rank's CLI exit code and output in OUT.cli.rankR.json."""
     run_dir, eval_dir = trained
+    tmp = tmp_path_factory.mktemp("two_processes")
     folders = sorted(p for p in eval_dir.iterdir() if p.is_dir())
     names = [line.strip() for line in (eval_dir / "classnames.txt").read_text().splitlines() if line.strip()]
-    with open(tmp_path / "pairs.csv", "w", newline="") as f:  # 24 images, 2 captions for every third one
+    with open(tmp / "pairs.csv", "w", newline="") as f:  # 24 images, 2 captions for every third one
         writer = csv.writer(f)
         writer.writerow(["filepath", "title"])
         for i, (folder, name) in enumerate(zip(folders, names)):
@@ -99,16 +91,40 @@ def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path
             writer.writerow([image, f"a photo of a {name}"])
             if i % 3 == 0:
                 writer.writerow([image, f"a {name}"])
-    (tmp_path / "probe").mkdir()
+    (tmp / "probe").mkdir()
     for split in ("train", "test"):
-        (tmp_path / "probe" / split).symlink_to(eval_dir, target_is_directory=True)
-    out = tmp_path / "result.json"
-    run_torchrun(HELPER, run_dir, tmp_path / "pairs.csv", tmp_path / "probe", tmp_path / "cache2", out, timeout=300)
-    two = json.loads(out.read_text())
+        (tmp / "probe" / split).symlink_to(eval_dir, target_is_directory=True)
+    out = tmp / "result.json"
+    run_torchrun(HELPER, run_dir, tmp / "pairs.csv", tmp / "probe", tmp / "cache2", out,
+                 *zeroshot_args(trained), "--output", tmp / "two.json", cwd=tmp, timeout=300)
+    return tmp
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_splits_the_work_and_matches_one_process(trained, two_processes, tmp_path, cli):
+    # Two processes each classify half the images; rank 0 alone prints the table and writes the JSON.
+    ranks = [json.loads((two_processes / f"result.json.cli.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["code"] for r in ranks] == [0, 0], ranks
+    assert ranks[0]["stdout"].count("zero-shot classification") == 1 and ranks[0]["stdout"].count("wrote ") == 1
+    assert "zero-shot classification" not in ranks[1]["stdout"] and "wrote " not in ranks[1]["stdout"]
+    one = cli("zeroshot", *zeroshot_args(trained), "--output", tmp_path / "one.json")
+    assert one.returncode == 0, one.stderr
+    two_json, one_json = json.loads((two_processes / "two.json").read_text()), json.loads((tmp_path / "one.json").read_text())
+    for result in (two_json, one_json):
+        del result["metrics"]["images_per_s"]  # timing, not a result
+    assert two_json == one_json
+    assert one_json["metrics"]["num_samples"] == 72
+
+
+@pytest.mark.slow
+def test_retrieval_and_probe_features_split_over_two_processes(trained, two_processes):
+    run_dir, _ = trained
+    two = json.loads((two_processes / "result.json").read_text())
     assert two["world"] == 2
     loaded = load_model(str(run_dir))
-    one_retrieval = retrieval(loaded, "csv", str(tmp_path / "pairs.csv"), batch_size=4)["metrics"]
-    one_probe = linear_probe(loaded, "imagefolder", str(tmp_path / "probe"), tmp_path / "cache1", batch_size=8)["metrics"]
+    one_retrieval = retrieval(loaded, "csv", str(two_processes / "pairs.csv"), batch_size=4)["metrics"]
+    one_probe = linear_probe(loaded, "imagefolder", str(two_processes / "probe"), two_processes / "cache1",
+                             batch_size=8)["metrics"]
     assert two["retrieval"]["metrics"]["num_images"] == 24 and two["retrieval"]["metrics"]["num_texts"] == 32
     for key, value in one_retrieval.items():
         if key != "seconds":
@@ -116,7 +132,7 @@ def test_retrieval_and_probe_features_split_over_two_processes(trained, tmp_path
     assert two["probe"]["metrics"]["num_train"] == one_probe["num_train"] == 72
     assert two["probe"]["metrics"]["acc1"] == pytest.approx(one_probe["acc1"], abs=1e-9)
     assert two["probe"]["metrics"]["l2"] == one_probe["l2"]
-    assert len(list((tmp_path / "cache2").glob("*.pt"))) == 2  # written once, by rank 0
+    assert len(list((two_processes / "cache2").glob("*.pt"))) == 2  # written once, by rank 0
 
 
 def test_image_size_and_text_length_rebuild_the_model(trained):
