@@ -26,13 +26,11 @@ def main(model: str, csv_path: str, probe_root: str, cache: str, out: str, *zero
         with open(out, "w") as f:
             json.dump(result, f)
     if zeroshot_args:
-        from typer.testing import CliRunner
+        from conftest import run_in_process
 
-        from clipa.cli.app import app
-
-        cli = CliRunner().invoke(app, ["zeroshot", *zeroshot_args], env={"COLUMNS": "200"})
+        cli = run_in_process("zeroshot", *zeroshot_args)
         with open(f"{out}.cli.rank{accelerator.process_index}.json", "w") as f:
-            json.dump({"code": cli.exit_code, "stdout": cli.stdout, "stderr": cli.stderr}, f)
+            json.dump({"code": cli.returncode, "stdout": cli.stdout, "stderr": cli.stderr}, f)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,8 @@ def test_bf16_pretrain_finetune_export_evaluate(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
     fine = tmp_path / "fine"
-    ok(run_in_process("finetune", "tiny/finetune", *micro_overrides(**{"train.total_samples": 32}), "train.precision=bf16",
-               f"init.checkpoint={bf16}", "--out", fine))
+    ok(run_in_process("finetune", "tiny/finetune", *micro_overrides(**{"train.total_samples": 32}),
+                      "train.precision=bf16", f"init.checkpoint={bf16}", "--out", fine))
     assert all(math.isfinite(v) for v in losses_by_step(fine).values())
     assert {t.dtype for t in load_file(str(fine / "final" / "open_clip_model.safetensors")).values()} == {torch.float32}
     ok(run_in_process("zeroshot", "--model", fine, "--dataset", "synthetic", "--output", tmp_path / "zs.json"))

@@ -22,11 +22,14 @@ from clipa.recipe.schema import Recipe
 MIN_FINETUNE_STEPS = 76
 
 
+def _steps(recipe: Recipe) -> int:
+    return recipe.train.total_samples // recipe.train.global_batch_size
+
+
 def short_finetune(recipe: Recipe) -> bool:
     """A stage that starts from weights (`init.checkpoint`) and runs fewer than MIN_FINETUNE_STEPS steps: the
     only kind `advice` has anything to say about."""
-    return bool(recipe.init.checkpoint) and \
-        recipe.train.total_samples // recipe.train.global_batch_size < MIN_FINETUNE_STEPS
+    return bool(recipe.init.checkpoint) and _steps(recipe) < MIN_FINETUNE_STEPS
 
 
 def advice(recipe: Recipe, start: Recipe | None = None) -> list[str]:
@@ -34,7 +37,7 @@ def advice(recipe: Recipe, start: Recipe | None = None) -> list[str]:
     before it in a plan); None: published weights, a weights file, a run not there yet."""
     if not short_finetune(recipe):
         return []
-    steps = recipe.train.total_samples // recipe.train.global_batch_size
+    steps = _steps(recipe)
     same_patch_scale = (start is not None and start.model.arch == recipe.model.arch
                         and start.reduction.image_size == recipe.reduction.image_size)
     if not same_patch_scale:
